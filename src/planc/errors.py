@@ -1,0 +1,49 @@
+"""Typed errors. The CLI maps each to one line on stderr and an exit code."""
+
+from __future__ import annotations
+
+
+class PlancError(Exception):
+    """Base of every error planc reports to a user (never a bug)."""
+
+    exit_code = 2
+
+
+class SpecError(PlancError):
+    """The spec (or another input file) is malformed or names something unknown."""
+
+
+class ModelError(PlancError):
+    """The model cannot be read or is of a kind planc cannot plan correctly."""
+
+
+class InfeasibleError(PlancError):
+    """No placement fits the inventory under the policy."""
+
+
+class LockError(PlancError):
+    """A lock file cannot be read: bad YAML, unknown format version, wrong hash."""
+
+    exit_code = 1
+
+
+class StalePlanError(PlancError):
+    """The committed lock differs from what the spec compiles to."""
+
+    exit_code = 1
+
+
+class DriftError(PlancError):
+    """The machine (or model files, or packages) no longer match the plan."""
+
+    exit_code = 1
+
+    def __init__(self, mismatches: list[str]):
+        self.mismatches = list(mismatches)
+        super().__init__("the machine does not match the plan: " + "; ".join(self.mismatches))
+
+
+class RunError(PlancError):
+    """Executing a plan failed after the checks passed."""
+
+    exit_code = 1

@@ -1,0 +1,253 @@
+"""The lock file: model, canonical dump, load with verification, atomic write.
+
+The lock is a product people commit and diff, so its bytes are a contract:
+- keys come in the order of the fields below (a fixed, logical order, not the dict order of
+  whatever produced them); `device_map` is in execution order because accelerate takes the
+  device of the first entry as its main device;
+- no timestamps, hostnames or absolute paths; sizes are integer bytes;
+- `plan_hash` is the sha256 of the canonical JSON of every other field, so a hand edit is caught.
+
+Compatibility: `format_version` is "MAJOR.MINOR". A reader accepts any lock of its own MAJOR;
+a MINOR bump only adds optional fields. A different MAJOR is refused with the version to install.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from planc.errors import LockError
+
+FORMAT_VERSION = "1.0"
+DeviceKey = Union[int, Literal["cpu", "disk"]]
+
+
+class _Lock(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WeightFile(_Lock):
+    sha256: str = Field(description="sha256 of the file's bytes.")
+    size: int = Field(description="File size in bytes.")
+
+
+class Packages(_Lock):
+    planc: str = Field(description="planc version that wrote the lock.")
+    torch: str = Field(description="torch version the plan was made with (local build suffix dropped).")
+    transformers: str = Field(description="transformers version the plan was made with.")
+    accelerate: str = Field(description="accelerate version the plan was made with.")
+
+
+class Inputs(_Lock):
+    spec_sha256: str = Field(description="sha256 of the canonical spec (sizes in bytes, defaults filled).")
+    config_sha256: str = Field(description="sha256 of the model's config.json bytes.")
+    weights: dict[str, WeightFile] = Field(
+        default_factory=dict, description="Weight files by name relative to the model folder; empty if absent."
+    )
+    packages: Packages
+    versions: Literal["exact", "compatible"] = Field(description="How `planc run` compares package versions.")
+
+
+class ModelInfo(_Lock):
+    id: str | None = Field(None, description="Hugging Face repo id (resolved offline from the HF cache).")
+    path: str | None = Field(None, description="Model folder, relative to the lock file.")
+    config: str | None = Field(None, description="config.json, relative to the lock file (compile-only source).")
+    revision: str | None = Field(None, description="Pinned revision for `id`.")
+    trust_remote_code: bool = False
+    architecture: str = Field(description="Model class transformers builds (config.architectures[0]).")
+    model_type: str
+    parameters: int = Field(description="Parameter count.")
+    weight_bytes: int = Field(description="Bytes of all parameters and buffers at the plan's dtype.")
+
+
+class Device(_Lock):
+    index: int = Field(description="CUDA index under CUDA_DEVICE_ORDER=PCI_BUS_ID.")
+    name: str = Field(description="Device name as the driver reports it.")
+    memory: int = Field(description="Total memory the driver reports, bytes.")
+    compute_capability: str
+    bandwidth: int = Field(description="Memory bandwidth, bytes/s.")
+    catalogue: str | None = Field(None, description="Catalogue key the entry came from, if any.")
+
+
+class Host(_Lock):
+    cpu_memory: int = Field(description="CPU RAM the plan may use, bytes.")
+    disk: str | None = Field(None, description="Offload folder, relative to the lock file.")
+
+
+class Workload(_Lock):
+    batch_size: int
+    max_seq_len: int
+
+
+class Attention(_Lock):
+    attn_implementation: str = Field(description="transformers attn_implementation: sdpa or eager.")
+    sdpa_backends: list[str] = Field(
+        description="SDPA backends enabled, in priority order (flash, efficient, cudnn, math), pinned with "
+        "torch.nn.attention.sdpa_kernel."
+    )
+    per_device: dict[str, str] = Field(
+        default_factory=dict, description="The backend the prefill is expected to use on each device."
+    )
+
+
+class Generation(_Lock):
+    prefill_chunk_size: int | None = Field(None, description="Chunked prefill size in tokens; null = whole prompt.")
+    experts_implementation: str | None = Field(None, description="MoE experts implementation, when it is pinned.")
+    do_sample: bool = False
+    seed: int = 0
+
+
+class Ledger(_Lock):
+    device: DeviceKey
+    capacity: int = Field(description="Memory the device has (driver total; policy for CPU), bytes.")
+    headroom: int = Field(description="Left unplanned by policy, bytes.")
+    reserve: int = Field(description="CUDA context + cuBLAS workspace + allocator slack, bytes.")
+    weights: int = Field(description="Parameters and buffers resident here, bytes.")
+    kv_cache: int = Field(description="KV cache of the layers executing here at batch x max_seq_len, bytes.")
+    activations: int = Field(description="Peak transient tensors of a prefill/decode step here, bytes.")
+    staging: int = Field(0, description="Offloaded weights streamed in for execution here, bytes.")
+    total: int = Field(description="reserve + weights + kv_cache + activations + staging, bytes.")
+    free: int = Field(description="capacity - headroom - total, bytes.")
+    modules: list[str] = Field(description="First and last module placed here, in execution order.")
+
+
+class Objective(_Lock):
+    name: Literal["latency", "balance"]
+    decode_ms_per_token: float = Field(description="Predicted decode time per token (memory-bound estimate), ms.")
+    peak_utilisation: float = Field(description="Highest (total + headroom) / capacity over GPUs.")
+
+
+class Decision(_Lock):
+    id: str = Field(description="Rule or planner step that made the decision.")
+    decision: str
+    reason: str
+    source: str = Field(description="Where the knowledge comes from.")
+
+
+class Plan(_Lock):
+    """A compiled deployment plan (the contents of plan.lock)."""
+
+    format_version: str = FORMAT_VERSION
+    inputs: Inputs
+    model: ModelInfo
+    devices: list[Device]
+    host: Host
+    workload: Workload
+    dtype: Literal["bfloat16", "float16", "float32"]
+    device_map: dict[str, DeviceKey] = Field(description="accelerate device_map, in execution order.")
+    max_memory: dict[str, int] = Field(
+        description="Per-device weight budget (bytes) after KV, activations and reserve: what accelerate's "
+        "max_memory must be for its own planner to respect this workload."
+    )
+    no_split_module_classes: list[str]
+    skip_keys: list[str] = Field(description="model._skip_keys_device_placement, passed to dispatch.")
+    tied_parameters: list[list[str]] = Field(default_factory=list, description="Groups kept on one device.")
+    attention: Attention
+    env: dict[str, str] = Field(description="Environment set before CUDA initialises.")
+    generation: Generation
+    memory: list[Ledger]
+    objective: Objective
+    decisions: list[Decision]
+    plan_hash: str = ""
+
+    def body_sha256(self) -> str:
+        """sha256 of every field but plan_hash, as canonical JSON."""
+        body = self.model_dump(mode="json", exclude={"plan_hash"})
+        return "sha256:" + hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    def sealed(self) -> "Plan":
+        """A copy with plan_hash filled in."""
+        return self.model_copy(update={"plan_hash": self.body_sha256()})
+
+    def gpu_indices(self) -> list[int]:
+        return [device.index for device in self.devices]
+
+
+class _LockDumper(yaml.SafeDumper):
+    """Block style, no aliases, and strings that YAML would re-read as another type quoted."""
+
+    def ignore_aliases(self, data):  # noqa: D102 - aliases would make diffs unreadable
+        return True
+
+
+def dump_lock(plan: Plan, regenerate: str) -> str:
+    """The lock's bytes: generated-file header, then the plan fields in their fixed order."""
+    body = plan.model_dump(mode="json")
+    text = yaml.dump(body, Dumper=_LockDumper, sort_keys=False, default_flow_style=False, width=1000, allow_unicode=True)
+    header = (
+        "# plan.lock generated by planc. Do not edit: plan_hash would no longer match.\n"
+        f"# Regenerate with: {regenerate}\n"
+    )
+    return header + text
+
+
+def parse_lock(text: str, source: str = "lock") -> Plan:
+    """Parse lock text and verify format version and plan_hash."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise LockError(f"{source}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict) or "format_version" not in data:
+        raise LockError(f"{source}: not a planc lock (no format_version)")
+    version = str(data["format_version"])
+    if version.split(".")[0] != FORMAT_VERSION.split(".")[0]:
+        raise LockError(
+            f"{source}: lock format {version} is not readable by this planc (reads {FORMAT_VERSION.split('.')[0]}.x); "
+            "install the planc that wrote it or recompile"
+        )
+    try:
+        plan = Plan.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise LockError(f"{source}: {where}: {err['msg']}") from None
+    expected = plan.body_sha256()
+    if plan.plan_hash != expected:
+        raise LockError(
+            f"{source}: plan_hash does not match the contents (edited by hand?): "
+            f"lock says {plan.plan_hash or 'nothing'}, contents hash to {expected}; recompile with planc compile"
+        )
+    return plan
+
+
+def load_lock(path: str | Path) -> Plan:
+    """Read and verify a lock file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise LockError(f"cannot read lock {path}: {exc.strerror}") from None
+    return parse_lock(text, source=str(path))
+
+
+def write_if_changed(path: str | Path, text: str) -> bool:
+    """Atomically replace `path` with `text` (temp file + os.replace); skip if the bytes are equal.
+
+    Returns True when the file was written.
+    """
+    path = Path(path)
+    data = text.encode()
+    try:
+        if path.read_bytes() == data:
+            return False
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return True

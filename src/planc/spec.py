@@ -1,0 +1,175 @@
+"""The user's input: `spec.yaml` as strict pydantic models.
+
+Every field carries a description with its unit; the same text is the JSON Schema in
+`schemas/spec.schema.json`. Sizes are accepted as "24GiB" / "80GB" / bytes and stored as
+integer bytes so that two spellings of one size hash the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from planc.errors import SpecError
+from planc.units import parse_bandwidth, parse_size
+
+SPEC_FORMAT = 1
+
+Bytes = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
+BytesPerSecond = Annotated[int, BeforeValidator(parse_bandwidth), Field(gt=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSource(_Strict):
+    """Where the model comes from: exactly one of `id`, `path`, `config`."""
+
+    id: str | None = Field(None, description="Hugging Face repo id, resolved offline from the local HF cache.")
+    path: str | None = Field(
+        None, description="Folder holding config.json (weights optional to compile), relative to the spec file."
+    )
+    config: str | None = Field(None, description="A bare config.json, relative to the spec file; enough to compile.")
+    revision: str | None = Field(None, description="Revision (branch, tag or commit) pinned for `id`.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weight and compute dtype; `auto` lets the rules pick from the GPUs and the checkpoint."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code shipped with the checkpoint.")
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> "ModelSource":
+        given = [key for key in ("id", "path", "config") if getattr(self, key)]
+        if len(given) != 1:
+            raise ValueError(f"model: give exactly one of id, path, config (got {', '.join(given) or 'none'})")
+        return self
+
+
+class CatalogueGpu(_Strict):
+    """GPUs named by catalogue entry."""
+
+    type: str = Field(description="Catalogue entry: the exact nvidia-smi name or a short alias such as v100-16gb.")
+    count: int = Field(1, ge=1, description="How many of these cards.")
+
+
+class ExplicitGpu(_Strict):
+    """A card described by its numbers, for cards missing from the catalogue."""
+
+    name: str = Field(description="Device name as the driver reports it (checked at run time).")
+    memory: Bytes = Field(description="Total memory the driver reports, in bytes (or e.g. 24GiB).")
+    compute_capability: str = Field(pattern=r"^\d+\.\d+$", description="CUDA compute capability, e.g. '8.6'.")
+    bandwidth: BytesPerSecond = Field(description="Memory bandwidth in bytes/s (or e.g. 936GB/s).")
+    count: int = Field(1, ge=1, description="How many of these cards.")
+
+
+GpuEntry = Union[CatalogueGpu, ExplicitGpu]
+
+
+class Hardware(_Strict):
+    """The machine the plan is for. GPU order is CUDA order (CUDA_DEVICE_ORDER=PCI_BUS_ID)."""
+
+    gpus: list[GpuEntry] = Field(default_factory=list, description="GPUs in PCI bus order; empty for a CPU-only plan.")
+    cpu_memory: Bytes = Field(description="CPU RAM the run may use, in bytes (or e.g. 64GiB).")
+    disk: str | None = Field(None, description="Offload folder for `offload: disk`, relative to the spec file.")
+
+
+class Workload(_Strict):
+    """What the plan must run without running out of memory."""
+
+    batch_size: int = Field(1, ge=1, description="Sequences generated together.")
+    max_seq_len: int = Field(ge=1, description="Tokens per sequence, prompt plus generated.")
+    prefill_chunk_size: int | None = Field(
+        None, ge=1, description="Prefill in chunks of this many tokens; unset lets the compiler choose."
+    )
+
+
+class RuntimeReserve(_Strict):
+    """Memory every GPU keeps outside the plan's tensors. Defaults are documented in memory.py."""
+
+    cuda_context: Bytes | None = Field(None, description="CUDA context and loaded kernels, bytes per GPU.")
+    cublas_workspace: Bytes | None = Field(None, description="cuBLAS/cuBLASLt workspace, bytes per GPU.")
+    allocator_slack: float | None = Field(
+        None, ge=0, le=0.5, description="Fraction of the planned tensors added for caching-allocator fragmentation."
+    )
+
+
+class Policy(_Strict):
+    """How to choose among the plans that fit."""
+
+    objective: Literal["latency", "balance"] = Field(
+        "latency",
+        description="latency: least predicted decode time per token; balance: lowest peak utilisation of any GPU.",
+    )
+    headroom: float = Field(0.05, ge=0, lt=1, description="Fraction of each GPU's memory left unplanned.")
+    offload: Literal["none", "cpu", "disk"] = Field(
+        "none", description="Where layers may go when the GPUs are full: none (refuse), cpu, or cpu then disk."
+    )
+    reserve: RuntimeReserve = Field(default_factory=RuntimeReserve, description="Overrides of the runtime reserve.")
+    versions: Literal["exact", "compatible"] = Field(
+        "compatible",
+        description="How `planc run` compares torch/transformers/accelerate to the lock: exact version, "
+        "or same major.minor.",
+    )
+
+
+class Spec(_Strict):
+    """A deployment spec: model, hardware, workload, policy."""
+
+    planc: Literal[1] = Field(description="Spec format version.")
+    model: ModelSource
+    hardware: Hardware
+    workload: Workload
+    policy: Policy = Field(default_factory=Policy)
+
+    def canonical_json(self) -> str:
+        """The spec as canonical JSON (sorted keys, sizes in bytes, defaults filled): what the lock hashes."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    def sha256(self) -> str:
+        return "sha256:" + hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(part) for part in err["loc"] if not str(part).startswith(("CatalogueGpu", "ExplicitGpu")))
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        message = "unknown key"
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{where or 'spec'}: {message}{more}"
+
+
+def parse_spec(data: Any, source: str = "spec") -> Spec:
+    """Validate already-parsed YAML data as a Spec; raise SpecError with one line on failure."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: expected a mapping at the top level")
+    gpus = (data.get("hardware") or {}).get("gpus") if isinstance(data.get("hardware"), dict) else None
+    if isinstance(gpus, list):
+        for i, gpu in enumerate(gpus):
+            if isinstance(gpu, dict) and "type" in gpu and ("name" in gpu or "memory" in gpu):
+                raise SpecError(f"{source}: hardware.gpus.{i}: give either type (catalogue) or name/memory (explicit)")
+    try:
+        return Spec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(f"{source}: {_first_error(exc)}") from None
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate a spec file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(f"cannot read spec {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise SpecError(f"{path}:{where} not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    return parse_spec(data, source=str(path))

@@ -1,0 +1,59 @@
+"""Byte sizes and bandwidths as users write them ("24GiB", "80GB", "936GB/s") and as planc prints them."""
+
+from __future__ import annotations
+
+import re
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+GiB = 2**30
+
+
+def parse_size(value: int | float | str) -> int:
+    """Parse a byte count: an integer, or a number with a unit (B, KB..TB decimal, KiB..TiB binary)."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a size: {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"size must not be negative: {value}")
+        return value
+    if isinstance(value, float):
+        if value < 0 or not value.is_integer():
+            raise ValueError(f"size in bytes must be a whole number: {value}")
+        return int(value)
+    match = _SIZE.match(str(value))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a size: {value!r} (write e.g. 24GiB, 80GB, 512MiB or a byte count)")
+    number, unit = match.groups()
+    return int(round(float(number) * _UNITS[unit.lower()]))
+
+
+def parse_bandwidth(value: int | float | str) -> int:
+    """Parse a bandwidth in bytes per second: a number, or a size followed by '/s' ("936GB/s")."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text.lower().endswith("/s"):
+            raise ValueError(f"not a bandwidth: {value!r} (write e.g. 936GB/s)")
+        return parse_size(text[:-2])
+    return parse_size(value)
+
+
+def gib(n_bytes: int | float) -> float:
+    """Bytes as GiB, for messages and tables."""
+    return n_bytes / GiB
+
+
+def fmt_gib(n_bytes: int | float, digits: int = 1) -> str:
+    """Bytes formatted as 'X.Y GiB'."""
+    return f"{n_bytes / GiB:.{digits}f} GiB"
