@@ -1,0 +1,326 @@
+"""The GPU catalogue, name lookup, inventory resolution and machine detection."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from planc import detect
+from planc.detect import DetectedGpu, DetectedMachine, detect_machine, machine_as_spec_yaml, match_catalogue
+from planc.errors import SpecError
+from planc.hardware import _normalise, load_catalogue, lookup_gpu, resolve_inventory
+from planc.spec import CatalogueGpu, ExplicitGpu, Hardware
+from planc.units import GiB
+
+MiB = 2**20
+
+# Every NVIDIA row of /work/shared/reference/gpu-catalogue.md, by driver name.
+REFERENCE_NAMES = [
+    "Tesla V100-SXM2-16GB",
+    "Tesla V100-SXM2-32GB",
+    "Tesla V100-PCIE-16GB",
+    "Tesla V100-PCIE-32GB",
+    "Tesla T4",
+    "NVIDIA GeForce RTX 2080 Ti",
+    "NVIDIA GeForce RTX 3090",
+    "NVIDIA GeForce RTX 4090",
+    "NVIDIA GeForce RTX 5090",
+    "NVIDIA A10",
+    "NVIDIA A10G",
+    "NVIDIA A30",
+    "NVIDIA A40",
+    "NVIDIA A100-PCIE-40GB",
+    "NVIDIA A100 80GB PCIe",
+    "NVIDIA A100-SXM4-40GB",
+    "NVIDIA A100-SXM4-80GB",
+    "NVIDIA L4",
+    "NVIDIA L20",
+    "NVIDIA L40",
+    "NVIDIA L40S",
+    "NVIDIA H20",
+    "NVIDIA H20-3e",
+    "NVIDIA H100 PCIe",
+    "NVIDIA H100 80GB HBM3",
+    "NVIDIA H100 NVL",
+    "NVIDIA H200",
+    "NVIDIA H200 NVL",
+    "NVIDIA GH200 480GB",
+    "NVIDIA GH200 144G HBM3e",
+    "NVIDIA B200",
+    "NVIDIA GB200",
+    "NVIDIA RTX A6000",
+    "NVIDIA RTX 6000 Ada Generation",
+]
+
+
+def _spellings(model) -> list[str]:
+    """Every normalised text that lookup_gpu accepts for `model`."""
+    names = [model.name, model.key, *model.aliases, model.name.removeprefix("NVIDIA ")]
+    return list(dict.fromkeys(_normalise(name) for name in names))
+
+
+# Catalogue
+
+
+def test_catalogue_covers_every_reference_row():
+    names = {model.name for model in load_catalogue()}
+    assert set(REFERENCE_NAMES) <= names
+
+
+@pytest.mark.parametrize("model", load_catalogue(), ids=lambda model: model.key)
+def test_entry_fields_are_sane(model):
+    assert re.fullmatch(r"[a-z0-9][a-z0-9-]*", model.key)
+    assert re.fullmatch(r"\d+\.\d+", model.compute_capability)
+    assert 8 * GiB <= model.memory <= 200 * GiB
+    assert model.bandwidth > 0
+    assert model.tflops_16bit is None or model.tflops_16bit > 0
+    assert model.source.strip()
+
+
+def test_keys_names_and_aliases_name_one_entry_each():
+    owner: dict[str, str] = {}
+    for model in load_catalogue():
+        for spelling in _spellings(model):
+            assert spelling not in owner, f"{spelling!r} names both {owner[spelling]} and {model.key}"
+            owner[spelling] = model.key
+
+
+def test_every_spelling_finds_its_own_entry():
+    for model in load_catalogue():
+        for text in (model.name, model.key, *model.aliases):
+            assert lookup_gpu(text) is model
+
+
+def test_a_few_known_figures():
+    assert lookup_gpu("rtx2080ti").memory == 11523260416
+    assert lookup_gpu("v100-16gb").memory == 16945512448
+    assert lookup_gpu("rtx-a6000").memory == 46068 * MiB
+    assert lookup_gpu("h100").compute_capability == "9.0"
+    assert lookup_gpu("rtx5090").compute_capability == "12.0"
+
+
+# Lookup
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("NVIDIA A100-SXM4-80GB", "a100-sxm4-80gb"),
+        ("a100-sxm4-80gb", "a100-sxm4-80gb"),
+        ("a100-80gb", "a100-sxm4-80gb"),
+        ("A100_80GB", "a100-sxm4-80gb"),
+        ("nvidia a100-sxm4-80gb", "a100-sxm4-80gb"),
+        ("NVIDIA H100 80GB HBM3", "h100-sxm"),
+        ("NVIDIA_H100_80GB_HBM3", "h100-sxm"),
+        ("h100", "h100-sxm"),
+        ("H100-80GB", "h100-sxm"),
+        ("3090", "rtx3090"),
+        ("rtx-3090", "rtx3090"),
+        ("RTX3090", "rtx3090"),
+        ("Tesla V100-SXM2-16GB", "v100-sxm2-16gb"),
+        ("V100-16GB", "v100-sxm2-16gb"),
+        ("Tesla T4", "t4"),
+    ],
+)
+def test_lookup_by_name_key_or_alias_ignoring_case_and_punctuation(text, key):
+    assert lookup_gpu(text).key == key
+
+
+@pytest.mark.parametrize(
+    ("old_name", "key"),
+    [("GeForce RTX 2080 Ti", "rtx2080ti"), ("GeForce RTX 3090", "rtx3090"), ("GeForce RTX 4090", "rtx4090")],
+)
+def test_lookup_accepts_old_geforce_names_without_the_nvidia_prefix(old_name, key):
+    assert lookup_gpu(old_name).key == key
+
+
+def test_unknown_gpu_names_the_closest_entries():
+    with pytest.raises(SpecError, match=r"unknown GPU type 'Tesla V100-SXM2-16G'.*v100-sxm2-16gb"):
+        lookup_gpu("Tesla V100-SXM2-16G")
+
+
+def test_unknown_gpu_without_close_match_points_to_the_list():
+    with pytest.raises(SpecError, match="planc gpus"):
+        lookup_gpu("Voodoo2")
+
+
+# Inventory
+
+
+def test_resolve_inventory_expands_counts_in_order():
+    hardware = Hardware.model_validate(
+        {
+            "gpus": [
+                {"type": "rtx3090", "count": 2},
+                {"name": "Custom Card", "memory": "20GiB", "compute_capability": "8.6", "bandwidth": "500GB/s"},
+                {"type": "NVIDIA A100-SXM4-80GB"},
+            ],
+            "cpu_memory": "64GiB",
+        }
+    )
+    inventory = resolve_inventory(hardware)
+    assert [gpu.index for gpu in inventory.gpus] == [0, 1, 2, 3]
+    assert [gpu.catalogue for gpu in inventory.gpus] == ["rtx3090", "rtx3090", None, "a100-sxm4-80gb"]
+    assert inventory.gpus[0].memory == lookup_gpu("rtx3090").memory
+    assert inventory.gpus[2].memory == 20 * GiB
+    assert inventory.gpus[2].bandwidth == 500 * 10**9
+    assert inventory.gpus[3].sm == 80
+    assert inventory.cpu_memory == 64 * GiB
+
+
+def test_resolve_inventory_rejects_an_unknown_type():
+    hardware = Hardware.model_validate({"gpus": [{"type": "rtx9090"}], "cpu_memory": "8GiB"})
+    with pytest.raises(SpecError, match="rtx9090"):
+        resolve_inventory(hardware)
+
+
+# Detection
+
+
+def _gpu(index: int, name: str, memory: int, cc: str = "8.6") -> DetectedGpu:
+    return DetectedGpu(index=index, name=name, memory=memory, compute_capability=cc)
+
+
+def test_match_catalogue():
+    assert match_catalogue(_gpu(0, "NVIDIA GeForce RTX 3090", 25414860800)).key == "rtx3090"
+    assert match_catalogue(_gpu(0, "NVIDIA RTX PRO 6000 Blackwell", 100 * GiB, "12.0")) is None
+
+
+def test_spec_yaml_groups_catalogued_cards_and_validates():
+    rtx3090 = lookup_gpu("rtx3090").memory
+    machine = DetectedMachine(
+        gpus=(
+            _gpu(0, "NVIDIA GeForce RTX 3090", rtx3090),
+            _gpu(1, "NVIDIA GeForce RTX 3090", rtx3090),
+            _gpu(2, "NVIDIA GeForce RTX 4090", lookup_gpu("rtx4090").memory, "8.9"),
+            _gpu(3, "NVIDIA GeForce RTX 3090", rtx3090),
+        ),
+        cpu_memory=62 * GiB + 900 * MiB,
+    )
+    text = machine_as_spec_yaml(machine)
+    loaded = yaml.safe_load(text)
+    assert loaded["hardware"] == {
+        "gpus": [{"type": "rtx3090", "count": 2}, {"type": "rtx4090", "count": 1}, {"type": "rtx3090", "count": 1}],
+        "cpu_memory": "62GiB",
+    }
+    hardware = Hardware.model_validate(loaded["hardware"])
+    assert [gpu.catalogue for gpu in resolve_inventory(hardware).gpus] == ["rtx3090", "rtx3090", "rtx4090", "rtx3090"]
+
+
+def test_spec_yaml_asks_for_the_bandwidth_of_an_uncatalogued_card():
+    machine = DetectedMachine(
+        gpus=(
+            _gpu(0, "NVIDIA A10", lookup_gpu("a10").memory),
+            _gpu(1, "NVIDIA RTX PRO 6000 Blackwell", 97250 * MiB + 123, "12.0"),
+            _gpu(2, "NVIDIA RTX PRO 6000 Blackwell", 97250 * MiB + 123, "12.0"),
+        ),
+        cpu_memory=16 * GiB,
+    )
+    text = machine_as_spec_yaml(machine)
+    assert "# bandwidth: FILL IN" in text
+    gpus = yaml.safe_load(text)["hardware"]["gpus"]
+    assert gpus[0] == {"type": "a10", "count": 1}
+    assert gpus[1] == {
+        "name": "NVIDIA RTX PRO 6000 Blackwell",
+        "memory": "97250MiB",
+        "compute_capability": "12.0",
+        "count": 2,
+    }
+    # Left unfilled the spec is rejected; once the user fills the bandwidth in it is valid.
+    with pytest.raises(ValueError, match="bandwidth"):
+        Hardware.model_validate(yaml.safe_load(text)["hardware"])
+    filled = yaml.safe_load(text.replace("# bandwidth: FILL IN", "bandwidth: 1792GB/s #"))["hardware"]
+    entries = Hardware.model_validate(filled).gpus
+    assert isinstance(entries[0], CatalogueGpu)
+    assert isinstance(entries[1], ExplicitGpu)
+    assert entries[1].memory == 97250 * MiB
+    assert entries[1].bandwidth == 1792 * 10**9
+
+
+def test_spec_yaml_writes_a_card_with_less_memory_than_the_catalogue_explicitly():
+    # Windows (WDDM) drivers show an RTX 4090 with 23028 MiB: plan with that, not the catalogue's figure.
+    catalogued = lookup_gpu("rtx4090")
+    machine = DetectedMachine(gpus=(_gpu(0, catalogued.name, 23028 * MiB, "8.9"),), cpu_memory=32 * GiB)
+    text = machine_as_spec_yaml(machine)
+    (entry,) = Hardware.model_validate(yaml.safe_load(text)["hardware"]).gpus
+    assert isinstance(entry, ExplicitGpu)
+    assert entry.memory == 23028 * MiB
+    assert entry.bandwidth == catalogued.bandwidth
+    assert "catalogue entry rtx4090" in text
+
+
+def test_spec_yaml_without_gpus():
+    text = machine_as_spec_yaml(DetectedMachine(gpus=(), cpu_memory=8 * GiB - 1))
+    assert yaml.safe_load(text) == {"hardware": {"gpus": [], "cpu_memory": "7GiB"}}
+
+
+NVIDIA_SMI_OUTPUT = """\
+0, NVIDIA H100 80GB HBM3, 81559, 480, 9.0
+1, NVIDIA H100 80GB HBM3, 81559, 480, 9.0
+2, NVIDIA GeForce RTX 3090, 24576, 338, 8.6
+"""
+
+
+def test_parse_nvidia_smi_subtracts_the_reserved_memory():
+    gpus = detect.parse_nvidia_smi(NVIDIA_SMI_OUTPUT)
+    assert gpus[0] == DetectedGpu(0, "NVIDIA H100 80GB HBM3", 81079 * MiB, "9.0")
+    assert [gpu.index for gpu in gpus] == [0, 1, 2]
+    assert gpus[2].compute_capability == "8.6"
+
+
+def test_parse_nvidia_smi_without_reserved_field():
+    fields = ("index", "name", "memory.total", "compute_cap")
+    (gpu,) = detect.parse_nvidia_smi("0, Tesla T4, 15360, 7.5\n", fields)
+    assert gpu == DetectedGpu(0, "Tesla T4", 15360 * MiB, "7.5")
+
+
+def test_parse_nvidia_smi_gives_up_on_unusable_values():
+    assert detect.parse_nvidia_smi("0, NVIDIA A100-SXM4-80GB, 81920, 0, [N/A]\n") is None
+
+
+@pytest.mark.parametrize(
+    ("visible", "expected"),
+    [
+        (None, [0, 1, 2]),
+        ("2,0", [2, 0]),
+        ("1", [1]),
+        ("", []),
+        ("-1", []),
+        ("0,7,1", [0]),  # CUDA ignores everything from the first invalid entry on
+    ],
+)
+def test_cuda_visible_devices_selects_and_renumbers(visible, expected):
+    gpus = detect.parse_nvidia_smi(NVIDIA_SMI_OUTPUT)
+    chosen = detect._cuda_visible(gpus, visible)
+    by_index = {gpu.index: gpu for gpu in gpus}
+    assert [gpu.name for gpu in chosen] == [by_index[i].name for i in expected]
+    assert [gpu.index for gpu in chosen] == list(range(len(expected)))
+
+
+def test_cuda_visible_devices_by_uuid_is_left_to_cuda():
+    gpus = detect.parse_nvidia_smi(NVIDIA_SMI_OUTPUT)
+    assert detect._cuda_visible(gpus, "GPU-4e817856-1fb8-192a-7ab7-0e0e4476c184") is None
+
+
+def test_missing_nvidia_smi_means_no_gpus_from_it(monkeypatch):
+    monkeypatch.setenv("PATH", "")
+    assert detect._gpus_from_nvidia_smi() is None
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has NVIDIA GPUs")
+def test_detect_machine_on_a_machine_without_gpus():
+    machine = detect_machine()
+    assert machine.gpus == ()
+    assert machine.cpu_memory > 0
+
+
+def test_importing_detect_does_not_import_torch():
+    code = "import sys, planc.detect; assert 'torch' not in sys.modules"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
