@@ -1,0 +1,464 @@
+"""The compiler: spec + model graph + inventory -> Plan.
+
+`compile_plan` is pure: it reads no clock, environment, GPU or file; the model graph builder is
+passed in. `compile_spec` does the I/O around it (spec, config, weight hashes, package versions)
+and `check_lock` answers `planc compile --check` from the lock's recorded inputs alone, so it
+needs neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+from planc import __version__
+from planc.errors import InfeasibleError, SpecError, StalePlanError
+from planc.hardware import Inventory, resolve_inventory
+from planc.memory import Reserve, Workload
+from planc.plan import (
+    Attention,
+    Decision,
+    Device,
+    Generation,
+    Host,
+    Inputs,
+    Ledger,
+    ModelInfo,
+    Objective,
+    Packages,
+    Plan,
+    WeightFile,
+    dump_lock,
+    load_lock,
+)
+from planc.plan import Workload as LockWorkload
+from planc.spec import Spec, load_spec
+from planc.units import GiB
+
+SOLVER_SOURCE = "planc solver (src/planc/solver.py)"
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """What the compiler knows of the model besides its graph."""
+
+    config: dict
+    config_sha256: str
+    weights: dict[str, WeightFile]
+    id: str | None
+    path: str | None  # relative to the lock
+    config_path: str | None  # relative to the lock
+
+
+def _chunk_candidates(max_seq_len: int) -> list[int | None]:
+    """Whole prefill first, then power-of-two chunks from large to small (largest that fits wins)."""
+    chunks: list[int | None] = [None]
+    size = 1 << (max_seq_len - 1).bit_length() - 1 if max_seq_len > 1 else 1
+    while size >= 256:
+        if size < max_seq_len:
+            chunks.append(size)
+        size //= 2
+    return chunks
+
+
+def _targets(inventory: Inventory, runtime, headroom: float, level: str):
+    from planc.solver import Target
+
+    gpus = [
+        Target(
+            key=gpu.index,
+            capacity=gpu.memory,
+            headroom=int(gpu.memory * headroom),
+            bandwidth=gpu.bandwidth,
+            backend=runtime.backend_per_gpu.get(gpu.index, "math"),
+            gpu=True,
+            kind=(gpu.name, gpu.memory, gpu.compute_capability, gpu.bandwidth),
+        )
+        for gpu in inventory.gpus
+    ]
+    cpu_backend = "eager" if runtime.attn_implementation == "eager" else "cpu"
+    # Offloaded layers run on the main GPU; on a CPU-only plan the CPU runs them.
+    host_backend = gpus[0].backend if gpus else cpu_backend
+    cpu = Target("cpu", inventory.cpu_memory, 0, 0, host_backend, False) if level in ("cpu", "disk") else None
+    disk = Target("disk", 0, 0, 0, host_backend, False) if level == "disk" else None
+    return gpus, cpu, disk
+
+
+def _levels(policy_offload: str, has_gpus: bool) -> list[str]:
+    levels = {"none": ["none"], "cpu": ["none", "cpu"], "disk": ["none", "cpu", "disk"]}[policy_offload]
+    if not has_gpus:
+        levels = [level for level in levels if level != "none"]
+    return levels
+
+
+def _solve(graph, inventory, runtime, spec: Spec, workload: Workload, level: str):
+    from planc.solver import solve
+
+    gpus, cpu, disk = _targets(inventory, runtime, spec.policy.headroom, level)
+    return solve(graph, gpus, cpu, disk, workload, Reserve.from_policy(spec.policy.reserve), spec.policy.objective)
+
+
+def _fits(graph, inventory, runtime, spec, batch: int, seq: int) -> bool:
+    from planc.solver import Placement
+
+    levels = _levels(spec.policy.offload, bool(inventory.gpus))
+    chunk = spec.workload.prefill_chunk_size
+    chunks = [chunk] if chunk else _chunk_candidates(seq)[-1:]
+    return isinstance(_solve(graph, inventory, runtime, spec, Workload(batch, seq, chunks[0]), levels[-1]), Placement)
+
+
+def _largest(predicate: Callable[[int], bool], upper: int) -> int:
+    """Largest x in [1, upper) with predicate(x) true (predicate monotone), 0 if none."""
+    lo, hi = 0, upper
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if predicate(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _describe_ledger(ledger, name: str) -> str:
+    g = lambda n: f"{n / GiB:.1f}"  # noqa: E731
+    has = ledger.capacity - ledger.headroom
+    return (
+        f"{name} needs {g(ledger.total)} GiB (weights {g(ledger.weights)} + KV {g(ledger.kv_cache)} + "
+        f"activations {g(ledger.activations)} + reserve {g(ledger.reserve)}"
+        + (f" + staging {g(ledger.staging)}" if ledger.staging else "")
+        + f"), has {g(has)} GiB"
+    )
+
+
+def _device_name(key, inventory: Inventory) -> str:
+    if isinstance(key, int):
+        return f"GPU {key} ({inventory.gpus[key].name})"
+    return key.upper() if key == "cpu" else key
+
+
+def _infeasible_message(graph, inventory, runtime, spec: Spec, closest) -> str:
+    wl = spec.workload
+    over = closest.overflowing() or list(closest.ledgers)
+    parts = [_describe_ledger(ledger, _device_name(ledger.key, inventory)) for ledger in over]
+    head = (
+        f"{graph.architecture} ({graph.weight_bytes / GiB:.1f} GiB of weights in {graph.dtype}) does not fit "
+        f"at batch {wl.batch_size} x {wl.max_seq_len} tokens"
+    )
+    hints = []
+    seq = _largest(lambda s: _fits(graph, inventory, runtime, spec, wl.batch_size, s), wl.max_seq_len)
+    if seq:
+        hints.append(f"max_seq_len {seq} at batch {wl.batch_size}")
+    if wl.batch_size > 1:
+        batch = _largest(lambda b: _fits(graph, inventory, runtime, spec, b, wl.max_seq_len), wl.batch_size)
+        if batch:
+            hints.append(f"batch_size {batch} at {wl.max_seq_len} tokens")
+    if spec.policy.offload != "disk" and inventory.gpus:
+        for level in ("cpu", "disk"):
+            if level == "cpu" and spec.policy.offload == "cpu":
+                continue
+            relaxed = spec.model_copy(update={"policy": spec.policy.model_copy(update={"offload": level})})
+            if _fits(graph, inventory, runtime, relaxed, wl.batch_size, wl.max_seq_len):
+                hints.append(f"policy.offload: {level}")
+                break
+    fits = "; would fit: " + ", or ".join(hints) if hints else "; nothing smaller fits either: more or larger GPUs are needed"
+    return f"{head}: " + "; ".join(parts) + fits
+
+
+def _model_facts(graph):
+    from planc.rules import ModelFacts
+
+    return ModelFacts(
+        model_type=graph.model_type,
+        checkpoint_dtype=graph.checkpoint_dtype,
+        is_moe=graph.is_moe,
+        head_dim=max(graph.shapes.head_dim, graph.shapes.v_head_dim),
+        forced_attn_implementation=graph.forced_attn_implementation,
+        skip_keys=graph.skip_keys,
+    )
+
+
+def compile_plan(
+    spec: Spec,
+    inventory: Inventory,
+    model: ModelInput,
+    packages: Packages,
+    disk: str | None,
+    build_graph: Callable[[dict, str, bool], object],
+) -> Plan:
+    """Compile a plan. Pure: everything it depends on is an argument."""
+    from planc.rules import decide_runtime
+    from planc.solver import Placement
+
+    if not inventory.gpus and spec.policy.offload == "none":
+        raise SpecError("hardware.gpus is empty: a CPU-only plan needs policy.offload: cpu (or disk)")
+    if spec.policy.offload == "disk" and not disk:
+        raise SpecError("policy.offload is disk but hardware.disk names no offload folder")
+    trust = spec.model.trust_remote_code
+    probe_dtype = "bfloat16" if spec.model.dtype == "auto" else spec.model.dtype
+    graph = build_graph(model.config, probe_dtype, trust)
+    runtime = decide_runtime(inventory.gpus, _model_facts(graph), spec.model.dtype)
+    if runtime.dtype != graph.dtype:
+        graph = build_graph(model.config, runtime.dtype, trust)
+
+    wl = spec.workload
+    chunks = [wl.prefill_chunk_size] if wl.prefill_chunk_size else _chunk_candidates(wl.max_seq_len)
+    placement, chunk, level = None, None, None
+    for level in _levels(spec.policy.offload, bool(inventory.gpus)):
+        for chunk in chunks:
+            result = _solve(graph, inventory, runtime, spec, Workload(wl.batch_size, wl.max_seq_len, chunk), level)
+            if isinstance(result, Placement):
+                placement = result
+                break
+        if placement:
+            break
+    if placement is None:
+        raise InfeasibleError(_infeasible_message(graph, inventory, runtime, spec, result))
+
+    decisions = [Decision(id=d.id, decision=d.decision, reason=d.reason, source=d.source) for d in runtime.decisions]
+    decisions += _planner_decisions(spec, graph, placement, chunk, inventory)
+    return _assemble(spec, inventory, model, packages, disk, graph, runtime, placement, chunk, decisions)
+
+
+def _planner_decisions(spec, graph, placement, chunk, inventory) -> list[Decision]:
+    wl = spec.workload
+    layers_on: dict = {}
+    for unit in graph.units:
+        if unit.kind == "layer":
+            device = placement.device_of[unit.name]
+            layers_on[device] = layers_on.get(device, 0) + 1
+    split = ", ".join(f"{_device_name(k, inventory)}: {v}" for k, v in layers_on.items())
+    objective = spec.policy.objective
+    goal = (
+        "least predicted decode time (bytes read per token / bandwidth of the device holding them), then lowest peak utilisation"
+        if objective == "latency"
+        else "lowest peak utilisation, then least predicted decode time"
+    )
+    out = [
+        Decision(
+            id="solver.placement",
+            decision=f"layers per device: {split}",
+            reason=f"optimal contiguous split for objective {objective}: {goal}; every device within its budget "
+            f"for weights + KV cache + activations + reserve at batch {wl.batch_size} x {wl.max_seq_len} tokens",
+            source=SOLVER_SOURCE,
+        )
+    ]
+    if placement.offloaded_units:
+        out.append(
+            Decision(
+                id="solver.offload",
+                decision=f"{placement.offloaded_units} units offloaded (policy.offload: {spec.policy.offload})",
+                reason="the GPUs cannot hold the whole model with its KV cache and activations; the fewest units "
+                "are offloaded, and they execute on the main GPU, which also holds their KV cache",
+                source=SOLVER_SOURCE,
+            )
+        )
+    if wl.prefill_chunk_size:
+        out.append(Decision(id="generation.prefill-chunk", decision=f"prefill_chunk_size {chunk}",
+                            reason="set by the spec", source="spec.workload.prefill_chunk_size"))
+    elif chunk:
+        out.append(
+            Decision(
+                id="generation.prefill-chunk",
+                decision=f"prefill_chunk_size {chunk}",
+                reason=f"a whole-prompt prefill of {wl.max_seq_len} tokens does not fit the activation budget; "
+                f"{chunk} is the largest power-of-two chunk that does",
+                source="transformers GenerationConfig.prefill_chunk_size; field-notes section 2",
+            )
+        )
+    return out
+
+
+def _assemble(spec, inventory, model: ModelInput, packages, disk, graph, runtime, placement, chunk, decisions) -> Plan:
+    headroom = spec.policy.headroom
+    ledgers = []
+    max_memory = {}
+    for ledger in placement.ledgers:
+        names = list(ledger.units)
+        ledgers.append(
+            Ledger(
+                device=ledger.key,
+                capacity=ledger.capacity,
+                headroom=ledger.headroom,
+                reserve=ledger.reserve,
+                weights=ledger.weights,
+                kv_cache=ledger.kv_cache,
+                activations=ledger.activations,
+                staging=ledger.staging,
+                total=ledger.total,
+                free=ledger.free,
+                modules=[names[0], names[-1]] if names else [],
+            )
+        )
+        if ledger.key != "disk":
+            max_memory[str(ledger.key)] = ledger.capacity - ledger.headroom - (ledger.total - ledger.weights)
+    used = {str(k) for k in placement.device_of.values()}
+    if "cpu" in used and "cpu" not in max_memory:
+        max_memory["cpu"] = inventory.cpu_memory
+    gpu_ledgers = [l for l in ledgers if isinstance(l.device, int)]
+    return Plan(
+        inputs=Inputs(
+            spec_sha256=spec.sha256(),
+            config_sha256=model.config_sha256,
+            weights=model.weights,
+            packages=packages,
+            versions=spec.policy.versions,
+        ),
+        model=ModelInfo(
+            id=model.id,
+            path=model.path,
+            config=model.config_path,
+            revision=spec.model.revision,
+            trust_remote_code=spec.model.trust_remote_code,
+            architecture=graph.architecture,
+            model_type=graph.model_type,
+            parameters=graph.parameters,
+            weight_bytes=graph.weight_bytes,
+        ),
+        devices=[
+            Device(index=g.index, name=g.name, memory=g.memory, compute_capability=g.compute_capability,
+                   bandwidth=g.bandwidth, catalogue=g.catalogue)
+            for g in inventory.gpus
+        ],
+        host=Host(cpu_memory=inventory.cpu_memory, disk=disk),
+        workload=LockWorkload(batch_size=spec.workload.batch_size, max_seq_len=spec.workload.max_seq_len),
+        dtype=runtime.dtype,
+        device_map=dict(placement.device_of),
+        max_memory=max_memory,
+        no_split_module_classes=list(graph.no_split_module_classes),
+        skip_keys=list(graph.skip_keys),
+        tied_parameters=[list(group) for group in graph.tied_parameters],
+        attention=Attention(
+            attn_implementation=runtime.attn_implementation,
+            sdpa_backends=list(runtime.sdpa_backends),
+            per_device={str(k): v for k, v in sorted(runtime.backend_per_gpu.items())},
+        ),
+        env=dict(sorted(runtime.env.items())),
+        generation=Generation(prefill_chunk_size=chunk, experts_implementation=runtime.experts_implementation),
+        memory=ledgers,
+        objective=Objective(
+            name=spec.policy.objective,
+            decode_ms_per_token=round(placement.decode_seconds * 1000, 3),
+            peak_utilisation=round(max(((l.total + l.headroom) / l.capacity for l in gpu_ledgers), default=0.0), 4),
+        ),
+        decisions=decisions,
+    ).sealed()
+
+
+# ---------------------------------------------------------------- I/O around the pure core
+
+
+def installed_packages() -> Packages:
+    """Versions of the packages a plan depends on, without importing them (local build tags dropped)."""
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name).split("+")[0]
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return Packages(planc=__version__, torch=version("torch"), transformers=version("transformers"),
+                    accelerate=version("accelerate"))
+
+
+def _relative(target: Path, start: Path) -> str:
+    return Path(os.path.relpath(target, start)).as_posix()
+
+
+def default_lock_path(spec_path: Path) -> Path:
+    return spec_path.parent / "plan.lock"
+
+
+def regenerate_command(spec_path: Path, lock_path: Path) -> str:
+    return f"planc compile {_relative(spec_path, lock_path.parent)} -o {lock_path.name}  (paths relative to this file)"
+
+
+@dataclass(frozen=True)
+class ModelLocation:
+    files: object  # model_graph.ModelFiles
+    model: ModelInput
+
+
+def locate_model(spec: Spec, spec_dir: Path, lock_dir: Path, hash_weights: bool = True, progress=None) -> ModelLocation:
+    """Read the config and hash the weights of the spec's model; paths re-expressed relative to the lock."""
+    from planc.checksums import hash_files
+    from planc.model_graph import check_model_source_exists, read_model_files
+
+    check_model_source_exists(spec.model, spec_dir)
+    files = read_model_files(spec.model, spec_dir)
+    weights = hash_files(files.folder, files.weight_files, progress) if hash_weights and files.weight_files else {}
+    source = spec.model
+    model = ModelInput(
+        config=files.config,
+        config_sha256=files.config_sha256,
+        weights=weights,
+        id=source.id,
+        path=_relative((spec_dir / source.path).resolve(), lock_dir.resolve()) if source.path else None,
+        config_path=_relative((spec_dir / source.config).resolve(), lock_dir.resolve()) if source.config else None,
+    )
+    return ModelLocation(files, model)
+
+
+def compile_spec(spec_path: str | Path, lock_path: str | Path | None = None, progress=None) -> tuple[Plan, str]:
+    """Compile a spec file; returns the plan and the lock text (nothing is written)."""
+    from planc.model_graph import build_model_graph
+
+    spec_path = Path(spec_path)
+    lock_path = Path(lock_path) if lock_path else default_lock_path(spec_path)
+    spec = load_spec(spec_path)
+    inventory = resolve_inventory(spec.hardware)
+    location = locate_model(spec, spec_path.parent, lock_path.parent, progress=progress)
+    disk = (
+        _relative((spec_path.parent / spec.hardware.disk).resolve(), lock_path.parent.resolve())
+        if spec.hardware.disk
+        else None
+    )
+    plan = compile_plan(spec, inventory, location.model, installed_packages(), disk, build_model_graph)
+    return plan, dump_lock(plan, regenerate_command(spec_path, lock_path))
+
+
+def check_lock(spec_path: str | Path, lock_path: str | Path | None = None) -> list[str]:
+    """What makes the committed lock stale, from recorded inputs only (no torch). Empty list = fresh."""
+    spec_path = Path(spec_path)
+    lock_path = Path(lock_path) if lock_path else default_lock_path(spec_path)
+    if not lock_path.exists():
+        raise StalePlanError(f"{lock_path} does not exist; run planc compile {spec_path}")
+    plan = load_lock(lock_path)
+    spec = load_spec(spec_path)
+    changes = []
+    if plan.inputs.spec_sha256 != spec.sha256():
+        changes.extend(_spec_changes(spec, plan) or ["spec changed (policy or model options)"])
+    location = locate_model(spec, spec_path.parent, lock_path.parent)
+    if location.model.config_sha256 != plan.inputs.config_sha256:
+        changes.append("model config.json changed")
+    if location.model.weights != plan.inputs.weights:
+        before, after = set(plan.inputs.weights), set(location.model.weights)
+        names = sorted((before ^ after) | {n for n in before & after if plan.inputs.weights[n] != location.model.weights[n]})
+        changes.append("weight files changed: " + ", ".join(names))
+    installed = installed_packages()
+    for name in ("planc", "torch", "transformers", "accelerate"):
+        locked, now = getattr(plan.inputs.packages, name), getattr(installed, name)
+        if locked != now:
+            changes.append(f"{name} {locked} -> {now}")
+    return changes
+
+
+def _spec_changes(spec: Spec, plan: Plan) -> list[str]:
+    changes = []
+    if spec.workload.batch_size != plan.workload.batch_size:
+        changes.append(f"workload.batch_size {plan.workload.batch_size} -> {spec.workload.batch_size}")
+    if spec.workload.max_seq_len != plan.workload.max_seq_len:
+        changes.append(f"workload.max_seq_len {plan.workload.max_seq_len} -> {spec.workload.max_seq_len}")
+    try:
+        inventory = resolve_inventory(spec.hardware)
+    except SpecError:
+        return changes + ["hardware changed"]
+    now = [(g.name, g.memory, g.compute_capability, g.bandwidth) for g in inventory.gpus]
+    locked = [(d.name, d.memory, d.compute_capability, d.bandwidth) for d in plan.devices]
+    if now != locked:
+        changes.append(f"hardware.gpus {len(locked)} -> {len(now)} devices" if len(now) != len(locked) else "hardware.gpus changed")
+    if inventory.cpu_memory != plan.host.cpu_memory:
+        changes.append("hardware.cpu_memory changed")
+    return changes

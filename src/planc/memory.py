@@ -1,0 +1,202 @@
+"""The memory ledger: what a device must hold to run its part of the plan, term by term.
+
+Every term is a function of the placement units on the device, the workload and the attention
+backend, so the solver can evaluate a candidate segment in O(1) from running sums.
+
+Terms (per device):
+- weights: parameters and buffers resident there.
+- kv_cache: for each layer executing there, batch x tokens x bytes per token, where tokens is
+  max_seq_len for full-attention layers. Sliding-window layers are capped at window - 1 + the
+  prefill step: transformers' DynamicSlidingWindowLayer keeps a *view* of the concatenated
+  states, so the whole prefill step stays alive until the next update (measured in simulate).
+- activations: the largest transient of one layer's forward (hidden-state copies, q/k/v, the
+  attention scores when the backend materialises them, the MLP or routed-expert intermediates),
+  plus one layer's KV (torch.cat in DynamicCache.update copies it each step), plus the logits of
+  the last position on the device holding lm_head (generate keeps only the last position and
+  upcasts it to fp32).
+- staging: weights of offloaded (cpu/disk) units are copied to their execution device one unit
+  at a time (accelerate's AlignDevicesHook); the largest such unit.
+- reserve: CUDA context + cuBLAS workspace + allocator slack on (kv + activations + staging).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from planc.model_graph import DTYPE_BYTES, ModelGraph, Shapes, Unit
+
+MiB = 2**20
+GiB = 2**30
+
+# CUDA context with lazy module loading (CUDA >= 11.7 default) plus torch's kernels: measured
+# 0.4-0.6 GiB on A100/H100 with torch 2.x; not visible to torch.cuda.memory_allocated.
+DEFAULT_CUDA_CONTEXT = 512 * MiB
+# cuBLAS + cuBLASLt workspaces for one stream (torch's default ":4096:8" config is 32 MiB on Hopper).
+DEFAULT_CUBLAS_WORKSPACE = 64 * MiB
+# Caching-allocator fragmentation on the tensors that come and go (KV growth, activations).
+DEFAULT_ALLOCATOR_SLACK = 0.10
+# Python + torch + transformers resident in the process before any weight is loaded.
+CPU_PROCESS_RESERVE = 1 * GiB
+
+# Bandwidths for the decode-time estimate of offloaded and CPU-executed units (bytes/s).
+PCIE_BANDWIDTH = 25 * 10**9  # PCIe Gen4 x16 host-to-device, effective
+DISK_BANDWIDTH = 2 * 10**9  # NVMe sequential read
+CPU_BANDWIDTH = 50 * 10**9  # dual-channel-class DRAM bandwidth seen by one process
+
+
+@dataclass(frozen=True)
+class Reserve:
+    cuda_context: int = DEFAULT_CUDA_CONTEXT
+    cublas_workspace: int = DEFAULT_CUBLAS_WORKSPACE
+    allocator_slack: float = DEFAULT_ALLOCATOR_SLACK
+
+    @classmethod
+    def from_policy(cls, reserve) -> "Reserve":
+        return cls(
+            cuda_context=DEFAULT_CUDA_CONTEXT if reserve.cuda_context is None else reserve.cuda_context,
+            cublas_workspace=DEFAULT_CUBLAS_WORKSPACE if reserve.cublas_workspace is None else reserve.cublas_workspace,
+            allocator_slack=DEFAULT_ALLOCATOR_SLACK if reserve.allocator_slack is None else reserve.allocator_slack,
+        )
+
+
+@dataclass(frozen=True)
+class Workload:
+    batch_size: int
+    max_seq_len: int
+    prefill_chunk_size: int | None = None
+
+    @property
+    def step_tokens(self) -> int:
+        """Tokens processed by the largest forward step (the prefill, or one chunk of it)."""
+        if self.prefill_chunk_size is None:
+            return self.max_seq_len
+        return min(self.prefill_chunk_size, self.max_seq_len)
+
+
+def kv_tokens(unit: Unit, workload: Workload) -> int:
+    """Tokens of KV a layer holds at its peak."""
+    if unit.kv_window is None:
+        return workload.max_seq_len
+    return min(workload.max_seq_len, unit.kv_window - 1 + workload.step_tokens)
+
+
+def unit_kv_bytes(unit: Unit, workload: Workload) -> int:
+    return workload.batch_size * kv_tokens(unit, workload) * unit.kv_bytes_per_token
+
+
+def materialises_scores(backend: str) -> bool:
+    """The math SDPA path and eager attention build the B x H x T x S score matrix."""
+    return backend in ("math", "eager")
+
+
+def layer_activation_bytes(shapes: Shapes, unit: Unit, workload: Workload, dtype: str, backend: str) -> int:
+    """Peak transient bytes of one layer's forward over the largest step (excluding the KV cache)."""
+    e = DTYPE_BYTES[dtype]
+    b, t, s = workload.batch_size, workload.step_tokens, workload.max_seq_len
+    if unit.kv_window is not None:
+        s = min(s, unit.kv_window - 1 + t)
+    h = shapes.hidden_size
+    heads, kv_heads = shapes.num_attention_heads, shapes.num_key_value_heads
+    # Residual stream, its normed copy, the incoming copy a device hop makes, the block output.
+    hidden = 4 * b * t * h * e
+    # q, k, v projections and their rotary-embedded copies.
+    qkv = b * t * (2 * heads * shapes.head_dim + 2 * kv_heads * shapes.head_dim + kv_heads * shapes.v_head_dim) * e
+    if shapes.mla_latent_dim:
+        # MLA expands the cached latents into per-head keys and values over the whole context.
+        expanded = b * heads * s * (shapes.head_dim + shapes.v_head_dim) * e
+    elif heads != kv_heads and (materialises_scores(backend) or b > 1):
+        # repeat_kv copies K/V per query head when SDPA cannot use enable_gqa (a mask is present).
+        expanded = b * heads * s * (shapes.head_dim + shapes.v_head_dim) * e
+    else:
+        expanded = 0
+    if backend == "eager":
+        # scores, fp32 softmax, cast back, plus the additive 4-D mask each device receives.
+        scores = b * heads * t * s * (2 * e + 4) + b * t * s * e
+    elif backend == "math":
+        scores = b * heads * t * s * 2 * e
+    else:
+        scores = 0
+    attn_out = b * t * heads * shapes.v_head_dim * e
+    attention = qkv + expanded + scores + attn_out
+    if unit.moe:
+        k = shapes.experts_per_token
+        routed = b * t * k * (2 * h + 3 * shapes.moe_intermediate_size) * e
+        router = b * t * shapes.num_experts * 4 * 2
+        shared = 3 * b * t * shapes.shared_intermediate_size * e
+        mlp = routed + router + shared
+    else:
+        mlp = 3 * b * t * shapes.intermediate_size * e
+    return hidden + max(attention, mlp)
+
+
+def logits_bytes(shapes: Shapes, workload: Workload, dtype: str) -> int:
+    """Last-position logits in the model dtype and generate's fp32 copy."""
+    return workload.batch_size * shapes.vocab_size * (DTYPE_BYTES[dtype] + 4)
+
+
+def decode_read_bytes(unit: Unit, shapes: Shapes, workload: Workload) -> int:
+    """Bytes one decode step reads from this unit's weights and cache (memory-bound estimate)."""
+    weights = unit.weight_bytes
+    if unit.expert_bytes and shapes.num_experts:
+        # A step touches only the experts its tokens route to: expected distinct experts for
+        # batch x top_k independent picks out of E.
+        active = 1 - (1 - shapes.experts_per_token / shapes.num_experts) ** workload.batch_size
+        weights = unit.weight_bytes - unit.expert_bytes + int(unit.expert_bytes * active)
+    return weights + unit_kv_bytes(unit, workload)
+
+
+@dataclass
+class Load:
+    """Running sums of what a device holds; grows one unit at a time."""
+
+    weights: int = 0
+    kv_cache: int = 0
+    layer_activation: int = 0
+    layer_kv: int = 0
+    logits: int = 0
+    staging: int = 0
+    executes: bool = False
+
+    def activations(self, shapes: Shapes, workload: Workload, dtype: str) -> int:
+        if not self.executes:
+            return 0
+        # A device that runs only embeddings or the head still holds the hidden states passing through.
+        floor = 2 * workload.batch_size * workload.step_tokens * shapes.hidden_size * DTYPE_BYTES[dtype]
+        return max(self.layer_activation, floor) + self.layer_kv + self.logits
+
+
+def reserve_bytes(reserve: Reserve, kv: int, activations: int, staging: int, gpu: bool) -> int:
+    slack = int(reserve.allocator_slack * (kv + activations + staging))
+    if gpu:
+        return reserve.cuda_context + reserve.cublas_workspace + slack
+    return CPU_PROCESS_RESERVE + slack
+
+
+@dataclass(frozen=True)
+class UnitCost:
+    """Per-unit figures the solver sums."""
+
+    weights: int
+    kv: int
+    activation: int
+    logits: int
+    decode_bytes: int
+
+
+def unit_costs(graph: ModelGraph, workload: Workload, backend_of) -> dict[str, dict[str, UnitCost]]:
+    """UnitCost per unit and backend (backend_of lists the backends that occur)."""
+    shapes = graph.shapes
+    output = {}
+    for backend in backend_of:
+        per_unit = {}
+        for unit in graph.units:
+            is_layer = unit.kind == "layer"
+            per_unit[unit.name] = UnitCost(
+                weights=unit.weight_bytes,
+                kv=unit_kv_bytes(unit, workload) if is_layer else 0,
+                activation=layer_activation_bytes(shapes, unit, workload, graph.dtype, backend) if is_layer else 0,
+                logits=logits_bytes(shapes, workload, graph.dtype) if unit.kind == "post" and unit.name == graph.units[-1].name else 0,
+                decode_bytes=decode_read_bytes(unit, shapes, workload),
+            )
+        output[backend] = per_unit
+    return output

@@ -1,0 +1,146 @@
+"""Terminal rendering with rich: ledgers with bars, decisions, the catalogue, progress."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.table import Table
+from rich.text import Text
+
+from planc.plan import Plan
+from planc.units import GiB
+
+BAR_WIDTH = 30
+PARTS = (("weights", "blue"), ("kv_cache", "magenta"), ("activations", "yellow"), ("staging", "cyan"), ("reserve", "red"))
+
+
+def _console() -> Console:
+    # Pipes and CI logs report 80 columns; the ledger needs about 130 to stay readable.
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=max(console.width, 140))
+    return console
+
+
+def _g(n: int) -> str:
+    return f"{n / GiB:.2f}"
+
+
+def _device_label(plan: Plan, key) -> str:
+    if isinstance(key, int):
+        device = next(d for d in plan.devices if d.index == key)
+        return f"GPU {key} {device.name}"
+    return str(key)
+
+
+def _bar(ledger) -> Text:
+    """One character per 1/BAR_WIDTH of capacity, coloured by ledger part; headroom dim, free blank."""
+    text = Text()
+    if ledger.capacity <= 0:
+        return text
+    used = 0
+    for name, colour in PARTS:
+        cells = round(getattr(ledger, name) / ledger.capacity * BAR_WIDTH)
+        cells = min(cells, BAR_WIDTH - used)
+        text.append("█" * cells, style=colour)
+        used += cells
+    headroom = min(round(ledger.headroom / ledger.capacity * BAR_WIDTH), BAR_WIDTH - used)
+    text.append("░" * headroom, style="dim")
+    text.append("·" * (BAR_WIDTH - used - headroom), style="dim")
+    return text
+
+
+def ledger_table(plan: Plan) -> Table:
+    table = Table(title="Memory per device (GiB)", title_justify="left")
+    for column in ("device", "layers", "weights", "KV", "activ.", "staging", "reserve", "free", "capacity"):
+        table.add_column(column, justify="left" if column in ("device", "layers") else "right")
+    table.add_column("use", no_wrap=True)
+    for ledger in plan.memory:
+        layers = " .. ".join(ledger.modules) if ledger.modules else "-"
+        free = Text(_g(ledger.free), style="red" if ledger.free < 0 else "")
+        table.add_row(
+            _device_label(plan, ledger.device), layers, _g(ledger.weights), _g(ledger.kv_cache),
+            _g(ledger.activations), _g(ledger.staging), _g(ledger.reserve),
+            free if ledger.device != "disk" else "-", _g(ledger.capacity) if ledger.capacity else "-", _bar(ledger),
+        )
+    return table
+
+
+def decisions_table(plan: Plan) -> Table:
+    table = Table(title="Decisions", title_justify="left", show_lines=False)
+    table.add_column("rule")
+    table.add_column("decision")
+    table.add_column("why", overflow="fold")
+    for decision in plan.decisions:
+        table.add_row(decision.id, decision.decision, f"{decision.reason} [dim]({decision.source})[/dim]")
+    return table
+
+
+def show_plan(plan: Plan, console: Console | None = None) -> None:
+    """`planc show`: header, ledger with bars, settings, decisions."""
+    console = console or _console()
+    wl = plan.workload
+    console.print(
+        f"[bold]{plan.model.architecture}[/bold] {plan.model.parameters / 1e9:.2f}B params, {plan.dtype}, "
+        f"batch {wl.batch_size} x {wl.max_seq_len} tokens; objective {plan.objective.name}: "
+        f"{plan.objective.decode_ms_per_token:.2f} ms/token predicted, peak utilisation "
+        f"{plan.objective.peak_utilisation:.0%}"
+    )
+    console.print(ledger_table(plan))
+    console.print(
+        f"attention: {plan.attention.attn_implementation}, SDPA backends {', '.join(plan.attention.sdpa_backends)}"
+        + (f"; prefill chunk {plan.generation.prefill_chunk_size}" if plan.generation.prefill_chunk_size else "")
+    )
+    for key, value in plan.env.items():
+        console.print(f"env {key}={value}")
+    console.print(decisions_table(plan))
+    console.print(f"[dim]plan_hash {plan.plan_hash}[/dim]")
+
+
+def compile_summary(plan: Plan, lock: Path, written: bool) -> None:
+    console = _console()
+    console.print(ledger_table(plan))
+    state = "wrote" if written else "unchanged:"
+    console.print(
+        f"{state} {lock} ({plan.dtype}, {plan.objective.decode_ms_per_token:.2f} ms/token predicted, "
+        f"{len(plan.decisions)} decisions; `planc show {lock}` explains them)"
+    )
+
+
+def show_catalogue() -> None:
+    from planc.hardware import load_catalogue
+
+    table = Table(title="GPU catalogue")
+    for column in ("key", "driver name", "memory (GiB)", "CC", "bandwidth (GB/s)", "aliases"):
+        table.add_column(column)
+    for gpu in load_catalogue():
+        table.add_row(gpu.key, gpu.name, f"{gpu.memory / GiB:.2f}", gpu.compute_capability,
+                      f"{gpu.bandwidth / 1e9:.0f}", ", ".join(gpu.aliases))
+    _console().print(table)
+
+
+class hashing_progress:
+    """Callable progress for checksums.hash_files: one rich bar per file, shown only while hashing."""
+
+    def __init__(self) -> None:
+        self._progress: Progress | None = None
+        self._task = None
+        self._name = None
+
+    def __call__(self, name: str, done: int, total: int) -> None:
+        if self._progress is None:
+            self._progress = Progress(
+                TextColumn("hashing {task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                console=Console(stderr=True), transient=True,
+            )
+            self._progress.start()
+        if name != self._name:
+            self._task = self._progress.add_task(name, total=total)
+            self._name = name
+        self._progress.update(self._task, completed=done)
+        if done >= total and self._progress is not None and all(t.finished for t in self._progress.tasks):
+            self._progress.stop()
+            self._progress = None
+            self._name = None

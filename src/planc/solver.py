@@ -1,0 +1,472 @@
+"""Partition the unit chain over the devices.
+
+The model graph is a chain (execution order) plus tied edges. Units tied to an earlier unit
+(lm_head tied to the embedding) are pinned to their partner's device and leave the chain; the
+rest is cut into contiguous segments, one per device, in some order of the GPUs, with an
+optional suffix offloaded to CPU and then disk. accelerate executes offloaded units on its main
+device (the device of the first entry), so their KV cache and a staging copy land there.
+
+Exactness. For a fixed GPU order and a fixed offloaded suffix, the best contiguous split is a
+shortest path in a DAG whose nodes are (device, first unit not yet placed); we solve it by
+dynamic programming over that DAG. Orders are enumerated up to identical cards. The objective is
+lexicographic:
+1. offload as little as possible (the fewest units off the GPUs: a spilled layer costs PCIe
+   bandwidth on every token; planc never spills what fits);
+2. `latency`: least predicted decode time, then lowest peak utilisation;
+   `balance`: lowest peak utilisation, then least decode time.
+Mixing a sum and a max is handled by bisecting on a utilisation cap U: the DP minimises the sum
+among segments whose utilisation is at most U. tests/test_solver.py checks the result against
+brute force over every contiguous assignment.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from itertools import permutations
+from typing import Sequence
+
+from planc.memory import (
+    CPU_BANDWIDTH,
+    DISK_BANDWIDTH,
+    PCIE_BANDWIDTH,
+    Load,
+    Reserve,
+    Workload,
+    reserve_bytes,
+    unit_costs,
+)
+from planc.model_graph import ModelGraph
+
+INF = float("inf")
+PICO = 10**12
+
+
+@dataclass(frozen=True)
+class Target:
+    """A device the solver may place units on."""
+
+    key: int | str  # GPU index, "cpu" or "disk"
+    capacity: int
+    headroom: int
+    bandwidth: int
+    backend: str  # attention backend its layers run with
+    gpu: bool
+    kind: tuple = ()  # identical cards share a kind; orders are enumerated up to kind
+
+    @property
+    def budget(self) -> int:
+        return self.capacity - self.headroom
+
+
+@dataclass(frozen=True)
+class DeviceLedger:
+    key: int | str
+    capacity: int
+    headroom: int
+    reserve: int
+    weights: int
+    kv_cache: int
+    activations: int
+    staging: int
+    units: tuple[str, ...]
+
+    @property
+    def total(self) -> int:
+        return self.reserve + self.weights + self.kv_cache + self.activations + self.staging
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.headroom - self.total
+
+
+@dataclass(frozen=True)
+class Placement:
+    device_of: dict[str, int | str]  # unit name -> device key, execution order
+    ledgers: tuple[DeviceLedger, ...]  # GPUs in chain order, then cpu, then disk when used
+    decode_seconds: float
+    peak_utilisation: float  # max over GPUs of (total + headroom) / capacity
+    offloaded_units: int
+
+
+@dataclass
+class Infeasible:
+    """Why nothing fits: the closest placement found and its overflowing devices."""
+
+    ledgers: tuple[DeviceLedger, ...]
+    offload_allowed: str
+    notes: list[str] = field(default_factory=list)
+
+    def overflowing(self) -> list[DeviceLedger]:
+        return [ledger for ledger in self.ledgers if ledger.free < 0]
+
+
+@dataclass
+class _Problem:
+    graph: ModelGraph
+    gpus: list[Target]
+    cpu: Target | None
+    disk: Target | None
+    workload: Workload
+    reserve: Reserve
+    objective: str
+    chain: list[str]
+    pinned: dict[str, str]  # unit -> partner it shares a device with
+    costs: dict  # backend -> unit -> UnitCost
+
+    def cost(self, backend: str, name: str):
+        return self.costs[backend][name]
+
+
+def _split_chain(graph: ModelGraph) -> tuple[list[str], dict[str, str]]:
+    position = {unit.name: i for i, unit in enumerate(graph.units)}
+    pinned: dict[str, str] = {}
+    for group in graph.tied_unit_groups():
+        ordered = sorted(group, key=position.__getitem__)
+        for later in ordered[1:]:
+            pinned[later] = ordered[0]
+    chain = [unit.name for unit in graph.units if unit.name not in pinned]
+    for unit, partner in pinned.items():
+        if partner != chain[0]:
+            raise NotImplementedError(f"{unit} is tied to {partner}, which is not the first unit")
+    return chain, pinned
+
+
+class _Evaluator:
+    """Loads and costs of segments, with the main-device extras of one offload choice."""
+
+    def __init__(self, problem: _Problem, main: Target, offloaded: list[str]):
+        self.p = problem
+        self.main = main
+        extra = Load(executes=True)
+        for name in offloaded + list(problem.pinned):
+            c = problem.cost(main.backend, name)
+            extra.kv_cache += c.kv
+            extra.layer_activation = max(extra.layer_activation, c.activation)
+            extra.layer_kv = max(extra.layer_kv, c.kv)
+            extra.logits = max(extra.logits, c.logits)
+        extra.staging = max((problem.cost(main.backend, n).weights for n in offloaded), default=0)
+        extra.weights = sum(problem.cost(main.backend, n).weights for n in problem.pinned)
+        self.main_extra = extra
+
+    def ledger(self, target: Target, names: Sequence[str], is_main: bool) -> DeviceLedger:
+        load = self.start(target, is_main)
+        for name in names:
+            self.add(load, target, name)
+        return self.finish(load, target, tuple(names))
+
+    def start(self, target: Target, is_main: bool) -> Load:
+        if is_main:
+            e = self.main_extra
+            return Load(e.weights, e.kv_cache, e.layer_activation, e.layer_kv, e.logits, e.staging, True)
+        return Load()
+
+    def add(self, load: Load, target: Target, name: str) -> None:
+        c = self.p.cost(target.backend, name)
+        load.weights += c.weights
+        load.kv_cache += c.kv
+        load.layer_activation = max(load.layer_activation, c.activation)
+        load.layer_kv = max(load.layer_kv, c.kv)
+        load.logits = max(load.logits, c.logits)
+        load.executes = True
+
+    def finish(self, load: Load, target: Target, names: tuple[str, ...]) -> DeviceLedger:
+        p = self.p
+        activations = load.activations(p.graph.shapes, p.workload, p.graph.dtype)
+        reserve = reserve_bytes(p.reserve, load.kv_cache, activations, load.staging, target.gpu)
+        return DeviceLedger(
+            target.key, target.capacity, target.headroom, reserve, load.weights, load.kv_cache,
+            activations, load.staging, names,
+        )
+
+    def total(self, load: Load, target: Target) -> int:
+        p = self.p
+        activations = load.activations(p.graph.shapes, p.workload, p.graph.dtype)
+        return load.weights + load.kv_cache + activations + load.staging + reserve_bytes(
+            p.reserve, load.kv_cache, activations, load.staging, target.gpu
+        )
+
+    def seg_cost(self, target: Target, name: str) -> int:
+        """Decode time of one unit on a GPU, in picoseconds (integers add exactly)."""
+        return -(-self.p.cost(target.backend, name).decode_bytes * PICO // target.bandwidth)
+
+
+def _offload_split(problem: _Problem, offloaded: list[str], main: Target | None):
+    """Put an offloaded suffix on CPU (longest prefix that fits) then disk. None if it cannot."""
+    if not offloaded:
+        return [], [], 0
+    cpu, disk = problem.cpu, problem.disk
+    if cpu is None:
+        return None
+    executing_on_cpu = main is None
+    # CPU ledger: resident weights (+ KV and activations when the CPU executes everything).
+    on_cpu: list[str] = []
+    load = Load()
+    for name in offloaded:
+        trial = Load(load.weights, load.kv_cache, load.layer_activation, load.layer_kv, load.logits, load.staging)
+        c = problem.cost(cpu.backend, name)
+        trial.weights += c.weights
+        if executing_on_cpu:
+            trial.executes = True
+            trial.kv_cache += c.kv
+            trial.layer_activation = max(trial.layer_activation, c.activation)
+            trial.layer_kv = max(trial.layer_kv, c.kv)
+            trial.logits = max(trial.logits, c.logits)
+        activations = trial.activations(problem.graph.shapes, problem.workload, problem.graph.dtype)
+        total = trial.weights + trial.kv_cache + activations + reserve_bytes(
+            problem.reserve, trial.kv_cache, activations, 0, gpu=False
+        )
+        if total > cpu.budget:
+            break
+        load = trial
+        on_cpu.append(name)
+    on_disk = offloaded[len(on_cpu):]
+    if on_disk and disk is None:
+        return None
+    # Per token: offloaded weights cross PCIe (or are read from DRAM when the CPU computes), disk
+    # ones are read from disk first.
+    cost = 0
+    for name in offloaded:
+        c = problem.cost(cpu.backend, name)
+        if executing_on_cpu:
+            cost += -(-c.decode_bytes * PICO // CPU_BANDWIDTH)
+        else:
+            cost += -(-c.weights * PICO // PCIE_BANDWIDTH) + -(-c.decode_bytes * PICO // main.bandwidth)
+        if name in on_disk:
+            cost += -(-c.weights * PICO // DISK_BANDWIDTH)
+    return on_cpu, on_disk, cost
+
+
+def _orders(gpus: list[Target]) -> list[tuple[Target, ...]]:
+    """GPU orders up to identical cards (kind), deterministic."""
+    seen, orders = set(), []
+    for order in permutations(gpus):
+        kinds = tuple(t.kind for t in order)
+        if kinds not in seen:
+            seen.add(kinds)
+            orders.append(order)
+    return orders
+
+
+def _solve_fixed(problem: _Problem, order: tuple[Target, ...], m: int, cap: float):
+    """Best split of the chain prefix over `order` with the last m units offloaded.
+
+    Returns (gpu_cost, offload_cost, peak_util, segments, offload) or None.
+    """
+    chain = problem.chain
+    n = len(chain) - m
+    offloaded = chain[n:]
+    main = order[0] if order else None
+    split = _offload_split(problem, offloaded, main)
+    if split is None:
+        return None
+    on_cpu, on_disk, offload_cost = split
+    if not order:
+        return (0, offload_cost, 0.0, [], (on_cpu, on_disk)) if n == 0 else None
+    if n == 0:
+        return None  # the main GPU must run the first unit
+    ev = _Evaluator(problem, main, offloaded)
+    k = len(order)
+    # best[i]: (cost, util) having placed chain[:i] on the devices so far; parents for the path.
+    best: list[tuple[int, float] | None] = [None] * (n + 1)
+    best[0] = (0, 0.0)
+    parents: list[list[int | None]] = []
+    for j, target in enumerate(order):
+        new: list[tuple[int, float] | None] = [None] * (n + 1)
+        parent: list[int | None] = [None] * (n + 1)
+        for i in range(n + 1):
+            if best[i] is None:
+                continue
+            base_cost, base_util = best[i]
+            load = ev.start(target, j == 0)
+            seg_cost = 0
+            if j > 0:
+                _relax(new, parent, i, i, base_cost, base_util, problem.objective)  # this GPU stays unused
+            for end in range(i + 1, n + 1):
+                name = chain[end - 1]
+                ev.add(load, target, name)
+                seg_cost += ev.seg_cost(target, name)
+                util = ev.total(load, target) / target.budget
+                if util > cap or util > 1.0:
+                    break
+                _relax(new, parent, end, i, base_cost + seg_cost, max(base_util, util), problem.objective)
+        best = new
+        parents.append(parent)
+        if j == 0:
+            best[0] = None  # the first GPU runs the first unit
+    if best[n] is None:
+        return None
+    # Walk back the segments.
+    cuts = [n]
+    for j in range(k - 1, -1, -1):
+        cuts.append(parents[j][cuts[-1]])
+    cuts.reverse()
+    segments = [chain[cuts[j]:cuts[j + 1]] for j in range(k)]
+    return best[n][0], offload_cost, best[n][1], segments, (on_cpu, on_disk)
+
+
+def _relax(new, parent, end, start, cost, util, objective):
+    candidate = (cost, util)
+    current = new[end]
+    if current is None or _better(candidate, current, objective):
+        new[end] = candidate
+        parent[end] = start
+
+
+def _better(a: tuple[int, float], b: tuple[int, float], objective: str) -> bool:
+    if objective == "balance":
+        return (a[1], a[0]) < (b[1], b[0])
+    return a < b
+
+
+def _best(problem: _Problem, m: int, cap: float):
+    best = None
+    orders = _orders(problem.gpus) if problem.gpus else [()]
+    for order in orders:
+        found = _solve_fixed(problem, order, m, cap)
+        if found is None:
+            continue
+        key = (found[0] + found[1], found[2])
+        if best is None or _better(key, best[0], problem.objective):
+            best = (key, order, found)
+    return best
+
+
+def _min_offload(problem: _Problem, allow_offload: bool) -> int | None:
+    n = len(problem.chain)
+    if not problem.gpus:
+        return n if _best(problem, n, INF) else None
+    for m in range(0, (n if allow_offload else 0) + 1):
+        if _best(problem, m, INF) is not None:
+            return m
+    return None
+
+
+def solve(
+    graph: ModelGraph,
+    gpus: list[Target],
+    cpu: Target | None,
+    disk: Target | None,
+    workload: Workload,
+    reserve: Reserve,
+    objective: str,
+) -> Placement | Infeasible:
+    """Place the graph's units; cpu/disk are None when the policy forbids them."""
+    chain, pinned = _split_chain(graph)
+    backends = sorted({t.backend for t in gpus} | ({cpu.backend} if cpu else set()))
+    problem = _Problem(graph, gpus, cpu, disk, workload, reserve, objective, chain, pinned,
+                       unit_costs(graph, workload, backends))
+    m = _min_offload(problem, allow_offload=cpu is not None)
+    if m is None:
+        return _closest(problem)
+    best = _best(problem, m, INF)
+    if problem.gpus:
+        # Tighten the utilisation cap while the primary objective holds (latency), or as far as
+        # it stays feasible (balance): the secondary objective of the lexicographic order.
+        primary = best[0][0]
+        lo, hi = 0.0, best[0][1]
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            found = _best(problem, m, mid)
+            if found is not None and (objective == "balance" or found[0][0] == primary):
+                best, hi = found, found[0][1]
+            else:
+                lo = mid
+            if hi - lo < 1e-6:
+                break
+    return _placement(problem, best, m)
+
+
+def _placement(problem: _Problem, best, m: int) -> Placement:
+    (_, util), order, (gpu_cost, offload_cost, _, segments, (on_cpu, on_disk)) = best
+    chain = problem.chain
+    offloaded = chain[len(chain) - m:]
+    device_of: dict[str, int | str] = {}
+    main = order[0] if order else None
+    for target, names in zip(order, segments):
+        for name in names:
+            device_of[name] = target.key
+    for name in on_cpu:
+        device_of[name] = "cpu"
+    for name in on_disk:
+        device_of[name] = "disk"
+    for unit, partner in problem.pinned.items():
+        device_of[unit] = device_of[partner]
+    device_of = {unit.name: device_of[unit.name] for unit in problem.graph.units}
+    ledgers = []
+    if order:
+        ev = _Evaluator(problem, main, offloaded)
+        for j, (target, names) in enumerate(zip(order, segments)):
+            if names or j == 0:
+                ledgers.append(ev.ledger(target, names, j == 0))
+    ledgers.extend(_host_ledgers(problem, main, on_cpu, on_disk))
+    peak = max(((l.total + l.headroom) / l.capacity for l in ledgers if isinstance(l.key, int)), default=0.0)
+    return Placement(device_of, tuple(ledgers), (gpu_cost + offload_cost) / PICO, peak, m)
+
+
+def _host_ledgers(problem: _Problem, main: Target | None, on_cpu: list[str], on_disk: list[str]) -> list[DeviceLedger]:
+    ledgers = []
+    cpu = problem.cpu
+    if cpu is None:
+        return ledgers
+    executing = main is None
+    load = Load(executes=executing)
+    for name in on_cpu + (on_disk if executing else []):
+        c = problem.cost(cpu.backend, name)
+        if name in on_cpu:
+            load.weights += c.weights
+        if executing:
+            load.kv_cache += c.kv
+            load.layer_activation = max(load.layer_activation, c.activation)
+            load.layer_kv = max(load.layer_kv, c.kv)
+            load.logits = max(load.logits, c.logits)
+    if executing and on_disk:
+        load.staging = max(problem.cost(cpu.backend, n).weights for n in on_disk)
+    if on_cpu or executing:
+        activations = load.activations(problem.graph.shapes, problem.workload, problem.graph.dtype)
+        reserve = reserve_bytes(problem.reserve, load.kv_cache, activations, load.staging, gpu=False)
+        ledgers.append(DeviceLedger("cpu", cpu.capacity, 0, reserve, load.weights, load.kv_cache, activations,
+                                    load.staging, tuple(on_cpu)))
+    if on_disk:
+        weights = sum(problem.cost(cpu.backend, n).weights for n in on_disk)
+        ledgers.append(DeviceLedger("disk", 0, 0, 0, weights, 0, 0, 0, tuple(on_disk)))
+    return ledgers
+
+
+def _closest(problem: _Problem) -> Infeasible:
+    """The placement that overflows least, for the error message (no caps, balance the overflow)."""
+    relaxed = _Problem(**{**problem.__dict__, "objective": "balance"})
+    relaxed.gpus = [Target(t.key, t.capacity, t.headroom, t.bandwidth, t.backend, t.gpu, t.kind) for t in problem.gpus]
+    n = len(problem.chain)
+    best = None
+    orders = _orders(relaxed.gpus) if relaxed.gpus else [()]
+    for order in orders:
+        if not order:
+            break
+        ev = _Evaluator(relaxed, order[0], [])
+        # Spread the chain proportionally to budgets: a readable near-miss, not an optimum.
+        total_budget = sum(t.budget for t in order)
+        weights = [relaxed.cost(order[0].backend, name).weights for name in relaxed.chain]
+        total_weight = sum(weights) or 1
+        cuts, acc, j = [0], 0, 0
+        share = [t.budget / total_budget for t in order]
+        bound = share[0] * total_weight
+        for i, w in enumerate(weights):
+            if acc + w / 2 > bound and j < len(order) - 1 and i > cuts[-1]:
+                cuts.append(i)
+                j += 1
+                bound += share[j] * total_weight
+            acc += w
+        cuts += [n] * (len(order) + 1 - len(cuts))
+        ledgers = tuple(
+            ev.ledger(t, relaxed.chain[cuts[j]:cuts[j + 1]], j == 0) for j, t in enumerate(order)
+        )
+        worst = max((l.total + l.headroom) / l.capacity for l in ledgers)
+        if best is None or worst < best[0]:
+            best = (worst, ledgers)
+        break
+    if best is None:
+        # CPU only: everything on the CPU.
+        ledgers = tuple(_host_ledgers(relaxed, None, list(relaxed.chain), []))
+        return Infeasible(ledgers, "cpu")
+    return Infeasible(best[1], "cpu" if problem.cpu else "none")

@@ -1,0 +1,82 @@
+"""Shared fixtures: a tiny real model (random weights, trained tokenizer) saved with save_pretrained."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_CONFIGS = REPO.parent / "shared" / "model-configs"
+EXAMPLES = REPO / "examples"
+PLANS = REPO / "plans"
+
+SENTENCES = [
+    "planc compiles a model, a GPU inventory and a workload into a plan.",
+    "The quick brown fox jumps over the lazy dog.",
+    "Attention kernels differ by compute capability and dtype.",
+    "A device map places each decoder layer on one device.",
+    "The KV cache grows with batch size and context length.",
+]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Keep the weight-hash cache out of the user's home."""
+    monkeypatch.setenv("PLANC_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "planc-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def build_tiny_model(folder: Path, num_layers: int = 4, tie: bool = False, seed: int = 0) -> Path:
+    """Save a tiny Qwen3 model with random weights and a BPE tokenizer trained on SENTENCES."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<pad>"])
+    tokenizer.train_from_iterator(SENTENCES, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    fast.save_pretrained(folder)
+    config = Qwen3Config(
+        vocab_size=len(fast),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config).to(torch.float32)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """Folder with a tiny Qwen3 (4 layers, untied) saved by save_pretrained, plus its tokenizer."""
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen3")
+
+
+def write_spec(folder: Path, text: str, name: str = "spec.yaml") -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def cpu_env(monkeypatch):
+    """Run as on a machine without GPUs even where one exists."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    return os.environ
