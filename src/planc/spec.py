@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from planc.errors import SpecError
 from planc.units import parse_bandwidth, parse_size
@@ -67,7 +67,17 @@ class ExplicitGpu(_Strict):
     count: int = Field(1, ge=1, description="How many of these cards.")
 
 
-GpuEntry = Union[CatalogueGpu, ExplicitGpu]
+def _gpu_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "catalogue" if "type" in value else "explicit"
+    return "catalogue" if isinstance(value, CatalogueGpu) else "explicit"
+
+
+# Tagged by the presence of `type`, so an explicit card's error names its own fields.
+GpuEntry = Annotated[
+    Union[Annotated[CatalogueGpu, Tag("catalogue")], Annotated[ExplicitGpu, Tag("explicit")]],
+    Discriminator(_gpu_kind),
+]
 
 
 class Hardware(_Strict):
@@ -136,7 +146,7 @@ class Spec(_Strict):
 
 def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
-    where = ".".join(str(part) for part in err["loc"] if not str(part).startswith(("CatalogueGpu", "ExplicitGpu")))
+    where = ".".join(str(part) for part in err["loc"] if part not in ("catalogue", "explicit"))
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         message = "unknown key"

@@ -36,7 +36,10 @@ def parse_size(value: int | float | str) -> int:
     if not match or match.group(2).lower() not in _UNITS:
         raise ValueError(f"not a size: {value!r} (write e.g. 24GiB, 80GB, 512MiB or a byte count)")
     number, unit = match.groups()
-    return int(round(float(number) * _UNITS[unit.lower()]))
+    result = float(number) * _UNITS[unit.lower()]
+    if not result.is_integer() and _UNITS[unit.lower()] == 1:
+        raise ValueError(f"size in bytes must be a whole number: {value!r}")
+    return int(round(result))
 
 
 def parse_bandwidth(value: int | float | str) -> int:
