@@ -1,0 +1,159 @@
+"""Solver invariants and optimality against brute force on small cases (hypothesis)."""
+
+from __future__ import annotations
+
+from itertools import combinations_with_replacement, permutations
+
+import networkx as nx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from planc.memory import Reserve, Workload
+from planc.model_graph import ModelGraph, Shapes, Unit
+from planc.solver import Infeasible, Placement, Target, _Evaluator, _Problem, _split_chain, _offload_split, solve
+from planc.memory import unit_costs
+
+MiB = 2**20
+SHAPES = Shapes(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, v_head_dim=16,
+                intermediate_size=128, vocab_size=1000, num_layers=0)
+WORKLOAD = Workload(batch_size=1, max_seq_len=256)
+RESERVE = Reserve(cuda_context=64 * MiB, cublas_workspace=0, allocator_slack=0.1)
+
+
+def make_graph(layer_mib: list[int], embed_mib: int, head_mib: int, tied: bool) -> ModelGraph:
+    units = [Unit("embed", embed_mib * MiB, "pre")]
+    units += [Unit(f"layers.{i}", w * MiB, "layer", i, kv_bytes_per_token=4096) for i, w in enumerate(layer_mib)]
+    units += [Unit("norm", 1024, "post"), Unit("lm_head", 0 if tied else head_mib * MiB, "post")]
+    graph = nx.DiGraph()
+    for position, unit in enumerate(units):
+        graph.add_node(unit.name, position=position, unit=unit)
+    for a, b in zip(units, units[1:]):
+        graph.add_edge(a.name, b.name, kind="flow")
+    if tied:
+        graph.add_edge("embed", "lm_head", kind="tied")
+    return ModelGraph("Toy", "toy", "float16", tuple(units), graph, ("Layer",), ("past_key_values",),
+                      (("embed.weight", "lm_head.weight"),) if tied else (), 0,
+                      Shapes(**{**SHAPES.__dict__, "num_layers": len(layer_mib)}), None, None)
+
+
+def gpu(index: int, mib: int, bandwidth_gbs: int) -> Target:
+    return Target(index, mib * MiB, 0, bandwidth_gbs * 10**9, "flash", True, (mib, bandwidth_gbs))
+
+
+def brute_force(graph, gpus, cpu, objective):
+    """Every GPU order, every contiguous split, every offloaded suffix: the lexicographic best key."""
+    chain, pinned = _split_chain(graph)
+    problem = _Problem(graph, list(gpus), cpu, None, WORKLOAD, RESERVE, objective, chain, pinned,
+                       unit_costs(graph, WORKLOAD, ["flash"]))
+    best = None
+    n = len(chain)
+    for m in range(0, (n if cpu else 0) + 1):
+        prefix = n - m
+        split = _offload_split(problem, chain[prefix:], gpus[0] if gpus else None)
+        if split is None or prefix == 0:
+            continue
+        for order in set(permutations(gpus)):
+            ev = _Evaluator(problem, order[0], chain[prefix:])
+            k = len(order)
+            for cuts in combinations_with_replacement(range(prefix + 1), k - 1):
+                bounds = [0, *cuts, prefix]
+                segments = [chain[bounds[j]:bounds[j + 1]] for j in range(k)]
+                if not segments[0]:
+                    continue
+                ledgers = [ev.ledger(t, s, j == 0) for j, (t, s) in enumerate(zip(order, segments))]
+                if any(l.total > t.budget for l, t, s in zip(ledgers, order, segments) if s or l is ledgers[0]):
+                    continue
+                cost = sum(ev.seg_cost(t, name) for t, s in zip(order, segments) for name in s) + split[2]
+                util = max(l.total / t.budget for l, t, s in zip(ledgers, order, segments) if s)
+                key = (m, cost, util) if objective == "latency" else (m, util, cost)
+                if best is None or key < best:
+                    best = key
+        if best is not None:
+            return best
+    return None
+
+
+@st.composite
+def cases(draw):
+    n_layers = draw(st.integers(1, 5))
+    layers = draw(st.lists(st.integers(50, 400), min_size=n_layers, max_size=n_layers))
+    tied = draw(st.booleans())
+    graph = make_graph(layers, draw(st.integers(10, 200)), draw(st.integers(10, 200)), tied)
+    n_gpus = draw(st.integers(1, 3))
+    gpus = [gpu(i, draw(st.sampled_from([300, 600, 1000, 1500])), draw(st.sampled_from([300, 900, 2000])))
+            for i in range(n_gpus)]
+    offload = draw(st.booleans())
+    cpu = Target("cpu", 3 * 2**30, 0, 0, "flash", False) if offload else None
+    return graph, gpus, cpu, draw(st.sampled_from(["latency", "balance"]))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases())
+def test_solver_matches_brute_force(case):
+    graph, gpus, cpu, objective = case
+    result = solve(graph, gpus, cpu, None, WORKLOAD, RESERVE, objective)
+    expected = brute_force(graph, gpus, cpu, objective)
+    if expected is None:
+        assert isinstance(result, Infeasible)
+        return
+    assert isinstance(result, Placement), f"brute force found {expected}"
+    m, first, second = expected
+    assert result.offloaded_units == m
+    gpu_ledgers = [l for l in result.ledgers if isinstance(l.key, int)]
+    util = max(l.total / (l.capacity - l.headroom) for l in gpu_ledgers if l.units)
+    cost_ps = round(result.decode_seconds * 10**12)
+    if objective == "latency":
+        assert cost_ps == first
+        assert util <= second + 1e-5
+    else:
+        assert abs(util - first) <= 1e-5
+        assert cost_ps <= second
+
+
+@settings(max_examples=80, deadline=None)
+@given(cases())
+def test_placement_invariants(case):
+    graph, gpus, cpu, objective = case
+    result = solve(graph, gpus, cpu, None, WORKLOAD, RESERVE, objective)
+    if isinstance(result, Infeasible):
+        assert result.ledgers
+        return
+    names = [unit.name for unit in graph.units]
+    assert list(result.device_of) == names  # execution order, every unit placed once
+    # Contiguity: the chain (tied units aside) visits each device in one run.
+    chain, pinned = _split_chain(graph)
+    runs = [result.device_of[n] for i, n in enumerate(chain) if i == 0 or result.device_of[n] != result.device_of[chain[i - 1]]]
+    assert len(runs) == len(set(runs))
+    # Offloaded units form a suffix of the chain.
+    on_host = [result.device_of[n] in ("cpu", "disk") for n in chain]
+    assert on_host == sorted(on_host)
+    for unit, partner in pinned.items():
+        assert result.device_of[unit] == result.device_of[partner]
+    for ledger in result.ledgers:
+        if ledger.key != "disk":
+            assert ledger.free >= 0, ledger
+
+
+def test_latency_puts_more_layers_on_the_faster_card():
+    graph = make_graph([100] * 8, 50, 50, tied=False)
+    slow, fast = gpu(0, 1200, 300), gpu(1, 1200, 2000)
+    result = solve(graph, [slow, fast], None, None, WORKLOAD, RESERVE, "latency")
+    layers = [result.device_of[f"layers.{i}"] for i in range(8)]
+    assert layers.count(1) > layers.count(0)
+
+
+def test_balance_evens_out_identical_cards():
+    graph = make_graph([100] * 8, 50, 50, tied=False)
+    result = solve(graph, [gpu(0, 1500, 900), gpu(1, 1500, 900)], None, None, WORKLOAD, RESERVE, "balance")
+    layers = [result.device_of[f"layers.{i}"] for i in range(8)]
+    assert abs(layers.count(0) - layers.count(1)) <= 1
+
+
+def test_offload_only_when_needed_and_as_little_as_possible():
+    graph = make_graph([200] * 6, 50, 50, tied=False)
+    cpu = Target("cpu", 8 * 2**30, 0, 0, "flash", False)
+    fits = solve(graph, [gpu(0, 2000, 900)], cpu, None, WORKLOAD, RESERVE, "latency")
+    assert fits.offloaded_units == 0
+    tight = solve(graph, [gpu(0, 900, 900)], cpu, None, WORKLOAD, RESERVE, "latency")
+    assert 0 < tight.offloaded_units < len(graph.units)
+    assert solve(graph, [gpu(0, 900, 900)], None, None, WORKLOAD, RESERVE, "latency").__class__ is Infeasible
