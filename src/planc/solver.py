@@ -113,6 +113,10 @@ class _Problem:
     chain: list[str]
     pinned: dict[str, str]  # unit -> partner it shares a device with
     costs: dict  # backend -> unit -> UnitCost
+    orders: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.orders = _orders(self.gpus) if self.gpus else [()]
 
     def cost(self, backend: str, name: str):
         return self.costs[backend][name]
@@ -238,13 +242,28 @@ def _offload_split(problem: _Problem, offloaded: list[str], main: Target | None)
 
 
 def _orders(gpus: list[Target]) -> list[tuple[Target, ...]]:
-    """GPU orders up to identical cards (kind), deterministic."""
-    seen, orders = set(), []
-    for order in permutations(gpus):
-        kinds = tuple(t.kind for t in order)
-        if kinds not in seen:
-            seen.add(kinds)
-            orders.append(order)
+    """GPU orders up to identical cards (same kind), deterministic: distinct kind sequences only.
+
+    Eight identical H100s give one order, not 40,320; cards of one kind keep their index order.
+    """
+    by_kind: dict[tuple, list[Target]] = {}
+    for target in gpus:
+        by_kind.setdefault(target.kind, []).append(target)
+    kinds = list(by_kind)
+    orders: list[tuple[Target, ...]] = []
+
+    def extend(prefix: list[tuple], left: dict[tuple, int]) -> None:
+        if len(prefix) == len(gpus):
+            taken = {kind: iter(by_kind[kind]) for kind in kinds}
+            orders.append(tuple(next(taken[kind]) for kind in prefix))
+            return
+        for kind in kinds:
+            if left[kind]:
+                left[kind] -= 1
+                extend(prefix + [kind], left)
+                left[kind] += 1
+
+    extend([], {kind: len(by_kind[kind]) for kind in kinds})
     return orders
 
 
@@ -321,8 +340,7 @@ def _better(a: tuple[int, float], b: tuple[int, float], objective: str) -> bool:
 
 def _best(problem: _Problem, m: int, cap: float):
     best = None
-    orders = _orders(problem.gpus) if problem.gpus else [()]
-    for order in orders:
+    for order in problem.orders:
         found = _solve_fixed(problem, order, m, cap)
         if found is None:
             continue
@@ -434,39 +452,23 @@ def _host_ledgers(problem: _Problem, main: Target | None, on_cpu: list[str], on_
 
 
 def _closest(problem: _Problem) -> Infeasible:
-    """The placement that overflows least, for the error message (no caps, balance the overflow)."""
-    relaxed = _Problem(**{**problem.__dict__, "objective": "balance"})
-    relaxed.gpus = [Target(t.key, t.capacity, t.headroom, t.bandwidth, t.backend, t.gpu, t.kind) for t in problem.gpus]
-    n = len(problem.chain)
-    best = None
-    orders = _orders(relaxed.gpus) if relaxed.gpus else [()]
-    for order in orders:
-        if not order:
-            break
-        ev = _Evaluator(relaxed, order[0], [])
-        # Spread the chain proportionally to budgets: a readable near-miss, not an optimum.
-        total_budget = sum(t.budget for t in order)
-        weights = [relaxed.cost(order[0].backend, name).weights for name in relaxed.chain]
-        total_weight = sum(weights) or 1
-        cuts, acc, j = [0], 0, 0
-        share = [t.budget / total_budget for t in order]
-        bound = share[0] * total_weight
-        for i, w in enumerate(weights):
-            if acc + w / 2 > bound and j < len(order) - 1 and i > cuts[-1]:
-                cuts.append(i)
-                j += 1
-                bound += share[j] * total_weight
-            acc += w
-        cuts += [n] * (len(order) + 1 - len(cuts))
-        ledgers = tuple(
-            ev.ledger(t, relaxed.chain[cuts[j]:cuts[j + 1]], j == 0) for j, t in enumerate(order)
-        )
-        worst = max((l.total + l.headroom) / l.capacity for l in ledgers)
-        if best is None or worst < best[0]:
-            best = (worst, ledgers)
-        break
-    if best is None:
-        # CPU only: everything on the CPU.
-        ledgers = tuple(_host_ledgers(relaxed, None, list(relaxed.chain), []))
-        return Infeasible(ledgers, "cpu")
-    return Infeasible(best[1], "cpu" if problem.cpu else "none")
+    """A near-miss placement for the error message: the chain spread over the GPUs in proportion
+    to their budgets (readable, not optimal), or everything on the CPU for a CPU-only plan."""
+    if not problem.gpus:
+        return Infeasible(tuple(_host_ledgers(problem, None, list(problem.chain), [])), "cpu")
+    order = problem.orders[0]
+    ev = _Evaluator(problem, order[0], [])
+    weights = [problem.cost(order[0].backend, name).weights for name in problem.chain]
+    total_weight = sum(weights) or 1
+    total_budget = sum(t.budget for t in order)
+    cuts, acc, j = [0], 0, 0
+    bound = order[0].budget / total_budget * total_weight
+    for i, w in enumerate(weights):
+        if acc + w / 2 > bound and j < len(order) - 1 and i > cuts[-1]:
+            cuts.append(i)
+            j += 1
+            bound += order[j].budget / total_budget * total_weight
+        acc += w
+    cuts += [len(problem.chain)] * (len(order) + 1 - len(cuts))
+    ledgers = tuple(ev.ledger(t, problem.chain[cuts[j]:cuts[j + 1]], j == 0) for j, t in enumerate(order))
+    return Infeasible(ledgers, "cpu" if problem.cpu else "none")
