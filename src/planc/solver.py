@@ -21,7 +21,6 @@ brute force over every contiguous assignment.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from itertools import permutations
 from typing import Sequence
@@ -91,11 +90,9 @@ class Placement:
 
 @dataclass
 class Infeasible:
-    """Why nothing fits: the closest placement found and its overflowing devices."""
+    """Why nothing fits: a near-miss placement and its overflowing devices."""
 
     ledgers: tuple[DeviceLedger, ...]
-    offload_allowed: str
-    notes: list[str] = field(default_factory=list)
 
     def overflowing(self) -> list[DeviceLedger]:
         return [ledger for ledger in self.ledgers if ledger.free < 0]
@@ -455,7 +452,7 @@ def _closest(problem: _Problem) -> Infeasible:
     """A near-miss placement for the error message: the chain spread over the GPUs in proportion
     to their budgets (readable, not optimal), or everything on the CPU for a CPU-only plan."""
     if not problem.gpus:
-        return Infeasible(tuple(_host_ledgers(problem, None, list(problem.chain), [])), "cpu")
+        return Infeasible(tuple(_host_ledgers(problem, None, list(problem.chain), [])))
     order = problem.orders[0]
     ev = _Evaluator(problem, order[0], [])
     weights = [problem.cost(order[0].backend, name).weights for name in problem.chain]
@@ -471,4 +468,4 @@ def _closest(problem: _Problem) -> Infeasible:
         acc += w
     cuts += [len(problem.chain)] * (len(order) + 1 - len(cuts))
     ledgers = tuple(ev.ledger(t, problem.chain[cuts[j]:cuts[j + 1]], j == 0) for j, t in enumerate(order))
-    return Infeasible(ledgers, "cpu" if problem.cpu else "none")
+    return Infeasible(ledgers)
