@@ -176,3 +176,24 @@ def test_schema_command_prints_committed_schema():
     result = CliRunner().invoke(main, ["schema", "lock"])
     assert result.exit_code == 0
     assert result.output == (REPO / "schemas" / "lock.schema.json").read_text()
+
+
+def test_model_id_resolves_offline_from_the_hf_cache(tmp_path, monkeypatch):
+    # The layout huggingface_hub writes: models--org--name/{refs/main, snapshots/<commit>/...}.
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    shutil.copy(SHARED_CONFIGS / "qwen3-0.6b" / "config.json", snapshot / "config.json")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("planc: 1\nmodel: {id: acme/tiny}\nhardware: {gpus: [{type: t4}], cpu_memory: 8GiB}\n"
+                    "workload: {max_seq_len: 1024}\n")
+    result = planc("compile", str(spec))
+    assert result.returncode == 0, result.stderr
+    assert "id: acme/tiny" in (tmp_path / "plan.lock").read_text()
+    spec.write_text(spec.read_text().replace("acme/tiny", "acme/absent"))
+    missing = planc("compile", str(spec))
+    assert missing.returncode == 2 and "not in the local Hugging Face cache" in missing.stderr
