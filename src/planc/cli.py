@@ -142,11 +142,12 @@ def simulate_command(lock: Path, batch_size: int | None, max_seq_len: int | None
 @click.option("-p", "--prompt", "prompts", multiple=True, help="Prompt text (repeatable).")
 @click.option("--prompts", "prompt_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="File of prompts: one per line, or JSONL with a 'prompt' field.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1),
+              help="Tokens to generate per prompt  [default: 32, or the record's with --expect].")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable results instead of streaming text.")
 @click.option("--record", type=click.Path(dir_okay=False, path_type=Path), help="Write output token ids and fingerprint.")
 @click.option("--expect", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Fail (exit 1) unless the tokens equal this record.")
+              help="Replay this record's prompts; fail (exit 1) unless every token equals it.")
 @click.option("--check-only", is_flag=True, help="Only check the machine against the plan.")
 def run_command(lock: Path, prompts, prompt_file, max_new_tokens, as_json, record, expect, check_only) -> None:
     """Check the machine against LOCK, apply it, load the weights and generate."""

@@ -1,0 +1,165 @@
+"""`planc run`: check the machine against a lock, apply it, load, generate; or refuse with the reasons.
+
+The order is the contract: inputs first (cheap), then the plan's environment (before anything can
+initialise CUDA, GPU detection included), then every check with all mismatches reported together,
+and only then torch settings, loading and generation.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from planc.errors import RunError, SpecError
+from planc.plan import Plan, load_lock
+from planc.run.generate import Completion
+
+DEFAULT_MAX_NEW_TOKENS = 32
+
+
+@dataclass
+class RunOutcome:
+    """What a run did. exit_code: 0 ok, 1 failed expectation (refusals raise instead)."""
+
+    exit_code: int
+    completions: list[Completion] = field(default_factory=list)
+    report: dict = field(default_factory=dict)
+    failure: str | None = None  # why --expect failed
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What the user asked for, resolved against the record when there is one."""
+
+    prompts: list[str]
+    max_new_tokens: int
+    as_json: bool
+    record: Path | None
+    expected: dict | None
+    quiet: bool
+
+
+def run_plan(
+    lock_path,
+    prompts: list[str] = (),
+    prompt_file: Path | None = None,
+    max_new_tokens: int | None = None,
+    as_json: bool = False,
+    record: Path | None = None,
+    expect: Path | None = None,
+    check_only: bool = False,
+    quiet: bool = False,
+) -> RunOutcome:
+    """Execute the plan in `lock_path` exactly, or raise DriftError/RunError/LockError naming why not.
+
+    max_new_tokens None means 32, or the record's with `expect`; with `expect` and no prompts, the
+    record's prompts are replayed.
+    """
+    from planc.run import record as records
+    from planc.run.apply import applied_environment
+    from planc.run.checks import check_machine
+    from planc.run.generate import check_batch, read_prompts
+    from planc.run.report import hashing_progress, make_console
+
+    lock_path = Path(lock_path)
+    plan = load_lock(lock_path)
+    prompt_list = read_prompts(list(prompts), prompt_file)
+    expected = records.read_record(expect) if expect else None
+    if expected is not None:
+        prompt_list, max_new_tokens = records.expected_prompts(expected, prompt_list, max_new_tokens)
+    if not check_only:
+        if not prompt_list:
+            raise SpecError("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE")
+        check_batch(plan, prompt_list)
+    request = _Request(prompt_list, max_new_tokens or DEFAULT_MAX_NEW_TOKENS, as_json, record, expected, quiet)
+    console = make_console()
+
+    started = time.perf_counter()
+    with applied_environment(plan):
+        progress, on_hash = (None, None) if quiet else hashing_progress(console)
+        with progress or nullcontext():
+            machine = check_machine(plan, lock_path.parent, on_hash)
+        check_s = time.perf_counter() - started
+        if check_only:
+            return _report_check(plan, lock_path, check_s, request)
+        if machine.folder is None or not plan.inputs.weights:
+            raise RunError(
+                "the plan was compiled from a config only (no weights): it can be checked (--check-only) and "
+                "simulated, not run; compile it from the model folder"
+            )
+        return _execute(plan, lock_path.parent, machine, request, console, check_s)
+
+
+def _report_check(plan: Plan, lock_path: Path, check_s: float, request: _Request) -> RunOutcome:
+    gpus = f"{len(plan.devices)} GPU" + ("" if len(plan.devices) == 1 else "s")
+    files = len(plan.inputs.weights)
+    summary = f"packages, {gpus}, CPU memory, config and {files} weight file{'' if files == 1 else 's'}"
+    report = {"ok": True, "plan_hash": plan.plan_hash, "checked": summary, "check_s": round(check_s, 3)}
+    if request.as_json:
+        sys.stdout.write(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    elif not request.quiet:
+        sys.stdout.write(f"{lock_path}: this machine matches the plan ({summary})\n")
+    return RunOutcome(0, report=report)
+
+
+def _execute(plan: Plan, lock_dir: Path, machine, request: _Request, console, check_s: float) -> RunOutcome:
+    from planc.run import record as records
+    from planc.run.apply import pinned_attention, torch_settings
+    from planc.run.generate import (
+        encode, generate, generation_config, input_device, load_tokenizer, measured_peaks, reset_peaks,
+    )
+    from planc.run.load import load_model, placement_mismatches
+    from planc.run.report import Timings, loading_progress, memory_rows, run_json, show_completions, show_summary
+
+    tokenizer = load_tokenizer(machine.folder, plan)
+    batch = encode(tokenizer, request.prompts, plan, request.max_new_tokens)
+    timings = Timings(check_s=check_s)
+    stream = len(request.prompts) == 1 and not request.as_json
+    with torch_settings(plan):
+        reset_peaks(plan)
+        started = time.perf_counter()
+        progress = None if request.quiet else loading_progress(console)
+        with progress or nullcontext():
+            if progress is not None:
+                progress.console.print(f"loading {plan.model.architecture} from {machine.folder}", style="dim")
+            model = load_model(plan, machine.folder, lock_dir, progress)
+        timings.load_s = time.perf_counter() - started
+        wrong = placement_mismatches(plan, model)
+        if wrong:
+            raise RunError("the loaded model does not match the plan: " + "; ".join(wrong))
+        config = generation_config(model, tokenizer, plan, request.max_new_tokens)
+        started = time.perf_counter()
+        with pinned_attention(plan):
+            completions = generate(model, tokenizer, batch, request.prompts, config, input_device(plan), stream)
+        timings.generate_s = time.perf_counter() - started
+    timings.new_tokens = sum(len(c.token_ids) for c in completions)
+    rows = memory_rows(plan, measured_peaks(plan))
+    fingerprint = records.fingerprint(plan, machine.installed, machine.gpu_names)
+
+    failure = None
+    if request.expected is not None:
+        failure = records.expectation_failure(request.expected, completions, fingerprint, tokenizer)
+    expect_report = None if request.expected is None else {"ok": failure is None, "message": failure}
+    report = run_json(plan, completions, rows, timings, fingerprint, expect_report)
+    if request.as_json:
+        sys.stdout.write(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    else:
+        if stream:
+            sys.stdout.write("\n")
+        else:
+            show_completions(completions, sys.stdout.write)
+        sys.stdout.flush()
+        if not request.quiet:
+            show_summary(console, rows, timings)
+    if request.record is not None:
+        data = records.record_data(fingerprint, request.max_new_tokens, completions)
+        records.write_record(request.record, data)
+    if failure is not None:
+        # Returned, not raised: the results are still worth having, and --json's report says why.
+        sys.stderr.write(f"error: {failure}\n")
+        return RunOutcome(1, completions, report, failure)
+    return RunOutcome(0, completions, report)

@@ -1,0 +1,166 @@
+"""Prompts in, token ids out: one left-padded batch within the plan's workload, greedy unless the plan says."""
+
+from __future__ import annotations
+
+import copy
+import json
+import resource
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from planc.errors import RunError, SpecError
+from planc.plan import Plan
+
+
+@dataclass(frozen=True)
+class Completion:
+    prompt: str
+    prompt_tokens: int
+    token_ids: list[int]  # new tokens only, up to and including the first end-of-sequence token
+    text: str
+
+
+def read_prompts(prompts: list[str], prompt_file: Path | None) -> list[str]:
+    """--prompt values, then the file's: one prompt per line, or JSONL lines {"prompt": ...}."""
+    result = list(prompts)
+    if prompt_file is None:
+        return result
+    try:
+        lines = Path(prompt_file).read_text().splitlines()
+    except OSError as exc:
+        raise SpecError(f"cannot read prompts {prompt_file}: {exc.strerror}") from None
+    first = next((line for line in lines if line.strip()), "")
+    jsonl = Path(prompt_file).suffix == ".jsonl" or _is_prompt_object(first)
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if not jsonl:
+            result.append(line)
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"{prompt_file}:{number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
+            raise SpecError(f'{prompt_file}:{number}: a JSONL prompt file needs {{"prompt": "..."}} on every line')
+        result.append(entry["prompt"])
+    return result
+
+
+def _is_prompt_object(line: str) -> bool:
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(entry, dict) and "prompt" in entry
+
+
+def check_batch(plan: Plan, prompts: list[str]) -> None:
+    """The plan's memory was sized for at most workload.batch_size sequences."""
+    if len(prompts) > plan.workload.batch_size:
+        raise RunError(
+            f"{len(prompts)} prompts exceed the plan's batch_size {plan.workload.batch_size} (its KV cache and "
+            f"activations were planned for {plan.workload.batch_size} x {plan.workload.max_seq_len} tokens); "
+            f"pass at most {plan.workload.batch_size}, or recompile with a larger workload.batch_size"
+        )
+
+
+def load_tokenizer(folder: Path, plan: Plan):
+    """The model folder's tokenizer, padding on the left (decoder-only models continue from the right)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=plan.model.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise RunError(f"cannot load a tokenizer from {folder}: {exc}") from None
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def encode(tokenizer, prompts: list[str], plan: Plan, max_new_tokens: int):
+    """The padded batch, refused when a sequence would outgrow the plan's max_seq_len."""
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    # Left padding gives every row the longest prompt's length, and the KV cache holds the padding too.
+    longest = batch["input_ids"].shape[1]
+    if longest + max_new_tokens > plan.workload.max_seq_len:
+        which = lengths.index(max(lengths)) + 1
+        raise RunError(
+            f"prompt {which} is {longest} tokens; with max_new_tokens {max_new_tokens} that is "
+            f"{longest + max_new_tokens} > the plan's max_seq_len {plan.workload.max_seq_len}; shorten it, lower "
+            "--max-new-tokens, or recompile with a larger workload.max_seq_len"
+        )
+    return batch
+
+
+def generation_config(model, tokenizer, plan: Plan, max_new_tokens: int):
+    """The model's own generation defaults with the plan's decoding settings on top."""
+    config = copy.deepcopy(model.generation_config)
+    config.do_sample = plan.generation.do_sample
+    if not plan.generation.do_sample:
+        config.temperature = config.top_p = config.top_k = None  # unused by greedy search
+    config.max_new_tokens = max_new_tokens
+    config.prefill_chunk_size = plan.generation.prefill_chunk_size
+    config.pad_token_id = tokenizer.pad_token_id
+    return config
+
+
+def generate(model, tokenizer, batch, prompts: list[str], config, input_device: str, stream: bool) -> list[Completion]:
+    """Run generate on the batch; one prompt can stream its text to stdout as it is produced."""
+    import torch
+    from transformers import TextStreamer
+
+    streamer = TextStreamer(tokenizer, skip_special_tokens=True) if stream else None
+    inputs = {name: tensor.to(input_device) for name, tensor in batch.items()}
+    try:
+        with torch.inference_mode():
+            output = model.generate(**inputs, generation_config=config, streamer=streamer)
+    except RuntimeError as exc:  # out of memory included: the plan's prediction was wrong here
+        raise RunError(f"generate failed: {exc}") from None
+    new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
+    end = _end_token_ids(config)
+    completions = []
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    for prompt, prompt_tokens, ids in zip(prompts, lengths, new_tokens):
+        stop = next((index + 1 for index, token in enumerate(ids) if token in end), len(ids))
+        ids = ids[:stop]
+        completions.append(Completion(prompt, int(prompt_tokens), ids, tokenizer.decode(ids, skip_special_tokens=True)))
+    return completions
+
+
+def _end_token_ids(config) -> set[int]:
+    eos = config.eos_token_id
+    if eos is None:
+        return set()
+    return {eos} if isinstance(eos, int) else set(eos)
+
+
+def input_device(plan: Plan) -> str:
+    """Where the inputs go: accelerate's root hook moves them anyway; without hooks, the model's device."""
+    from planc.run.load import main_device
+
+    device = main_device(plan)
+    return f"cuda:{device}" if isinstance(device, int) else "cpu"
+
+
+def reset_peaks(plan: Plan) -> None:
+    import torch
+
+    for device in plan.devices:
+        torch.cuda.reset_peak_memory_stats(device.index)
+
+
+def measured_peaks(plan: Plan) -> dict[str, int]:
+    """Peak bytes per device: torch's allocator peak on each GPU, the process's peak RSS on the CPU."""
+    peaks: dict[str, int] = {}
+    if plan.devices:
+        import torch
+
+        for device in plan.devices:
+            peaks[str(device.index)] = torch.cuda.max_memory_allocated(device.index)
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    peaks["cpu"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    return peaks
