@@ -157,3 +157,16 @@ def test_offload_only_when_needed_and_as_little_as_possible():
     tight = solve(graph, [gpu(0, 900, 900)], cpu, None, WORKLOAD, RESERVE, "latency")
     assert 0 < tight.offloaded_units < len(graph.units)
     assert solve(graph, [gpu(0, 900, 900)], None, None, WORKLOAD, RESERVE, "latency").__class__ is Infeasible
+
+
+def test_cpu_only_plan_with_disk_stays_inside_the_cpu_budget():
+    # The CPU executes everything; units read back from disk need a staging copy in CPU memory.
+    graph = make_graph([100] * 6, 20, 20, tied=False)
+    reserve_and_some = 1 * 2**30 + 350 * MiB
+    cpu = Target("cpu", reserve_and_some, 0, 0, "flash", False)
+    disk = Target("disk", 0, 0, 0, "flash", False)
+    result = solve(graph, [], cpu, disk, WORKLOAD, RESERVE, "latency")
+    assert isinstance(result, Placement)
+    cpu_ledger = next(l for l in result.ledgers if l.key == "cpu")
+    assert "disk" in result.device_of.values()
+    assert cpu_ledger.staging == 100 * MiB and cpu_ledger.free >= 0

@@ -200,27 +200,32 @@ def _offload_split(problem: _Problem, offloaded: list[str], main: Target | None)
     if cpu is None:
         return None
     executing_on_cpu = main is None
-    # CPU ledger: resident weights (+ KV and activations when the CPU executes everything).
-    on_cpu: list[str] = []
-    load = Load()
-    for name in offloaded:
-        trial = Load(load.weights, load.kv_cache, load.layer_activation, load.layer_kv, load.logits, load.staging)
-        c = problem.cost(cpu.backend, name)
-        trial.weights += c.weights
-        if executing_on_cpu:
-            trial.executes = True
-            trial.kv_cache += c.kv
-            trial.layer_activation = max(trial.layer_activation, c.activation)
-            trial.layer_kv = max(trial.layer_kv, c.kv)
-            trial.logits = max(trial.logits, c.logits)
-        activations = trial.activations(problem.graph.shapes, problem.workload, problem.graph.dtype)
-        total = trial.weights + trial.kv_cache + activations + reserve_bytes(
-            problem.reserve, trial.kv_cache, activations, 0, gpu=False
+    # CPU ledger: resident weights; when the CPU executes (no GPUs) also every offloaded layer's
+    # KV cache and activations, and a staging copy of the largest unit read back from disk.
+    fixed = Load(executes=executing_on_cpu)
+    if executing_on_cpu:
+        for name in offloaded:
+            c = problem.cost(cpu.backend, name)
+            fixed.kv_cache += c.kv
+            fixed.layer_activation = max(fixed.layer_activation, c.activation)
+            fixed.layer_kv = max(fixed.layer_kv, c.kv)
+            fixed.logits = max(fixed.logits, c.logits)
+    activations = fixed.activations(problem.graph.shapes, problem.workload, problem.graph.dtype)
+    weights = [problem.cost(cpu.backend, name).weights for name in offloaded]
+    kept = None
+    resident = 0
+    for prefix in range(len(offloaded) + 1):
+        if prefix:
+            resident += weights[prefix - 1]
+        staging = max(weights[prefix:], default=0) if executing_on_cpu else 0
+        total = resident + fixed.kv_cache + activations + staging + reserve_bytes(
+            problem.reserve, fixed.kv_cache, activations, staging, gpu=False
         )
-        if total > cpu.budget:
-            break
-        load = trial
-        on_cpu.append(name)
+        if total <= cpu.budget:
+            kept = prefix  # the longest prefix that fits: the fewest units on disk
+    if kept is None:
+        return None
+    on_cpu = offloaded[:kept]
     on_disk = offloaded[len(on_cpu):]
     if on_disk and disk is None:
         return None
