@@ -49,10 +49,13 @@ def brute_force(graph, gpus, cpu, objective):
     n = len(chain)
     for m in range(0, (n if cpu else 0) + 1):
         prefix = n - m
-        split = _offload_split(problem, chain[prefix:], gpus[0] if gpus else None)
-        if split is None or prefix == 0:
+        if prefix == 0:
             continue
         for order in set(permutations(gpus)):
+            # Offloaded units run on the order's first GPU: their cost depends on its bandwidth.
+            split = _offload_split(problem, chain[prefix:], order[0])
+            if split is None:
+                continue
             ev = _Evaluator(problem, order[0], chain[prefix:])
             k = len(order)
             for cuts in combinations_with_replacement(range(prefix + 1), k - 1):
