@@ -302,15 +302,17 @@ def _solve_fixed(problem: _Problem, order: tuple[Target, ...], m: int, cap: floa
             load = ev.start(target, j == 0)
             seg_cost = 0
             if j > 0:
-                _relax(new, parent, i, i, base_cost, base_util, problem.objective)  # this GPU stays unused
+                _relax(new, parent, i, i, base_cost, base_util)  # this GPU stays unused
             for end in range(i + 1, n + 1):
                 name = chain[end - 1]
                 ev.add(load, target, name)
                 seg_cost += ev.seg_cost(target, name)
-                util = ev.total(load, target) / target.budget
+                # Rounded so that placements equal up to float noise (sums in another order)
+                # tie on utilisation and are told apart by decode time.
+                util = round(ev.total(load, target) / target.budget, 9)
                 if util > cap or util > 1.0:
                     break
-                _relax(new, parent, end, i, base_cost + seg_cost, max(base_util, util), problem.objective)
+                _relax(new, parent, end, i, base_cost + seg_cost, max(base_util, util))
         best = new
         parents.append(parent)
         if j == 0:
@@ -326,10 +328,12 @@ def _solve_fixed(problem: _Problem, order: tuple[Target, ...], m: int, cap: floa
     return best[n][0], offload_cost, best[n][1], segments, (on_cpu, on_disk)
 
 
-def _relax(new, parent, end, start, cost, util, objective):
+def _relax(new, parent, end, start, cost, util):
+    # Within a utilisation cap the DP minimises the sum (decode time); a max is not decomposable
+    # along the chain, so the peak utilisation is handled by the cap bisection in solve().
     candidate = (cost, util)
     current = new[end]
-    if current is None or _better(candidate, current, objective):
+    if current is None or candidate < current:
         new[end] = candidate
         parent[end] = start
 
@@ -385,15 +389,20 @@ def solve(
         # it stays feasible (balance): the secondary objective of the lexicographic order.
         primary = best[0][0]
         lo, hi = 0.0, best[0][1]
-        for _ in range(30):
+        for _ in range(40):
             mid = (lo + hi) / 2
             found = _best(problem, m, mid)
             if found is not None and (objective == "balance" or found[0][0] == primary):
                 best, hi = found, found[0][1]
             else:
                 lo = mid
-            if hi - lo < 1e-6:
+            if hi - lo < 1e-9:
                 break
+        # Re-solve at the tightest cap: among placements at the best peak utilisation, the DP
+        # returns the least decode time (a cap found on the way may have admitted a worse one).
+        final = _best(problem, m, hi)
+        if final is not None and (objective == "balance" or final[0][0] == primary):
+            best = final
     return _placement(problem, best, m)
 
 
