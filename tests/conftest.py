@@ -31,12 +31,13 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 def build_tiny_model(folder: Path, num_layers: int = 4, tie: bool = False, seed: int = 0) -> Path:
     """Save a tiny Qwen3 model with random weights and a BPE tokenizer trained on SENTENCES."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()  # decoded text shows spaces, not the byte-level "Ġ"
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<pad>"])
     tokenizer.train_from_iterator(SENTENCES, trainer)
     fast = PreTrainedTokenizerFast(

@@ -16,7 +16,7 @@ import yaml
 
 from conftest import REPO, write_spec
 from planc.compile import compile_spec
-from planc.errors import DriftError, LockError, RunError
+from planc.errors import DriftError, LockError, RunError, UsageError
 from planc.memory import CPU_PROCESS_RESERVE
 from planc.plan import dump_lock, load_lock, write_if_changed
 from planc.run import run_plan
@@ -110,11 +110,19 @@ def test_one_prompt_streams_its_text(tiny_model, tmp_path, capsys):
 
 
 def test_layers_offloaded_to_disk_give_the_same_tokens(tiny_model, tmp_path):
-    weights = sum(f.stat().st_size for f in tiny_model.glob("*.safetensors"))
+    # The CPU runs every layer, so besides resident weights it holds all KV cache, the activations
+    # and a staging copy of each unit read back from disk: take those from an unconstrained plan,
+    # then leave room for only half the weights.
+    (tmp_path / "roomy").mkdir()
+    roomy = load_lock(compile_to(tmp_path / "roomy", CPU_SPEC.format(model=tiny_model, policy="")))
+    ledger = roomy.memory[0]
+    running = ledger.total - ledger.weights - CPU_PROCESS_RESERVE
+    largest_unit = max(ledger.weights // len(roomy.device_map), 1)
+    cpu_memory = CPU_PROCESS_RESERVE + int(running * 1.05) + 2 * largest_unit + ledger.weights // 2
     spec = f"""\
 planc: 1
 model: {{path: {tiny_model}}}
-hardware: {{gpus: [], cpu_memory: {CPU_PROCESS_RESERVE + weights // 2}, disk: offload/}}
+hardware: {{gpus: [], cpu_memory: {cpu_memory}, disk: offload/}}
 workload: {{batch_size: 2, max_seq_len: 64}}
 policy: {{offload: disk}}
 """
@@ -295,14 +303,14 @@ def test_a_model_loaded_elsewhere_than_planned_is_caught(tiny_model, tmp_path):
 def test_more_prompts_than_the_planned_batch_are_refused(tiny_model, tmp_path):
     lock = cpu_lock(tmp_path, tiny_model)
 
-    with pytest.raises(RunError, match="3 prompts exceed the plan's batch_size 2"):
+    with pytest.raises(UsageError, match="3 prompts exceed the plan's batch_size 2"):
         run_plan(lock, prompts=[*PROMPTS, "one more"], quiet=True)
 
 
 def test_a_sequence_longer_than_the_plan_is_refused(tiny_model, tmp_path):
     lock = cpu_lock(tmp_path, tiny_model)
 
-    with pytest.raises(RunError, match=r"> the plan's max_seq_len 64"):
+    with pytest.raises(UsageError, match=r"> the plan's max_seq_len 64"):
         run_plan(lock, prompts=PROMPTS, max_new_tokens=64, quiet=True)
 
 

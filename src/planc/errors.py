@@ -17,6 +17,10 @@ class ModelError(PlancError):
     """The model cannot be read or is of a kind planc cannot plan correctly."""
 
 
+class UsageError(PlancError):
+    """A command's arguments ask for more than the plan was made for (more prompts, longer sequences)."""
+
+
 class InfeasibleError(PlancError):
     """No placement fits the inventory under the policy."""
 

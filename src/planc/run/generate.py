@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from planc.errors import RunError, SpecError
+from planc.errors import RunError, SpecError, UsageError
 from planc.plan import Plan
 
 
@@ -59,7 +59,7 @@ def _is_prompt_object(line: str) -> bool:
 def check_batch(plan: Plan, prompts: list[str]) -> None:
     """The plan's memory was sized for at most workload.batch_size sequences."""
     if len(prompts) > plan.workload.batch_size:
-        raise RunError(
+        raise UsageError(
             f"{len(prompts)} prompts exceed the plan's batch_size {plan.workload.batch_size} (its KV cache and "
             f"activations were planned for {plan.workload.batch_size} x {plan.workload.max_seq_len} tokens); "
             f"pass at most {plan.workload.batch_size}, or recompile with a larger workload.batch_size"
@@ -88,7 +88,7 @@ def encode(tokenizer, prompts: list[str], plan: Plan, max_new_tokens: int):
     longest = batch["input_ids"].shape[1]
     if longest + max_new_tokens > plan.workload.max_seq_len:
         which = lengths.index(max(lengths)) + 1
-        raise RunError(
+        raise UsageError(
             f"prompt {which} is {longest} tokens; with max_new_tokens {max_new_tokens} that is "
             f"{longest + max_new_tokens} > the plan's max_seq_len {plan.workload.max_seq_len}; shorten it, lower "
             "--max-new-tokens, or recompile with a larger workload.max_seq_len"
