@@ -157,6 +157,16 @@ class Load:
     staging: int = 0
     executes: bool = False
 
+    def add(self, cost: "UnitCost", resident: bool = True) -> None:
+        """Account for one more unit executing here (its weights too when `resident`)."""
+        if resident:
+            self.weights += cost.weights
+        self.kv_cache += cost.kv
+        self.layer_activation = max(self.layer_activation, cost.activation)
+        self.layer_kv = max(self.layer_kv, cost.kv)
+        self.logits = max(self.logits, cost.logits)
+        self.executes = True
+
     def activations(self, shapes: Shapes, workload: Workload, dtype: str) -> int:
         if not self.executes:
             return 0

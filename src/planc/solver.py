@@ -139,15 +139,13 @@ class _Evaluator:
     def __init__(self, problem: _Problem, main: Target, offloaded: list[str]):
         self.p = problem
         self.main = main
+        # The main GPU runs offloaded units (weights elsewhere) and pinned ones (weights here).
         extra = Load(executes=True)
-        for name in offloaded + list(problem.pinned):
-            c = problem.cost(main.backend, name)
-            extra.kv_cache += c.kv
-            extra.layer_activation = max(extra.layer_activation, c.activation)
-            extra.layer_kv = max(extra.layer_kv, c.kv)
-            extra.logits = max(extra.logits, c.logits)
+        for name in offloaded:
+            extra.add(problem.cost(main.backend, name), resident=False)
+        for name in problem.pinned:
+            extra.add(problem.cost(main.backend, name))
         extra.staging = max((problem.cost(main.backend, n).weights for n in offloaded), default=0)
-        extra.weights = sum(problem.cost(main.backend, n).weights for n in problem.pinned)
         self.main_extra = extra
 
     def ledger(self, target: Target, names: Sequence[str], is_main: bool) -> DeviceLedger:
@@ -163,13 +161,7 @@ class _Evaluator:
         return Load()
 
     def add(self, load: Load, target: Target, name: str) -> None:
-        c = self.p.cost(target.backend, name)
-        load.weights += c.weights
-        load.kv_cache += c.kv
-        load.layer_activation = max(load.layer_activation, c.activation)
-        load.layer_kv = max(load.layer_kv, c.kv)
-        load.logits = max(load.logits, c.logits)
-        load.executes = True
+        load.add(self.p.cost(target.backend, name))
 
     def finish(self, load: Load, target: Target, names: tuple[str, ...]) -> DeviceLedger:
         p = self.p
@@ -205,11 +197,7 @@ def _offload_split(problem: _Problem, offloaded: list[str], main: Target | None)
     fixed = Load(executes=executing_on_cpu)
     if executing_on_cpu:
         for name in offloaded:
-            c = problem.cost(cpu.backend, name)
-            fixed.kv_cache += c.kv
-            fixed.layer_activation = max(fixed.layer_activation, c.activation)
-            fixed.layer_kv = max(fixed.layer_kv, c.kv)
-            fixed.logits = max(fixed.logits, c.logits)
+            fixed.add(problem.cost(cpu.backend, name), resident=False)
     activations = fixed.activations(problem.graph.shapes, problem.workload, problem.graph.dtype)
     weights = [problem.cost(cpu.backend, name).weights for name in offloaded]
     kept = None
@@ -442,13 +430,10 @@ def _host_ledgers(problem: _Problem, main: Target | None, on_cpu: list[str], on_
     load = Load(executes=executing)
     for name in on_cpu + (on_disk if executing else []):
         c = problem.cost(cpu.backend, name)
-        if name in on_cpu:
-            load.weights += c.weights
         if executing:
-            load.kv_cache += c.kv
-            load.layer_activation = max(load.layer_activation, c.activation)
-            load.layer_kv = max(load.layer_kv, c.kv)
-            load.logits = max(load.logits, c.logits)
+            load.add(c, resident=name in on_cpu)
+        else:
+            load.weights += c.weights
     if executing and on_disk:
         load.staging = max(problem.cost(cpu.backend, n).weights for n in on_disk)
     if on_cpu or executing:
