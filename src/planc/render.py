@@ -144,3 +144,41 @@ class hashing_progress:
             self._progress.stop()
             self._progress = None
             self._name = None
+
+
+def show_simulation(report, console: Console | None = None) -> None:
+    """`planc simulate`: per GPU, the lock's ledger against the simulated peak, then the verdict."""
+    console = console or _console()
+    chunk = f", prefill chunks of {report.prefill_chunk_size}" if report.prefill_chunk_size else ""
+    console.print(
+        f"[bold]{report.architecture}[/bold] {report.dtype} on virtual GPUs: batch {report.batch_size} x "
+        f"{report.max_seq_len} tokens{chunk}, then {report.decode_steps} decode steps ({report.elapsed_seconds:.1f} s)"
+    )
+    table = Table(title="Planned vs simulated memory per GPU (GiB)", title_justify="left")
+    staging = any(device.planned["staging"] for device in report.devices)
+    columns = ["device", "weights", "KV", "activ."] + (["staging"] if staging else [])
+    for column in columns + ["planned", "simulated", "ledger", "+reserve", "budget", "capacity", "verdict"]:
+        table.add_column(column, justify="left" if column in ("device", "verdict") else "right", no_wrap=True)
+    for device in report.devices:
+        planned = device.planned
+        colour = {"fits": "green", "out of memory": "red"}.get(device.verdict, "yellow")
+        parts = [planned["weights"], planned["kv_cache"], planned["activations"]] + ([planned["staging"]] if staging else [])
+        table.add_row(
+            f"GPU {device.index} {device.name.removeprefix('NVIDIA ').removeprefix('Tesla ')}",
+            *(_g(part) for part in parts), _g(device.planned_tensors), _g(device.simulated_peak),
+            f"{device.ledger_error:+.1%}", _g(device.simulated_total), _g(device.budget), _g(device.capacity),
+            Text(device.verdict, style=colour),
+        )
+    console.print(table)
+    console.print(
+        "[dim]planned: the ledger's weights + KV + activations + staging; simulated: peak of live tensors; ledger: "
+        "(planned - simulated) / simulated, positive when conservative; +reserve: simulated plus the plan's reserve "
+        "(CUDA context, workspace, slack), which fake tensors cannot see[/dim]"
+    )
+    if report.host_peak:
+        console.print(f"CPU: {_g(report.host_peak)} GiB of host tensors (offloaded weights)")
+    for note in report.notes:
+        console.print(f"note: {note}")
+    if report.error:
+        console.print(f"[red]execution failed:[/red] {report.error}")
+    console.print("[green]ok[/green]: ran to the end, every GPU within its capacity" if report.ok else "[red]not ok[/red]")

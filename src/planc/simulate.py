@@ -1,0 +1,688 @@
+"""Execute a plan on virtual GPUs: per-GPU peak memory and cross-device errors, without a GPU.
+
+The model is built from the lock's config on the meta device at the plan's dtype, then every
+parameter and buffer is created anew as a fake tensor (shape, dtype and device; no memory) where
+the lock puts it: one virtual device `vgpu:N` per planned GPU. accelerate's own hooks are attached
+with the arguments `dispatch_model` gives them (each entry executes on its GPU; cpu/disk entries
+keep their weights on the host and execute on the main device; io_same_device on the root; the
+plan's skip_keys; tied weights re-tied afterwards, as retie_parameters does). The model then runs
+what `generate` runs: a prefill of batch x max_seq_len tokens (in the plan's chunks, the
+DynamicCache fed from one chunk to the next) with logits_to_keep=1, then single-token decode
+steps. A TorchDispatchMode records the storage of every tensor an op produces, per device, and
+drops it when the storage dies: the peak per GPU is what the caching allocator must hold, less
+the CUDA context, workspaces and fragmentation, which fake tensors cannot see (the plan's
+`reserve` stands in for them).
+
+Modelled rather than executed, and why:
+- SDPA: fake SDPA decomposes into the math path, which upcasts to fp32 and materialises the
+  score matrix; a fused kernel allocates its output and logsumexp only. Each call takes the
+  first backend that can serve it, from the plan's backend for the GPU on through the enabled
+  ones after it (flash takes no mask and no value head dim unlike the query's, so a masked call
+  on a flash GPU runs efficient); "math" keeps the decomposition.
+- MoE experts run with experts_implementation "eager": the per-expert loop depends on the
+  routing, which fake tensors do not have; one iteration runs with one expert receiving every
+  token, which bounds every iteration of the real loop.
+- The main device is the first GPU in device_map order, as `planc run` uses it for the inputs;
+  accelerate's default (the lowest GPU index) is the same for planc's maps.
+- Batch 1 runs without an attention mask (for SDPA, generate's all-ones mask is skipped exactly
+  like no mask); batch > 1 runs with a padding mask, the worst case: the 4-D mask is built and
+  GQA keys and values are repeated per head, as for a padded batch on a GPU.
+
+The `vgpu` device is registered with torch once per process and cannot be unregistered;
+afterwards `torch.accelerator` reports it. `planc simulate` runs in its own process.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+import types
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from planc.errors import ModelError
+from planc.plan import Plan
+
+VIRTUAL_DEVICE = "vgpu"
+FUSED_BACKENDS = ("flash", "efficient", "cudnn")
+LEDGER_PARTS = ("reserve", "weights", "kv_cache", "activations", "staging", "total")
+
+# Architectures planc compiles that the simulation cannot execute, with the reason. Every config
+# in the shared corpus that compile accepts ran (dense, GQA, MoE with grouped_mm and eager
+# experts, MLA, sliding window, eager-only Gemma-2 and gpt-oss), so none is listed; configs with
+# a quantization_config are refused by compile before they get here.
+UNSUPPORTED: dict[str, str] = {}
+
+_registration_lock = threading.Lock()
+
+
+# ---------------------------------------------------------------- report
+
+
+@dataclass(frozen=True)
+class DeviceSimulation:
+    """The lock's ledger against the simulated memory of one GPU, in bytes."""
+
+    index: int
+    name: str
+    capacity: int
+    budget: int  # capacity - headroom
+    planned: dict[str, int]  # the lock's ledger: reserve, weights, kv_cache, activations, staging, total
+    simulated_peak: int  # bytes of live tensors at the worst moment of the run
+    simulated_prefill_peak: int
+    simulated_decode_peak: int
+    simulated_weights: int  # resident once placed
+    simulated_kv_cache: int  # cache tensors held here after the last step
+
+    @property
+    def planned_tensors(self) -> int:
+        """What the ledger plans for the tensors the simulation sees: total minus reserve."""
+        return self.planned["total"] - self.planned["reserve"]
+
+    @property
+    def simulated_total(self) -> int:
+        """Simulated peak plus the plan's reserve (context, workspace, slack: invisible to fake tensors)."""
+        return self.simulated_peak + self.planned["reserve"]
+
+    @property
+    def ledger_error(self) -> float:
+        """(planned tensors - simulated peak) / simulated peak; positive when the ledger is conservative."""
+        return (self.planned_tensors - self.simulated_peak) / self.simulated_peak if self.simulated_peak else 0.0
+
+    @property
+    def verdict(self) -> str:
+        if self.simulated_total > self.capacity:
+            return "out of memory"
+        if self.simulated_total > self.budget:
+            return "fits, over budget"
+        return "fits"
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(
+            planned_tensors=self.planned_tensors,
+            simulated_total=self.simulated_total,
+            ledger_error=round(self.ledger_error, 4),
+            verdict=self.verdict,
+        )
+        return data
+
+
+@dataclass(frozen=True)
+class SimulationReport:
+    """Outcome of executing a plan on virtual GPUs."""
+
+    architecture: str
+    dtype: str
+    batch_size: int
+    max_seq_len: int
+    prefill_chunk_size: int | None
+    decode_steps: int
+    devices: list[DeviceSimulation]
+    host_peak: int  # fake CPU tensors: offloaded weights, or everything on a CPU-only plan; bytes
+    elapsed_seconds: float
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """The run finished and every GPU's simulated peak plus reserve is within its capacity."""
+        return self.error is None and all(device.simulated_total <= device.capacity for device in self.devices)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "architecture": self.architecture,
+            "dtype": self.dtype,
+            "batch_size": self.batch_size,
+            "max_seq_len": self.max_seq_len,
+            "prefill_chunk_size": self.prefill_chunk_size,
+            "decode_steps": self.decode_steps,
+            "devices": [device.to_json() for device in self.devices],
+            "host_peak": self.host_peak,
+            "elapsed_seconds": round(self.elapsed_seconds, 3),
+            "error": self.error,
+            "notes": list(self.notes),
+        }
+
+
+# ---------------------------------------------------------------- virtual devices
+
+
+def _ensure_virtual_device() -> None:
+    """Register `vgpu` as torch's PrivateUse1 backend with a Python device guard, once per process."""
+    import torch
+    from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
+
+    with _registration_lock:
+        name = torch._C._get_privateuse1_backend_name()
+        if name == VIRTUAL_DEVICE:
+            return
+        if name != "privateuseone":
+            raise ModelError(
+                f"torch's PrivateUse1 backend is already registered as {name!r} in this process; "
+                f"planc simulate needs it as {VIRTUAL_DEVICE!r}: run it in a separate process"
+            )
+        _setup_privateuseone_for_python_backend(VIRTUAL_DEVICE)
+
+
+def _vgpu(index: int) -> str:
+    return f"{VIRTUAL_DEVICE}:{index}"
+
+
+def _describe_device(device: str) -> str:
+    if device.startswith(VIRTUAL_DEVICE + ":"):
+        return f"GPU {device.split(':')[1]}"
+    return device.upper() if device == "cpu" else device
+
+
+def _execution_device(device, main_device: str) -> str:
+    """Where a device_map entry runs: its GPU, or the main device for cpu/disk entries."""
+    return _vgpu(device) if isinstance(device, int) else main_device
+
+
+def _is_offloaded(device, main_device: str) -> bool:
+    """Weights kept away from the executing device (accelerate: cpu and disk; only disk when the CPU runs)."""
+    return device == "disk" or (device == "cpu" and main_device != "cpu")
+
+
+# ---------------------------------------------------------------- memory tracking
+
+
+def _make_tracker():
+    import torch
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    expired = torch.UntypedStorage._expired  # StorageWeakRef.expired without its two Python layers
+
+    class MemoryTracker(TorchDispatchMode):
+        """Bytes of live storages per device, with the running peak.
+
+        Each storage an op produces is counted once (views share it) and dropped when its weak
+        reference expires. Dead storages are only looked for when a device's count would set a
+        new peak: the count is then exact at every peak, an op's inputs and outputs coexisting as
+        on a GPU, and most ops cost no sweep. Storages made while `pinned` is set (the placed
+        weights) are looked at between phases only.
+        """
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.pinned = True
+            self._pinned: dict[int, tuple[Any, str, int]] = {}
+            self._transient: dict[int, tuple[Any, str, int]] = {}
+            self.current: dict[str, int] = defaultdict(int)  # an upper bound between sweeps
+            self.peak: dict[str, int] = defaultdict(int)
+            self.phase_peak: dict[str, int] = defaultdict(int)
+
+        def start_phase(self) -> None:
+            self._sweep(self._pinned)
+            self._sweep(self._transient)
+            self.phase_peak = defaultdict(int, self.current)
+
+        def _sweep(self, live: dict[int, tuple[Any, str, int]]) -> None:
+            for key in [key for key in live if expired(key)]:
+                _, device, size = live.pop(key)
+                self.current[device] -= size
+
+        def _record(self, tensor) -> None:
+            storage = tensor.untyped_storage()
+            ref = StorageWeakRef(storage)
+            if ref.cdata in self._transient or ref.cdata in self._pinned:
+                return
+            device, size = str(tensor.device), storage.nbytes()
+            (self._pinned if self.pinned else self._transient)[ref.cdata] = (ref, device, size)
+            self.current[device] += size
+            if self.current[device] > self.phase_peak[device] and not self.pinned:
+                self._sweep(self._transient)
+            self.peak[device] = max(self.peak[device], self.current[device])
+            self.phase_peak[device] = max(self.phase_peak[device], self.current[device])
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for leaf in tree_leaves(out):
+                if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
+                    self._record(leaf)
+            return out
+
+    return MemoryTracker()
+
+
+def _sdpa_backends_by_device(plan: Plan) -> dict[str, list[str]]:
+    """Per device, the SDPA backends a call may run: the plan's backend for it, then the later enabled ones."""
+    if plan.attention.attn_implementation != "sdpa":
+        return {}
+    enabled = list(plan.attention.sdpa_backends)
+    order = {}
+    for index, backend in plan.attention.per_device.items():
+        later = enabled[enabled.index(backend) + 1 :] if backend in enabled else []
+        order[_vgpu(int(index))] = [backend, *later]
+    if not plan.devices and "flash" in enabled:
+        order["cpu"] = enabled  # a CPU-only plan runs PyTorch's CPU flash kernel
+    return order
+
+
+def _sdpa_backend(candidates: list[str], query, value, attn_mask) -> str:
+    """The first backend that takes the call: flash needs no mask and equal query and value head dims."""
+    for backend in candidates:
+        if backend == "flash" and (attn_mask is not None or query.shape[-1] != value.shape[-1]):
+            continue
+        return backend
+    return "math"
+
+
+def _make_device_shims(backends_by_device: dict[str, list[str]]):
+    """A TorchFunctionMode for what fake tensors on a Python backend cannot do, or would overstate."""
+    import torch
+    import torch.nn.functional as F
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.overrides import TorchFunctionMode
+
+    def is_virtual(device) -> bool:
+        return device is not None and torch.device(device).type == VIRTUAL_DEVICE
+
+    def is_constant(tensor) -> bool:
+        return isinstance(tensor, torch.Tensor) and (not isinstance(tensor, FakeTensor) or tensor.constant is not None)
+
+    class DeviceShims(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.tensor and is_virtual(kwargs.get("device")):
+                # A constant made on a virtual device (DynamicLayer's lazy init): its values are
+                # never read, so an empty fake tensor of its shape and dtype stands in.
+                host = torch.tensor(*args, **{k: v for k, v in kwargs.items() if k != "device"})
+                return torch.empty(host.shape, dtype=host.dtype, device=kwargs["device"])
+            if func is torch.Tensor.to and args and is_constant(args[0]):
+                device, dtype, _, _ = torch._C._nn._parse_to(*args[1:], **kwargs)
+                if is_virtual(device) and device != args[0].device:
+                    # A constant (made at init, or by torch.tensor) moved to a virtual device:
+                    # fake mode would copy its values with a kernel the Python backend lacks.
+                    return torch.empty(args[0].shape, dtype=dtype or args[0].dtype, device=device)
+            if func is F.scaled_dot_product_attention:
+                query = args[0]
+                value = args[2] if len(args) > 2 else kwargs["value"]
+                attn_mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+                candidates = backends_by_device.get(str(query.device), ["math"])
+                if _sdpa_backend(candidates, query, value, attn_mask) in FUSED_BACKENDS:
+                    return _fused_attention_output(query, value)
+            return func(*args, **kwargs)
+
+    return DeviceShims()
+
+
+def _fused_attention_output(query, value):
+    """What a fused SDPA kernel allocates: its output, and a logsumexp freed when the call returns."""
+    import torch
+
+    logsumexp = torch.empty(query.shape[:-1], dtype=torch.float32, device=query.device)
+    output = torch.empty(*query.shape[:-1], value.shape[-1], dtype=query.dtype, device=query.device)
+    del logsumexp
+    return output
+
+
+def _eager_experts_worst_iteration(self, hidden_states, top_k_index, top_k_weights):
+    """transformers' eager experts loop (e.g. Qwen3MoeExperts.forward) at its worst iteration.
+
+    The loop visits the experts the router hit and gathers each one's tokens: both depend on
+    values fake tensors do not have. Its live memory is the routing mask plus one expert's
+    intermediates; an expert takes each token at most once, so one expert with every token
+    bounds each iteration. The weights used are the module's own, so devices are checked too.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    tokens = hidden_states.shape[0]
+    final_hidden_states = torch.zeros_like(hidden_states)
+    expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+    expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0)
+    token_index = torch.zeros(tokens, dtype=torch.long, device=hidden_states.device)
+    top_k_position = torch.zeros(tokens, dtype=torch.long, device=hidden_states.device)
+    current_state = hidden_states[token_index]
+    up = self.gate_up_proj[0] if self.has_gate else self.up_proj[0]
+    projected = current_state @ up if self.is_transposed else F.linear(current_state, up)
+    if self.has_bias:
+        projected = projected + (self.gate_up_proj_bias[0] if self.has_gate else self.up_proj_bias[0])
+    projected = self._apply_gate(projected) if self.has_gate else self.act_fn(projected)
+    out = projected @ self.down_proj[0] if self.is_transposed else F.linear(projected, self.down_proj[0])
+    if self.has_bias:
+        out = out + self.down_proj_bias[0]
+    out = out * top_k_weights[token_index, top_k_position, None]
+    final_hidden_states.index_add_(0, token_index, out.to(final_hidden_states.dtype))
+    del expert_mask, expert_hit
+    return final_hidden_states
+
+
+def _bound_eager_experts(model) -> int:
+    """Run every eager experts module through `_eager_experts_worst_iteration`; returns how many."""
+    count = 0
+    for module in model.modules():
+        # Modules decorated with transformers' use_experts_implementation carry these attributes.
+        if all(hasattr(module, name) for name in ("has_gate", "is_transposed", "num_experts", "down_proj")):
+            module.forward = types.MethodType(_eager_experts_worst_iteration, module)
+            count += 1
+    return count
+
+
+# ---------------------------------------------------------------- model, placement, hooks
+
+
+def _build_meta_model(plan: Plan, lock_dir: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from planc.model_graph import make_config, read_model_files
+
+    files = read_model_files(plan.model, lock_dir)
+    config = make_config(files.config, plan.model.trust_remote_code)
+    kwargs: dict[str, Any] = {
+        "dtype": getattr(torch, plan.dtype),
+        "attn_implementation": plan.attention.attn_implementation,
+    }
+    if plan.generation.experts_implementation:
+        kwargs["experts_implementation"] = plan.generation.experts_implementation
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=plan.model.trust_remote_code, **kwargs)
+    return model.eval()
+
+
+def _entry_of(name: str, entries: list[str]) -> str | None:
+    """The device_map entry that places a tensor: the longest entry that is its module or a parent."""
+    best = None
+    for entry in entries:
+        if (entry == "" or name == entry or name.startswith(entry + ".")) and (best is None or len(entry) > len(best)):
+            best = entry
+    return best
+
+
+def _place(model, device_map: dict[str, Any], main_device: str) -> dict[str, Any]:
+    """Create every parameter and buffer anew, as a fake tensor, where the plan puts it.
+
+    GPU entries: on their virtual device. Offloaded entries: parameters become fake host tensors
+    in the returned weights map and stay on meta in the module; buffers go to the main device
+    (accelerate's offload_buffers=False). A parameter shared by modules (tied weights) gets one
+    tensor per device, as after accelerate's hooks moved each end to its execution device.
+    """
+    import torch
+
+    entries = list(device_map)
+    made: dict[tuple[int, str, bool], Any] = {}
+    offloaded: dict[str, Any] = {}
+
+    def fresh(tensor, device: str, resident: bool = True):
+        key = (id(tensor), device, resident)
+        if key not in made:
+            made[key] = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
+            if resident and isinstance(tensor, torch.nn.Parameter):
+                made[key] = torch.nn.Parameter(made[key], requires_grad=False)
+        return made[key]
+
+    for module_name, module in model.named_modules():
+        for registry in (module._parameters, module._buffers):
+            for local_name, tensor in list(registry.items()):
+                if tensor is None:
+                    continue
+                full_name = f"{module_name}.{local_name}" if module_name else local_name
+                entry = _entry_of(full_name, entries)
+                if entry is None:
+                    raise ModelError(f"the plan's device_map places no device for {full_name}")
+                device = device_map[entry]
+                if not _is_offloaded(device, main_device):
+                    registry[local_name] = fresh(tensor, _execution_device(device, main_device))
+                elif registry is module._buffers:
+                    registry[local_name] = fresh(tensor, main_device)
+                else:
+                    offloaded[full_name] = fresh(tensor, "cpu", resident=False)
+    return offloaded
+
+
+def _staging_hook_class():
+    from accelerate.hooks import AlignDevicesHook
+    from accelerate.utils import find_device, named_module_tensors, send_to_device
+
+    class FakeStagingHook(AlignDevicesHook):
+        """accelerate's offload hook, with the parameter swap written so fake tensors allow it.
+
+        AlignDevicesHook(offload=True) copies its module's direct tensors from the weights map to
+        the execution device before the forward and puts meta back after. It rebuilds each
+        parameter with type(param)(value), and under fake mode that type is FakeTensor, which
+        cannot be called that way. The copies, and so the staging memory, are the same here.
+        """
+
+        def pre_forward(self, module, *args, **kwargs):
+            if self.io_same_device:
+                self.input_device = find_device([args, kwargs])
+            self.resident = {}
+            for name, _ in named_module_tensors(
+                module, include_buffers=self.offload_buffers, recurse=self.place_submodules, remove_non_persistent=True
+            ):
+                owner, local = _owner(module, name)
+                self.resident[name] = owner._parameters[local]
+                owner._parameters[local] = self.weights_map[name].to(self.execution_device)
+            return send_to_device(args, self.execution_device), send_to_device(
+                kwargs, self.execution_device, skip_keys=self.skip_keys
+            )
+
+        def post_forward(self, module, output):
+            for name, original in self.resident.items():
+                owner, local = _owner(module, name)
+                owner._parameters[local] = original
+            self.resident = {}
+            if self.io_same_device and self.input_device is not None:
+                output = send_to_device(output, self.input_device, skip_keys=self.skip_keys)
+            return output
+
+    return FakeStagingHook
+
+
+def _owner(module, name: str):
+    *path, local = name.split(".")
+    for part in path:
+        module = getattr(module, part)
+    return module, local
+
+
+def _attach_hooks(model, device_map: dict[str, Any], main_device: str, skip_keys, offloaded: dict[str, Any]) -> None:
+    """accelerate's hooks, attached with the arguments dispatch_model gives them."""
+    from accelerate.hooks import AlignDevicesHook, SequentialHook, attach_align_device_hook_on_blocks
+    from accelerate.utils import OffloadedWeightsLoader
+
+    execution_device = {name: _execution_device(device, main_device) for name, device in device_map.items()}
+    execution_device[""] = main_device
+    attach_align_device_hook_on_blocks(
+        model,
+        execution_device=execution_device,
+        offload={name: _is_offloaded(device, main_device) for name, device in device_map.items()},
+        weights_map=OffloadedWeightsLoader(state_dict=offloaded) if offloaded else None,
+        skip_keys=skip_keys,
+        tied_params_map=None,  # it keys tensors by data_ptr(), which fake tensors do not have
+    )
+    if offloaded:
+        staging = _staging_hook_class()
+        for module in model.modules():
+            hook = getattr(module, "_hf_hook", None)
+            for each in hook.hooks if isinstance(hook, SequentialHook) else [hook]:
+                if isinstance(each, AlignDevicesHook) and each.offload:
+                    each.__class__ = staging
+
+
+class _ModuleStack:
+    """Names of the modules executing, innermost last: the module an error came from."""
+
+    def __init__(self, model) -> None:
+        self.stack: list[str] = []
+        self.handles = []
+        for name, module in model.named_modules():
+            self.handles.append(module.register_forward_pre_hook(self._enter(name)))
+            self.handles.append(module.register_forward_hook(self._leave))
+
+    def _enter(self, name: str):
+        def hook(module, args):
+            self.stack.append(name)
+
+        return hook
+
+    def _leave(self, module, args, output):
+        self.stack.pop()
+
+    def innermost(self) -> str:
+        return self.stack[-1] if self.stack and self.stack[-1] else "model"
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _execution_error(exc: Exception, module: str) -> str:
+    """One line naming the module; for a cross-device mistake, both devices as vgpu and as GPU."""
+    devices = [str(d) for d in (getattr(exc, "common_device", None), getattr(exc, "device", None)) if d is not None]
+    if not devices:
+        devices = re.findall(rf"\b(?:{VIRTUAL_DEVICE}:\d+|cpu|meta)\b", str(exc))
+    devices = list(dict.fromkeys(devices))
+    if "same device" in str(exc) and len(devices) >= 2:
+        first, second = devices[:2]
+        return f"{module}: tensors on {first} and {second} ({_describe_device(first)} and {_describe_device(second)})"
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{module}: {type(exc).__name__}: {message}"
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _run_generation(model, batch: int, seq: int, chunk: int | None, decode_steps: int, input_device: str, tracker):
+    """What generate runs: the prefill (whole or chunked) with logits_to_keep=1, then decode steps."""
+    import torch
+
+    input_ids = torch.empty(batch, seq, dtype=torch.long, device=input_device)
+    mask = torch.ones(batch, seq + decode_steps, dtype=torch.long, device=input_device) if batch > 1 else None
+
+    def step(ids, cache, length: int):
+        extra = {"attention_mask": mask[:, :length]} if mask is not None else {}
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
+        # generate keeps an fp32 copy of the last position's logits to pick the next token.
+        next_tokens = torch.argmax(out.logits[:, -1, :].to(copy=True, dtype=torch.float32), dim=-1)
+        return next_tokens, out.past_key_values
+
+    cache = None
+    tracker.start_phase()
+    for start in range(0, seq, chunk or seq):
+        end = min(start + (chunk or seq), seq)
+        next_tokens, cache = step(input_ids[:, start:end], cache, end)
+    prefill_peak = dict(tracker.phase_peak)
+    tracker.start_phase()
+    for position in range(seq, seq + decode_steps):
+        next_tokens, cache = step(next_tokens[:, None], cache, position + 1)
+    return cache, prefill_peak, dict(tracker.phase_peak)
+
+
+def _cache_bytes(cache) -> dict[str, int]:
+    import torch
+
+    held: dict[str, int] = defaultdict(int)
+    for layer in getattr(cache, "layers", ()):
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                held[str(tensor.device)] += tensor.untyped_storage().nbytes()
+    return held
+
+
+def simulate_plan(
+    plan: Plan,
+    lock_dir: Path,
+    batch_size: int | None = None,
+    max_seq_len: int | None = None,
+    decode_steps: int = 2,
+) -> SimulationReport:
+    """Execute `plan` on virtual GPUs and compare each GPU's simulated peak with the lock's ledger.
+
+    `lock_dir` resolves the lock's model source; batch_size and max_seq_len override the
+    lock's workload (the ledger stays the lock's). Execution errors are reported, not raised.
+    """
+    import torch
+    from accelerate.utils import find_tied_parameters, retie_parameters
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    started = time.perf_counter()
+    _ensure_virtual_device()
+    batch = batch_size or plan.workload.batch_size
+    seq = max_seq_len or plan.workload.max_seq_len
+    chunk = plan.generation.prefill_chunk_size
+    gpus = [device for device in plan.device_map.values() if isinstance(device, int)]
+    main_device = _vgpu(gpus[0]) if gpus else "cpu"
+    notes = []
+    if (batch, seq) != (plan.workload.batch_size, plan.workload.max_seq_len):
+        notes.append(
+            f"ran batch {batch} x {seq} tokens; the planned figures are the lock's, for batch "
+            f"{plan.workload.batch_size} x {plan.workload.max_seq_len}"
+        )
+
+    model = _build_meta_model(plan, lock_dir)
+    tied_groups = [list(group) for group in find_tied_parameters(model)]
+    tracker = _make_tracker()
+    stack = _ModuleStack(model)
+    fake_logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_logger.level
+    fake_logger.setLevel(logging.CRITICAL)  # fake mode logs every failing op; the report names it once
+    error = None
+    weights: dict[str, int] = {}
+    prefill_peak: dict[str, int] = {}
+    decode_peak: dict[str, int] = {}
+    cache_held: dict[str, int] = {}
+    try:
+        shims = _make_device_shims(_sdpa_backends_by_device(plan))
+        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True), tracker, shims:
+            offloaded = _place(model, plan.device_map, main_device)
+            if getattr(model.config, "_experts_implementation", None) == "eager" and _bound_eager_experts(model):
+                notes.append("eager MoE experts: each loop simulated at its worst iteration (one expert, every token)")
+            _attach_hooks(model, plan.device_map, main_device, list(plan.skip_keys) or None, offloaded)
+            retie_parameters(model, tied_groups)
+            tracker.start_phase()
+            weights = dict(tracker.current)
+            tracker.pinned = False
+            try:
+                cache, prefill_peak, decode_peak = _run_generation(
+                    model, batch, seq, chunk, decode_steps, main_device, tracker
+                )
+                cache_held = _cache_bytes(cache)
+                del cache
+            except Exception as exc:  # noqa: BLE001 - any failure of the run is the plan's finding
+                error = _execution_error(exc, stack.innermost())
+    finally:
+        stack.remove()
+        fake_logger.setLevel(level)
+
+    ledgers = {ledger.device: ledger for ledger in plan.memory}
+    devices = []
+    for device in plan.devices:
+        key, ledger = _vgpu(device.index), ledgers.get(device.index)
+        devices.append(
+            DeviceSimulation(
+                index=device.index,
+                name=device.name,
+                capacity=device.memory,
+                budget=device.memory - (ledger.headroom if ledger else 0),
+                planned={part: getattr(ledger, part) if ledger else 0 for part in LEDGER_PARTS},
+                simulated_peak=tracker.peak.get(key, 0),
+                simulated_prefill_peak=prefill_peak.get(key, 0),
+                simulated_decode_peak=decode_peak.get(key, 0),
+                simulated_weights=weights.get(key, 0),
+                simulated_kv_cache=cache_held.get(key, 0),
+            )
+        )
+    return SimulationReport(
+        architecture=plan.model.architecture,
+        dtype=plan.dtype,
+        batch_size=batch,
+        max_seq_len=seq,
+        prefill_chunk_size=chunk,
+        decode_steps=decode_steps,
+        devices=devices,
+        host_peak=tracker.peak.get("cpu", 0),
+        elapsed_seconds=time.perf_counter() - started,
+        error=error,
+        notes=notes,
+    )
