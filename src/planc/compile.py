@@ -73,7 +73,8 @@ def _targets(inventory: Inventory, runtime, headroom: float, level: str):
             capacity=gpu.memory,
             headroom=int(gpu.memory * headroom),
             bandwidth=gpu.bandwidth,
-            backend=runtime.backend_per_gpu.get(gpu.index, "math"),
+            # Forced-eager models materialise scores differently from SDPA's math path.
+            backend="eager" if runtime.attn_implementation == "eager" else runtime.backend_per_gpu[gpu.index],
             gpu=True,
             kind=(gpu.name, gpu.memory, gpu.compute_capability, gpu.bandwidth),
         )

@@ -32,6 +32,7 @@ from planc.memory import (
     Load,
     Reserve,
     Workload,
+    mask_bytes,
     reserve_bytes,
     unit_costs,
 )
@@ -114,6 +115,9 @@ class _Problem:
 
     def __post_init__(self) -> None:
         self.orders = _orders(self.gpus) if self.gpus else [()]
+        self.masks = {
+            backend: mask_bytes(self.graph.units, self.workload, backend, self.graph.dtype) for backend in self.costs
+        }
 
     def cost(self, backend: str, name: str):
         return self.costs[backend][name]
@@ -140,7 +144,7 @@ class _Evaluator:
         self.p = problem
         self.main = main
         # The main GPU runs offloaded units (weights elsewhere) and pinned ones (weights here).
-        extra = Load(executes=True)
+        extra = Load(executes=True, mask=problem.masks[main.backend][0])
         for name in offloaded:
             extra.add(problem.cost(main.backend, name), resident=False)
         for name in problem.pinned:
@@ -157,8 +161,8 @@ class _Evaluator:
     def start(self, target: Target, is_main: bool) -> Load:
         if is_main:
             e = self.main_extra
-            return Load(e.weights, e.kv_cache, e.layer_activation, e.layer_kv, e.logits, e.staging, True)
-        return Load()
+            return Load(e.weights, e.kv_cache, e.layer_activation, e.layer_kv, e.logits, e.staging, True, e.mask)
+        return Load(mask=self.p.masks[target.backend][1])
 
     def add(self, load: Load, target: Target, name: str) -> None:
         load.add(self.p.cost(target.backend, name))
@@ -194,7 +198,7 @@ def _offload_split(problem: _Problem, offloaded: list[str], main: Target | None)
     executing_on_cpu = main is None
     # CPU ledger: resident weights; when the CPU executes (no GPUs) also every offloaded layer's
     # KV cache and activations, and a staging copy of the largest unit read back from disk.
-    fixed = Load(executes=executing_on_cpu)
+    fixed = Load(executes=executing_on_cpu, mask=problem.masks[cpu.backend][0])
     if executing_on_cpu:
         for name in offloaded:
             fixed.add(problem.cost(cpu.backend, name), resident=False)
@@ -427,7 +431,7 @@ def _host_ledgers(problem: _Problem, main: Target | None, on_cpu: list[str], on_
     if cpu is None:
         return ledgers
     executing = main is None
-    load = Load(executes=executing)
+    load = Load(executes=executing, mask=problem.masks[cpu.backend][0])
     for name in on_cpu + (on_disk if executing else []):
         c = problem.cost(cpu.backend, name)
         if executing:
