@@ -197,3 +197,11 @@ def test_model_id_resolves_offline_from_the_hf_cache(tmp_path, monkeypatch):
     spec.write_text(spec.read_text().replace("acme/tiny", "acme/absent"))
     missing = planc("compile", str(spec))
     assert missing.returncode == 2 and "not in the local Hugging Face cache" in missing.stderr
+
+
+def test_unreadable_lock_is_bad_input(tmp_path):
+    missing = CliRunner().invoke(main, ["show", str(tmp_path / "nope.lock")])
+    assert missing.exit_code == 2 and "cannot read lock" in missing.output
+    (tmp_path / "x.lock").write_text("format_version: '9.0'\n")
+    future = CliRunner().invoke(main, ["show", str(tmp_path / "x.lock")])
+    assert future.exit_code == 2 and "lock format 9.0 is not readable" in future.output

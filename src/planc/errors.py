@@ -26,7 +26,11 @@ class InfeasibleError(PlancError):
 
 
 class LockError(PlancError):
-    """A lock file cannot be read: bad YAML, unknown format version, wrong hash."""
+    """A lock file cannot be read: missing, bad YAML, unknown format version, invalid fields."""
+
+
+class TamperedLockError(LockError):
+    """A lock's contents do not match its plan_hash: a failed check, not bad input."""
 
     exit_code = 1
 

@@ -23,7 +23,7 @@ from typing import Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from planc.errors import LockError
+from planc.errors import LockError, TamperedLockError
 
 FORMAT_VERSION = "1.0"
 DeviceKey = Union[int, Literal["cpu", "disk"]]
@@ -210,7 +210,7 @@ def parse_lock(text: str, source: str = "lock") -> Plan:
         raise LockError(f"{source}: {where}: {err['msg']}") from None
     expected = plan.body_sha256()
     if plan.plan_hash != expected:
-        raise LockError(
+        raise TamperedLockError(
             f"{source}: plan_hash does not match the contents (edited by hand?): "
             f"lock says {plan.plan_hash or 'nothing'}, contents hash to {expected}; recompile with planc compile"
         )
