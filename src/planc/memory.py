@@ -92,9 +92,9 @@ def materialises_scores(backend: str) -> bool:
 # Architectures whose MLP is not gated keep four b x t x I intermediates (fc, and gelu_new's
 # pieces) where gated ones keep three (gate, up, their product).
 NON_GATED_MLP = {"gpt2"}
-# Routing weights are fp32 in some MoE implementations (DeepSeek-V3); sizing them so everywhere
-# overstates the others a little, which is the safe side.
-ROUTING_WEIGHT_BYTES = 4
+# MoE implementations that keep routing weights in fp32 (DeepSeek-V3's gate); the others cast
+# them to the model dtype (Qwen3-MoE: router_top_value.to(router_logits.dtype)).
+FP32_ROUTING_WEIGHTS = {"deepseek_v3"}
 
 
 def layer_activation_bytes(
@@ -140,7 +140,8 @@ def layer_activation_bytes(
         routed_rows = b * t * shapes.experts_per_token
         # Peak of the expert step: gathered inputs with gate/up/activation intermediates, or the
         # down projection and its weighting by the routing weights.
-        routed = routed_rows * max((h + 4 * shapes.moe_intermediate_size) * e, h * (2 * e + 2 * ROUTING_WEIGHT_BYTES))
+        r = 4 if model_type in FP32_ROUTING_WEIGHTS else e
+        routed = routed_rows * max((h + 4 * shapes.moe_intermediate_size) * e, h * (2 * e + 2 * r))
         router = b * t * shapes.num_experts * 4 * 2
         shared = 3 * b * t * shapes.shared_intermediate_size * e
         mlp = routed + router + shared
@@ -180,6 +181,8 @@ def logits_bytes(shapes: Shapes, workload: Workload, dtype: str) -> int:
 def decode_read_bytes(unit: Unit, shapes: Shapes, workload: Workload) -> int:
     """Bytes one decode step reads from this unit's weights and cache (memory-bound estimate)."""
     weights = unit.weight_bytes
+    if unit.row_bytes:
+        weights = min(unit.weight_bytes, workload.batch_size * unit.row_bytes)
     if unit.expert_bytes and shapes.num_experts:
         # A step touches only the experts its tokens route to: expected distinct experts for
         # batch x top_k independent picks out of E.
@@ -200,6 +203,7 @@ class Load:
     staging: int = 0
     executes: bool = False
     mask: int = 0  # attention masks held while this device's layers run (see mask_bytes)
+    main: bool = False  # the main device builds the masks, whether or not it runs layers
 
     def add(self, cost: "UnitCost", resident: bool = True) -> None:
         """Account for one more unit executing here (its weights too when `resident`)."""
@@ -216,7 +220,10 @@ class Load:
             return 0
         # A device that runs only embeddings or the head still holds the hidden states passing through.
         floor = 2 * workload.batch_size * workload.step_tokens * shapes.hidden_size * DTYPE_BYTES[dtype]
-        step = max(self.layer_activation, floor) + self.mask
+        # Masks are built on the main device and copied only where attention layers run (a
+        # device holding just lm_head gets none).
+        mask = self.mask if (self.main or self.layer_activation) else 0
+        step = max(self.layer_activation, floor) + mask
         # DynamicCache.update's torch.cat copies one layer's cache: at every decode step, and at
         # every prefill chunk after the first (while that chunk's activations are alive).
         if workload.step_tokens < workload.max_seq_len:

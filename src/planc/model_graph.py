@@ -13,11 +13,12 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import networkx as nx
+from typing import TYPE_CHECKING, Any
 
 from planc.errors import ModelError, SpecError
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -34,6 +35,7 @@ class Unit:
     kv_window: int | None = None  # sliding-window layers keep at most this many tokens between steps
     moe: bool = False
     expert_bytes: int = 0  # routed-expert weights (fused 3-D parameters); a decode step reads only some
+    row_bytes: int = 0  # an untied embedding table: a decode step reads one row per sequence, not the table
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ class ModelGraph:
     model_type: str
     dtype: str
     units: tuple[Unit, ...]
-    graph: nx.DiGraph = field(repr=False, compare=False)
+    graph: "nx.DiGraph" = field(repr=False, compare=False)
     no_split_module_classes: tuple[str, ...]
     skip_keys: tuple[str, ...]
     tied_parameters: tuple[tuple[str, ...], ...]
@@ -82,6 +84,8 @@ class ModelGraph:
 
     def tied_unit_groups(self) -> list[set[str]]:
         """Sets of unit names that must share a device (connected by tied edges)."""
+        import networkx as nx
+
         tied = nx.Graph()
         tied.add_edges_from((a, b) for a, b, kind in self.graph.edges(data="kind") if kind == "tied")
         return [set(group) for group in nx.connected_components(tied)]
@@ -309,6 +313,8 @@ def build_model_graph(config_dict: dict[str, Any], dtype: str, trust_remote_code
             return True
         return module is not None and "norm" in type(module).__name__.lower() and not name.startswith(layer_prefix)
 
+    tied_groups = tuple(tuple(sorted(group)) for group in find_tied_parameters(model))
+    tied_names = {name for group in tied_groups for name in group}
     pre, layers, post = [], [], []
     layer_index = 0
     for name, module, tensors in raw_units:
@@ -329,15 +335,20 @@ def build_model_graph(config_dict: dict[str, Any], dtype: str, trust_remote_code
         elif is_post(name, module):
             post.append(Unit(name, weight, "post"))
         else:
-            pre.append(Unit(name, weight, "pre"))
+            # An embedding's decode step reads one row per sequence, unless lm_head reads it whole.
+            row = 0
+            if isinstance(module, torch.nn.Embedding) and f"{name}.weight" not in tied_names:
+                row = module.embedding_dim * module.weight.element_size()
+            pre.append(Unit(name, weight, "pre", row_bytes=row))
     units = tuple(pre + layers + post)
+
+    import networkx as nx
 
     graph = nx.DiGraph()
     for position, unit in enumerate(units):
         graph.add_node(unit.name, position=position, unit=unit)
     for a, b in zip(units, units[1:]):
         graph.add_edge(a.name, b.name, kind="flow")
-    tied_groups = tuple(tuple(sorted(group)) for group in find_tied_parameters(model))
 
     def owning_unit(param_name: str) -> str:
         candidates = [u.name for u in units if param_name == u.name or param_name.startswith(u.name + ".")]

@@ -144,7 +144,7 @@ class _Evaluator:
         self.p = problem
         self.main = main
         # The main GPU runs offloaded units (weights elsewhere) and pinned ones (weights here).
-        extra = Load(executes=True, mask=problem.masks[main.backend][0])
+        extra = Load(executes=True, mask=problem.masks[main.backend][0], main=True)
         for name in offloaded:
             extra.add(problem.cost(main.backend, name), resident=False)
         for name in problem.pinned:
@@ -161,7 +161,7 @@ class _Evaluator:
     def start(self, target: Target, is_main: bool) -> Load:
         if is_main:
             e = self.main_extra
-            return Load(e.weights, e.kv_cache, e.layer_activation, e.layer_kv, e.logits, e.staging, True, e.mask)
+            return Load(e.weights, e.kv_cache, e.layer_activation, e.layer_kv, e.logits, e.staging, True, e.mask, True)
         return Load(mask=self.p.masks[target.backend][1])
 
     def add(self, load: Load, target: Target, name: str) -> None:
@@ -198,7 +198,7 @@ def _offload_split(problem: _Problem, offloaded: list[str], main: Target | None)
     executing_on_cpu = main is None
     # CPU ledger: resident weights; when the CPU executes (no GPUs) also every offloaded layer's
     # KV cache and activations, and a staging copy of the largest unit read back from disk.
-    fixed = Load(executes=executing_on_cpu, mask=problem.masks[cpu.backend][0])
+    fixed = Load(executes=executing_on_cpu, mask=problem.masks[cpu.backend][0], main=True)
     if executing_on_cpu:
         for name in offloaded:
             fixed.add(problem.cost(cpu.backend, name), resident=False)
@@ -431,7 +431,7 @@ def _host_ledgers(problem: _Problem, main: Target | None, on_cpu: list[str], on_
     if cpu is None:
         return ledgers
     executing = main is None
-    load = Load(executes=executing, mask=problem.masks[cpu.backend][0])
+    load = Load(executes=executing, mask=problem.masks[cpu.backend][0], main=True)
     for name in on_cpu + (on_disk if executing else []):
         c = problem.cost(cpu.backend, name)
         if executing:
