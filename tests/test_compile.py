@@ -205,3 +205,17 @@ def test_unreadable_lock_is_bad_input(tmp_path):
     (tmp_path / "x.lock").write_text("format_version: '9.0'\n")
     future = CliRunner().invoke(main, ["show", str(tmp_path / "x.lock")])
     assert future.exit_code == 2 and "lock format 9.0 is not readable" in future.output
+
+
+def test_an_idle_old_card_does_not_force_fp16():
+    # Latency puts all of Qwen3-8B (1 x 16k) on the faster 3090; the 2080 Ti (sm75, no bf16) is
+    # left unused, so the plan keeps the checkpoint's bf16 instead of fp16.
+    spec = parse_spec({"planc": 1, "model": {"config": "config.json"},
+                       "hardware": {"gpus": [{"type": "rtx2080ti"}, {"type": "rtx3090"}], "cpu_memory": "64GiB"},
+                       "workload": {"batch_size": 1, "max_seq_len": 16384}})
+    plan = _compile(spec, "qwen3-8b")
+    assert plan.dtype == "bfloat16"
+    assert set(plan.device_map.values()) == {1}
+    assert any(d.id == "solver.dtype-of-used-gpus" and "GPU 0" in d.decision for d in plan.decisions)
+    busy = spec.model_copy(update={"workload": spec.workload.model_copy(update={"batch_size": 2})})
+    assert _compile(busy, "qwen3-8b").dtype == "float16"  # both cards needed: fp16 for the 2080 Ti

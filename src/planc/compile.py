@@ -191,7 +191,6 @@ def compile_plan(
 ) -> Plan:
     """Compile a plan. Pure: everything it depends on is an argument."""
     from planc.rules import decide_runtime
-    from planc.solver import Placement
 
     if not inventory.gpus and spec.policy.offload == "none":
         raise SpecError("hardware.gpus is empty: a CPU-only plan needs policy.offload: cpu (or disk)")
@@ -204,23 +203,55 @@ def compile_plan(
     if runtime.dtype != graph.dtype:
         graph = build_graph(model.config, runtime.dtype, trust)
 
+    placement, chunk, closest = _place(graph, inventory, runtime, spec)
+    if placement is None:
+        raise InfeasibleError(_infeasible_message(graph, inventory, runtime, spec, closest))
+    extra: list[Decision] = []
+    if spec.model.dtype == "auto":
+        used = sorted({k for k in placement.device_of.values() if isinstance(k, int)})
+        used_gpus = tuple(gpu for gpu in inventory.gpus if gpu.index in used)
+        narrowed = decide_runtime(used_gpus, _model_facts(graph), "auto") if used_gpus else runtime
+        if narrowed.dtype != runtime.dtype:
+            # The placement leaves the cards that forced the dtype idle: plan the used ones alone,
+            # in the dtype they support (same bytes per element, so the same split still fits).
+            idle = [gpu for gpu in inventory.gpus if gpu.index not in used]
+            subset = Inventory(used_gpus, inventory.cpu_memory, inventory.disk)
+            regraph = build_graph(model.config, narrowed.dtype, trust)
+            replaced, rechunk, _ = _place(regraph, subset, narrowed, spec)
+            if replaced is not None:
+                graph, runtime, placement, chunk = regraph, narrowed, replaced, rechunk
+                names = ", ".join(f"GPU {g.index} ({g.name}, sm{g.sm})" for g in idle)
+                extra.append(
+                    Decision(
+                        id="solver.dtype-of-used-gpus",
+                        decision=f"dtype {narrowed.dtype}; {names} left unused",
+                        reason=f"the best placement does not use {names}, the card(s) that ruled out "
+                        f"{narrowed.dtype}; the GPUs that run the model all support it",
+                        source=SOLVER_SOURCE,
+                    )
+                )
+
+    decisions = [Decision(id=d.id, decision=d.decision, reason=d.reason, source=d.source) for d in runtime.decisions]
+    decisions += _planner_decisions(spec, graph, placement, chunk, inventory) + extra
+    return _assemble(spec, inventory, model, packages, disk, graph, runtime, placement, chunk, decisions)
+
+
+def _place(graph, inventory: Inventory, runtime, spec: Spec):
+    """First placement found over offload levels (none first) and prefill chunks (whole first).
+
+    Returns (placement or None, chunk, the last Infeasible for the error message).
+    """
+    from planc.solver import Placement
+
     wl = spec.workload
     chunks = [wl.prefill_chunk_size] if wl.prefill_chunk_size else _chunk_candidates(wl.max_seq_len)
-    placement, chunk, level = None, None, None
+    result = None
     for level in _levels(spec.policy.offload, bool(inventory.gpus)):
         for chunk in chunks:
             result = _solve(graph, inventory, runtime, spec, Workload(wl.batch_size, wl.max_seq_len, chunk), level)
             if isinstance(result, Placement):
-                placement = result
-                break
-        if placement:
-            break
-    if placement is None:
-        raise InfeasibleError(_infeasible_message(graph, inventory, runtime, spec, result))
-
-    decisions = [Decision(id=d.id, decision=d.decision, reason=d.reason, source=d.source) for d in runtime.decisions]
-    decisions += _planner_decisions(spec, graph, placement, chunk, inventory)
-    return _assemble(spec, inventory, model, packages, disk, graph, runtime, placement, chunk, decisions)
+                return result, chunk, None
+    return None, None, result
 
 
 def _planner_decisions(spec, graph, placement, chunk, inventory) -> list[Decision]:
