@@ -174,14 +174,14 @@ class _GraphCache:
         return self.graphs[dtype]
 
 
-def _spec(case: Case, context: int, offload: str | None = None):
+def _spec(case: Case, context: int, offload: str | None = None, dtype: str = "auto"):
     from planc.spec import parse_spec
 
     gpus, cpu = INVENTORIES[case.gpus]
     return parse_spec(
         {
             "planc": 1,
-            "model": {"config": "config.json"},
+            "model": {"config": "config.json", "dtype": dtype},
             "hardware": {"gpus": [{"type": key, "count": n} for key, n in gpus], "cpu_memory": cpu},
             "workload": {"batch_size": case.batch, "max_seq_len": context},
             "policy": {"offload": offload or case.offload},
@@ -189,11 +189,13 @@ def _spec(case: Case, context: int, offload: str | None = None):
     )
 
 
-def _compile(case: Case, config: dict, graphs: _GraphCache, context: int, offload: str | None = None):
+def _compile(
+    case: Case, config: dict, graphs: _GraphCache, context: int, offload: str | None = None, dtype: str = "auto"
+):
     from planc.compile import ModelInput, compile_plan, installed_packages
     from planc.hardware import resolve_inventory
 
-    spec = _spec(case, context, offload)
+    spec = _spec(case, context, offload, dtype)
     model = ModelInput(config, "sha256:0", {}, None, None, "config.json")
     return compile_plan(spec, resolve_inventory(spec.hardware), model, installed_packages(), None, graphs)
 
@@ -244,6 +246,10 @@ def run_case(case: Case) -> dict:
     graph_seconds = graphs.build_seconds
     # A plan to copy dtype, attention and devices from when planc refuses the workload itself.
     skeleton = plan or _compile(case, config, graphs, 256, offload="cpu")
+    if any(str(d.index) not in skeleton.attention.per_device for d in skeleton.devices):
+        # planc left a card idle and planned the others in a dtype that card lacks (bf16 without
+        # the 2080 Ti); accelerate's map uses every card, so judge it in the whole inventory's dtype.
+        skeleton = _compile(case, config, graphs, 256, offload="cpu", dtype="float16")
     graph = graphs(config, skeleton.dtype)
     gpu_count = len(skeleton.devices)
     capacities = [d.memory for d in skeleton.devices]

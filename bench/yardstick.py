@@ -63,7 +63,8 @@ def evaluate(graph, device_of: dict[str, int | str], plan, workload: Workload, r
     devices = {d.index: d for d in plan.devices}
     # As planc's compiler does: forced-eager models are costed as eager on every GPU.
     eager = plan.attention.attn_implementation == "eager"
-    backend_of = {d.index: "eager" if eager else plan.attention.per_device[str(d.index)] for d in plan.devices}
+    # A card the plan leaves idle has no backend in the lock; nothing runs there, so any will do.
+    backend_of = {d.index: "eager" if eager else plan.attention.per_device.get(str(d.index), "math") for d in plan.devices}
     gpu_order = [device_of[u.name] for u in graph.units if device_of[u.name] not in HOST]
     main = gpu_order[0]
     backends = sorted(set(backend_of.values()))
