@@ -304,7 +304,6 @@ def _planner_decisions(spec, graph, placement, chunk, inventory) -> list[Decisio
 
 
 def _assemble(spec, inventory, model: ModelInput, packages, disk, graph, runtime, placement, chunk, decisions) -> Plan:
-    headroom = spec.policy.headroom
     ledgers = []
     max_memory = {}
     for ledger in placement.ledgers:

@@ -380,12 +380,6 @@ def build_model_graph(config_dict: dict[str, Any], dtype: str, trust_remote_code
     )
 
 
-def config_summary(config_dict: dict[str, Any]) -> str:
-    """Short name of a config for messages."""
-    arch = (config_dict.get("architectures") or [config_dict.get("model_type", "?")])[0]
-    return str(arch)
-
-
 def check_model_source_exists(source, base_dir: Path) -> None:
     """Raise SpecError early when a local model path is missing (a spec mistake, not a model problem)."""
     if source.path and not (base_dir / source.path).is_dir():

@@ -22,7 +22,6 @@ brute force over every contiguous assignment.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from itertools import permutations
 from typing import Sequence
 
 from planc.memory import (
