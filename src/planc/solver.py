@@ -35,6 +35,7 @@ from planc.memory import (
     reserve_bytes,
     unit_costs,
 )
+from planc.errors import ModelError
 from planc.model_graph import ModelGraph
 
 INF = float("inf")
@@ -110,7 +111,8 @@ class _Problem:
     chain: list[str]
     pinned: dict[str, str]  # unit -> partner it shares a device with
     costs: dict  # backend -> unit -> UnitCost
-    orders: list = field(default_factory=list)
+    orders: list = field(init=False)  # GPU orders up to identical cards
+    masks: dict = field(init=False)  # backend -> (main device, other devices) mask bytes
 
     def __post_init__(self) -> None:
         self.orders = _orders(self.gpus) if self.gpus else [()]
@@ -132,7 +134,7 @@ def _split_chain(graph: ModelGraph) -> tuple[list[str], dict[str, str]]:
     chain = [unit.name for unit in graph.units if unit.name not in pinned]
     for unit, partner in pinned.items():
         if partner != chain[0]:
-            raise NotImplementedError(f"{unit} is tied to {partner}, which is not the first unit")
+            raise ModelError(f"{unit} is tied to {partner}, which does not run first: planc cannot place that tie yet")
     return chain, pinned
 
 
