@@ -116,16 +116,9 @@ def evaluate(graph, device_of: dict[str, int | str], plan, workload: Workload, r
 
 def largest_context(fits, upper: int) -> int:
     """Largest context in [1, upper] for which fits(context) holds (monotone), 0 if none."""
-    if fits(upper):
-        return upper
-    lo, hi = 0, upper
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    from planc.compile import largest_below
+
+    return upper if fits(upper) else largest_below(fits, upper)
 
 
 @dataclass(frozen=True)

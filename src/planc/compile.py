@@ -111,7 +111,7 @@ def _fits(graph, inventory, runtime, spec, batch: int, seq: int) -> bool:
     return isinstance(_solve(graph, inventory, runtime, spec, Workload(batch, seq, chunks[0]), levels[-1]), Placement)
 
 
-def _largest(predicate: Callable[[int], bool], upper: int) -> int:
+def largest_below(predicate: Callable[[int], bool], upper: int) -> int:
     """Largest x in [1, upper) with predicate(x) true (predicate monotone), 0 if none."""
     lo, hi = 0, upper
     while hi - lo > 1:
@@ -149,11 +149,11 @@ def _infeasible_message(graph, inventory, runtime, spec: Spec, closest) -> str:
         f"at batch {wl.batch_size} x {wl.max_seq_len} tokens"
     )
     hints = []
-    seq = _largest(lambda s: _fits(graph, inventory, runtime, spec, wl.batch_size, s), wl.max_seq_len)
+    seq = largest_below(lambda s: _fits(graph, inventory, runtime, spec, wl.batch_size, s), wl.max_seq_len)
     if seq:
         hints.append(f"max_seq_len {seq} at batch {wl.batch_size}")
     if wl.batch_size > 1:
-        batch = _largest(lambda b: _fits(graph, inventory, runtime, spec, b, wl.max_seq_len), wl.batch_size)
+        batch = largest_below(lambda b: _fits(graph, inventory, runtime, spec, b, wl.max_seq_len), wl.batch_size)
         if batch:
             hints.append(f"batch_size {batch} at {wl.max_seq_len} tokens")
     if spec.policy.offload != "disk" and inventory.gpus:

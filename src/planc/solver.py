@@ -21,7 +21,7 @@ brute force over every contiguous assignment.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 from planc.memory import (
@@ -161,8 +161,7 @@ class _Evaluator:
 
     def start(self, target: Target, is_main: bool) -> Load:
         if is_main:
-            e = self.main_extra
-            return Load(e.weights, e.kv_cache, e.layer_activation, e.layer_kv, e.logits, e.staging, True, e.mask, True)
+            return replace(self.main_extra)  # a fresh copy: the DP grows it unit by unit
         return Load(mask=self.p.masks[target.backend][1])
 
     def add(self, load: Load, target: Target, name: str) -> None:
