@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_CONFIGS = REPO.parent / "shared" / "model-configs"
+# Real config.json files of public models (provenance in bench/corpus/SOURCES.md).
+CORPUS = REPO / "bench" / "corpus"
 EXAMPLES = REPO / "examples"
 PLANS = REPO / "plans"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import REPO, SHARED_CONFIGS
+from conftest import REPO, CORPUS
 from planc.cli import main
 from planc.compile import compile_plan, installed_packages, ModelInput
 from planc.errors import InfeasibleError, ModelError, SpecError
@@ -39,7 +39,7 @@ def planc(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    shutil.copy(SHARED_CONFIGS / "qwen3-8b" / "config.json", tmp_path / "config.json")
+    shutil.copy(CORPUS / "qwen3-8b" / "config.json", tmp_path / "config.json")
     return tmp_path
 
 
@@ -130,18 +130,18 @@ def test_forcing_bf16_on_v100_is_refused(project):
 
 
 def _compile(spec, config_name: str):
-    config = json.loads((SHARED_CONFIGS / config_name / "config.json").read_text())
+    config = json.loads((CORPUS / config_name / "config.json").read_text())
     model = ModelInput(config, "sha256:0", {}, None, None, "config.json")
     return compile_plan(spec, resolve_inventory(spec.hardware), model, installed_packages(), None, build_model_graph)
 
 
 def _all_configs():
-    return sorted(p.name for p in SHARED_CONFIGS.iterdir() if (p / "config.json").exists())
+    return sorted(p.name for p in CORPUS.iterdir() if (p / "config.json").exists())
 
 
 @pytest.mark.parametrize("name", _all_configs())
 def test_every_shared_config_plans_or_is_refused_clearly(name):
-    config = json.loads((SHARED_CONFIGS / name / "config.json").read_text())
+    config = json.loads((CORPUS / name / "config.json").read_text())
     spec = parse_spec({"planc": 1, "model": {"config": "config.json"},
                        "hardware": {"gpus": [{"type": "h100-sxm", "count": 8}], "cpu_memory": "2TiB"},
                        "workload": {"batch_size": 1, "max_seq_len": 4096}, "policy": {"offload": "cpu"}})
@@ -186,7 +186,7 @@ def test_model_id_resolves_offline_from_the_hf_cache(tmp_path, monkeypatch):
     (repo / "refs" / "main").write_text(commit)
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True)
-    shutil.copy(SHARED_CONFIGS / "qwen3-0.6b" / "config.json", snapshot / "config.json")
+    shutil.copy(CORPUS / "qwen3-0.6b" / "config.json", snapshot / "config.json")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     spec = tmp_path / "spec.yaml"
     spec.write_text("planc: 1\nmodel: {id: acme/tiny}\nhardware: {gpus: [{type: t4}], cpu_memory: 8GiB}\n"

@@ -1,6 +1,6 @@
 """The ledger's KV cache sizes against transformers' real DynamicCache, per architecture family.
 
-Each real config from ../shared/model-configs is shrunk (same architecture, tiny dimensions) and run
+Each real config from bench/corpus is shrunk (same architecture, tiny dimensions) and run
 for real on the CPU; the bytes the cache actually holds must equal what the ledger predicts.
 """
 
@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from conftest import SHARED_CONFIGS
+from conftest import CORPUS
 from planc.memory import Workload, unit_kv_bytes
 from planc.model_graph import build_model_graph
 
@@ -20,7 +20,7 @@ WINDOW = 8
 
 
 def shrink(name: str) -> dict:
-    config = json.loads((SHARED_CONFIGS / name / "config.json").read_text())
+    config = json.loads((CORPUS / name / "config.json").read_text())
     config.pop("quantization_config", None)
     small = {
         "hidden_size": 64, "n_embd": 64, "intermediate_size": 128, "num_hidden_layers": 4, "n_layer": 4,

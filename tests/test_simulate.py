@@ -1,6 +1,6 @@
 """`planc simulate`: real plans executed on virtual GPUs (fake tensors), no GPU and no mocks.
 
-Plans are compiled from the real configs in ../shared/model-configs; the simulation builds the
+Plans are compiled from the real configs in bench/corpus; the simulation builds the
 real transformers model on meta, attaches accelerate's real hooks and runs a prefill and decode
 steps. Ledger agreement is asserted within LEDGER_TOLERANCE, chosen from measurements: over 60
 plans of the 27 shared configs, the ledger's tensors (total minus reserve) were within -6.8% ..
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import EXAMPLES, PLANS, SHARED_CONFIGS
+from conftest import EXAMPLES, PLANS, CORPUS
 from planc.cli import main
 from planc.compile import compile_spec
 from planc.plan import load_lock, write_if_changed
@@ -39,7 +39,7 @@ policy: {{offload: {offload}}}
 def compile_lock(folder: Path, config: str, gpus: str, seq: int, batch: int = 1, offload: str = "none") -> Path:
     """Compile a spec for `config` (a folder under model-configs) into folder/plan.lock."""
     folder.mkdir(parents=True, exist_ok=True)
-    config_data = json.loads((SHARED_CONFIGS / config / "config.json").read_text())
+    config_data = json.loads((CORPUS / config / "config.json").read_text())
     # planc refuses quantized checkpoints; their dense (bf16) release is what it plans.
     config_data.pop("quantization_config", None)
     (folder / "config.json").write_text(json.dumps(config_data))

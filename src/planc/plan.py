@@ -5,10 +5,14 @@ The lock is a product people commit and diff, so its bytes are a contract:
   whatever produced them); `device_map` is in execution order because accelerate takes the
   device of the first entry as its main device;
 - no timestamps, hostnames or absolute paths; sizes are integer bytes;
-- `plan_hash` is the sha256 of the canonical JSON of every other field, so a hand edit is caught.
+- `plan_hash` is the sha256 of the document as written: the parsed YAML without `plan_hash`, as
+  canonical JSON. It is never a dump of the model, whose fields grow: a lock written before an
+  optional field existed keeps verifying after a reader learns that field (conda-lock's
+  content_hash regret). It is a checksum against hand edits, not a signature.
 
-Compatibility: `format_version` is "MAJOR.MINOR". A reader accepts any lock of its own MAJOR;
-a MINOR bump only adds optional fields. A different MAJOR is refused with the version to install.
+Compatibility: `format_version` is "MAJOR.MINOR". A reader accepts every lock of its own MAJOR
+up to its own MINOR; a MINOR bump only adds optional fields (absent from the bytes when unset, see
+`optional`). A newer MINOR or another MAJOR is refused with what to install.
 """
 
 from __future__ import annotations
@@ -31,6 +35,22 @@ DeviceKey = Union[int, Literal["cpu", "disk"]]
 
 class _Lock(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def optional(description: str, default=None):
+    """A field added in a MINOR version: omitted from the lock's bytes while it holds its default.
+
+    So a plan that uses no newer feature is written as before, and older locks (which lack the
+    key) read back with the default.
+    """
+    return Field(default, description=description, exclude_if=lambda value: value == default)
+
+
+def document_sha256(document: dict) -> str:
+    """sha256 of a lock document (parsed YAML or a dump) without its plan_hash, as canonical JSON."""
+    body = {key: value for key, value in document.items() if key != "plan_hash"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 class WeightFile(_Lock):
@@ -157,14 +177,9 @@ class Plan(_Lock):
     decisions: list[Decision]
     plan_hash: str = ""
 
-    def body_sha256(self) -> str:
-        """sha256 of every field but plan_hash, as canonical JSON."""
-        body = self.model_dump(mode="json", exclude={"plan_hash"})
-        return "sha256:" + hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
     def sealed(self) -> "Plan":
-        """A copy with plan_hash filled in."""
-        return self.model_copy(update={"plan_hash": self.body_sha256()})
+        """A copy with plan_hash filled in: the hash of the document `dump_lock` writes."""
+        return self.model_copy(update={"plan_hash": document_sha256(self.model_dump(mode="json"))})
 
     def gpu_indices(self) -> list[int]:
         return [device.index for device in self.devices]
@@ -196,25 +211,44 @@ def parse_lock(text: str, source: str = "lock") -> Plan:
         raise LockError(f"{source}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(data, dict) or "format_version" not in data:
         raise LockError(f"{source}: not a planc lock (no format_version)")
-    version = str(data["format_version"])
-    if version.split(".")[0] != FORMAT_VERSION.split(".")[0]:
-        raise LockError(
-            f"{source}: lock format {version} is not readable by this planc (reads {FORMAT_VERSION.split('.')[0]}.x); "
-            "install the planc that wrote it or recompile"
-        )
+    _check_format_version(data["format_version"], source)
+    try:
+        expected = document_sha256(data)
+    except (TypeError, ValueError):
+        # Keys that are not strings, dates, NaN: nothing planc writes.
+        raise LockError(f"{source}: not a planc lock (values YAML reads as non-JSON types)") from None
     try:
         plan = Plan.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
         raise LockError(f"{source}: {where}: {err['msg']}") from None
-    expected = plan.body_sha256()
     if plan.plan_hash != expected:
         raise TamperedLockError(
             f"{source}: plan_hash does not match the contents (edited by hand?): "
             f"lock says {plan.plan_hash or 'nothing'}, contents hash to {expected}; recompile with planc compile"
         )
     return plan
+
+
+def _check_format_version(value: object, source: str) -> None:
+    """Accept MAJOR.MINOR of this reader's MAJOR and a MINOR no newer than its own."""
+    major, minor = (int(part) for part in FORMAT_VERSION.split("."))
+    text = str(value)
+    parts = text.split(".")
+    if len(parts) != 2 or not all(part.isdigit() for part in parts):
+        raise LockError(f"{source}: format_version {text!r} is not MAJOR.MINOR")
+    their_major, their_minor = int(parts[0]), int(parts[1])
+    if their_major != major:
+        raise LockError(
+            f"{source}: lock format {text} is not readable by this planc (reads {major}.0 to {FORMAT_VERSION}); "
+            "install the planc that wrote it or recompile"
+        )
+    if their_minor > minor:
+        raise LockError(
+            f"{source}: lock format {text} was written by a newer planc (this one reads up to {FORMAT_VERSION}); "
+            "upgrade planc to run it"
+        )
 
 
 def load_lock(path: str | Path) -> Plan:
