@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from conftest import REPO, CORPUS
 from planc.cli import main
 from planc.compile import compile_plan, installed_packages, ModelInput
-from planc.errors import InfeasibleError, ModelError, SpecError
+from planc.errors import InfeasibleError, SpecError
 from planc.hardware import resolve_inventory
 from planc.model import build_model_graph
 from planc.plan import dump_lock, parse_lock
@@ -145,11 +145,11 @@ def test_every_shared_config_plans_or_is_refused_clearly(name):
     spec = parse_spec({"planc": 1, "model": {"config": "config.json"},
                        "hardware": {"gpus": [{"type": "h100-sxm", "count": 8}], "cpu_memory": "2TiB"},
                        "workload": {"batch_size": 1, "max_seq_len": 4096}, "policy": {"offload": "cpu"}})
-    if config.get("quantization_config"):
-        with pytest.raises(ModelError, match="quantized checkpoint"):
-            _compile(spec, name)
-        return
     plan = _compile(spec, name)
+    if config.get("quantization_config"):
+        # H100s run fp8 and mxfp4 natively: planned in the checkpoint's layout, never as dense.
+        assert plan.quantization is not None and plan.quantization.weights == "native"
+        assert plan.model.weight_bytes < 0.6 * plan.quantization.dense_weight_bytes
     assert parse_lock(dump_lock(plan, "test")) == plan
     assert set(plan.device_map) and all(l.free >= 0 for l in plan.memory if l.device != "disk")
     layers = [k for k in plan.device_map if k.split(".")[-1].isdigit()]

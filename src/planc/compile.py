@@ -9,7 +9,7 @@ needs neither torch nor transformers.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
@@ -31,6 +31,7 @@ from planc.plan import (
     Packages,
     Plan,
     WeightFile,
+    WeightQuantization,
     dump_lock,
     load_lock,
 )
@@ -140,14 +141,20 @@ def _device_name(key, inventory: Inventory) -> str:
     return key.upper() if key == "cpu" else key
 
 
-def _infeasible_message(graph, inventory, runtime, spec: Spec, closest) -> str:
+def _infeasible_message(graph, inventory, runtime, spec: Spec, closest, builder: "_Builder") -> str:
     wl = spec.workload
     over = closest.overflowing() or list(closest.ledgers)
     parts = [_describe_ledger(ledger, _device_name(ledger.key, inventory)) for ledger in over]
-    head = (
-        f"{graph.architecture} ({graph.weight_bytes / GiB:.1f} GiB of weights in {graph.dtype}) does not fit "
-        f"at batch {wl.batch_size} x {wl.max_seq_len} tokens"
-    )
+    head = f"{graph.architecture} ({_weights_phrase(graph)}) does not fit at batch {wl.batch_size} x {wl.max_seq_len} tokens"
+    dequantized = _dequantizing_rule(graph, runtime)
+    if dequantized is not None:
+        # Dequantization is what the inventory forces; say so, and what the quantized layout weighs.
+        native = builder.graph(graph.dtype, graph.quantization.with_native(True))
+        head = (
+            f"{graph.architecture} is dequantized on this inventory: {dequantized.reason} (rule {dequantized.id}); "
+            f"it loads as {graph.weight_bytes / GiB:.1f} GiB of {graph.dtype} ({native.weight_bytes / GiB:.1f} GiB as "
+            f"{graph.quantization.method}) and does not fit at batch {wl.batch_size} x {wl.max_seq_len} tokens"
+        )
     hints = []
     seq = largest_below(lambda s: _fits(graph, inventory, runtime, spec, wl.batch_size, s), wl.max_seq_len)
     if seq:
@@ -164,11 +171,57 @@ def _infeasible_message(graph, inventory, runtime, spec: Spec, closest) -> str:
             if _fits(graph, inventory, runtime, relaxed, wl.batch_size, wl.max_seq_len):
                 hints.append(f"policy.offload: {level}")
                 break
+    hints += _quantization_hints(graph, inventory, spec, builder)
     fits = "; would fit: " + ", or ".join(hints) if hints else "; nothing smaller fits either: more or larger GPUs are needed"
     return f"{head}: " + "; ".join(parts) + fits
 
 
-def _model_facts(graph):
+def _weights_phrase(graph) -> str:
+    quantization = graph.quantization
+    if quantization is not None and quantization.native:
+        return f"{graph.weight_bytes / GiB:.1f} GiB of weights, {quantization.method} with the rest in {graph.dtype}"
+    return f"{graph.weight_bytes / GiB:.1f} GiB of weights in {graph.dtype}"
+
+
+def _dequantizing_rule(graph, runtime):
+    """The rule that made transformers' dequantization the plan's, when the GPUs force it (not on a CPU plan)."""
+    if graph.quantization is None or graph.quantization.native or not runtime.backend_per_gpu:
+        return None
+    return next((d for d in runtime.decisions if d.decision.endswith(" weights dequantized")), None)
+
+
+def _quantization_hints(graph, inventory, spec: Spec, builder: "_Builder") -> list[str]:
+    """What quantization would make the workload fit: bitsandbytes at load, or an fp8 KV cache."""
+    from planc.errors import ModelError
+    from planc.model.quant import load_quantization
+    from planc.rules import decide_runtime
+    from planc.spec import Quantize
+
+    wl = spec.workload
+    hints = []
+    if builder.quantization is None:
+        for method in ("bnb-8bit", "bnb-4bit"):
+            facts = replace(builder.facts, quantization=method)
+            try:
+                runtime = decide_runtime(inventory.gpus, facts, spec.model.dtype)
+            except SpecError:
+                continue  # the rules refuse it on this inventory (LLM.int8() below sm75)
+            quantized = builder.graph(runtime.dtype, load_quantization(Quantize(method=method), runtime.dtype))
+            if _fits(quantized, inventory, runtime, spec, wl.batch_size, wl.max_seq_len):
+                hints.append(f"model.quantize: {method}")
+                break
+    if spec.model.kv_cache is None:
+        try:
+            runtime = builder.runtime
+            fp8_cache = builder.graph(graph.dtype, graph.quantization, kv_cache="fp8")
+        except ModelError:
+            return hints  # sliding-window or hybrid layers: transformers refuses a quantized cache
+        if _fits(fp8_cache, inventory, runtime, spec, wl.batch_size, wl.max_seq_len):
+            hints.append("model.kv_cache: fp8")
+    return hints
+
+
+def _model_facts(graph, quantization: str | None = None):
     from planc.rules import ModelFacts
 
     return ModelFacts(
@@ -178,7 +231,44 @@ def _model_facts(graph):
         head_dim=max(graph.shapes.head_dim, graph.shapes.v_head_dim),
         forced_attn_implementation=graph.forced_attn_implementation,
         skip_keys=graph.skip_keys,
+        quantization=quantization,
     )
+
+
+@dataclass
+class _Builder:
+    """The model graphs a compile needs, each built once: per dtype, quantization (native or not) and KV cache."""
+
+    config: dict
+    trust: bool
+    kv_cache: str | None
+    quantization: object | None  # planc.model.quant.Quantization as the checkpoint or spec says, unresolved
+    requested: object | None  # spec.model.quantize
+    build: Callable
+    facts: object = None  # ModelFacts, once the probe graph is built
+    runtime: object = None  # the runtime of the inventory the graph is for
+    built: dict = field(default_factory=dict)
+
+    def graph(self, dtype: str, quantization, kv_cache: str | None = "default"):
+        kv = self.kv_cache if kv_cache == "default" else kv_cache
+        key = (dtype, quantization, kv)
+        if key not in self.built:
+            self.built[key] = self.build(self.config, dtype, self.trust, quantization=quantization, kv_cache=kv)
+        return self.built[key]
+
+    def resolved(self, runtime):
+        """The quantization as `runtime` has it: native or dequantized; bitsandbytes at the plan's compute dtype."""
+        from planc.model.quant import load_quantization
+
+        if self.quantization is None:
+            return None
+        if self.quantization.origin == "load":
+            return load_quantization(self.requested, runtime.dtype)
+        return self.quantization.with_native(runtime.quantized_weights == "native")
+
+    def for_runtime(self, runtime):
+        self.runtime = runtime
+        return self.graph(runtime.dtype, self.resolved(runtime))
 
 
 def compile_plan(
@@ -187,36 +277,55 @@ def compile_plan(
     model: ModelInput,
     packages: Packages,
     disk: str | None,
-    build_graph: Callable[[dict, str, bool], object],
+    build_graph: Callable[..., object],
 ) -> Plan:
-    """Compile a plan. Pure: everything it depends on is an argument."""
+    """Compile a plan. Pure: everything it depends on is an argument.
+
+    `build_graph(config, dtype, trust_remote_code, quantization=, kv_cache=)` builds the model graph
+    (planc.model.build_model_graph).
+    """
+    from planc.model.quant import quantization_of
     from planc.rules import decide_runtime
 
     if not inventory.gpus and spec.policy.offload == "none":
         raise SpecError("hardware.gpus is empty: a CPU-only plan needs policy.offload: cpu (or disk)")
     if spec.policy.offload == "disk" and not disk:
         raise SpecError("policy.offload is disk but hardware.disk names no offload folder")
-    trust = spec.model.trust_remote_code
     probe_dtype = "bfloat16" if spec.model.dtype == "auto" else spec.model.dtype
-    graph = build_graph(model.config, probe_dtype, trust)
-    runtime = decide_runtime(inventory.gpus, _model_facts(graph), spec.model.dtype)
-    if runtime.dtype != graph.dtype:
-        graph = build_graph(model.config, runtime.dtype, trust)
+    quantization = quantization_of(model.config, spec.model.quantize, probe_dtype)
+    if quantization is not None and quantization.origin == "load" and not inventory.gpus and spec.policy.offload == "disk":
+        raise SpecError(
+            f"model.quantize {quantization.method} on a CPU-only plan cannot offload to disk: with disk entries in the "
+            "device_map transformers keeps every CPU module unquantized (llm_int8_enable_fp32_cpu_offload)"
+        )
+    builder = _Builder(model.config, spec.model.trust_remote_code, spec.model.kv_cache, quantization,
+                       spec.model.quantize, build_graph)
+    # The rules' facts do not depend on the layout: probe with the dense (dequantized) model.
+    probe = builder.graph(probe_dtype, quantization.with_native(False) if quantization and quantization.origin == "checkpoint" else None)
+    method = quantization.method if quantization else None
+    builder.facts = _model_facts(probe, method)
+    runtime = decide_runtime(inventory.gpus, builder.facts, spec.model.dtype)
+    graph = builder.for_runtime(runtime)
 
     placement, chunk, closest = _place(graph, inventory, runtime, spec)
-    if placement is None:
-        raise InfeasibleError(_infeasible_message(graph, inventory, runtime, spec, closest))
     extra: list[Decision] = []
+    native = _native_subset(inventory, builder, spec, runtime)
+    if native is not None:
+        graph, runtime, placement, chunk, decision = native
+        extra.append(decision)
+    if placement is None:
+        builder.runtime = runtime
+        raise InfeasibleError(_infeasible_message(graph, inventory, runtime, spec, closest, builder))
     if spec.model.dtype == "auto":
         used = sorted({k for k in placement.device_of.values() if isinstance(k, int)})
         used_gpus = tuple(gpu for gpu in inventory.gpus if gpu.index in used)
-        narrowed = decide_runtime(used_gpus, _model_facts(graph), "auto") if used_gpus else runtime
-        if narrowed.dtype != runtime.dtype:
+        narrowed = decide_runtime(used_gpus, builder.facts, "auto") if used_gpus else runtime
+        if narrowed.dtype != runtime.dtype and narrowed.quantized_weights == runtime.quantized_weights:
             # The placement leaves the cards that forced the dtype idle: plan the used ones alone,
             # in the dtype they support (same bytes per element, so the same split still fits).
             idle = [gpu for gpu in inventory.gpus if gpu.index not in used]
             subset = Inventory(used_gpus, inventory.cpu_memory, inventory.disk)
-            regraph = build_graph(model.config, narrowed.dtype, trust)
+            regraph = builder.for_runtime(narrowed)
             replaced, rechunk, _ = _place(regraph, subset, narrowed, spec)
             if replaced is not None:
                 graph, runtime, placement, chunk = regraph, narrowed, replaced, rechunk
@@ -233,7 +342,95 @@ def compile_plan(
 
     decisions = [Decision(id=d.id, decision=d.decision, reason=d.reason, source=d.source) for d in runtime.decisions]
     decisions += _planner_decisions(spec, graph, placement, chunk, inventory) + extra
+    decisions += _quantization_decisions(spec, graph, placement)
     return _assemble(spec, inventory, model, packages, disk, graph, runtime, placement, chunk, decisions)
+
+
+def _native_subset(inventory: Inventory, builder: _Builder, spec: Spec, runtime):
+    """A dequantized checkpoint on a mixed inventory: the plan on the GPUs that hold it natively, if it fits there.
+
+    fp8 on sm89+ next to older cards: transformers checks only the current device, so the plan
+    itself must keep quantized weights off the older ones; natively the weights are about half
+    their dequantized size, so when the newer cards alone hold them the older ones are left idle.
+    Returns (graph, runtime, placement, chunk, decision) or None.
+    """
+    from planc.rules import decide_runtime
+
+    if builder.quantization is None or runtime.quantized_weights != "dequantized" or not inventory.gpus:
+        return None
+
+    def native_on(gpu) -> bool:
+        try:
+            return decide_runtime([gpu], builder.facts, spec.model.dtype).quantized_weights == "native"
+        except SpecError:
+            return False
+
+    native_gpus = tuple(gpu for gpu in inventory.gpus if native_on(gpu))
+    if not native_gpus or len(native_gpus) == len(inventory.gpus):
+        return None
+    sub_runtime = decide_runtime(native_gpus, builder.facts, spec.model.dtype)
+    subset = Inventory(native_gpus, inventory.cpu_memory, inventory.disk)
+    graph = builder.for_runtime(sub_runtime)
+    placement, chunk, _ = _place(graph, subset, sub_runtime, spec)
+    builder.runtime = runtime
+    if placement is None:
+        return None
+    idle = ", ".join(f"GPU {g.index} ({g.name}, sm{g.sm})" for g in inventory.gpus if g not in native_gpus)
+    decision = Decision(
+        id="solver.native-quantized-gpus",
+        decision=f"{graph.quantization.method} weights native on {len(native_gpus)} GPU(s); {idle} left unused",
+        reason=f"{graph.quantization.method} runs natively only on some GPUs of the inventory, and transformers checks "
+        f"only the current device: quantized weights on {idle} would fail at the first forward, and dequantizing "
+        f"them for every card would hold {builder.graph(runtime.dtype, builder.resolved(runtime)).weight_bytes / GiB:.1f} "
+        f"GiB instead of {graph.weight_bytes / GiB:.1f}; the GPUs that run it natively hold the whole plan",
+        source=SOLVER_SOURCE,
+    )
+    return graph, sub_runtime, placement, chunk, decision
+
+
+def _quantization_decisions(spec: Spec, graph, placement) -> list[Decision]:
+    """The layout the plan sized, what stays dense, and the quantized KV cache."""
+    quantization = graph.quantization
+    out = []
+    if quantization is not None:
+        layout = quantization.module.describe(quantization.config)
+        dense = ", ".join(graph.dense_modules) or "none"
+        held = "as quantized" if quantization.native else f"dequantized to {graph.dtype}"
+        out.append(
+            Decision(
+                id="quant.layout",
+                decision=f"{quantization.method} weights {held}: {graph.weight_bytes / GiB:.2f} GiB "
+                f"({graph.dense_weight_bytes / GiB:.2f} GiB dense)",
+                reason=(f"{layout}; left at {graph.dtype}: {dense}" if quantization.native else
+                        f"every weight at {graph.dtype}, as transformers holds it after dequantizing the checkpoint"),
+                source=f"planc.model.quant.{quantization.module.__name__.rsplit('.', 1)[-1]} (layout sized from "
+                "transformers' own modules on meta)",
+            )
+        )
+        offloaded = [name for name, device in placement.device_of.items() if device in ("cpu", "disk")]
+        if quantization.origin == "load" and offloaded and any(isinstance(d, int) for d in placement.device_of.values()):
+            out.append(
+                Decision(
+                    id="quant.offloaded-dense",
+                    decision=f"{len(offloaded)} offloaded units unquantized (llm_int8_enable_fp32_cpu_offload)",
+                    reason="bitsandbytes quantizes only what sits on a GPU: transformers adds the device_map's cpu and "
+                    f"disk entries to the modules it does not convert, so they are held and streamed in {graph.dtype}",
+                    source="transformers quantizers/quantizer_bnb_4bit.py: _process_model_before_weight_loading "
+                    "(keys_on_cpu)",
+                )
+            )
+    if spec.model.kv_cache is not None:
+        out.append(
+            Decision(
+                id="generation.kv-cache-quantized",
+                decision=f"KV cache in {spec.model.kv_cache} (cache_implementation quantized)",
+                reason="transformers' Fp8QuantizedLayer keeps keys and values as float8_e4m3fn with one fp32 scale each "
+                "per layer (half the bytes of a 16-bit cache); every update dequantizes the whole layer through fp32, "
+                "which the activations budget on each GPU",
+                source="transformers cache_utils.py: QuantizedCache, Fp8QuantizedLayer",
+            )
+        )
+    return out
 
 
 def _place(graph, inventory: Inventory, runtime, spec: Spec):
@@ -356,6 +553,7 @@ def _assemble(spec, inventory, model: ModelInput, packages, disk, graph, runtime
         host=Host(cpu_memory=inventory.cpu_memory, disk=disk),
         workload=LockWorkload(batch_size=spec.workload.batch_size, max_seq_len=spec.workload.max_seq_len),
         dtype=runtime.dtype,
+        quantization=_quantization_section(graph, runtime, placement),
         device_map=dict(placement.device_of),
         max_memory=max_memory,
         no_split_module_classes=list(graph.no_split_module_classes),
@@ -367,7 +565,12 @@ def _assemble(spec, inventory, model: ModelInput, packages, disk, graph, runtime
             per_device={str(k): v for k, v in sorted(runtime.backend_per_gpu.items())},
         ),
         env=dict(sorted(runtime.env.items())),
-        generation=Generation(prefill_chunk_size=chunk, experts_implementation=runtime.experts_implementation),
+        generation=Generation(
+            prefill_chunk_size=chunk,
+            experts_implementation=runtime.experts_implementation,
+            cache_implementation="quantized" if spec.model.kv_cache else None,
+            cache_config={"backend": spec.model.kv_cache} if spec.model.kv_cache else None,
+        ),
         memory=ledgers,
         objective=Objective(
             name=spec.policy.objective,
@@ -376,6 +579,36 @@ def _assemble(spec, inventory, model: ModelInput, packages, disk, graph, runtime
         ),
         decisions=decisions,
     ).sealed()
+
+
+def _quantization_section(graph, runtime, placement) -> WeightQuantization | None:
+    """The lock's record of the quantization: what from_pretrained gets, what stays dense, what the run needs."""
+    quantization = graph.quantization
+    if quantization is None:
+        return None
+    config = quantization.config
+    if quantization.origin == "checkpoint" and not quantization.native and "dequantize" in _loading_attributes(quantization):
+        config["dequantize"] = True
+    offloaded = any(device in ("cpu", "disk") for device in placement.device_of.values())
+    if quantization.origin == "load" and offloaded and runtime.backend_per_gpu:
+        config["llm_int8_enable_fp32_cpu_offload"] = True
+    return WeightQuantization(
+        method=quantization.method,
+        origin=quantization.origin,
+        weights="native" if quantization.native else "dequantized",
+        layout=quantization.module.describe(quantization.config) if quantization.native else f"dense {graph.dtype}",
+        config=config,
+        dense_weight_bytes=graph.dense_weight_bytes,
+        dense_modules=list(graph.dense_modules),
+        requires_packages=list(runtime.requires_packages),
+        requires_compute_capability=f"{runtime.requires_sm // 10}.{runtime.requires_sm % 10}"
+        if runtime.requires_sm and quantization.native else None,
+    )
+
+
+def _loading_attributes(quantization) -> set[str]:
+    """The quantization_config keys from_pretrained lets a caller override for this method."""
+    return {"fp8": {"dequantize"}, "mxfp4": {"dequantize"}}.get(quantization.method, set())
 
 
 # ---------------------------------------------------------------- I/O around the pure core

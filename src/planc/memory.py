@@ -82,7 +82,10 @@ def layer_activation_bytes(
     # and the rotary cos/sin tables.
     hidden = 4 * b * t * h * e + 2 * b * t * shapes.head_dim * e
     mixer = attention.transient_bytes(shapes, unit.cache, workload, dtype, backend)
-    return hidden + max(mixer, mlp.transient_bytes(shapes, unit.moe, workload, dtype, model_type))
+    # A quantized module's kernel allocates beside the block's own intermediates: bitsandbytes and
+    # the int-packed kernels dequantize a whole weight for a prefill; fp8 quantizes its input.
+    quantized = unit.quant_prefill_transient + unit.quant_token_transient * b * t
+    return hidden + max(mixer, mlp.transient_bytes(shapes, unit.moe, workload, dtype, model_type)) + quantized
 
 
 def logits_bytes(shapes: Shapes, workload: Workload, dtype: str) -> int:
@@ -90,16 +93,19 @@ def logits_bytes(shapes: Shapes, workload: Workload, dtype: str) -> int:
     return workload.batch_size * shapes.vocab_size * (DTYPE_BYTES[dtype] + 4)
 
 
-def decode_read_bytes(unit: Unit, shapes: Shapes, workload: Workload) -> int:
-    """Bytes one decode step reads from this unit's weights and cache (memory-bound estimate)."""
-    weights = unit.weight_bytes
+def decode_read_bytes(unit: Unit, shapes: Shapes, workload: Workload, offloaded: bool = False) -> int:
+    """Bytes one decode step reads from this unit's weights and cache (memory-bound estimate).
+
+    `offloaded`: the unit's weights live on the host (bitsandbytes keeps those dense).
+    """
+    weights = unit.host_weight_bytes if offloaded else unit.weight_bytes
     if unit.row_bytes:
-        weights = min(unit.weight_bytes, workload.batch_size * unit.row_bytes)
+        weights = min(weights, workload.batch_size * unit.row_bytes)
     if unit.expert_bytes and shapes.num_experts:
         # A step touches only the experts its tokens route to: expected distinct experts for
         # batch x top_k independent picks out of E.
         active = 1 - (1 - shapes.experts_per_token / shapes.num_experts) ** workload.batch_size
-        weights = unit.weight_bytes - unit.expert_bytes + int(unit.expert_bytes * active)
+        weights = weights - unit.expert_bytes + int(unit.expert_bytes * active)
     return weights + unit_kv_bytes(unit, workload)
 
 
@@ -159,6 +165,9 @@ class UnitCost:
     activation: int
     logits: int
     decode_bytes: int
+    host_weights: int = 0  # weights when the unit is offloaded (bitsandbytes: dense)
+    host_decode_bytes: int = 0  # decode_bytes when offloaded
+    offloadable: bool = True
 
 
 def unit_costs(graph: ModelGraph, workload: Workload, backend_of) -> dict[str, dict[str, UnitCost]]:
@@ -177,6 +186,9 @@ def unit_costs(graph: ModelGraph, workload: Workload, backend_of) -> dict[str, d
                 else 0,
                 logits=logits_bytes(shapes, workload, graph.dtype) if unit.kind == "post" and unit.name == graph.units[-1].name else 0,
                 decode_bytes=decode_read_bytes(unit, shapes, workload),
+                host_weights=unit.host_weight_bytes,
+                host_decode_bytes=decode_read_bytes(unit, shapes, workload, offloaded=True),
+                offloadable=unit.offloadable,
             )
         output[backend] = per_unit
     return output

@@ -22,14 +22,14 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from planc.errors import LockError, TamperedLockError
 
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
 DeviceKey = Union[int, Literal["cpu", "disk"]]
 
 
@@ -37,13 +37,30 @@ class _Lock(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def optional(description: str, default=None):
-    """A field added in a MINOR version: omitted from the lock's bytes while it holds its default.
+def optional(description: str, default=None, since: str = FORMAT_VERSION):
+    """A field added in MINOR version `since`: omitted from the lock's bytes while it holds its default.
 
-    So a plan that uses no newer feature is written as before, and older locks (which lack the
-    key) read back with the default.
+    So a plan that uses no newer feature is written as before, byte for byte and with the
+    format_version it had, and older locks (which lack the key) read back with the default. A
+    plan that sets the field is written with format_version `since` (at least), so a reader that
+    predates the field refuses it instead of dropping what it does not know.
     """
-    return Field(default, description=description, exclude_if=lambda value: value == default)
+    return Field(default, description=description, exclude_if=lambda value: value == default,
+                 json_schema_extra={"since": since})
+
+
+def required_version(model: BaseModel) -> str:
+    """The lowest format version that holds every field `model` sets (1.0 when it sets no newer one)."""
+    found = (1, 0)
+    for name, info in type(model).model_fields.items():
+        value = getattr(model, name)
+        since = (info.json_schema_extra or {}).get("since") if isinstance(info.json_schema_extra, dict) else None
+        if since is not None and value != info.default:
+            found = max(found, tuple(int(part) for part in since.split(".")))
+        for child in value if isinstance(value, list) else value.values() if isinstance(value, dict) else [value]:
+            if isinstance(child, BaseModel):
+                found = max(found, tuple(int(part) for part in required_version(child).split(".")))
+    return f"{found[0]}.{found[1]}"
 
 
 def document_sha256(document: dict) -> str:
@@ -122,6 +139,42 @@ class Generation(_Lock):
     experts_implementation: str | None = Field(None, description="MoE experts implementation, when it is pinned.")
     do_sample: bool = False
     seed: int = 0
+    cache_implementation: str | None = optional(
+        "generate's cache_implementation when it is not the default DynamicCache (1.1): quantized."
+    )
+    cache_config: dict[str, Any] | None = optional(
+        "generate's cache_config for that cache (1.1), e.g. {backend: fp8}."
+    )
+
+
+class WeightQuantization(_Lock):
+    """How the weights are quantized and held (1.1)."""
+
+    method: str = Field(
+        description="fp8 | mxfp4 | compressed-tensors | compressed-tensors-fp8 | gptq | awq (from the checkpoint) "
+        "or bnb-4bit | bnb-8bit (at load)."
+    )
+    origin: Literal["checkpoint", "load"] = Field(
+        description="checkpoint: the release is quantized; load: transformers quantizes while loading."
+    )
+    weights: Literal["native", "dequantized"] = Field(
+        description="native: the GPUs hold the quantized layout; dequantized: transformers converts it to the "
+        "plan's dtype at load, and the plan is sized dense."
+    )
+    layout: str = Field(description="What the quantized weights are held as, in words.")
+    config: dict[str, Any] = Field(description="The quantization_config `planc run` passes to from_pretrained.")
+    dense_weight_bytes: int = Field(description="The same weights dense at the plan's dtype, bytes.")
+    dense_modules: list[str] = Field(
+        default_factory=list,
+        description="Modules with weights left at the plan's dtype (layer numbers as *): lm_head, embeddings, "
+        "routers, fused experts the method does not convert, modules_to_not_convert.",
+    )
+    requires_packages: list[str] = Field(
+        default_factory=list, description="Requirements `planc run` checks before loading (the quantized kernels)."
+    )
+    requires_compute_capability: str | None = Field(
+        None, description="Compute capability every GPU holding quantized weights needs."
+    )
 
 
 class Ledger(_Lock):
@@ -154,13 +207,14 @@ class Decision(_Lock):
 class Plan(_Lock):
     """A compiled deployment plan (the contents of plan.lock)."""
 
-    format_version: str = FORMAT_VERSION
+    format_version: str = Field(FORMAT_VERSION, description="MAJOR.MINOR: the lowest version that reads this lock.")
     inputs: Inputs
     model: ModelInfo
     devices: list[Device]
     host: Host
     workload: Workload
     dtype: Literal["bfloat16", "float16", "float32"]
+    quantization: WeightQuantization | None = optional("Quantized weights (1.1); absent for dense weights.")
     device_map: dict[str, DeviceKey] = Field(description="accelerate device_map, in execution order.")
     max_memory: dict[str, int] = Field(
         description="Per-device weight budget (bytes) after KV, activations and reserve: what accelerate's "
@@ -178,8 +232,10 @@ class Plan(_Lock):
     plan_hash: str = ""
 
     def sealed(self) -> "Plan":
-        """A copy with plan_hash filled in: the hash of the document `dump_lock` writes."""
-        return self.model_copy(update={"plan_hash": document_sha256(self.model_dump(mode="json"))})
+        """A copy with format_version as low as its fields allow and plan_hash filled in (the hash of
+        the document `dump_lock` writes)."""
+        versioned = self.model_copy(update={"format_version": required_version(self)})
+        return versioned.model_copy(update={"plan_hash": document_sha256(versioned.model_dump(mode="json"))})
 
     def gpu_indices(self) -> list[int]:
         return [device.index for device in self.devices]

@@ -36,7 +36,8 @@ from planc.hardware import Gpu
 DTYPES = ("bfloat16", "float16", "float32")
 BACKENDS = ("flash", "efficient", "cudnn", "math")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
-STAGES = ("dtype", "attention", "kernels", "sdpa", "env", "experts", "dispatch")
+STAGES = ("quantization", "dtype", "attention", "kernels", "sdpa", "env", "experts", "dispatch")
+WEIGHTS = ("native", "dequantized")
 PER_GPU_STAGE = "kernels"
 
 _RULE_KEYS = ("id", "when", "effect", "reason", "source")
@@ -54,6 +55,7 @@ _PLACEHOLDERS = frozenset(
         "attn_implementation",
         "arch_list",
         "skip_keys",
+        "quantization",
     }
 )
 
@@ -68,6 +70,7 @@ class ModelFacts:
     head_dim: int
     forced_attn_implementation: str | None
     skip_keys: tuple[str, ...]
+    quantization: str | None = None  # planc's method name (planc.model.quant), None for dense weights
 
     def __post_init__(self):
         # The caller normalises config.dtype; anything else here is a bug in the caller.
@@ -96,6 +99,9 @@ class Runtime:
     env: dict[str, str]
     experts_implementation: str | None
     decisions: tuple[RuleDecision, ...]
+    quantized_weights: str | None = None  # native | dequantized, for a quantized model
+    requires_packages: tuple[str, ...] = ()  # requirement strings the run needs for the quantized kernels
+    requires_sm: int | None = None  # the compute capability the quantized weights need on every GPU holding them
 
 
 @dataclass(frozen=True)
@@ -138,6 +144,9 @@ class _State:
     disabled: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     experts_implementation: str | None = None
+    quantized_weights: str | None = None
+    requires_packages: list[str] = field(default_factory=list)
+    requires_sm: int | None = None
     setters: dict[str, str] = field(default_factory=dict)
     decisions: list[RuleDecision] = field(default_factory=list)
     gpu: Gpu | None = None  # the GPU a per-GPU rule is being evaluated for
@@ -152,7 +161,7 @@ Match = tuple[Gpu, ...] | None
 class _Condition:
     parse: Callable[[object], object]
     test: Callable[[_State, object], Match]
-    available_from: str = "dtype"
+    available_from: str = STAGES[0]
     per_gpu_only: bool = False
 
 
@@ -225,6 +234,8 @@ _CONDITIONS: dict[str, _Condition] = {
         _parse_names, lambda s, v: _holds(s.facts.forced_attn_implementation in v)
     ),
     "has_skip_keys": _Condition(_parse_bool, lambda s, v: _holds(bool(s.facts.skip_keys) == v)),
+    # planc's name of the quantization method (planc.model.quant), null for dense weights.
+    "quantization": _Condition(_parse_names, lambda s, v: _holds(s.facts.quantization in v)),
     "has_gpus": _Condition(_parse_bool, lambda s, v: _holds(bool(s.gpus) == v)),
     "multi_gpu": _Condition(_parse_bool, lambda s, v: _holds((len(s.gpus) > 1) == v)),
     # Each any_gpu_* key needs some GPU of its own; they are not required to be the same GPU.
@@ -234,6 +245,7 @@ _CONDITIONS: dict[str, _Condition] = {
     # Holds vacuously without GPUs: pair it with `has_gpus: true`.
     "every_gpu_sm_at_least": _Condition(_parse_int, lambda s, v: _holds(all(g.sm >= v for g in s.gpus))),
     "dtype": _Condition(_parse_choice(*DTYPES), lambda s, v: _holds(s.dtype in v), available_from="attention"),
+    "weights": _Condition(_parse_choice(*WEIGHTS), lambda s, v: _holds(s.quantized_weights in v), "dtype"),
     "attn_implementation": _Condition(
         _parse_choice(*ATTN_IMPLEMENTATIONS), lambda s, v: _holds(s.attn_implementation in v), "kernels"
     ),
@@ -278,6 +290,19 @@ def _parse_env(value: object) -> tuple[tuple[str, str], ...]:
     return tuple(value.items())
 
 
+def _parse_requirements(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ValueError(f"expected a list of requirement strings such as 'kernels>=0.18.2,<0.19', got {value!r}")
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    for text in value:
+        try:
+            Requirement(text)
+        except InvalidRequirement as err:
+            raise ValueError(f"{text!r} is not a requirement: {err}") from None
+    return tuple(value)
+
+
 def _parse_text(value: object) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"expected a sentence, got {value!r}")
@@ -318,6 +343,9 @@ _EFFECTS: dict[str, _Effect] = {
     "disable_backend": _Effect(_parse_backends, ("sdpa",)),
     "env": _Effect(_parse_env, ("sdpa", "env")),
     "experts_implementation": _Effect(_parse_one("eager", "grouped_mm", "batched_mm"), ("experts",)),
+    "weights": _Effect(_parse_one(*WEIGHTS), ("quantization",)),
+    "requires_packages": _Effect(_parse_requirements, ("quantization",)),
+    "requires_sm": _Effect(_parse_int, ("quantization",)),
     "note": _Effect(_parse_text, _PLAN_STAGES),
     "warn": _Effect(_parse_text, _PLAN_STAGES),
 }
@@ -355,6 +383,15 @@ def _apply(rule: Rule, about: tuple[Gpu, ...], state: _State) -> None:
         elif key in ("attn_implementation", "experts_implementation"):
             _set_once(state, rule, key, value)
             phrases.append(f"{key} {value}")
+        elif key == "weights":
+            _set_once(state, rule, "quantized_weights", value)
+            phrases.append(f"{state.facts.quantization} weights {value}")
+        elif key == "requires_packages":
+            state.requires_packages.extend(v for v in value if v not in state.requires_packages)
+            phrases.append("needs " + ", ".join(value))
+        elif key == "requires_sm":
+            _set_once(state, rule, "requires_sm", value)
+            phrases.append(f"every GPU holding them sm{value}+")
         elif key == "prefill_backend":
             _set_once(state, rule, key, value)
             phrases.append(f"prefill attention on {value} on every GPU")
@@ -448,6 +485,7 @@ def _placeholders(state: _State, about: tuple[Gpu, ...]) -> dict[str, str]:
         "attn_implementation": state.attn_implementation or "undecided",
         "arch_list": arch_list(state.gpus),
         "skip_keys": ", ".join(facts.skip_keys) or "none",
+        "quantization": facts.quantization or "none",
     }
 
 
@@ -602,6 +640,8 @@ def decide_runtime(gpus: Sequence[Gpu], facts: ModelFacts, requested_dtype: str)
             about = _evaluate(rule.when, state)
             if about is not None:
                 _apply(rule, about or state.gpus, state)
+        if stage == "quantization" and facts.quantization and state.quantized_weights is None:
+            raise RuntimeError(f"no quantization rule decides native or dequantized for {facts.quantization}")
         if stage == "dtype" and state.dtype is None:
             raise RuntimeError(f"no dtype rule matched requested {requested_dtype!r} on {_describe_gpus(state.gpus)}")
     return _runtime(state)
@@ -637,4 +677,7 @@ def _runtime(state: _State) -> Runtime:
         env=dict(sorted(state.env.items())),
         experts_implementation=state.experts_implementation,
         decisions=tuple(state.decisions),
+        quantized_weights=state.quantized_weights,
+        requires_packages=tuple(state.requires_packages),
+        requires_sm=state.requires_sm,
     )

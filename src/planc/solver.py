@@ -150,7 +150,7 @@ class _Evaluator:
             extra.add(problem.cost(main.backend, name), resident=False)
         for name in problem.pinned:
             extra.add(problem.cost(main.backend, name))
-        extra.staging = max((problem.cost(main.backend, n).weights for n in offloaded), default=0)
+        extra.staging = max((problem.cost(main.backend, n).host_weights for n in offloaded), default=0)
         self.main_extra = extra
 
     def ledger(self, target: Target, names: Sequence[str], is_main: bool) -> DeviceLedger:
@@ -203,7 +203,9 @@ def _offload_split(problem: _Problem, offloaded: list[str], main: Target | None)
         for name in offloaded:
             fixed.add(problem.cost(cpu.backend, name), resident=False)
     activations = fixed.activations(problem.graph.shapes, problem.workload, problem.graph.dtype)
-    weights = [problem.cost(cpu.backend, name).weights for name in offloaded]
+    # Weights kept for a GPU to stream in are the host copies (bitsandbytes leaves those dense); a
+    # CPU-only plan holds them as the CPU runs them.
+    weights = [_host_cost(problem, cpu, name, executing_on_cpu)[0] for name in offloaded]
     kept = None
     resident = 0
     for prefix in range(len(offloaded) + 1):
@@ -225,14 +227,22 @@ def _offload_split(problem: _Problem, offloaded: list[str], main: Target | None)
     # ones are read from disk first.
     cost = 0
     for name in offloaded:
-        c = problem.cost(cpu.backend, name)
+        held, read = _host_cost(problem, cpu, name, executing_on_cpu)
         if executing_on_cpu:
-            cost += -(-c.decode_bytes * PICO // CPU_BANDWIDTH)
+            cost += -(-read * PICO // CPU_BANDWIDTH)
         else:
-            cost += -(-c.weights * PICO // PCIE_BANDWIDTH) + -(-c.decode_bytes * PICO // main.bandwidth)
+            cost += -(-held * PICO // PCIE_BANDWIDTH) + -(-read * PICO // main.bandwidth)
         if name in on_disk:
-            cost += -(-c.weights * PICO // DISK_BANDWIDTH)
+            cost += -(-held * PICO // DISK_BANDWIDTH)
     return on_cpu, on_disk, cost
+
+
+def _host_cost(problem: _Problem, cpu: Target, name: str, executing_on_cpu: bool) -> tuple[int, int]:
+    """(bytes held on the host, bytes a decode step reads) of an offloaded unit."""
+    c = problem.cost(cpu.backend, name)
+    if executing_on_cpu:
+        return c.weights, c.decode_bytes
+    return c.host_weights, c.host_decode_bytes
 
 
 def _orders(gpus: list[Target]) -> list[tuple[Target, ...]]:
@@ -278,6 +288,8 @@ def _solve_fixed(problem: _Problem, order: tuple[Target, ...], m: int, cap: floa
         return (0, offload_cost, 0.0, [], (on_cpu, on_disk)) if n == 0 else None
     if n == 0:
         return None  # the main GPU must run the first unit
+    if any(not problem.cost(main.backend, name).offloadable for name in offloaded):
+        return None  # weights accelerate cannot stream from the host (mxfp4's swizzled experts)
     ev = _Evaluator(problem, main, offloaded)
     k = len(order)
     # best[i]: (cost, util) having placed chain[:i] on the devices so far; parents for the path.
@@ -437,7 +449,7 @@ def _host_ledgers(problem: _Problem, main: Target | None, on_cpu: list[str], on_
         if executing:
             load.add(c, resident=name in on_cpu)
         else:
-            load.weights += c.weights
+            load.weights += c.host_weights
     if executing and on_disk:
         load.staging = max(problem.cost(cpu.backend, n).weights for n in on_disk)
     if on_cpu or executing:
@@ -446,7 +458,7 @@ def _host_ledgers(problem: _Problem, main: Target | None, on_cpu: list[str], on_
         ledgers.append(DeviceLedger("cpu", cpu.capacity, 0, reserve, load.weights, load.kv_cache, activations,
                                     load.staging, tuple(on_cpu)))
     if on_disk:
-        weights = sum(problem.cost(cpu.backend, n).weights for n in on_disk)
+        weights = sum(_host_cost(problem, cpu, n, executing)[0] for n in on_disk)
         ledgers.append(DeviceLedger("disk", 0, 0, 0, weights, 0, 0, 0, tuple(on_disk)))
     return ledgers
 

@@ -28,6 +28,38 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Quantize(_Strict):
+    """Quantize a dense checkpoint while loading it (bitsandbytes through transformers' BitsAndBytesConfig)."""
+
+    method: Literal["bnb-4bit", "bnb-8bit"] = Field(
+        description="bnb-4bit: 4-bit weights (packed, absmax per 64 weights); bnb-8bit: LLM.int8() int8 weights "
+        "with a scale per output row (sm75+)."
+    )
+    quant_type: Literal["fp4", "nf4"] = Field(
+        "fp4", description="bnb-4bit's value table (bnb_4bit_quant_type); nf4 is what QLoRA uses. fp4 is "
+        "transformers' default."
+    )
+    double_quant: bool = Field(
+        False, description="bnb-4bit: quantize the absmax scales too (bnb_4bit_use_double_quant), about 0.37 bits "
+        "per weight less."
+    )
+    skip_modules: list[str] = Field(
+        default_factory=list, description="Module names or patterns left unquantized (llm_int8_skip_modules); when "
+        "given they replace transformers' default skips (lm_head and tied modules)."
+    )
+
+    @model_validator(mode="after")
+    def _four_bit_options(self) -> "Quantize":
+        if self.method == "bnb-8bit" and (self.quant_type != "fp4" or self.double_quant):
+            raise ValueError("quant_type and double_quant are bnb-4bit options")
+        return self
+
+
+def _quantize_shorthand(value: Any) -> Any:
+    """`quantize: bnb-4bit` is `quantize: {method: bnb-4bit}` (one canonical form, one hash)."""
+    return {"method": value} if isinstance(value, str) else value
+
+
 class ModelSource(_Strict):
     """Where the model comes from: exactly one of `id`, `path`, `config`."""
 
@@ -41,6 +73,22 @@ class ModelSource(_Strict):
         "auto", description="Weight and compute dtype; `auto` lets the rules pick from the GPUs and the checkpoint."
     )
     trust_remote_code: bool = Field(False, description="Allow model code shipped with the checkpoint.")
+    # Added in planc 0.2: omitted from the canonical spec while unset, so earlier specs hash as before.
+    quantize: Annotated[
+        Quantize | None,
+        BeforeValidator(_quantize_shorthand, json_schema_input_type=Union[Literal["bnb-4bit", "bnb-8bit"], Quantize, None]),
+    ] = Field(
+        None,
+        description="Quantize the weights while loading: bnb-4bit | bnb-8bit, or a mapping with options. Not for a "
+        "checkpoint that is already quantized (fp8, mxfp4, GPTQ, AWQ, compressed-tensors are read from its config).",
+        exclude_if=lambda value: value is None,
+    )
+    kv_cache: Literal["fp8"] | None = Field(
+        None,
+        description="Store the KV cache quantized: fp8 (transformers' QuantizedCache backend fp8, 1 byte per element "
+        "and a per-tensor scale per layer). Full-attention models only; unset keeps the model dtype.",
+        exclude_if=lambda value: value is None,
+    )
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> "ModelSource":

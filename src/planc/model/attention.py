@@ -22,6 +22,38 @@ def kv_bytes_per_token(shapes: Shapes, dtype: str) -> int:
     return shapes.num_key_value_heads * (shapes.head_dim + shapes.v_head_dim) * element
 
 
+def kv_elements_per_token(shapes: Shapes) -> tuple[int, int]:
+    """Key and value elements one token adds to one layer's cache (MLA: the latent as keys, the rotary key as values)."""
+    if shapes.mla_latent_dim:
+        return shapes.mla_key_dim, shapes.mla_latent_dim - shapes.mla_key_dim
+    return shapes.num_key_value_heads * shapes.head_dim, shapes.num_key_value_heads * shapes.v_head_dim
+
+
+# QuantizedCache backends planc sizes: bytes per cached element, and the per-layer scales.
+QUANTIZED_KV = {"fp8": (1, 2 * 4)}  # float8_e4m3fn states; one fp32 scale for keys and one for values per layer
+
+
+def quantized_layer_cache(shapes: Shapes, backend: str) -> LayerCache:
+    """A full-attention layer in transformers' Fp8QuantizedLayer: fp8 keys and values, per-tensor fp32 scales."""
+    element, scales = QUANTIZED_KV[backend]
+    keys, values = kv_elements_per_token(shapes)
+    return LayerCache("full_attention", (keys + values) * element, None, quantized=backend, fixed_bytes=scales)
+
+
+def dequantized_kv_bytes(shapes: Shapes, workload: Workload, dtype: str, mixer: int) -> int:
+    """Peak of one quantized-cache update plus the attention that reads its result.
+
+    Fp8QuantizedLayer.update appends the new fp8 states, then dequantizes the whole layer:
+    `(quantized.float() * scale).to(dtype)` holds two fp32 copies (4 + 4 bytes per element), keys
+    first, then values while the keys' result (in the model dtype) is alive; attention then runs on
+    both in the model dtype. The first (prefill) update quantizes its states the same way.
+    """
+    e = DTYPE_BYTES[dtype]
+    rows = workload.batch_size * workload.max_seq_len
+    keys, values = (rows * n for n in kv_elements_per_token(shapes))
+    return max(8 * keys, e * keys + 8 * values, e * (keys + values) + mixer)
+
+
 def layer_cache(layer_type: str, layer_kwargs: dict, shapes: Shapes, dtype: str) -> LayerCache:
     """The cache of one attention layer of `layer_type` (one of LAYER_TYPES)."""
     window = None if layer_type == "full_attention" else int(layer_kwargs["sliding_window"])
@@ -68,7 +100,10 @@ def transient_bytes(shapes: Shapes, cache: LayerCache | None, workload: Workload
     else:
         scores = 0
     attn_out = b * t * heads * d_v * e
-    return qkv + expanded + scores + attn_out
+    mixer = qkv + expanded + scores + attn_out
+    if cache is not None and cache.quantized:
+        return dequantized_kv_bytes(shapes, workload, dtype, mixer)
+    return mixer
 
 
 def mask_bytes(units, workload: Workload, backend: str, dtype: str) -> tuple[int, int]:

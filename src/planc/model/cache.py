@@ -21,6 +21,8 @@ class LayerCache:
     bytes_per_token: int = 0
     window: int | None = None  # keeps at most this many tokens between steps
     state_bytes: int = 0  # fixed per sequence whatever the context (recurrent / convolution states)
+    quantized: str | None = None  # the QuantizedCache backend storing it (fp8), None for the model dtype
+    fixed_bytes: int = 0  # per layer whatever the batch (a quantized cache's scales)
 
     def tokens_held(self, workload: Workload) -> int:
         """Tokens of cache the layer holds at its peak.
@@ -34,17 +36,29 @@ class LayerCache:
 
     def bytes(self, workload: Workload) -> int:
         """Peak cache bytes of this layer for the whole batch."""
-        return workload.batch_size * (self.tokens_held(workload) * self.bytes_per_token + self.state_bytes)
+        return workload.batch_size * (self.tokens_held(workload) * self.bytes_per_token + self.state_bytes) + self.fixed_bytes
 
 
-def layer_caches(config, shapes, dtype: str) -> list[LayerCache]:
-    """Per decoder layer, the cache transformers builds for it (after its remap of legacy names)."""
+def layer_caches(config, shapes, dtype: str, kv_cache: str | None = None) -> list[LayerCache]:
+    """Per decoder layer, the cache transformers builds for it (after its remap of legacy names).
+
+    `kv_cache` "fp8": transformers' QuantizedCache(backend="fp8"), which refuses any layer type but
+    full attention (cache_utils.py: QuantizedCache.__init__), and so does planc.
+    """
     from transformers.cache_utils import get_layer_types_and_kwargs
 
     from planc.model import attention
     from planc.model.config import text_config
 
     layer_types, kwargs = get_layer_types_and_kwargs(text_config(config))
+    if kv_cache is not None:
+        others = sorted(set(layer_types) - {"full_attention"})
+        if others:
+            raise ModelError(
+                f"model.kv_cache {kv_cache}: transformers' QuantizedCache takes only full-attention layers, and "
+                f"{config.model_type} has {', '.join(others)} layers"
+            )
+        return [attention.quantized_layer_cache(shapes, kv_cache) for _ in layer_types]
     caches = []
     for layer_type, layer_kwargs in zip(layer_types, kwargs):
         if layer_type in attention.LAYER_TYPES:

@@ -27,6 +27,7 @@ class Shapes:
     moe_intermediate_size: int = 0
     shared_intermediate_size: int = 0
     mla_latent_dim: int = 0  # kv_lora_rank + qk_rope_head_dim when the cache holds MLA latents
+    mla_key_dim: int = 0  # kv_lora_rank: the part of the latent cached as "keys" (the rotary key is the "values")
 
 
 def checkpoint_dtype(config: dict[str, Any]) -> str | None:
@@ -43,13 +44,6 @@ def make_config(config_dict: dict[str, Any], trust_remote_code: bool = False):
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    quant = config_dict.get("quantization_config")
-    if quant:
-        method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
-        raise ModelError(
-            f"quantized checkpoint ({method}): planc does not size {method} weights yet and will not plan them as "
-            "if they were dense; plan a dense (bf16/fp16) release of this model instead"
-        )
     model_type = config_dict["model_type"]
     if model_type not in CONFIG_MAPPING:
         if not trust_remote_code:
@@ -106,4 +100,5 @@ def shapes_of(config) -> Shapes:
         moe_intermediate_size=moe_intermediate,
         shared_intermediate_size=shared,
         mla_latent_dim=mla_latent,
+        mla_key_dim=mla_rank,
     )

@@ -20,6 +20,8 @@ from planc.model.config import Shapes, checkpoint_dtype, shapes_of
 if TYPE_CHECKING:
     import networkx as nx
 
+    from planc.model.quant import Quantization
+
 
 @dataclass(frozen=True)
 class Unit:
@@ -33,6 +35,16 @@ class Unit:
     moe: bool = False
     expert_bytes: int = 0  # routed-expert weights (fused 3-D parameters); a decode step reads only some
     row_bytes: int = 0  # an untied embedding table: a decode step reads one row per sequence, not the table
+    # Quantized units (planc.model.quant.Held of the modules inside):
+    host_bytes: int | None = None  # weights when offloaded to cpu/disk, if not weight_bytes (bnb leaves those dense)
+    offloadable: bool = True  # accelerate can keep its weights on the host (mxfp4's swizzled experts it cannot)
+    quant_prefill_transient: int = 0  # a quantized kernel's largest allocation per call (a dequantized weight)
+    quant_token_transient: int = 0  # ... and per token of the step
+
+    @property
+    def host_weight_bytes(self) -> int:
+        """Bytes of the unit's weights when they live on the host."""
+        return self.weight_bytes if self.host_bytes is None else self.host_bytes
 
 
 @dataclass(frozen=True)
@@ -51,6 +63,9 @@ class ModelGraph:
     shapes: Shapes
     checkpoint_dtype: str | None
     forced_attn_implementation: str | None
+    quantization: "Quantization | None" = None  # with its native flag as built
+    dense_modules: tuple[str, ...] = ()  # modules with weights left at the plan's dtype (patterns)
+    dense_weight_bytes: int = 0  # the same weights dense at the plan's dtype
 
     @property
     def weight_bytes(self) -> int:
@@ -73,12 +88,23 @@ def _tensor_bytes(tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def build_model_graph(config_dict: dict[str, Any], dtype: str, trust_remote_code: bool = False) -> ModelGraph:
-    """Build the model on the meta device at `dtype` and cut it into placement units."""
+def build_model_graph(
+    config_dict: dict[str, Any],
+    dtype: str,
+    trust_remote_code: bool = False,
+    quantization: "Quantization | None" = None,
+    kv_cache: str | None = None,
+) -> ModelGraph:
+    """Build the model on the meta device at `dtype` (in `quantization`'s layout) and cut it into placement units.
+
+    `kv_cache`: the QuantizedCache backend the KV cache is stored with (fp8), None for the model dtype.
+    """
     import torch
     from accelerate.utils import find_tied_parameters
 
-    model = meta_model(config_dict, dtype, trust_remote_code)
+    from planc.model.quant import dense_module_patterns, held
+
+    model = meta_model(config_dict, dtype, trust_remote_code, quantization=quantization)
     config = model.config
     shapes = shapes_of(config)
     no_split = tuple(sorted(model._no_split_modules or ()))
@@ -110,7 +136,7 @@ def build_model_graph(config_dict: dict[str, Any], dtype: str, trust_remote_code
     if layer_prefix is None:
         raise ModelError(f"{type(model).__name__}: no {', '.join(no_split)} block found")
     layer_names = [name for name, module, _ in raw_units if module is not None and type(module).__name__ in no_split]
-    caches = layer_caches(config, shapes, dtype)
+    caches = layer_caches(config, shapes, dtype, kv_cache)
     if len(caches) != len(layer_names):
         raise ModelError(f"config describes {len(caches)} cache layers for {len(layer_names)} decoder layers")
 
@@ -131,21 +157,28 @@ def build_model_graph(config_dict: dict[str, Any], dtype: str, trust_remote_code
             owners[id(t)] = name
         if not tensors:
             continue  # parameter-free modules (dropout, activations) need no placement
-        weight = sum(_tensor_bytes(t) for t in unique)
+        records = [held(m) for m in module.modules()] if module is not None else []
+        records = [record for record in records if record is not None]
+        # State a quantized module keeps outside its tensors (mxfp4 scales, bitsandbytes' quant state).
+        weight = sum(_tensor_bytes(t) for t in unique) + sum(r.hidden_bytes for r in records)
+        quant = _quantized_terms(weight, records, quantization)
         if module is not None and type(module).__name__ in no_split:
-            # transformers 5 stores routed experts as fused 3-D parameters.
+            # transformers 5 stores routed experts as fused 3-D parameters (quantized ones with their scales).
             experts = sum(_tensor_bytes(t) for t in unique if t.dim() == 3)
-            layers.append(Unit(name, weight, "layer", layer_index, caches[layer_index], experts > 0, experts))
+            experts += sum(_expert_hidden_bytes(m) for m in module.modules())
+            layers.append(Unit(name, weight, "layer", layer_index, caches[layer_index], experts > 0, experts, **quant))
             layer_index += 1
         elif is_post(name, module):
-            post.append(Unit(name, weight, "post"))
+            post.append(Unit(name, weight, "post", **quant))
         else:
             # An embedding's decode step reads one row per sequence, unless lm_head reads it whole.
             row = 0
             if isinstance(module, torch.nn.Embedding) and f"{name}.weight" not in tied_names:
                 row = module.embedding_dim * module.weight.element_size()
-            pre.append(Unit(name, weight, "pre", row_bytes=row))
+            pre.append(Unit(name, weight, "pre", row_bytes=row, **quant))
     units = tuple(pre + layers + post)
+    all_records = [r for r in (held(m) for m in model.modules()) if r is not None]
+    dense_bytes = sum(u.weight_bytes for u in units) + sum(r.dense_bytes - r.quantized_bytes for r in all_records)
 
     import networkx as nx
 
@@ -164,7 +197,10 @@ def build_model_graph(config_dict: dict[str, Any], dtype: str, trust_remote_code
         for a, b in zip(owners_of_group, owners_of_group[1:]):
             graph.add_edge(a, b, kind="tied")
 
-    parameters = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    # Parameters as the dense model counts them: packed layouts hold fewer (or more) elements.
+    inside_quantized = {id(p) for m in model.modules() if held(m) is not None for p in m.parameters()}
+    parameters = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in inside_quantized)
+    parameters += sum(r.dense_parameters for r in all_records)
     # Some architectures (Gemma-2, gpt-oss) resolve to eager attention whatever we ask for.
     forced_attn = "eager" if getattr(model.config, "_attn_implementation", None) == "eager" else None
     skip = model._skip_keys_device_placement or ()
@@ -182,4 +218,31 @@ def build_model_graph(config_dict: dict[str, Any], dtype: str, trust_remote_code
         shapes=shapes,
         checkpoint_dtype=checkpoint_dtype(config_dict),
         forced_attn_implementation=forced_attn,
+        quantization=quantization,
+        dense_modules=tuple(dense_module_patterns(model)) if quantization is not None and quantization.native else (),
+        dense_weight_bytes=dense_bytes,
     )
+
+
+def _quantized_terms(weight: int, records, quantization) -> dict[str, Any]:
+    """A unit's quantization fields from the Held records of the modules inside it."""
+    if not records:
+        return {}
+    terms: dict[str, Any] = {
+        "offloadable": all(r.offloadable for r in records),
+        "quant_prefill_transient": max(r.prefill_transient for r in records),
+        "quant_token_transient": max(r.token_transient for r in records),
+    }
+    if quantization is not None and quantization.origin == "load":
+        # bitsandbytes' fp32-offload path leaves the modules of cpu/disk entries unquantized.
+        terms["host_bytes"] = weight + sum(r.dense_bytes - r.quantized_bytes for r in records)
+    return terms
+
+
+def _expert_hidden_bytes(module) -> int:
+    from planc.model.quant import held
+
+    record = held(module)
+    if record is None or not any(t.dim() == 3 for t in module.parameters(recurse=False)):
+        return 0
+    return record.hidden_bytes
