@@ -65,6 +65,44 @@ def build_tiny_model(folder: Path, num_layers: int = 4, tie: bool = False, seed:
     return folder
 
 
+def build_tiny_fp8_model(folder: Path, block: int = 32) -> Path:
+    """The tiny Qwen3 as an fp8 release is shipped: float8_e4m3fn linear weights with fp32
+    `weight_scale_inv` per block x block tile (DeepSeek-V3's layout), everything else in bfloat16,
+    and the quantization_config in config.json."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    build_tiny_model(folder)
+    dense = load_file(folder / "model.safetensors")
+    fp8_max = torch.finfo(torch.float8_e4m3fn).max
+    tensors = {}
+    for name, weight in dense.items():
+        if name.endswith(".weight") and weight.dim() == 2 and "embed_tokens" not in name and "lm_head" not in name:
+            rows, cols = weight.shape
+            tiles = weight.reshape(rows // block, block, cols // block, block)
+            scale = tiles.abs().amax(dim=(1, 3)) / fp8_max
+            tensors[name] = (tiles / scale[:, None, :, None]).to(torch.float8_e4m3fn).reshape(rows, cols)
+            tensors[name.removesuffix("weight") + "weight_scale_inv"] = scale.float()
+        else:
+            tensors[name] = weight.to(torch.bfloat16)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["dtype"] = "bfloat16"
+    config["quantization_config"] = {
+        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [block, block]
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_fp8_model(tmp_path_factory) -> Path:
+    """A tiny fp8 checkpoint (real float8_e4m3fn tensors and block scales in safetensors)."""
+    return build_tiny_fp8_model(tmp_path_factory.mktemp("models") / "tiny-qwen3-fp8")
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """Folder with a tiny Qwen3 (4 layers, untied) saved by save_pretrained, plus its tokenizer."""

@@ -27,7 +27,7 @@ LEDGER_TOLERANCE = 0.10
 
 SPEC = """\
 planc: 1
-model: {{config: {config}}}
+model: {{config: {config}{model}}}
 hardware:
   gpus: [{gpus}]
   cpu_memory: 64GiB
@@ -36,15 +36,17 @@ policy: {{offload: {offload}}}
 """
 
 
-def compile_lock(folder: Path, config: str, gpus: str, seq: int, batch: int = 1, offload: str = "none") -> Path:
-    """Compile a spec for `config` (a folder under model-configs) into folder/plan.lock."""
+def compile_lock(
+    folder: Path, config: str, gpus: str, seq: int, batch: int = 1, offload: str = "none", model: str = ""
+) -> Path:
+    """Compile a spec for `config` (a folder under bench/corpus) into folder/plan.lock.
+
+    `model`: more model options, e.g. ", quantize: bnb-4bit".
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    config_data = json.loads((CORPUS / config / "config.json").read_text())
-    # planc refuses quantized checkpoints; their dense (bf16) release is what it plans.
-    config_data.pop("quantization_config", None)
-    (folder / "config.json").write_text(json.dumps(config_data))
+    (folder / "config.json").write_text((CORPUS / config / "config.json").read_text())
     spec = folder / "spec.yaml"
-    spec.write_text(SPEC.format(config="config.json", gpus=gpus, batch=batch, seq=seq, offload=offload))
+    spec.write_text(SPEC.format(config="config.json", gpus=gpus, batch=batch, seq=seq, offload=offload, model=model))
     lock = folder / "plan.lock"
     _, text = compile_spec(spec, lock)
     write_if_changed(lock, text)
@@ -103,6 +105,54 @@ def test_ledger_agrees_with_simulation(tmp_path, config, gpus, seq, batch):
     assert report.ok, report.error
     errors = {device.index: round(device.ledger_error, 3) for device in report.devices}
     assert all(abs(error) <= LEDGER_TOLERANCE for error in errors.values()), errors
+
+
+# One plan per quantized layout planc sizes (the dequantized fp8 plan is the dense model, which
+# the cases above cover). bench/quantized_agreement.py prints the same comparison for more plans.
+QUANTIZED_CASES = [
+    pytest.param("qwen3-32b-fp8", "{type: rtx4090, count: 2}", 2048, 1, "", id="fp8-native-qwen3-32b-2x4090"),
+    pytest.param("gpt-oss-20b", "{type: rtx-a6000}", 2048, 1, "", id="mxfp4-native-gpt-oss-20b-a6000"),
+    pytest.param("qwen3-8b", "{type: t4}", 2048, 1, ", quantize: {method: bnb-4bit, quant_type: nf4, double_quant: true}",
+                 id="bnb-4bit-qwen3-8b-t4"),
+    pytest.param("qwen3-8b", "{type: t4, count: 2}", 2048, 2, ", quantize: bnb-8bit", id="bnb-8bit-qwen3-8b-2xt4"),
+    pytest.param("qwen3-8b", "{type: v100-sxm2-16gb, count: 2}", 4096, 2, ", kv_cache: fp8", id="kv-fp8-qwen3-8b-2xv100"),
+]
+
+
+@pytest.mark.parametrize(("config", "gpus", "seq", "batch", "model"), QUANTIZED_CASES)
+def test_quantized_ledger_agrees_with_simulation(tmp_path, config, gpus, seq, batch, model):
+    """Quantized layouts as the simulation holds them: weights to the byte, the whole peak within tolerance."""
+    lock = compile_lock(tmp_path, config, gpus, seq=seq, batch=batch, model=model)
+    plan = load_lock(lock)
+    assert plan.quantization is not None or plan.generation.cache_implementation == "quantized"
+
+    report = simulate(lock, decode_steps=1)
+
+    assert report.ok, report.error
+    for device in report.devices:
+        assert device.simulated_weights == device.planned["weights"]  # hidden scales and quant state included
+    errors = {device.index: round(device.ledger_error, 3) for device in report.devices}
+    assert all(abs(error) <= LEDGER_TOLERANCE for error in errors.values()), errors
+
+
+def test_bitsandbytes_offload_streams_dense_units(tmp_path):
+    """bnb-4bit with layers on the CPU: those stay dense (fp32-offload path) and are staged dense on the GPU."""
+    lock = compile_lock(
+        tmp_path, "qwen3-1.7b", "{name: Small GPU, memory: 2GiB, compute_capability: '8.0', bandwidth: 300GB/s}",
+        seq=1024, offload="cpu", model=", quantize: bnb-4bit",
+    )
+    plan = load_lock(lock)
+    assert "cpu" in plan.device_map.values()
+    assert plan.quantization.config["llm_int8_enable_fp32_cpu_offload"] is True
+
+    report = simulate(lock)
+
+    assert report.ok, report.error
+    (gpu,) = report.devices
+    assert gpu.simulated_weights == gpu.planned["weights"]
+    assert gpu.planned["staging"] > 0 and abs(gpu.ledger_error) <= LEDGER_TOLERANCE
+    cpu_ledger = next(ledger for ledger in plan.memory if ledger.device == "cpu")
+    assert report.host_peak == cpu_ledger.weights  # the offloaded units, dense
 
 
 def test_fused_sdpa_allocates_no_score_matrix(qwen3_small_two_t4):

@@ -304,15 +304,24 @@ def compile_plan(
     probe = builder.graph(probe_dtype, quantization.with_native(False) if quantization and quantization.origin == "checkpoint" else None)
     method = quantization.method if quantization else None
     builder.facts = _model_facts(probe, method)
-    runtime = decide_runtime(inventory.gpus, builder.facts, spec.model.dtype)
-    graph = builder.for_runtime(runtime)
-
-    placement, chunk, closest = _place(graph, inventory, runtime, spec)
     extra: list[Decision] = []
-    native = _native_subset(inventory, builder, spec, runtime)
-    if native is not None:
+    try:
+        runtime = decide_runtime(inventory.gpus, builder.facts, spec.model.dtype)
+    except SpecError:
+        # The whole inventory cannot run it (an fp8 checkpoint dequantized to bf16 for a V100): the
+        # GPUs that hold it natively may.
+        native = _native_subset(inventory, builder, spec, None)
+        if native is None:
+            raise
         graph, runtime, placement, chunk, decision = native
         extra.append(decision)
+    else:
+        graph = builder.for_runtime(runtime)
+        placement, chunk, closest = _place(graph, inventory, runtime, spec)
+        native = _native_subset(inventory, builder, spec, runtime)
+        if native is not None:
+            graph, runtime, placement, chunk, decision = native
+            extra.append(decision)
     if placement is None:
         builder.runtime = runtime
         raise InfeasibleError(_infeasible_message(graph, inventory, runtime, spec, closest, builder))
@@ -356,7 +365,9 @@ def _native_subset(inventory: Inventory, builder: _Builder, spec: Spec, runtime)
     """
     from planc.rules import decide_runtime
 
-    if builder.quantization is None or runtime.quantized_weights != "dequantized" or not inventory.gpus:
+    if builder.quantization is None or not inventory.gpus:
+        return None
+    if runtime is not None and runtime.quantized_weights != "dequantized":
         return None
 
     def native_on(gpu) -> bool:
@@ -372,17 +383,23 @@ def _native_subset(inventory: Inventory, builder: _Builder, spec: Spec, runtime)
     subset = Inventory(native_gpus, inventory.cpu_memory, inventory.disk)
     graph = builder.for_runtime(sub_runtime)
     placement, chunk, _ = _place(graph, subset, sub_runtime, spec)
-    builder.runtime = runtime
+    if runtime is not None:
+        builder.runtime = runtime
     if placement is None:
         return None
     idle = ", ".join(f"GPU {g.index} ({g.name}, sm{g.sm})" for g in inventory.gpus if g not in native_gpus)
+    method = graph.quantization.method
+    instead = (
+        f"dequantizing them for every card would hold {builder.graph(runtime.dtype, builder.resolved(runtime)).weight_bytes / GiB:.1f} "
+        f"GiB instead of {graph.weight_bytes / GiB:.1f}" if runtime is not None
+        else "dequantized, the model cannot run on the whole inventory (see the dtype rules)"
+    )
     decision = Decision(
         id="solver.native-quantized-gpus",
-        decision=f"{graph.quantization.method} weights native on {len(native_gpus)} GPU(s); {idle} left unused",
-        reason=f"{graph.quantization.method} runs natively only on some GPUs of the inventory, and transformers checks "
-        f"only the current device: quantized weights on {idle} would fail at the first forward, and dequantizing "
-        f"them for every card would hold {builder.graph(runtime.dtype, builder.resolved(runtime)).weight_bytes / GiB:.1f} "
-        f"GiB instead of {graph.weight_bytes / GiB:.1f}; the GPUs that run it natively hold the whole plan",
+        decision=f"{method} weights native on {len(native_gpus)} GPU(s); {idle} left unused",
+        reason=f"{method} runs natively only on some GPUs of the inventory, and transformers checks only the current "
+        f"device: quantized weights on {idle} would fail at the first forward, and {instead}; the GPUs that run it "
+        "natively hold the whole plan",
         source=SOLVER_SOURCE,
     )
     return graph, sub_runtime, placement, chunk, decision

@@ -85,7 +85,8 @@ def layer_activation_bytes(
     # A quantized module's kernel allocates beside the block's own intermediates: bitsandbytes and
     # the int-packed kernels dequantize a whole weight for a prefill; fp8 quantizes its input.
     quantized = unit.quant_prefill_transient + unit.quant_token_transient * b * t
-    return hidden + max(mixer, mlp.transient_bytes(shapes, unit.moe, workload, dtype, model_type)) + quantized
+    feed_forward = mlp.transient_bytes(shapes, unit.moe, workload, dtype, model_type, unit.experts_token_transient)
+    return hidden + max(mixer, feed_forward) + quantized
 
 
 def logits_bytes(shapes: Shapes, workload: Workload, dtype: str) -> int:

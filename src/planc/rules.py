@@ -227,6 +227,9 @@ def _not(state: _State, conditions: tuple[tuple[str, object], ...]) -> Match:
 
 _CONDITIONS: dict[str, _Condition] = {
     "requested_dtype": _Condition(_parse_choice("auto", *DTYPES), lambda s, v: _holds(s.requested_dtype in v)),
+    "requested_dtype_is_checkpoint_dtype": _Condition(
+        _parse_bool, lambda s, v: _holds((s.requested_dtype == s.facts.checkpoint_dtype) == v)
+    ),
     "checkpoint_dtype": _Condition(_parse_choice(*DTYPES, None), lambda s, v: _holds(s.facts.checkpoint_dtype in v)),
     "is_moe": _Condition(_parse_bool, lambda s, v: _holds(s.facts.is_moe == v)),
     "head_dim_at_most": _Condition(_parse_int, lambda s, v: _holds(s.facts.head_dim <= v)),
@@ -334,7 +337,7 @@ class _Effect:
 _PLAN_STAGES = tuple(stage for stage in STAGES if stage != PER_GPU_STAGE)
 _EFFECTS: dict[str, _Effect] = {
     "error": _Effect(_parse_true, _PLAN_STAGES),
-    "dtype": _Effect(_parse_one(*DTYPES, "requested"), ("dtype",)),
+    "dtype": _Effect(_parse_one(*DTYPES, "requested", "checkpoint"), ("dtype",)),
     "attn_implementation": _Effect(_parse_one(*ATTN_IMPLEMENTATIONS), ("attention",)),
     "prefill_backend": _Effect(_parse_one(*BACKENDS), ("attention",)),
     "supports": _Effect(_parse_one(*BACKENDS), (PER_GPU_STAGE,)),
@@ -376,7 +379,9 @@ def _apply(rule: Rule, about: tuple[Gpu, ...], state: _State) -> None:
         if key == "error":
             raise SpecError(f"{rule.reason.format(**text)} (rule {rule.id})")
         if key == "dtype":
-            chosen = state.requested_dtype if value == "requested" else value
+            chosen = {"requested": state.requested_dtype, "checkpoint": state.facts.checkpoint_dtype}.get(value, value)
+            if chosen is None:
+                raise RuntimeError(f"rule {rule.id} keeps the checkpoint's dtype, and the facts have none")
             _set_once(state, rule, "dtype", chosen)
             text["dtype"] = chosen
             phrases.append(f"dtype {chosen}")

@@ -22,6 +22,11 @@ Modelled rather than executed, and why:
 - MoE experts run with experts_implementation "eager": the per-expert loop depends on the
   routing, which fake tensors do not have; one iteration runs with one expert receiving every
   token, which bounds every iteration of the real loop.
+- Quantized kernels (fp8 and mxfp4 Triton kernels, compressed-tensors' row-wise fp8 matmul, and
+  the bitsandbytes / GPTQ / AWQ kernels planc's stand-ins represent): they allocate their outputs
+  and the transients their code allocates (an fp8 copy of the input and its scales; a prefill's
+  dequantized weight), with the device check a real matmul makes; state the quantized modules
+  keep outside their tensors (mxfp4 scales, bitsandbytes' quant state) is created where they sit.
 - The main device is the first GPU in device_map order, as `planc run` uses it for the inputs;
   accelerate's default (the lowest GPU index) is the same for planc's maps.
 - Batch 1 runs without an attention mask (for SDPA, generate's all-ones mask is skipped exactly
@@ -53,8 +58,8 @@ LEDGER_PARTS = ("reserve", "weights", "kv_cache", "activations", "staging", "tot
 
 # Architectures planc compiles that the simulation cannot execute, with the reason. Every config
 # in the shared corpus that compile accepts ran (dense, GQA, MoE with grouped_mm and eager
-# experts, MLA, sliding window, eager-only Gemma-2 and gpt-oss), so none is listed; configs with
-# a quantization_config are refused by compile before they get here.
+# experts, MLA, sliding window, eager-only Gemma-2 and gpt-oss, and the quantized checkpoints in
+# their native layouts), so none is listed.
 UNSUPPORTED: dict[str, str] = {}
 
 _registration_lock = threading.Lock()
@@ -374,14 +379,18 @@ def _bound_eager_experts(model) -> int:
 def _build_meta_model(plan: Plan, lock_dir: Path):
     from planc.model import read_model_files
     from planc.model.build import meta_model
+    from planc.model.quant import quantization_of_lock
 
     files = read_model_files(plan.model, lock_dir)
+    quantization, offloaded = quantization_of_lock(plan)
     model = meta_model(
         files.config,
         plan.dtype,
         plan.model.trust_remote_code,
         attn_implementation=plan.attention.attn_implementation,
         experts_implementation=plan.generation.experts_implementation,
+        quantization=quantization,
+        offloaded=offloaded,
     )
     return model.eval()
 
@@ -416,6 +425,19 @@ def _place(model, device_map: dict[str, Any], main_device: str) -> dict[str, Any
             if resident and isinstance(tensor, torch.nn.Parameter):
                 made[key] = torch.nn.Parameter(made[key], requires_grad=False)
         return made[key]
+
+    from planc.model.quant import hidden_tensors
+
+    # State a quantized module keeps outside its tensors (mxfp4 scales, bitsandbytes' quant state),
+    # where its entry puts it; kept alive on the module for the whole run.
+    for module_name, shape, dtype in hidden_tensors(model):
+        entry = _entry_of(module_name, entries)
+        if entry is None:
+            raise ModelError(f"the plan's device_map places no device for {module_name}")
+        device = device_map[entry]
+        where = "cpu" if _is_offloaded(device, main_device) else _execution_device(device, main_device)
+        module = model.get_submodule(module_name)
+        module.__dict__.setdefault("_planc_hidden", []).append(torch.empty(shape, dtype=getattr(torch, dtype), device=where))
 
     for module_name, module in model.named_modules():
         for registry in (module._parameters, module._buffers):
@@ -549,7 +571,18 @@ def _execution_error(exc: Exception, module: str) -> str:
 # ---------------------------------------------------------------- the run
 
 
-def _run_generation(model, batch: int, seq: int, chunk: int | None, decode_steps: int, input_device: str, tracker):
+def _initial_cache(plan: Plan, model):
+    """The cache generate starts with: transformers' QuantizedCache for a quantized KV cache, else its default."""
+    if plan.generation.cache_implementation != "quantized":
+        return None
+    from transformers.cache_utils import QuantizedCache
+
+    return QuantizedCache(config=model.config, **dict(plan.generation.cache_config or {}))
+
+
+def _run_generation(
+    model, batch: int, seq: int, chunk: int | None, decode_steps: int, input_device: str, tracker, cache=None
+):
     """What generate runs: the prefill (whole or chunked) with logits_to_keep=1, then decode steps."""
     import torch
 
@@ -563,7 +596,6 @@ def _run_generation(model, batch: int, seq: int, chunk: int | None, decode_steps
         next_tokens = torch.argmax(out.logits[:, -1, :].to(copy=True, dtype=torch.float32), dim=-1)
         return next_tokens, out.past_key_values
 
-    cache = None
     tracker.start_phase()
     for start in range(0, seq, chunk or seq):
         end = min(start + (chunk or seq), seq)
@@ -578,9 +610,13 @@ def _run_generation(model, batch: int, seq: int, chunk: int | None, decode_steps
 def _cache_bytes(cache) -> dict[str, int]:
     import torch
 
+    from torch.utils._pytree import tree_leaves
+
     held: dict[str, int] = defaultdict(int)
     for layer in getattr(cache, "layers", ()):
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+        # A quantized layer keeps (states, scale) pairs beside its (empty) full-precision residual.
+        names = ("keys", "values", "_quantized_keys", "_quantized_values")
+        for tensor in tree_leaves([getattr(layer, name, None) for name in names]):
             if isinstance(tensor, torch.Tensor):
                 held[str(tensor.device)] += tensor.untyped_storage().nbytes()
     return held
@@ -616,7 +652,10 @@ def simulate_plan(
             f"{plan.workload.batch_size} x {plan.workload.max_seq_len}"
         )
 
+    from planc.model.quant import quantization_of_lock, simulated_forwards
+
     model = _build_meta_model(plan, lock_dir)
+    quantization, _ = quantization_of_lock(plan)
     tied_groups = [list(group) for group in find_tied_parameters(model)]
     tracker = _make_tracker()
     stack = _ModuleStack(model)
@@ -634,6 +673,10 @@ def simulate_plan(
             offloaded = _place(model, plan.device_map, main_device)
             if getattr(model.config, "_experts_implementation", None) == "eager" and _bound_eager_experts(model):
                 notes.append("eager MoE experts: each loop simulated at its worst iteration (one expert, every token)")
+            if quantization is not None and simulated_forwards(model, quantization):
+                notes.append(
+                    f"{quantization.method} kernels modelled as the memory they allocate (fake tensors cannot run them)"
+                )
             _attach_hooks(model, plan.device_map, main_device, list(plan.skip_keys) or None, offloaded)
             retie_parameters(model, tied_groups)
             tracker.start_phase()
@@ -641,7 +684,7 @@ def simulate_plan(
             tracker.pinned = False
             try:
                 cache, prefill_peak, decode_peak = _run_generation(
-                    model, batch, seq, chunk, decode_steps, main_device, tracker
+                    model, batch, seq, chunk, decode_steps, main_device, tracker, _initial_cache(plan, model)
                 )
                 cache_held = _cache_bytes(cache)
                 del cache

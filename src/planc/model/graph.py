@@ -40,6 +40,7 @@ class Unit:
     offloadable: bool = True  # accelerate can keep its weights on the host (mxfp4's swizzled experts it cannot)
     quant_prefill_transient: int = 0  # a quantized kernel's largest allocation per call (a dequantized weight)
     quant_token_transient: int = 0  # ... and per token of the step
+    experts_token_transient: int = 0  # a fused quantized MoE kernel's bytes per token (0: eager experts' estimate)
 
     @property
     def host_weight_bytes(self) -> int:
@@ -232,6 +233,7 @@ def _quantized_terms(weight: int, records, quantization) -> dict[str, Any]:
         "offloadable": all(r.offloadable for r in records),
         "quant_prefill_transient": max(r.prefill_transient for r in records),
         "quant_token_transient": max(r.token_transient for r in records),
+        "experts_token_transient": max(r.experts_token_transient for r in records),
     }
     if quantization is not None and quantization.origin == "load":
         # bitsandbytes' fp32-offload path leaves the modules of cpu/disk entries unquantized.

@@ -13,8 +13,14 @@ NON_GATED_MLP = {"gpt2"}
 FP32_ROUTING_WEIGHTS = {"deepseek_v3"}
 
 
-def transient_bytes(shapes: Shapes, moe: bool, workload: Workload, dtype: str, model_type: str = "") -> int:
-    """Peak transient bytes inside one feed-forward block over the largest step."""
+def transient_bytes(
+    shapes: Shapes, moe: bool, workload: Workload, dtype: str, model_type: str = "", kernel_token_bytes: int = 0
+) -> int:
+    """Peak transient bytes inside one feed-forward block over the largest step.
+
+    `kernel_token_bytes`: a fused MoE kernel's bytes per token (mxfp4's Triton matmul_ogs, from
+    planc.model.quant), in place of the experts' intermediates.
+    """
     e = DTYPE_BYTES[dtype]
     b, t, h = workload.batch_size, workload.step_tokens, shapes.hidden_size
     if moe:
@@ -23,6 +29,8 @@ def transient_bytes(shapes: Shapes, moe: bool, workload: Workload, dtype: str, m
         # down projection and its weighting by the routing weights.
         r = 4 if model_type in FP32_ROUTING_WEIGHTS else e
         routed = routed_rows * max((h + 4 * shapes.moe_intermediate_size) * e, h * (2 * e + 2 * r))
+        if kernel_token_bytes:
+            routed = b * t * kernel_token_bytes
         router = b * t * shapes.num_experts * 4 * 2
         shared = 3 * b * t * shapes.shared_intermediate_size * e
         return routed + router + shared

@@ -54,6 +54,7 @@ def check_machine(
     machine = detect_machine()
     packages = package_mismatches(plan, installed)
     mismatches = packages + gpu_mismatches(plan, machine) + cpu_mismatches(plan, machine)
+    mismatches += quantization_mismatches(plan, machine)
     files = model_file_check(plan, lock_dir, progress)
     mismatches += files.mismatches
     # The lock's placement against the model's structure: only meaningful for the config and the
@@ -87,6 +88,46 @@ def package_mismatches(plan: Plan, installed: Packages) -> list[str]:
         if not same:
             mismatches.append(f"{name} version (policy {rule}): plan {locked}, machine {now}")
     return mismatches
+
+
+def quantization_mismatches(plan: Plan, machine: DetectedMachine) -> list[str]:
+    """The packages the lock's quantized kernels need, and the compute capability of the GPUs holding them.
+
+    Checked before loading because transformers would not refuse: it dequantizes mxfp4 silently
+    without triton or `kernels` (then the plan's memory is wrong), and fails fp8 only at the first
+    forward on an older card.
+    """
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    section = plan.quantization
+    if section is None:
+        return []
+    mismatches = []
+    for text in section.requires_packages:
+        requirement = Requirement(text)
+        try:
+            version = metadata.version(requirement.name)
+        except metadata.PackageNotFoundError:
+            version = None
+        if version is None or not requirement.specifier.contains(version.split("+")[0], prereleases=True):
+            found = f"machine has {requirement.name} {version}" if version else "machine does not have it"
+            mismatches.append(f"package {text} ({section.method} weights {section.weights}): {found}")
+    needed = section.requires_compute_capability
+    if needed:
+        holding = {device for device in plan.device_map.values() if isinstance(device, int)}
+        for index, gpu in enumerate(machine.gpus):
+            if index in holding and _capability(gpu.compute_capability) < _capability(needed):
+                mismatches.append(
+                    f"GPU {index} compute capability for {section.method} weights: plan needs {needed}+, "
+                    f"machine {gpu.compute_capability}"
+                )
+    return mismatches
+
+
+def _capability(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
 
 
 def _major_minor(version: str) -> tuple[str, ...]:

@@ -105,6 +105,9 @@ def generation_config(model, tokenizer, plan: Plan, max_new_tokens: int):
     config.max_new_tokens = max_new_tokens
     config.prefill_chunk_size = plan.generation.prefill_chunk_size
     config.pad_token_id = tokenizer.pad_token_id
+    if plan.generation.cache_implementation:
+        config.cache_implementation = plan.generation.cache_implementation
+        config.cache_config = dict(plan.generation.cache_config or {})
     return config
 
 

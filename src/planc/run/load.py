@@ -74,10 +74,12 @@ def _listing(items: list[str]) -> str:
 
 
 def build_meta_model(plan: Plan, config: dict):
-    """The plan's model class on the meta device at the plan's dtype: structure only, no weights."""
+    """The plan's model class on the meta device at the plan's dtype, in its quantized layout: structure only."""
     from planc.model.build import meta_model
+    from planc.model.quant import quantization_of_lock
 
-    return meta_model(config, plan.dtype, plan.model.trust_remote_code)
+    quantization, offloaded = quantization_of_lock(plan)
+    return meta_model(config, plan.dtype, plan.model.trust_remote_code, quantization=quantization, offloaded=offloaded)
 
 
 def structure_mismatches(plan: Plan, model) -> list[str]:
@@ -126,7 +128,31 @@ def from_pretrained_arguments(plan: Plan, lock_dir: Path) -> dict[str, Any]:
         arguments["offload_folder"] = str((lock_dir / plan.host.disk).resolve())
     if plan.generation.experts_implementation:
         arguments["experts_implementation"] = plan.generation.experts_implementation
+    quantization = quantization_config(plan)
+    if quantization is not None:
+        arguments["quantization_config"] = quantization
     return arguments
+
+
+def quantization_config(plan: Plan):
+    """What from_pretrained must be told about the lock's quantization, or None when the checkpoint says it all.
+
+    Quantize at load: the BitsAndBytesConfig. A checkpoint the plan dequantizes: its own config with
+    `dequantize` set, so the load matches the plan whatever the GPU in front of transformers' check
+    (which looks only at the current device). Natively the checkpoint's config stands.
+    """
+    section = plan.quantization
+    if section is None:
+        return None
+    if section.origin == "load":
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(**section.config)
+    if section.weights == "dequantized" and "dequantize" in section.config:
+        from transformers.quantizers.auto import AutoQuantizationConfig
+
+        return AutoQuantizationConfig.from_dict(dict(section.config))
+    return None
 
 
 def load_model(plan: Plan, folder: Path, lock_dir: Path, progress=None):
@@ -225,6 +251,11 @@ def placement_mismatches(plan: Plan, model) -> list[str]:
         )
     if str(model.dtype).removeprefix("torch.") != plan.dtype:
         mismatches.append(f"dtype: plan {plan.dtype}, loaded model {str(model.dtype).removeprefix('torch.')}")
+    if plan.quantization is not None:
+        quantized = bool(getattr(model, "is_quantized", False))
+        if quantized != (plan.quantization.weights == "native"):
+            held = "quantized" if quantized else "dense (dequantized)"
+            mismatches.append(f"weights: plan {plan.quantization.method} {plan.quantization.weights}, loaded model {held}")
     return mismatches
 
 

@@ -92,6 +92,7 @@ class Held:
     quantized_bytes: int = 0  # its tensors as quantized (parameters + buffers + hidden)
     prefill_transient: int = 0  # bytes one call allocates whatever the tokens (a dequantized weight)
     token_transient: int = 0  # bytes one call allocates per token in the batch
+    experts_token_transient: int = 0  # fused MoE kernels: bytes per token replacing the eager experts' estimate
     offloadable: bool = True  # accelerate can keep it on the host and stream it in
 
     @property
@@ -210,6 +211,19 @@ def quantization_of(config_dict: dict[str, Any], requested, dtype: str) -> Quant
     return from_checkpoint
 
 
+def quantization_of_lock(plan) -> tuple[Quantization | None, tuple[str, ...]]:
+    """A lock's quantization, and the device_map entries bitsandbytes leaves dense (cpu/disk on a GPU plan)."""
+    section = plan.quantization
+    if section is None:
+        return None, ()
+    quantization = Quantization(section.method, section.origin, _canonical(dict(section.config)),
+                                section.weights == "native")
+    offloaded: tuple[str, ...] = ()
+    if section.origin == "load" and plan.devices:
+        offloaded = tuple(entry for entry, device in plan.device_map.items() if device in ("cpu", "disk"))
+    return quantization, offloaded
+
+
 # ---------------------------------------------------------------- the layout on meta
 
 
@@ -232,6 +246,26 @@ def prepare(model, quantization: Quantization, dtype: str, offloaded: tuple[str,
             f"{quantization.method}: no module of {type(model).__name__} takes the quantized layout; "
             "planc will not plan the checkpoint as if it were dense"
         )
+
+
+def simulated_forwards(model, quantization: Quantization) -> int:
+    """Replace the forwards of kernels fake tensors cannot run by what they allocate (planc simulate).
+
+    planc's own stand-ins (bitsandbytes, GPTQ, AWQ) carry such forwards already.
+    """
+    module = quantization.module
+    if not quantization.native or not hasattr(module, "simulated_forwards"):
+        return 0
+    return module.simulated_forwards(model)
+
+
+def hidden_tensors(model):
+    """(module name, shape, dtype) of the state quantized modules keep outside their tensors."""
+    for name, module in model.named_modules():
+        record = held(module)
+        if record is not None:
+            for shape, dtype in record.hidden:
+                yield name, shape, dtype
 
 
 def dense_module_patterns(model) -> list[str]:

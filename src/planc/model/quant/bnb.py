@@ -11,8 +11,8 @@ The layout, per swapped module of N = out x in weights (bitsandbytes/functional.
 `quantize_blockwise`; nn/modules.py `Params4bit`, `Int8Params`):
 - 4-bit: packed uint8 [ceil(N/2), 1] (the parameter), and in its quant state fp32 absmax per 64
   weights and the 16-entry fp32 code; with double quantization the absmax is uint8 plus an fp32
-  offset and fp32 absmax per 256 blocks (the 256-entry second code is one tensor shared by every
-  module on a device, left out).
+  offset, fp32 absmax per 256 blocks and the 256-entry fp32 second code (one per module, as
+  measured on bitsandbytes 0.50's CPU backend: tests/test_quant.py).
 - 8-bit: int8 [out, in] (the parameter) and fp32 SCB [out] per-row scales.
 
 planc's stand-ins below carry that layout on meta without importing bitsandbytes (planning needs
@@ -29,6 +29,7 @@ from planc.model.quant import ELEMENT_BYTES, mark, record
 BLOCKSIZE = 64  # Params4bit's default blocksize (CUDA and CPU)
 NESTED_BLOCKSIZE = 256  # quantize_4bit(compress_statistics=True) quantizes absmax in blocks of 256
 CODE_ENTRIES = 16  # get_4bit_type: the nf4 / fp4 value table, fp32, one per module
+NESTED_CODE_ENTRIES = 256  # create_dynamic_map: the 8-bit code of the double-quantized absmax
 
 
 def config_arguments(requested, dtype: str) -> dict[str, Any]:
@@ -59,7 +60,8 @@ def four_bit_hidden(weights: int, double_quant: bool) -> tuple[tuple[tuple[int, 
     code = ((CODE_ENTRIES,), "float32")
     if not double_quant:
         return (((blocks,), "float32"), code)
-    return (((blocks,), "uint8"), ((), "float32"), ((-(-blocks // NESTED_BLOCKSIZE),), "float32"), code)
+    nested = ((-(-blocks // NESTED_BLOCKSIZE),), "float32")
+    return (((blocks,), "uint8"), ((), "float32"), nested, ((NESTED_CODE_ENTRIES,), "float32"), code)
 
 
 def _stand_ins():
@@ -107,10 +109,12 @@ def _stand_ins():
 
         def forward(self, x):
             rows = x.shape[:-1]
+            # MatMul8bitLt casts other inputs to float16 first ("inputs will be cast ... to float16").
+            half = torch.empty(*rows, self.in_features, dtype=torch.float16, device=x.device) if x.dtype != torch.float16 else None
             quantized = torch.empty(*rows, self.in_features, dtype=torch.int8, device=x.device)
             scales = torch.empty(*rows, dtype=torch.float32, device=x.device)
             accumulated = torch.empty(*rows, self.out_features, dtype=torch.int32, device=x.device)
-            del quantized, scales
+            del quantized, scales, half
             out = torch.empty(*rows, self.out_features, dtype=x.dtype, device=x.device)
             del accumulated
             return out
@@ -160,6 +164,8 @@ def prepare(model, quantization, dtype: str, offloaded: tuple[str, ...]) -> None
                                      prefill_transient=weights * element + absmax))
             else:
                 swapped = Linear8bitLt(in_features, out_features, has_bias, torch_dtype(dtype))
+                # Per token: the float16 cast of other inputs, the int8 input and its scale, the int32 result.
+                cast = 2 * in_features if dtype != "float16" else 0
                 mark(swapped, record(module, swapped, (((out_features,), "float32"),),
-                                     token_transient=in_features + 4 + 4 * out_features))
+                                     token_transient=cast + in_features + 4 + 4 * out_features))
         model.set_submodule(name, swapped)

@@ -63,3 +63,68 @@ def _activation_quant_bytes(in_features: int, block_size) -> int:
     """Per token: the fp8 copy of the input the kernel makes, and its fp32 scale per block of in_features."""
     group = block_size[1] if block_size else in_features
     return in_features + -(-in_features // group) * 4
+
+
+def fp8_matmul_output(x, weight, in_features: int, out_features: int, block_size):
+    """What the fp8 kernels allocate for `x @ weight.T`: an fp8 copy of x and its block scales, then the output.
+
+    The finegrained-fp8 Triton kernel cannot run under fake tensors; this is its memory, and the
+    device check a real matmul makes.
+    """
+    import torch
+
+    if weight.device != x.device:
+        raise RuntimeError(
+            f"Expected all tensors to be on the same device, but found at least two devices, {x.device} and {weight.device}!"
+        )
+    rows = x.shape[:-1]
+    group = block_size[1] if block_size else in_features
+    quantized = torch.empty(*rows, in_features, dtype=torch.float8_e4m3fn, device=x.device)
+    scales = torch.empty(*rows, -(-in_features // group), dtype=torch.float32, device=x.device)
+    out = torch.empty(*rows, out_features, dtype=x.dtype, device=x.device)
+    del quantized, scales
+    return out
+
+
+def simulated_forwards(model) -> int:
+    """Give FP8Linear and FP8Experts forwards that allocate what their kernels do; returns how many."""
+    import types
+
+    from transformers.integrations.finegrained_fp8 import FP8Experts, FP8Linear
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, FP8Linear):
+            module.forward = types.MethodType(_linear_forward, module)
+            count += 1
+        elif isinstance(module, FP8Experts):
+            module.forward = types.MethodType(_experts_worst_iteration, module)
+            count += 1
+    return count
+
+
+def _linear_forward(self, x):
+    out = fp8_matmul_output(x, self.weight, self.in_features, self.out_features, self.block_size)
+    return out + self.bias if self.bias is not None else out
+
+
+def _experts_worst_iteration(self, hidden_states, top_k_index, top_k_weights):
+    """FP8Experts.forward at its worst iteration: one expert receiving every token (as planc simulate
+    bounds transformers' eager experts loop), its matmuls as the fp8 kernel allocates them."""
+    import torch
+    import torch.nn.functional as F
+
+    tokens = hidden_states.shape[0]
+    final = torch.zeros_like(hidden_states, dtype=torch.float32)
+    expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+    expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0)
+    token_index = torch.zeros(tokens, dtype=torch.long, device=hidden_states.device)
+    current = hidden_states[token_index]
+    up = self.gate_up_proj if self.has_gate else self.up_proj
+    projected = fp8_matmul_output(current, up, self.hidden_dim, up.shape[1], self.block_size)
+    projected = self._apply_gate(projected) if self.has_gate else self.act_fn(projected)
+    out = fp8_matmul_output(projected, self.down_proj, self.intermediate_dim, self.hidden_dim, self.block_size)
+    out = out * top_k_weights[token_index, 0, None].to(out.dtype)
+    final.index_add_(0, token_index, out.to(final.dtype))
+    del expert_mask, expert_hit
+    return final.to(hidden_states.dtype)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from planc.model.quant import mark, record
+from planc.model.quant import ELEMENT_BYTES, mark, record
 
 SCALE_GROUP = 32  # weights per E8M0 scale
 
@@ -52,4 +52,46 @@ def prepare(model, quantization, dtype: str, offloaded: tuple[str, ...]) -> None
             hidden = tuple(
                 ((getattr(experts, proj).numel() * 2 // SCALE_GROUP,), "uint8") for proj in ("gate_up_proj", "down_proj")
             )
-            mark(experts, record(module.experts, experts, hidden, offloadable=False))
+            # matmul_ogs gathers rows in-kernel and fuses SwiGLU: top_k x I per token, then H (see _mlp_forward).
+            per_token = (module.router.top_k * experts.intermediate_size + experts.hidden_size) * ELEMENT_BYTES[dtype]
+            mark(experts, record(module.experts, experts, hidden, offloadable=False, experts_token_transient=per_token))
+
+
+def simulated_forwards(model) -> int:
+    """Give Mxfp4GptOssMLP a forward that allocates what the Triton MoE kernels do; returns how many."""
+    import types
+
+    from transformers.integrations.mxfp4 import Mxfp4GptOssMLP
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Mxfp4GptOssMLP):
+            module.forward = types.MethodType(_mlp_forward, module)
+            count += 1
+    return count
+
+
+def _mlp_forward(self, hidden_states):
+    """Mxfp4GptOssMLP.forward's memory: the router's logits, then matmul_ogs twice.
+
+    The first gathers each token's rows inside the kernel and fuses the SwiGLU, so it writes
+    tokens x top_k x I; the second scatters back with the routing weights to tokens x H.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    batch = hidden_states.shape[0]
+    hidden = hidden_states.reshape(-1, self.router.hidden_dim)
+    router_logits = F.linear(hidden, self.router.weight, self.router.bias)
+    experts = self.experts
+    if experts.gate_up_proj.device != hidden.device:
+        raise RuntimeError(
+            "Expected all tensors to be on the same device, but found at least two devices, "
+            f"{hidden.device} and {experts.gate_up_proj.device}!"
+        )
+    tokens = hidden.shape[0]
+    intermediate = torch.empty(tokens * self.router.top_k, experts.intermediate_size, dtype=hidden.dtype,
+                               device=hidden.device)
+    routed = torch.empty(tokens, experts.hidden_size, dtype=hidden.dtype, device=hidden.device)
+    del intermediate
+    return routed.reshape(batch, -1, self.router.hidden_dim), router_logits
