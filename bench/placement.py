@@ -88,11 +88,16 @@ class Case:
     dense: bool = False  # drop quantization_config and plan the dense release: a "(bf16)" row
     yardstick: str = "sim"  # "sim" or "ledger"
     why: str = ""
+    quantize: str | None = None  # planc's model.quantize (bitsandbytes at load)
 
     @property
     def id(self) -> str:
-        name = self.model + (" (bf16)" if self.dense else "")
+        name = self.model + (" (bf16)" if self.dense else "") + (f" {self.quantize}" if self.quantize else "")
         return f"{name}, {self.gpus}, {self.batch}x{_tokens(self.context)}"
+
+    def quantized(self, config: dict) -> bool:
+        """The anchor of a quantized model is transformers' own device_map="auto" (its quantizer's sizes)."""
+        return bool(self.quantize or (config.get("quantization_config") and not self.dense))
 
 
 FIELD_NOTES = "field notes section 1"
@@ -104,7 +109,7 @@ CASES: list[Case] = [
     Case("qwen3-30b-a3b", "3x4090", 2, 16384, why=FIELD_NOTES + ": accelerate OOM on all 3"),
     Case("qwen3-235b-a22b", "8xH100", 4, 32768, why=FIELD_NOTES + ": accelerate OOM on 7 of 8"),
     Case("llama-3.1-8b", "3090+2080Ti+T4", 8, 8192, why=FIELD_NOTES + ": small cards OOM, 3090 idle"),
-    Case("deepseek-v3", "8xH200", 1, 4096, offload="cpu", dense=True, why=FIELD_NOTES + ": 237 GiB offloaded"),
+    Case("deepseek-v3", "8xH200", 1, 4096, offload="cpu", why=FIELD_NOTES + " (237 GiB offloaded in bf16): fp8 natively"),
     # Mixed inventories: capacity and bandwidth differ.
     Case("qwen3-8b", "2080Ti+3090", 1, 16384, why="examples/qwen3-8b-2080ti-3090.yaml"),
     Case("qwen2.5-14b", "2080Ti+3090", 1, 4096, why="27.5 GiB on 34 GiB, 24+16-like (anchors 1.2)"),
@@ -116,7 +121,7 @@ CASES: list[Case] = [
     Case("qwen3-4b", "4090+L4+L4", 8, 16384, why="bandwidth 1008 vs 300 GB/s"),
     Case("llama-3.1-8b", "4090+L4+L4", 4, 16384, why="bandwidth 1008 vs 300 GB/s"),
     Case("qwen2.5-32b", "A6000+3090", 1, 16384, why="61 GiB on 69 GiB"),
-    Case("gpt-oss-20b", "A6000+3090", 4, 16384, dense=True, why="MoE, sliding + full layers, eager"),
+    Case("gpt-oss-20b", "A6000+3090", 4, 16384, why="mxfp4 MoE, sliding + full layers, eager; scales not parameters"),
     Case("llama-3.1-70b", "A100-80GB+A100-40GB", 1, 4096, offload="cpu", why="131 GiB on 119 GiB: offload"),
     Case("qwen3-30b-a3b", "H100+A100-80GB", 8, 32768, why="bandwidth 3350 vs 2039 GB/s"),
     Case("qwen3-32b", "H100+A100-80GB", 16, 8192, why="bandwidth 3350 vs 2039 GB/s"),
@@ -134,15 +139,24 @@ CASES: list[Case] = [
     Case("llama-3.1-70b", "8xH100", 32, 8192),
     Case("qwen3-235b-a22b", "8xH200", 8, 32768),
     Case("deepseek-v3", "8xH100", 1, 4096, offload="cpu", dense=True, why="examples/deepseek-v3-8xh100-offload.yaml"),
-    # Quantized checkpoints: planc refuses them.
-    Case("qwen3-32b-fp8", "2x4090", 1, 4096, why="fp8 quantization_config"),
-    Case("gpt-oss-20b", "A6000+3090", 4, 16384, why="mxfp4 quantization_config"),
+    # Quantized: pre-quantized checkpoints and bitsandbytes at load, against transformers' own
+    # device_map="auto" (its quantizer's per-element sizes and 0.9 max_memory scaling).
+    Case("qwen3-32b-fp8", "2x4090", 1, 4096, why="fp8 natively on sm89"),
+    Case("qwen3-32b-fp8", "2x4090", 4, 16384, why="fp8 natively, KV-heavy"),
+    Case("qwen3-32b-fp8", "2xA100-80GB", 8, 16384, why="fp8 dequantized to bf16 below sm89"),
+    Case("deepseek-r1", "8xH100", 1, 4096, offload="cpu", why="fp8 627 GiB on 8 x 79 GiB: a little offloaded"),
+    Case("gpt-oss-20b", "4090+L4+L4", 8, 8192, why="mxfp4 on sm89, three cards"),
+    Case("llama-3.1-70b", "2x4090", 1, 4096, quantize="bnb-4bit", why="bitsandbytes 4-bit: 70B on two consumer cards"),
+    Case("qwen3-32b", "4090+L4+L4", 4, 8192, quantize="bnb-8bit", why="LLM.int8() on sm89, mixed cards"),
+    Case("qwen3-30b-a3b", "2x4090", 2, 8192, quantize="bnb-4bit", why="bitsandbytes leaves fused experts dense"),
+    Case("mixtral-8x7b", "2xA100-80GB", 8, 32768, quantize="bnb-4bit", why="fused experts dense, KV-heavy"),
 ]
 QUICK = [
     "qwen3-8b, 2xV100-16GB, 1x8k",
     "llama-3.2-1b, 2080Ti+3090, 32x8k",
     "llama-3.1-70b, 2xH100, 8x8k",
     "qwen3-32b-fp8, 2x4090, 1x4k",
+    "llama-3.1-70b bnb-4bit, 2x4090, 1x4k",
 ]
 
 
@@ -161,27 +175,31 @@ class _GraphCache:
     """build_model_graph with memory, so compile_plan's time excludes building the model graph."""
 
     def __init__(self) -> None:
-        self.graphs: dict[str, object] = {}
+        self.graphs: dict[tuple, object] = {}
         self.build_seconds = 0.0
 
-    def __call__(self, config: dict, dtype: str, trust_remote_code: bool = False):
+    def __call__(self, config: dict, dtype: str, trust_remote_code: bool = False, quantization=None, kv_cache=None):
         from planc.model import build_model_graph
 
-        if dtype not in self.graphs:
+        key = (dtype, quantization, kv_cache)
+        if key not in self.graphs:
             started = time.perf_counter()
-            self.graphs[dtype] = build_model_graph(config, dtype, trust_remote_code)
+            self.graphs[key] = build_model_graph(config, dtype, trust_remote_code, quantization, kv_cache)
             self.build_seconds += time.perf_counter() - started
-        return self.graphs[dtype]
+        return self.graphs[key]
 
 
 def _spec(case: Case, context: int, offload: str | None = None, dtype: str = "auto"):
     from planc.spec import parse_spec
 
     gpus, cpu = INVENTORIES[case.gpus]
+    model = {"config": "config.json", "dtype": dtype}
+    if case.quantize:
+        model["quantize"] = case.quantize
     return parse_spec(
         {
             "planc": 1,
-            "model": {"config": "config.json", "dtype": dtype},
+            "model": model,
             "hardware": {"gpus": [{"type": key, "count": n} for key, n in gpus], "cpu_memory": cpu},
             "workload": {"batch_size": case.batch, "max_seq_len": context},
             "policy": {"offload": offload or case.offload},
@@ -222,14 +240,17 @@ def run_case(case: Case) -> dict:
     from planc.errors import InfeasibleError, ModelError
     from planc.memory import Workload
 
-    from bench.recipe import accelerate_device_map, device_of_units
+    from planc.model.quant import quantization_of_lock
+
+    from bench.recipe import accelerate_device_map, device_of_units, transformers_device_map
     from bench.yardstick import evaluate, largest_context
 
     torch.set_num_threads(1)
     config = json.loads((CORPUS / case.model / "config.json").read_text())
     if case.dense:
         config.pop("quantization_config", None)
-    out: dict = {"case": asdict(case), "id": case.id, "mixed": _mixed(case.gpus), "checks": []}
+    out: dict = {"case": asdict(case), "id": case.id, "mixed": _mixed(case.gpus), "checks": [],
+                 "anchor": "transformers" if case.quantized(config) else "accelerate"}
     graphs = _GraphCache()
     _import_model_code(config)
 
@@ -238,7 +259,7 @@ def run_case(case: Case) -> dict:
         plan = _compile(case, config, graphs, case.context)
         refusal = None
     except ModelError as exc:
-        out.update(status="refused (quantized)" if config.get("quantization_config") else "refused", message=str(exc))
+        out.update(status="refused", message=str(exc))
         return out
     except InfeasibleError as exc:
         plan, refusal = None, str(exc)
@@ -250,11 +271,20 @@ def run_case(case: Case) -> dict:
         # planc left a card idle and planned the others in a dtype that card lacks (bf16 without
         # the 2080 Ti); accelerate's map uses every card, so judge it in the whole inventory's dtype.
         skeleton = _compile(case, config, graphs, 256, offload="cpu", dtype="float16")
-    graph = graphs(config, skeleton.dtype)
+    quantization = quantization_of_lock(skeleton)[0]
+    graph = graphs(config, skeleton.dtype, quantization=quantization)
     gpu_count = len(skeleton.devices)
     capacities = [d.memory for d in skeleton.devices]
 
-    recipe = accelerate_device_map(config, skeleton.dtype, capacities, skeleton.host.cpu_memory)
+    if out["anchor"] == "transformers":
+        section = skeleton.quantization
+        recipe = transformers_device_map(config, skeleton.dtype, capacities, skeleton.host.cpu_memory,
+                                         _transformers_config(section), section.origin == "checkpoint")
+        if section.origin == "load" and any(v in ("cpu", "disk") for v in recipe.device_map.values()):
+            out["checks"].append("transformers' auto map offloads bitsandbytes modules, which from_pretrained refuses "
+                                 "without llm_int8_enable_fp32_cpu_offload; judged as if that flag were set")
+    else:
+        recipe = accelerate_device_map(config, skeleton.dtype, capacities, skeleton.host.cpu_memory)
     acc_device_of = device_of_units(recipe.device_map, [u.name for u in graph.units])
     chunk = plan.generation.prefill_chunk_size if plan else None
     workload_planc = Workload(case.batch, case.context, chunk)
@@ -321,6 +351,16 @@ def run_case(case: Case) -> dict:
     out["acc"]["max_ctx"] = largest_context(acc_fits, CONTEXT_CAP)
     out["acc"]["max_ctx_chunked"] = largest_context(lambda c: acc_fits(c, True), CONTEXT_CAP)
     return out
+
+
+def _transformers_config(section) -> dict:
+    """The quantization_config transformers would hold on the target GPUs: the lock's (dequantize set when
+    the cards cannot run it natively), for bitsandbytes its BitsAndBytesConfig arguments."""
+    config = dict(section.config)
+    config.pop("llm_int8_enable_fp32_cpu_offload", None)
+    if section.origin == "load":
+        config["quant_method"] = "bitsandbytes"
+    return config
 
 
 def _import_model_code(config: dict) -> None:
@@ -454,14 +494,15 @@ def _fits(side: dict) -> str:
 def rows(results: list[dict], mark) -> list[list[str]]:
     table = []
     for r in results:
+        name = r["id"] + (" [auto]" if r.get("anchor") == "transformers" else "")
         if r["status"] != "ok":
-            table.append([r["id"], "-", r["status"]] + ["-"] * (len(HEADERS) - 3))
+            table.append([name, "-", r["status"]] + ["-"] * (len(HEADERS) - 3))
             continue
         p, a, caps = r["planc"], r["acc"], r["capacities"]
         planc_decode = f"{p['decode_ms']:.1f}" if "decode_ms" in p else "-"
         table.append(
             [
-                r["id"],
+                name,
                 r["yardstick"],
                 f"{_fits(p)} / {_fits(a)}",
                 _peaks(p.get("peaks"), caps, mark),
@@ -506,8 +547,13 @@ def summary(results: list[dict]) -> list[str]:
     ratios = [ratio(r) for r in ok if r["mixed"] and r["planc"].get("decode_ms")]
     both_fit = [ratio(r) for r in ok if r["mixed"] and r["planc"].get("fits") and r["acc"].get("fits")]
     all_ratios = [ratio(r) for r in ok if r["planc"].get("decode_ms")]
+    auto = [r for r in ok if r.get("anchor") == "transformers"]
     lines = [
         f"cases: {len(results)} ({len(ok)} planned by both, {len(results) - len(ok)} refused before planning)",
+        f"rows marked [auto] ({len(auto)}): quantized models; the anchor is transformers' own device_map=\"auto\" "
+        "(its quantizer's per-element sizes, max_memory x0.9 for bitsandbytes), judged by the same yardstick; "
+        f"it OOMs in {sum(1 for r in auto if not r['acc'].get('fits'))}, planc in "
+        f"{sum(1 for r in auto if not r['planc'].get('refused') and not r['planc'].get('fits'))}",
         *(f"  {r['id']}: {r['status']}: {r.get('message', '')}" for r in results if r["status"] != "ok"),
         f"accelerate's map OOMs and planc's fits: {len(acc_oom_planc_fits)} of {len(ok)}"
         + (": " + "; ".join(acc_oom_planc_fits) if acc_oom_planc_fits else ""),

@@ -16,6 +16,9 @@ copy and may put the two ends on different GPUs.
 
 The GPU budgets are the totals the driver reports (the catalogue's figures), i.e. the cards as if
 empty; a real `get_max_memory()` would read free memory at call time and give somewhat less.
+
+For a quantized model the anchor is transformers' own `device_map="auto"` instead
+(`transformers_device_map`): that is the planner users of a quantized checkpoint get.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from unittest import mock
 from typing import Any
 
 
@@ -56,6 +60,56 @@ def accelerate_device_map(config_dict: dict[str, Any], dtype: str, gpu_memory: l
     budgets["cpu"] = cpu_memory
     max_memory = get_balanced_memory(model, max_memory=dict(budgets), no_split_module_classes=no_split)
     device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
+    planned = time.perf_counter()
+    return RecipeResult(dict(device_map), dict(max_memory), built - started, planned - built)
+
+
+def transformers_device_map(
+    config_dict: dict[str, Any], dtype: str, gpu_memory: list[int], cpu_memory: int, quantization: dict[str, Any],
+    pre_quantized: bool,
+) -> RecipeResult:
+    """What `from_pretrained(..., device_map="auto", max_memory=...)` plans for a quantized model.
+
+    transformers' own steps (integrations/accelerate.py `_get_device_map`): the quantizer swaps the
+    model on meta (`preprocess_model`), `get_balanced_memory` and `infer_auto_device_map` size every
+    tensor with `hf_quantizer.param_element_size` (exact for pre-quantized fp8; flat 0.5 byte per
+    bitsandbytes 4-bit weight and 1 per 8-bit one; mxfp4's packed bytes without their scales), and
+    `adjust_max_memory` scales the budgets (0.9 for bitsandbytes). Its final `validate_environment`
+    is skipped: it probes this machine (no GPU) and would flip fp8 to dequantize after the fact. The
+    caller passes the config transformers would hold on the target GPUs (dequantize set when the
+    cards cannot run it natively: validate_environment flips that before the map is made).
+    """
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.accelerate import get_balanced_memory, infer_auto_device_map
+    from transformers.modeling_utils import local_torch_dtype
+    from transformers.quantizers import AutoHfQuantizer
+    from transformers.quantizers.auto import AutoQuantizationConfig
+
+    from planc.model import make_config
+
+    logging.getLogger("accelerate.utils.modeling").setLevel(logging.ERROR)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    config = make_config(config_dict)
+    torch_dtype = getattr(torch, dtype)
+    started = time.perf_counter()
+    quantizer = AutoHfQuantizer.from_config(AutoQuantizationConfig.from_dict(dict(quantization)), pre_quantized=pre_quantized)
+    with init_empty_weights(), local_torch_dtype(torch_dtype):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        # mxfp4's swap fetches a hub kernel first; its structure does not depend on it.
+        with mock.patch("transformers.integrations.hub_kernels.get_kernel", return_value=object()):
+            quantizer.preprocess_model(model, dtype=torch_dtype, device_map=None, use_kernels=True)
+    model.tie_weights()
+    built = time.perf_counter()
+    no_split = list(model._no_split_modules or ())
+    budgets: dict[int | str, int] = {i: memory for i, memory in enumerate(gpu_memory)}
+    budgets["cpu"] = cpu_memory
+    max_memory = get_balanced_memory(model, max_memory=dict(budgets), no_split_module_classes=no_split,
+                                     hf_quantizer=quantizer)
+    max_memory = quantizer.adjust_max_memory(max_memory)
+    device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split,
+                                       hf_quantizer=quantizer)
     planned = time.perf_counter()
     return RecipeResult(dict(device_map), dict(max_memory), built - started, planned - built)
 

@@ -81,11 +81,12 @@ def evaluate(graph, device_of: dict[str, int | str], plan, workload: Workload, r
         cost = costs[backend_of[executes_on]][unit.name]
         loads[executes_on].add(cost, resident=device not in HOST)
         if device in HOST:
-            offloaded_bytes += cost.weights
-            staging = max(staging, cost.weights)
-            decode += cost.weights / PCIE_BANDWIDTH + cost.decode_bytes / devices[main].bandwidth
+            # Host copies as planc's solver counts them (bitsandbytes leaves offloaded modules dense).
+            offloaded_bytes += cost.host_weights
+            staging = max(staging, cost.host_weights)
+            decode += cost.host_weights / PCIE_BANDWIDTH + cost.host_decode_bytes / devices[main].bandwidth
             if device == "disk":
-                decode += cost.weights / DISK_BANDWIDTH
+                decode += cost.host_weights / DISK_BANDWIDTH
         else:
             decode += cost.decode_bytes / devices[device].bandwidth
     loads[main].staging = staging

@@ -82,8 +82,9 @@ def show_plan(plan: Plan, console: Console | None = None) -> None:
     """`planc show`: header, ledger with bars, settings, decisions."""
     console = console or _console()
     wl = plan.workload
+    quantized = f" with {plan.quantization.method} weights ({plan.quantization.weights})" if plan.quantization else ""
     console.print(
-        f"[bold]{plan.model.architecture}[/bold] {plan.model.parameters / 1e9:.2f}B params, {plan.dtype}, "
+        f"[bold]{plan.model.architecture}[/bold] {plan.model.parameters / 1e9:.2f}B params, {plan.dtype}{quantized}, "
         f"batch {wl.batch_size} x {wl.max_seq_len} tokens; objective {plan.objective.name}: "
         f"{plan.objective.decode_ms_per_token:.2f} ms/token predicted, peak utilisation "
         f"{plan.objective.peak_utilisation:.0%}"
@@ -93,10 +94,27 @@ def show_plan(plan: Plan, console: Console | None = None) -> None:
         f"attention: {plan.attention.attn_implementation}, SDPA backends {', '.join(plan.attention.sdpa_backends)}"
         + (f"; prefill chunk {plan.generation.prefill_chunk_size}" if plan.generation.prefill_chunk_size else "")
     )
+    if plan.quantization is not None:
+        console.print(quantization_line(plan))
+    if plan.generation.cache_implementation:
+        console.print(f"KV cache: {plan.generation.cache_implementation} {plan.generation.cache_config}")
     for key, value in plan.env.items():
         console.print(f"env {key}={value}")
     console.print(decisions_table(plan))
     console.print(f"[dim]plan_hash {plan.plan_hash}[/dim]")
+
+
+def quantization_line(plan: Plan) -> str:
+    """quantization: fp8 native, 626.92 GiB (1249.88 GiB dense); dense: lm_head, ...; run needs kernels, sm8.9+."""
+    q = plan.quantization
+    needs = ", ".join(q.requires_packages) or "nothing extra"
+    if q.requires_compute_capability:
+        needs += f", compute capability {q.requires_compute_capability}+"
+    dense = f"; left at {plan.dtype}: {', '.join(q.dense_modules)}" if q.dense_modules else ""
+    return (
+        f"quantization: {q.method} ({q.origin}) {q.weights}: {q.layout}; {_g(plan.model.weight_bytes)} GiB "
+        f"({_g(q.dense_weight_bytes)} GiB dense){dense}; the run needs {needs}"
+    )
 
 
 def compile_summary(plan: Plan, lock: Path, written: bool) -> None:
