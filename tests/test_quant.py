@@ -93,6 +93,18 @@ def test_quantized_corpus_plans_within_one_percent_of_transformers(name, native_
     assert sum(ledger.weights for ledger in native.memory) == native.model.weight_bytes
 
 
+@pytest.mark.parametrize(
+    "variant",
+    [{"scale_fmt": "ue8m0"}, {"activation_scheme": "static"}, {"weight_block_size": None}, {"weight_block_size": [64, 128]}],
+    ids=["ue8m0-scales", "static-activation-scales", "per-tensor-scale", "64x128-blocks"],
+)
+def test_fp8_variants_are_sized_as_transformers_builds_them(variant):
+    config = corpus("qwen3-32b-fp8")
+    config["quantization_config"] = {**config["quantization_config"], **variant}
+    plan = compile_config(config, [{"type": "h100-sxm"}])
+    assert plan.model.weight_bytes == transformers_bytes(config, True)
+
+
 def test_the_lock_says_what_stays_dense_and_what_the_run_needs():
     plan = compile_config(corpus("gpt-oss-20b"), [{"type": "rtx4090"}])
     section = plan.quantization

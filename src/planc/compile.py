@@ -171,7 +171,7 @@ def _infeasible_message(graph, inventory, runtime, spec: Spec, closest, builder:
             if _fits(graph, inventory, runtime, relaxed, wl.batch_size, wl.max_seq_len):
                 hints.append(f"policy.offload: {level}")
                 break
-    hints += _quantization_hints(graph, inventory, spec, builder)
+    hints += _quantization_hints(graph, inventory, runtime, spec, builder)
     fits = "; would fit: " + ", or ".join(hints) if hints else "; nothing smaller fits either: more or larger GPUs are needed"
     return f"{head}: " + "; ".join(parts) + fits
 
@@ -190,7 +190,7 @@ def _dequantizing_rule(graph, runtime):
     return next((d for d in runtime.decisions if d.decision.endswith(" weights dequantized")), None)
 
 
-def _quantization_hints(graph, inventory, spec: Spec, builder: "_Builder") -> list[str]:
+def _quantization_hints(graph, inventory, runtime, spec: Spec, builder: "_Builder") -> list[str]:
     """What quantization would make the workload fit: bitsandbytes at load, or an fp8 KV cache."""
     from planc.errors import ModelError
     from planc.model.quant import load_quantization
@@ -203,16 +203,16 @@ def _quantization_hints(graph, inventory, spec: Spec, builder: "_Builder") -> li
         for method in ("bnb-8bit", "bnb-4bit"):
             facts = replace(builder.facts, quantization=method)
             try:
-                runtime = decide_runtime(inventory.gpus, facts, spec.model.dtype)
+                quantized_runtime = decide_runtime(inventory.gpus, facts, spec.model.dtype)
             except SpecError:
                 continue  # the rules refuse it on this inventory (LLM.int8() below sm75)
-            quantized = builder.graph(runtime.dtype, load_quantization(Quantize(method=method), runtime.dtype))
-            if _fits(quantized, inventory, runtime, spec, wl.batch_size, wl.max_seq_len):
+            dtype = quantized_runtime.dtype
+            quantized = builder.graph(dtype, load_quantization(Quantize(method=method), dtype))
+            if _fits(quantized, inventory, quantized_runtime, spec, wl.batch_size, wl.max_seq_len):
                 hints.append(f"model.quantize: {method}")
                 break
     if spec.model.kv_cache is None:
         try:
-            runtime = builder.runtime
             fp8_cache = builder.graph(graph.dtype, graph.quantization, kv_cache="fp8")
         except ModelError:
             return hints  # sliding-window or hybrid layers: transformers refuses a quantized cache
@@ -246,7 +246,6 @@ class _Builder:
     requested: object | None  # spec.model.quantize
     build: Callable
     facts: object = None  # ModelFacts, once the probe graph is built
-    runtime: object = None  # the runtime of the inventory the graph is for
     built: dict = field(default_factory=dict)
 
     def graph(self, dtype: str, quantization, kv_cache: str | None = "default"):
@@ -267,7 +266,6 @@ class _Builder:
         return self.quantization.with_native(runtime.quantized_weights == "native")
 
     def for_runtime(self, runtime):
-        self.runtime = runtime
         return self.graph(runtime.dtype, self.resolved(runtime))
 
 
@@ -323,7 +321,6 @@ def compile_plan(
             graph, runtime, placement, chunk, decision = native
             extra.append(decision)
     if placement is None:
-        builder.runtime = runtime
         raise InfeasibleError(_infeasible_message(graph, inventory, runtime, spec, closest, builder))
     if spec.model.dtype == "auto":
         used = sorted({k for k in placement.device_of.values() if isinstance(k, int)})
@@ -383,8 +380,6 @@ def _native_subset(inventory: Inventory, builder: _Builder, spec: Spec, runtime)
     subset = Inventory(native_gpus, inventory.cpu_memory, inventory.disk)
     graph = builder.for_runtime(sub_runtime)
     placement, chunk, _ = _place(graph, subset, sub_runtime, spec)
-    if runtime is not None:
-        builder.runtime = runtime
     if placement is None:
         return None
     idle = ", ".join(f"GPU {g.index} ({g.name}, sm{g.sm})" for g in inventory.gpus if g not in native_gpus)
