@@ -252,6 +252,37 @@ def test_compressed_tensors_plans_the_decompressed_model_unless_fp8_kernels_run(
     assert older.quantization.weights == "dequantized"
 
 
+GROUP_FP8 = {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "channel"}}
+CHECKPOINT_LAYOUTS = {
+    "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True},
+    "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
+    "compressed-tensors-fp8": {"quant_method": "compressed-tensors", "format": "float-quantized",
+                               "config_groups": {"g": GROUP_FP8}, "ignore": ["lm_head"], "use_optimized_inference": True},
+}
+
+
+@pytest.mark.parametrize("method", sorted(CHECKPOINT_LAYOUTS))
+def test_checkpoint_layouts_simulate_with_their_planned_weights(method, tmp_path):
+    """planc's stand-ins (GPTQ, AWQ) and compressed-tensors' fp8 linears run under planc simulate."""
+    from planc.simulate import simulate_plan
+
+    config = dict(corpus("qwen3-0.6b"), quantization_config=CHECKPOINT_LAYOUTS[method])
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    spec = write_spec(tmp_path, "planc: 1\nmodel: {config: config.json}\nhardware: {gpus: [{type: h100-sxm}], "
+                                "cpu_memory: 64GiB}\nworkload: {batch_size: 2, max_seq_len: 1024}\n")
+    _, text = compile_spec(spec, tmp_path / "plan.lock")
+    write_if_changed(tmp_path / "plan.lock", text)
+    plan = load_lock(tmp_path / "plan.lock")
+    assert (plan.quantization.method, plan.quantization.weights) == (method, "native")
+
+    report = simulate_plan(plan, tmp_path, decode_steps=1)
+
+    assert report.ok, report.error
+    (gpu,) = report.devices
+    assert gpu.simulated_weights == gpu.planned["weights"]
+    assert abs(gpu.ledger_error) <= 0.10
+
+
 # ------------------------------------------------------------------ the rules
 
 
@@ -269,8 +300,8 @@ def test_exactly_one_rule_decides_native_or_dequantized(method, inventory):
     except SpecError:
         assert method in ("fp8", "bnb-8bit") and any(g.sm < 80 for g in gpus)
         return
-    setters = [d for d in runtime.decisions if d.id.startswith("quant.") and " weights " in d.decision]
-    assert len(setters) == 1
+    setters = [d for d in runtime.decisions if d.decision.startswith(f"{method} weights ")]
+    assert len(setters) == 1 and setters[0].id == runtime.quantization_rule
     smallest = min((g.sm for g in gpus), default=0)
     expected_native = {
         "fp8": bool(gpus) and smallest >= 89,

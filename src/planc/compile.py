@@ -187,7 +187,7 @@ def _dequantizing_rule(graph, runtime):
     """The rule that made transformers' dequantization the plan's, when the GPUs force it (not on a CPU plan)."""
     if graph.quantization is None or graph.quantization.native or not runtime.backend_per_gpu:
         return None
-    return next((d for d in runtime.decisions if d.decision.endswith(" weights dequantized")), None)
+    return next(d for d in runtime.decisions if d.id == runtime.quantization_rule)
 
 
 def _quantization_hints(graph, inventory, runtime, spec: Spec, builder: "_Builder") -> list[str]:

@@ -100,6 +100,7 @@ class Runtime:
     experts_implementation: str | None
     decisions: tuple[RuleDecision, ...]
     quantized_weights: str | None = None  # native | dequantized, for a quantized model
+    quantization_rule: str | None = None  # the rule that decided it
     requires_packages: tuple[str, ...] = ()  # requirement strings the run needs for the quantized kernels
     requires_sm: int | None = None  # the compute capability the quantized weights need on every GPU holding them
 
@@ -683,6 +684,7 @@ def _runtime(state: _State) -> Runtime:
         experts_implementation=state.experts_implementation,
         decisions=tuple(state.decisions),
         quantized_weights=state.quantized_weights,
+        quantization_rule=state.setters.get("quantized_weights"),
         requires_packages=tuple(state.requires_packages),
         requires_sm=state.requires_sm,
     )

@@ -251,9 +251,11 @@ def placement_mismatches(plan: Plan, model) -> list[str]:
         )
     if str(model.dtype).removeprefix("torch.") != plan.dtype:
         mismatches.append(f"dtype: plan {plan.dtype}, loaded model {str(model.dtype).removeprefix('torch.')}")
-    if plan.quantization is not None:
+    section = plan.quantization
+    # compressed-tensors' "dequantized" is reached at the first forward, not at load.
+    if section is not None and (section.weights == "native" or "dequantize" in section.config):
         quantized = bool(getattr(model, "is_quantized", False))
-        if quantized != (plan.quantization.weights == "native"):
+        if quantized != (section.weights == "native"):
             held = "quantized" if quantized else "dense (dequantized)"
             mismatches.append(f"weights: plan {plan.quantization.method} {plan.quantization.weights}, loaded model {held}")
     return mismatches
