@@ -199,8 +199,8 @@ def compile_plan(
     from planc.parallel.strategy import considered_strategies
 
     nodes = inventory.all_nodes()
-    cpu_ranks = any((node.cpu_ranks or 1) > 1 for node in nodes)
-    if not inventory.gpus and spec.policy.offload == "none" and not cpu_ranks:
+    several_ranks = len(nodes) > 1 or any((node.cpu_ranks or 1) > 1 for node in nodes)
+    if not inventory.gpus and spec.policy.offload == "none" and not several_ranks:
         raise SpecError("hardware.gpus is empty: a CPU-only plan needs policy.offload: cpu (or disk)")
     if spec.policy.offload == "disk" and not disk:
         raise SpecError("policy.offload is disk but hardware.disk names no offload folder")

@@ -116,7 +116,15 @@ class Topology(_Strict):
         return self
 
 
-Interconnect = Union[LinkKind, Topology]
+def _interconnect_kind(value: Any) -> str:
+    return "topology" if isinstance(value, (dict, Topology)) else "kind"
+
+
+# Tagged by shape, so a malformed matrix reports its own error rather than "not one of nvswitch, ...".
+Interconnect = Annotated[
+    Union[Annotated[LinkKind, Tag("kind")], Annotated[Topology, Tag("topology")]],
+    Discriminator(_interconnect_kind),
+]
 INTERCONNECT_DESCRIPTION = (
     "How this node's GPUs reach each other: nvswitch (every pair at the card's full NVLink bandwidth), nvlink "
     "(directly bridged or meshed, links shared among the peers), pcie, or the per-pair {links: ...} topology "
@@ -250,7 +258,7 @@ class Spec(_Strict):
 
 def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
-    where = ".".join(str(part) for part in err["loc"] if part not in ("catalogue", "explicit"))
+    where = ".".join(str(part) for part in err["loc"] if part not in ("catalogue", "explicit", "kind", "topology"))
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         message = "unknown key"
