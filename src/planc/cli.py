@@ -137,6 +137,30 @@ def simulate_command(lock: Path, batch_size: int | None, max_seq_len: int | None
     sys.exit(0 if report.ok else 1)
 
 
+@main.command("export", context_settings=CONTEXT)
+@click.argument("lock", type=click.Path(path_type=Path))
+@click.option("--to", "target", required=True, type=click.Choice(["vllm"]), help="The engine to export to.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the config here (atomically) instead of stdout.")
+@click.option("--model", help="Model folder or Hugging Face id to serve instead of the lock's.")
+def export_command(lock: Path, target: str, output: Path | None, model: str | None) -> None:
+    """Write LOCK as another engine's configuration (vLLM: a `vllm serve --config` YAML with its
+    environment and launch commands), or refuse naming what the engine cannot run."""
+    from planc.export import export_plan
+
+    text, export = export_plan(lock, target, output, model)
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    from planc.plan import write_if_changed
+
+    written = write_if_changed(output, text)
+    if not _State.quiet:
+        click.echo(f"{'wrote' if written else 'unchanged:'} {output}; launch with:", err=True)
+        for command in export.commands:
+            click.echo(f"  {command}", err=True)
+
+
 @main.command("run", context_settings=CONTEXT)
 @click.argument("lock", type=click.Path(path_type=Path))
 @click.option("-p", "--prompt", "prompts", multiple=True, help="Prompt text (repeatable).")
