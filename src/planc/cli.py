@@ -111,7 +111,7 @@ def detect_command() -> None:
     """Print this machine's inventory as the `hardware:` block of a spec."""
     from planc.detect import detect_machine, machine_as_spec_yaml
 
-    click.echo(machine_as_spec_yaml(detect_machine()), nl=False)
+    click.echo(machine_as_spec_yaml(detect_machine(topology=True)), nl=False)
 
 
 @main.command("simulate", context_settings=CONTEXT)
