@@ -209,3 +209,18 @@ def test_spec_forms_of_nodes_and_interconnect(tmp_path):
     # A spec without the new fields hashes as before (they are left out of the canonical JSON).
     plain = parse_spec({**base, "hardware": node})
     assert "interconnect" not in plain.canonical_json() and "parallelism" not in plain.canonical_json()
+
+
+def test_simulate_runs_each_tensor_rank_on_its_own_virtual_device(tiny_model, tmp_path):
+    lock = compile_to(tmp_path, CPU_RANKS_SPEC.format(model=tiny_model, ranks=2, parallelism="tensor"))
+    result = planc_cli("simulate", str(lock), "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert [device["name"] for device in report["devices"]] == ["rank 0 CPU rank", "rank 1 CPU rank"]
+    for device in report["devices"]:
+        # Each rank holds half of what the TP plan splits: the simulated weights are the ledger's.
+        assert device["simulated_weights"] == device["planned"]["weights"]
+        assert -0.05 <= device["ledger_error"] <= 0.25
+    pipeline = compile_to(tmp_path, CPU_RANKS_SPEC.format(model=tiny_model, ranks=2, parallelism="pipeline"), "pp.lock")
+    refused = planc_cli("simulate", str(pipeline), cwd=tmp_path)
+    assert refused.returncode == 2 and "executes device_map and tensor-parallel plans" in refused.stderr

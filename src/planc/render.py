@@ -198,8 +198,9 @@ def show_simulation(report, console: Console | None = None) -> None:
         planned = device.planned
         colour = {"fits": "green", "out of memory": "red"}.get(device.verdict, "yellow")
         parts = [planned["weights"], planned["kv_cache"], planned["activations"]] + ([planned["staging"]] if staging else [])
+        short = device.name.removeprefix("NVIDIA ").removeprefix("Tesla ")
         table.add_row(
-            f"GPU {device.index} {device.name.removeprefix('NVIDIA ').removeprefix('Tesla ')}",
+            short if device.name.startswith("rank ") else f"GPU {device.index} {short}",
             *(_g(part) for part in parts), _g(device.planned_tensors), _g(device.simulated_peak),
             f"{device.ledger_error:+.1%}", _g(device.simulated_total), _g(device.budget), _g(device.capacity),
             Text(device.verdict, style=colour),
