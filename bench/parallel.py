@@ -173,6 +173,11 @@ def _acc_text(acc: dict) -> str:
     return text
 
 
+def _brief(detail: str) -> str:
+    """A refusal's first clause (the worst rank or device), without the per-device listing."""
+    return detail.split("; GPU 1 ")[0]
+
+
 def _short(error: str) -> str:
     head = error.split(": ", 1)[0]
     return head[:120]
@@ -192,9 +197,11 @@ def markdown(results: list[dict], command: str, seconds: float) -> str:
     for result in results:
         case, planc = result["case"], result["planc"]
         if "error" in planc:
-            lines.append(f"- {case['model']} on {case['inventory']}: {planc['error']}")
+            reasons = planc["error"].split("under any strategy: ", 1)[-1]
+            lines.append(f"- {case['model']} on {case['inventory']} ({case['why']}): nothing fits; "
+                         + "; ".join(_brief(part) for part in reasons.split("; ") if " (" in part.split(":")[0]))
             continue
-        weighed = "; ".join(f"{o['label']} {o['ms']:.2f}" if o["ms"] is not None else f"{o['label']}: {o['detail']}"
+        weighed = "; ".join(f"{o['label']} {o['ms']:.2f}" if o["ms"] is not None else f"{o['label']}: {_brief(o['detail'])}"
                             for o in planc["considered"]) or "device_map only (no NVLink island, one node)"
         lines.append(f"- {case['model']} on {case['inventory']} ({case['why']}): {weighed}")
     return "\n".join(lines)

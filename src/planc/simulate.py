@@ -748,6 +748,42 @@ def _install_collectives(model, ranks: int) -> list:
     return handles
 
 
+def _simulate_one_rank(plan: Plan, lock_dir: Path, ranks: int, key: str, backends: list[str] | None, batch: int,
+                       seq: int, chunk: int | None, decode_steps: int, notes: list[str]):
+    """One rank's run on virtual device `key`: ((prefill, decode, cache, weights, overall) peaks, error)."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    model = _build_meta_model(plan, lock_dir)
+    tracker = _make_tracker()
+    stack = _ModuleStack(model)
+    handles = []
+    error = None
+    prefill_peak, decode_peak, cache_held, weights = {}, {}, {}, {}
+    try:
+        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True), tracker:
+            _shard_tensor_parallel(model, ranks, key)
+            if getattr(model.config, "_experts_implementation", None) == "eager" and _bound_eager_experts(model):
+                notes.append("eager MoE experts: each loop simulated at its worst iteration (one expert, every token)")
+            handles = _install_collectives(model, ranks)
+            tracker.start_phase()
+            weights = dict(tracker.current)
+            tracker.pinned = False
+            with _make_device_shims({key: backends} if backends else {}):
+                cache, prefill_peak, decode_peak = _run_generation(model, batch, seq, chunk, decode_steps, key, tracker)
+            cache_held = _cache_bytes(cache)
+            del cache
+    except Exception as exc:  # noqa: BLE001 - any failure of the run is the plan's finding
+        error = _execution_error(exc, stack.innermost())
+    finally:
+        for handle in handles:
+            handle.remove()
+        stack.remove()
+    peaks = (prefill_peak.get(key, 0), decode_peak.get(key, 0), cache_held.get(key, 0), weights.get(key, 0),
+             tracker.peak.get(key, 0))
+    return peaks, error
+
+
 def _rank_backends(plan: Plan, rank, key: str) -> dict[str, list[str]]:
     """The SDPA backends a rank's calls may take: its GPU's as in a one-process plan; a CPU rank the enabled
     ones (PyTorch's CPU flash kernel first), as a CPU-only plan."""
@@ -764,9 +800,6 @@ def _rank_backends(plan: Plan, rank, key: str) -> dict[str, list[str]]:
 def _simulate_ranks(plan: Plan, lock_dir: Path, batch_size, max_seq_len, decode_steps: int) -> SimulationReport:
     """Each rank of a tensor-parallel plan on a virtual device of its own: its share of every tensor, the
     collectives' outputs allocated, the same prefill and decode steps as a one-process simulation."""
-    import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     from planc.memory import NCCL_COMMUNICATOR
 
     parallel = plan.parallel
@@ -790,51 +823,37 @@ def _simulate_ranks(plan: Plan, lock_dir: Path, batch_size, max_seq_len, decode_
     level = fake_logger.level
     fake_logger.setLevel(logging.CRITICAL)
     try:
+        # Every rank is given ceil(dim / N) of each split dimension, so ranks on the same kind of device
+        # with the same attention backend run the same shapes: one run stands for all of them.
+        runs: dict[tuple, tuple] = {}
         for rank in parallel.ranks:
             ledger = ledgers[rank.rank]
             key = _vgpu(rank.rank)
-            model = _build_meta_model(plan, lock_dir)
-            tracker = _make_tracker()
-            stack = _ModuleStack(model)
-            handles = []
-            try:
-                with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True), tracker:
-                    _shard_tensor_parallel(model, parallel.tensor_parallel_size, key)
-                    if getattr(model.config, "_experts_implementation", None) == "eager" and _bound_eager_experts(model):
-                        notes.append("eager MoE experts: each loop simulated at its worst iteration (one expert, every token)")
-                    handles = _install_collectives(model, parallel.tensor_parallel_size)
-                    tracker.start_phase()
-                    weights = dict(tracker.current)
-                    tracker.pinned = False
-                    backends = _rank_backends(plan, rank, key)
-                    with _make_device_shims(backends):
-                        cache, prefill_peak, decode_peak = _run_generation(
-                            model, batch, seq, chunk, decode_steps, key, tracker
-                        )
-                    cache_held = _cache_bytes(cache)
-                    del cache
-            except Exception as exc:  # noqa: BLE001 - any failure of the run is the plan's finding
-                error = f"rank {rank.rank}: " + _execution_error(exc, stack.innermost())
-                prefill_peak, decode_peak, cache_held, weights = {}, {}, {}, {}
-            finally:
-                for handle in handles:
-                    handle.remove()
-                stack.remove()
+            name = next((d.name for d in plan.devices if d.index == rank.device and d.node == rank.node), "CPU rank")
+            backends = _rank_backends(plan, rank, "device")
+            kind = (name, tuple(backends.get("device", ())))
+            if kind not in runs:
+                runs[kind] = _simulate_one_rank(plan, lock_dir, parallel.tensor_parallel_size, key, backends.get("device"),
+                                                batch, seq, chunk, decode_steps, notes)
+                if len(runs) == 1 and len(parallel.ranks) > 1:
+                    notes.append(f"rank {rank.rank}'s run stands for every rank on the same device kind (same shapes)")
+            peaks, error = runs[kind]
+            prefill_peak, decode_peak, cache_held, weights, peak = peaks
             # NCCL's communicator lives outside torch's allocator, like the CUDA context: with the reserve.
             nccl = NCCL_COMMUNICATOR if isinstance(rank.device, int) else 0
             planned = {part: getattr(ledger, part) for part in LEDGER_PARTS}
             planned["reserve"] += nccl
-            name = next((d.name for d in plan.devices if d.index == rank.device and d.node == rank.node), "CPU rank")
             devices.append(
                 DeviceSimulation(
                     index=rank.rank, name=f"rank {rank.rank} " + name, capacity=ledger.capacity,
                     budget=ledger.capacity - ledger.headroom, planned=planned,
-                    simulated_peak=tracker.peak.get(key, 0), simulated_prefill_peak=prefill_peak.get(key, 0),
-                    simulated_decode_peak=decode_peak.get(key, 0), simulated_weights=weights.get(key, 0),
-                    simulated_kv_cache=cache_held.get(key, 0),
+                    simulated_peak=peak, simulated_prefill_peak=prefill_peak,
+                    simulated_decode_peak=decode_peak, simulated_weights=weights,
+                    simulated_kv_cache=cache_held,
                 )
             )
             if error:
+                error = f"rank {rank.rank}: {error}"
                 break
     finally:
         fake_logger.setLevel(level)

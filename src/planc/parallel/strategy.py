@@ -135,7 +135,9 @@ def _tensor_candidates(graph, inventory, slots, spec, workloads, reserve) -> lis
     if len(members) < 2:
         return []
     out = []
-    for size in range(2, len(members) + 1):
+    # Group sizes that split the island evenly (2, 4, 8 of 8 GPUs): the sizes TP deployments use,
+    # and the ones a model's power-of-two head counts divide.
+    for size in [n for n in range(2, len(members) + 1) if len(members) % n == 0]:
         refusal = tp_refusal(graph, size)
         if refusal is not None:
             if size == len(members):

@@ -101,7 +101,8 @@ def node_commands(plan: Plan, lock_path: Path, arguments: list[str]) -> list[str
     for node in range(node_count(plan)):
         command = ["planc", "run", str(lock_path), "--node-rank", str(node), "--master-addr", "NODE0_ADDRESS",
                    "--master-port", str(DEFAULT_MASTER_PORT)] + [a for a in arguments if a != "-q"]
-        commands.append(f"node {node} ({len(ranks_on(plan, node))} ranks): " + shlex.join(command))
+        count = len(ranks_on(plan, node))
+        commands.append(f"node {node} ({count} rank{'' if count == 1 else 's'}): " + shlex.join(command))
     return commands
 
 
@@ -140,7 +141,7 @@ def launch(plan: Plan, lock_path: Path, arguments: list[str], node_rank: int | N
     with applied_environment(plan):
         check_machine(plan, lock_path.parent, node=node)
     env = dict(os.environ, **{RANK_MARKER: plan.plan_hash})
-    # torchrun's own banner and per-rank prefixes would interleave with rank 0's output.
+    # torchrun would set 1 thread per rank (and say so); share the node's cores among its ranks instead.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, len(ranks_on(plan, node))))))
     command = launcher_command(plan, lock_path, arguments, node, master_addr, master_port)
     completed = subprocess.run(command, env=env, check=False)
