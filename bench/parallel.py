@@ -190,9 +190,12 @@ def markdown(results: list[dict], command: str, seconds: float) -> str:
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows(results)]
     nvlink = [r for r in results if r["case"]["link"] == "nvlink" and r["case"]["batch"] == 1 and "ms" in r["planc"]]
-    worst = min((r["accelerate"]["ms"] / r["planc"]["ms"] for r in nvlink), default=0)
-    lines += ["", f"Batch 1 on NVLink: planc is at least {worst:.2f}x faster than accelerate's map "
-              f"(goal {GOAL}x): {'met' if worst >= GOAL else 'NOT met'}."]
+    speed = {f"{r['case']['model']} on {r['case']['inventory']}": r["accelerate"]["ms"] / r["planc"]["ms"] for r in nvlink}
+    met = {name: x for name, x in speed.items() if x >= GOAL}
+    below = {name: x for name, x in speed.items() if x < GOAL}
+    lines += ["", f"Batch 1 on NVLink (goal: planc at least {GOAL}x faster than accelerate's map): met on {len(met)} of "
+              f"{len(speed)} rows ({min(met.values(), default=0):.2f}x to {max(met.values(), default=0):.2f}x)"
+              + ("; below it: " + ", ".join(f"{name} {x:.2f}x" for name, x in below.items()) if below else "") + "."]
     lines += ["", "Strategies weighed per case (predicted ms/token, or why not planned):", ""]
     for result in results:
         case, planc = result["case"], result["planc"]

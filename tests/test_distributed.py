@@ -193,6 +193,35 @@ def test_multi_node_run_prints_each_nodes_command(tiny_model, tmp_path):
     assert "pass --node-rank and --master-addr" in result.stderr
 
 
+def test_two_nodes_on_one_host_run_the_pipeline(tiny_model, tmp_path, cpu_env):
+    """Each node's printed command, run for real (both 'nodes' on this host): the stages rendezvous over
+    TCP and rank 0 prints the tokens of one process."""
+    import socket
+
+    node = "{gpus: [], cpu_memory: 8GiB, cpu_ranks: 1}"
+    spec = (f"planc: 1\nmodel: {{path: {tiny_model}}}\nhardware: {{nodes: [{node}, {node}], network: "
+            "{bandwidth: 10GB/s, latency: 20us}}\nworkload: {batch_size: 2, max_seq_len: 64}\n")
+    lock = compile_to(tmp_path, spec)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), CUDA_VISIBLE_DEVICES="")
+    prompt_args = [arg for prompt in PROMPTS for arg in ("--prompt", prompt)]
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "planc", "run", str(lock), "--node-rank", str(rank), "--master-addr", "127.0.0.1",
+             "--master-port", port, *prompt_args, "--max-new-tokens", str(MAX_NEW_TOKENS), "--json"],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [process.communicate(timeout=600) for process in nodes]
+    assert [process.returncode for process in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert outputs[1][0].strip() == ""  # node 1 holds rank 1: it prints nothing
+    tokens = [entry["token_ids"] for entry in json.loads(outputs[0][0])["results"]]
+    assert tokens == plain_transformers_tokens(tiny_model, PROMPTS, MAX_NEW_TOKENS)
+
+
 def test_spec_forms_of_nodes_and_interconnect(tmp_path):
     from planc.spec import parse_spec
 

@@ -20,7 +20,7 @@ from conftest import REPO, build_tiny_model, write_spec
 from planc.compile import compile_spec
 from planc.export import export_plan
 from planc.export.vllm import ExportError
-from planc.plan import write_if_changed
+from planc.plan import load_lock, write_if_changed
 from planc.run import run_plan
 
 PROMPT = "The quick brown fox"
@@ -60,12 +60,12 @@ def _wait_healthy(port: int, server: subprocess.Popen, log: Path) -> None:
 def test_vllm_serves_the_exported_plan_with_planc_runs_tokens(vllm_python, tmp_path, cpu_env):
     # head_dim 64: vLLM's CPU attention backend rejects the 16 of the other tests' model.
     model = build_tiny_model(tmp_path / "model", head_dim=64)
-    spec = write_spec(tmp_path, f"""\
+    spec = write_spec(tmp_path, """\
 planc: 1
-model: {{path: model, dtype: float32}}
-hardware: {{gpus: [], cpu_memory: 8GiB}}
-workload: {{batch_size: 1, max_seq_len: 128}}
-policy: {{offload: cpu}}
+model: {path: model, dtype: float32}
+hardware: {gpus: [], cpu_memory: 8GiB}
+workload: {batch_size: 1, max_seq_len: 128}
+policy: {offload: cpu}
 """)
     lock = tmp_path / "plan.lock"
     write_if_changed(lock, compile_spec(spec, lock)[1])
@@ -121,3 +121,28 @@ def test_export_refuses_what_vllm_cannot_run(tmp_path):
         export_plan(REPO / "plans" / "llama-3.1-70b-2xa100-80gb.lock", "vllm")
     with pytest.raises(ExportError, match="offloads layers to disk"):
         export_plan(REPO / "tests" / "cases" / "disk-offload" / "plan.lock", "vllm", model=str(tmp_path))
+
+
+def test_export_of_a_tensor_parallel_plan():
+    text, export = export_plan(REPO / "plans" / "llama-3.1-70b-8xh100-tp.lock", "vllm", model="meta-llama/Llama-3.1-70B")
+    config = yaml.safe_load(text)
+    plan = load_lock(REPO / "plans" / "llama-3.1-70b-8xh100-tp.lock")
+    assert config["tensor-parallel-size"] == 8 and "pipeline-parallel-size" not in config
+    assert config["dtype"] == "bfloat16" and config["max-num-seqs"] == 4 and config["max-model-len"] == 16384
+    assert config["distributed-executor-backend"] == "mp" and config["model"] == "meta-llama/Llama-3.1-70B"
+    rank_kv = max(ledger.kv_cache for ledger in plan.memory)
+    # Whole 16-token blocks for 4 sequences, plus the block vLLM's pool keeps back.
+    assert config["kv-cache-memory-bytes"] == rank_kv * (4 * 16384 + 16) // (4 * 16384)
+    assert len(export.commands) == 1 and export.commands[0].endswith("vllm serve --config vllm.yaml --port 8000")
+    assert all(f"{name}=" in export.commands[0] for name in export.env) and export.env == dict(sorted(plan.env.items()))
+
+
+def test_export_of_a_device_map_pins_its_layer_split():
+    text, export = export_plan(REPO / "plans" / "qwen3-30b-a3b-3x4090.lock", "vllm", model="Qwen/Qwen3-30B-A3B")
+    config = yaml.safe_load(text)
+    plan = load_lock(REPO / "plans" / "qwen3-30b-a3b-3x4090.lock")
+    layers = [device for name, device in plan.device_map.items() if name.split(".")[-1].isdigit()]
+    counts = [layers.count(device) for device in dict.fromkeys(layers)]
+    assert config["pipeline-parallel-size"] == len(counts) == 3
+    assert export.env["VLLM_PP_LAYER_PARTITION"] == ",".join(map(str, counts))
+    assert f"VLLM_PP_LAYER_PARTITION={export.env['VLLM_PP_LAYER_PARTITION']}" in export.commands[0]

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from planc.memory import (
-    CPU_BANDWIDTH,
     NCCL_COMMUNICATOR,
     Load,
     Reserve,
@@ -149,8 +148,3 @@ def rank_ledgers(graph: ModelGraph, layout: Layout, workload: Workload, reserve:
                 RankLedger(slot, reserve_total, load.weights, load.kv_cache, activations, communication, tuple(names))
             )
     return ledgers
-
-
-def cpu_slot_bandwidth() -> int:
-    """Memory bandwidth one CPU rank reads its weights at (the single-process CPU figure)."""
-    return CPU_BANDWIDTH

@@ -19,11 +19,11 @@ from typing import Callable
 
 from planc.errors import InfeasibleError
 from planc.hardware import Inventory
-from planc.memory import Reserve
+from planc.memory import CPU_BANDWIDTH, Reserve
 from planc.model import ModelGraph
 from planc.parallel.cost import DecodeCost, layout_decode_cost
 from planc.parallel.pipeline import pp_refusal
-from planc.parallel.ranks import Layout, RankLedger, RankSlot, cpu_slot_bandwidth, make_layout, rank_ledgers
+from planc.parallel.ranks import Layout, RankLedger, RankSlot, make_layout, rank_ledgers
 from planc.parallel.tensor import tp_refusal
 from planc.parallel.topology import describe_node, nvlink_islands
 from planc.units import GiB
@@ -82,7 +82,7 @@ def rank_slots(inventory: Inventory, runtime, headroom: float) -> list[RankSlot]
             count = node.cpu_ranks or 1
             for _ in range(count):
                 slots.append(RankSlot(len(slots), node.index, "cpu", 0, node.cpu_memory // count, 0,
-                                      cpu_slot_bandwidth(), "eager" if forced_eager else "cpu", False))
+                                      CPU_BANDWIDTH, "eager" if forced_eager else "cpu", False))
     return slots
 
 

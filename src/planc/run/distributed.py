@@ -75,7 +75,7 @@ def ranks_on(plan: Plan, node: int) -> list:
     return [rank for rank in plan.parallel.ranks if rank.node == node]
 
 
-def run_arguments(prompts: list[str], prompt_file, max_new_tokens, as_json, record, expect, quiet) -> list[str]:
+def run_arguments(prompts: list[str], prompt_file, max_new_tokens, as_json, record, expect) -> list[str]:
     """`planc run` options that reproduce a request (what each rank is given)."""
     args: list[str] = []
     for prompt in prompts:
@@ -90,7 +90,7 @@ def run_arguments(prompts: list[str], prompt_file, max_new_tokens, as_json, reco
         args += ["--record", str(Path(record).resolve())]
     if expect is not None:
         args += ["--expect", str(Path(expect).resolve())]
-    return (["-q"] if quiet else []) + args
+    return args
 
 
 def node_commands(plan: Plan, lock_path: Path, arguments: list[str]) -> list[str]:
@@ -100,14 +100,14 @@ def node_commands(plan: Plan, lock_path: Path, arguments: list[str]) -> list[str
     commands = []
     for node in range(node_count(plan)):
         command = ["planc", "run", str(lock_path), "--node-rank", str(node), "--master-addr", "NODE0_ADDRESS",
-                   "--master-port", str(DEFAULT_MASTER_PORT)] + [a for a in arguments if a != "-q"]
+                   "--master-port", str(DEFAULT_MASTER_PORT)] + arguments
         count = len(ranks_on(plan, node))
         commands.append(f"node {node} ({count} rank{'' if count == 1 else 's'}): " + shlex.join(command))
     return commands
 
 
 def launcher_command(plan: Plan, lock_path: Path, arguments: list[str], node: int, master_addr: str | None,
-                     master_port: int | None) -> list[str]:
+                     master_port: int | None, quiet: bool = False) -> list[str]:
     """torch's launcher for this node's ranks, each running the planc rank entry point."""
     nodes = node_count(plan)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(len(ranks_on(plan, node)))]
@@ -116,7 +116,7 @@ def launcher_command(plan: Plan, lock_path: Path, arguments: list[str], node: in
     else:
         command += ["--nnodes", str(nodes), "--node-rank", str(node), "--master-addr", master_addr,
                     "--master-port", str(master_port or DEFAULT_MASTER_PORT)]
-    return command + ["-m", "planc.run.rank", str(Path(lock_path).resolve())] + arguments
+    return command + ["-m", "planc.run.rank"] + (["-q"] if quiet else []) + [str(Path(lock_path).resolve())] + arguments
 
 
 def launch(plan: Plan, lock_path: Path, arguments: list[str], node_rank: int | None, master_addr: str | None,
@@ -143,7 +143,7 @@ def launch(plan: Plan, lock_path: Path, arguments: list[str], node_rank: int | N
     env = dict(os.environ, **{RANK_MARKER: plan.plan_hash})
     # torchrun would set 1 thread per rank (and say so); share the node's cores among its ranks instead.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, len(ranks_on(plan, node))))))
-    command = launcher_command(plan, lock_path, arguments, node, master_addr, master_port)
+    command = launcher_command(plan, lock_path, arguments, node, master_addr, master_port, quiet)
     completed = subprocess.run(command, env=env, check=False)
     return completed.returncode
 

@@ -90,9 +90,7 @@ def run_plan(
             distributed.refuse_unrunnable(plan, lock_path)
             if check_only:
                 return _check_only(plan, lock_path, request, console, node_rank or 0)
-            arguments = distributed.run_arguments(
-                list(prompts), prompt_file, max_new_tokens, as_json, record, expect, quiet
-            )
+            arguments = distributed.run_arguments(list(prompts), prompt_file, max_new_tokens, as_json, record, expect)
             code = distributed.launch(plan, lock_path, arguments, node_rank, master_addr, master_port, quiet)
             return RunOutcome(code)
     if check_only:

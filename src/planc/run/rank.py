@@ -10,4 +10,8 @@ import sys
 from planc.cli import main
 
 if __name__ == "__main__":
-    main(["run", *sys.argv[1:]], prog_name="planc")
+    arguments = sys.argv[1:]
+    group = []  # planc's own options (-q, -v) go before the command
+    while arguments and arguments[0] in ("-q", "-v"):
+        group.append(arguments.pop(0))
+    main([*group, "run", *arguments], prog_name="planc")
