@@ -113,6 +113,7 @@ class _Problem:
     costs: dict  # backend -> unit -> UnitCost
     orders: list = field(init=False)  # GPU orders up to identical cards
     masks: dict = field(init=False)  # backend -> (main device, other devices) mask bytes
+    evaluators: dict = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.orders = _orders(self.gpus) if self.gpus else [()]
@@ -122,6 +123,15 @@ class _Problem:
 
     def cost(self, backend: str, name: str):
         return self.costs[backend][name]
+
+    def evaluator(self, main: Target, offloaded: list[str]) -> "_Evaluator":
+        """One evaluator per main card and offloaded suffix, kept for the whole solve (its segment
+        rows are what the cap bisection re-reads)."""
+        key = (main.capacity, main.headroom, main.bandwidth, main.backend, main.gpu, len(offloaded))
+        ev = self.evaluators.get(key)
+        if ev is None:
+            ev = self.evaluators[key] = _Evaluator(self, main, offloaded)
+        return ev
 
 
 def _split_chain(graph: ModelGraph) -> tuple[list[str], dict[str, str]]:
@@ -152,6 +162,8 @@ class _Evaluator:
             extra.add(problem.cost(main.backend, name))
         extra.staging = max((problem.cost(main.backend, n).weights for n in offloaded), default=0)
         self.main_extra = extra
+        self.placeable = len(problem.chain) - len(offloaded)
+        self._rows: dict[tuple, list[tuple[int, int, float]]] = {}
 
     def ledger(self, target: Target, names: Sequence[str], is_main: bool) -> DeviceLedger:
         load = self.start(target, is_main)
@@ -186,6 +198,30 @@ class _Evaluator:
     def seg_cost(self, target: Target, name: str) -> int:
         """Decode time of one unit on a GPU, in picoseconds (integers add exactly)."""
         return -(-self.p.cost(target.backend, name).decode_bytes * PICO // target.bandwidth)
+
+    def row(self, target: Target, is_main: bool, start: int) -> list[tuple[int, int, float]]:
+        """(end, decode cost, utilisation) of the segment chain[start:end] on `target`, for every end
+        while it fits. The DP reads these for each cap of the bisection and each GPU order, and
+        identical cards share them, so each segment is costed once per solve."""
+        key = (target.capacity, target.headroom, target.bandwidth, target.backend, target.gpu, is_main, start)
+        row = self._rows.get(key)
+        if row is not None:
+            return row
+        row = []
+        load = self.start(target, is_main)
+        cost = 0
+        for end in range(start + 1, self.placeable + 1):
+            name = self.p.chain[end - 1]
+            self.add(load, target, name)
+            cost += self.seg_cost(target, name)
+            # Rounded so that placements equal up to float noise (sums in another order)
+            # tie on utilisation and are told apart by decode time.
+            util = round(self.total(load, target) / target.budget, 9)
+            if util > 1.0:
+                break  # a longer segment only holds more
+            row.append((end, cost, util))
+        self._rows[key] = row
+        return row
 
 
 def _offload_split(problem: _Problem, offloaded: list[str], main: Target | None):
@@ -278,7 +314,7 @@ def _solve_fixed(problem: _Problem, order: tuple[Target, ...], m: int, cap: floa
         return (0, offload_cost, 0.0, [], (on_cpu, on_disk)) if n == 0 else None
     if n == 0:
         return None  # the main GPU must run the first unit
-    ev = _Evaluator(problem, main, offloaded)
+    ev = problem.evaluator(main, offloaded)
     k = len(order)
     # best[i]: (cost, util) having placed chain[:i] on the devices so far; parents for the path.
     best: list[tuple[int, float] | None] = [None] * (n + 1)
@@ -291,18 +327,10 @@ def _solve_fixed(problem: _Problem, order: tuple[Target, ...], m: int, cap: floa
             if best[i] is None:
                 continue
             base_cost, base_util = best[i]
-            load = ev.start(target, j == 0)
-            seg_cost = 0
             if j > 0:
                 _relax(new, parent, i, i, base_cost, base_util)  # this GPU stays unused
-            for end in range(i + 1, n + 1):
-                name = chain[end - 1]
-                ev.add(load, target, name)
-                seg_cost += ev.seg_cost(target, name)
-                # Rounded so that placements equal up to float noise (sums in another order)
-                # tie on utilisation and are told apart by decode time.
-                util = round(ev.total(load, target) / target.budget, 9)
-                if util > cap or util > 1.0:
+            for end, seg_cost, util in ev.row(target, j == 0, i):
+                if util > cap:
                     break
                 _relax(new, parent, end, i, base_cost + seg_cost, max(base_util, util))
         best = new
