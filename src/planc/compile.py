@@ -103,12 +103,14 @@ def _solve(graph, inventory, runtime, spec: Spec, workload: Workload, level: str
 
 
 def _fits(graph, inventory, runtime, spec, batch: int, seq: int) -> bool:
-    from planc.solver import Placement
+    """Whether batch x seq fits at the policy's deepest offload level and the smallest prefill chunk."""
+    from planc.solver import feasible
 
     levels = _levels(spec.policy.offload, bool(inventory.gpus))
     chunk = spec.workload.prefill_chunk_size
     chunks = [chunk] if chunk else _chunk_candidates(seq)[-1:]
-    return isinstance(_solve(graph, inventory, runtime, spec, Workload(batch, seq, chunks[0]), levels[-1]), Placement)
+    gpus, cpu, disk = _targets(inventory, runtime, spec.policy.headroom, levels[-1])
+    return feasible(graph, gpus, cpu, disk, Workload(batch, seq, chunks[0]), Reserve.from_policy(spec.policy.reserve))
 
 
 def largest_below(predicate: Callable[[int], bool], upper: int) -> int:

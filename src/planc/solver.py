@@ -386,6 +386,21 @@ def _min_offload(problem: _Problem, allow_offload: bool) -> int | None:
     return None
 
 
+def _problem(graph, gpus, cpu, disk, workload, reserve, objective) -> _Problem:
+    chain, pinned = _split_chain(graph)
+    backends = sorted({t.backend for t in gpus} | ({cpu.backend} if cpu else set()))
+    return _Problem(graph, gpus, cpu, disk, workload, reserve, objective, chain, pinned,
+                    unit_costs(graph, workload, backends))
+
+
+def feasible(
+    graph: ModelGraph, gpus: list[Target], cpu: Target | None, disk: Target | None, workload: Workload, reserve: Reserve
+) -> bool:
+    """Whether `solve` would find a placement: its first step alone, without choosing the best one."""
+    problem = _problem(graph, gpus, cpu, disk, workload, reserve, "latency")
+    return _min_offload(problem, allow_offload=cpu is not None) is not None
+
+
 def solve(
     graph: ModelGraph,
     gpus: list[Target],
@@ -396,10 +411,7 @@ def solve(
     objective: str,
 ) -> Placement | Infeasible:
     """Place the graph's units; cpu/disk are None when the policy forbids them."""
-    chain, pinned = _split_chain(graph)
-    backends = sorted({t.backend for t in gpus} | ({cpu.backend} if cpu else set()))
-    problem = _Problem(graph, gpus, cpu, disk, workload, reserve, objective, chain, pinned,
-                       unit_costs(graph, workload, backends))
+    problem = _problem(graph, gpus, cpu, disk, workload, reserve, objective)
     m = _min_offload(problem, allow_offload=cpu is not None)
     if m is None:
         return _closest(problem)
