@@ -376,12 +376,39 @@ def _best(problem: _Problem, m: int, cap: float):
     return best
 
 
+def _fits_fixed(problem: _Problem, order: tuple[Target, ...], m: int) -> bool:
+    """Whether some split of the chain prefix over `order` fits with the last m units offloaded.
+
+    Greedy is exact here: a segment that fits still fits without its first units (every ledger
+    term is a sum or a max over its units), so filling each card as far as it goes reaches at
+    least as far as any other split.
+    """
+    n = len(problem.chain) - m
+    offloaded = problem.chain[n:]
+    main = order[0] if order else None
+    if _offload_split(problem, offloaded, main) is None:
+        return False
+    if not order or n == 0:
+        return not order and n == 0  # without GPUs all is offloaded; with them the main GPU runs the first unit
+    ev = problem.evaluator(main, offloaded)
+    reached = 0
+    for j, target in enumerate(order):
+        row = ev.row(target, j == 0, reached)
+        if row:
+            reached = row[-1][0]
+        elif j == 0:
+            return False
+        if reached == n:
+            return True
+    return False
+
+
 def _min_offload(problem: _Problem, allow_offload: bool) -> int | None:
+    """The fewest units offloaded for which some placement fits, or None."""
     n = len(problem.chain)
-    if not problem.gpus:
-        return n if _best(problem, n, INF) else None
-    for m in range(0, (n if allow_offload else 0) + 1):
-        if _best(problem, m, INF) is not None:
+    candidates = range(0, (n if allow_offload else 0) + 1) if problem.gpus else [n]
+    for m in candidates:
+        if any(_fits_fixed(problem, order, m) for order in problem.orders):
             return m
     return None
 
