@@ -137,6 +137,26 @@ def simulate_command(lock: Path, batch_size: int | None, max_seq_len: int | None
     sys.exit(0 if report.ok else 1)
 
 
+@main.command("fit", context_settings=CONTEXT)
+@click.argument("spec", type=click.Path(path_type=Path))
+@click.option("--max-gpus", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Most cards of one kind to try (one node).")
+@click.option("--prices", type=click.Path(path_type=Path),
+              help="YAML/JSON mapping of catalogue card to the price of one card: cheapest first.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
+def fit_command(spec: Path, max_gpus: int, prices: Path | None, as_json: bool) -> None:
+    """Which GPU inventories hold SPEC's model and workload, and what would make its own fit."""
+    from planc.fit import fit_json, fit_spec
+
+    report = fit_spec(spec, max_gpus=max_gpus, prices=prices)
+    if as_json:
+        click.echo(fit_json(report), nl=False)
+    elif not _State.quiet:
+        from planc.render import show_fit
+
+        show_fit(report)
+
+
 @main.command("run", context_settings=CONTEXT)
 @click.argument("lock", type=click.Path(path_type=Path))
 @click.option("-p", "--prompt", "prompts", multiple=True, help="Prompt text (repeatable).")
