@@ -89,6 +89,30 @@ def show_command(lock: Path) -> None:
     show_plan(load_lock(lock))
 
 
+@main.command("diff", context_settings=CONTEXT)
+@click.argument("old")
+@click.argument("new")
+@click.option("--format", "fmt", type=click.Choice(["terminal", "markdown", "json"]), default="terminal",
+              show_default=True, help="markdown: for a pull-request comment.")
+def diff_command(old: str, new: str, fmt: str) -> None:
+    """What changed from plan OLD to plan NEW (files, or git REV:PATH such as HEAD~1:plans/x.lock).
+
+    Exit 0 when the plans are the same, 1 when they differ, 2 when a lock cannot be read.
+    """
+    from planc.diff import diff_locks, to_json, to_markdown
+
+    diff = diff_locks(old, new)
+    if fmt == "json":
+        click.echo(to_json(diff), nl=False)
+    elif fmt == "markdown":
+        click.echo(to_markdown(diff), nl=False)
+    elif not _State.quiet:
+        from planc.render import show_diff
+
+        show_diff(diff)
+    sys.exit(0 if diff.identical else 1)
+
+
 @main.command("schema", context_settings=CONTEXT)
 @click.argument("which", type=click.Choice(["spec", "lock"]), default="spec")
 def schema_command(which: str) -> None:

@@ -275,3 +275,24 @@ def _counted(names: list[str]) -> list[tuple[str, int]]:
         else:
             out.append((name, 1))
     return out
+
+
+def show_diff(diff, console: Console | None = None) -> None:
+    """`planc diff`: one table per section, removed in red, added in green."""
+    console = console or _console()
+    if diff.identical:
+        console.print(f"{diff.old} and {diff.new}: no differences (plan_hash {diff.new_hash})")
+        return
+    count = diff.change_count()
+    console.print(f"[bold]{diff.old}[/bold] -> [bold]{diff.new}[/bold]: {count} change{'s' if count != 1 else ''}")
+    for section in diff.sections:
+        table = Table(title=section.title, title_justify="left", title_style="bold")
+        table.add_column("")
+        table.add_column("before", overflow="fold")
+        table.add_column("after", overflow="fold")
+        table.add_column("", style="dim")
+        for change in section.changes:
+            before = Text("(none)", style="dim") if change.before is None else Text(change.before, style="red")
+            after = Text("(none)", style="dim") if change.after is None else Text(change.after, style="green")
+            table.add_row(change.subject, before, after, change.note)
+        console.print(table)
