@@ -16,6 +16,7 @@ import click
 
 from planc import __version__
 from planc.errors import PlancError
+from planc.export import target_names
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -111,6 +112,29 @@ def diff_command(old: str, new: str, fmt: str) -> None:
 
         show_diff(diff)
     sys.exit(0 if diff.identical else 1)
+
+
+@main.command("export", context_settings=CONTEXT)
+@click.argument("lock", type=click.Path(path_type=Path))
+@click.option("--to", "target", required=True, type=click.Choice(target_names()), help="The tool to export to.")
+@click.option("--format", "fmt", help="One of the target's formats (json, python, ...)  [default: its first, json].")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write here (atomically) instead of stdout; the export's relative paths start from its folder.")
+@click.option("--model", help="Model folder or Hugging Face id to load instead of the lock's.")
+def export_command(lock: Path, target: str, fmt: str | None, output: Path | None, model: str | None) -> None:
+    """Write LOCK as another tool's settings: its loader's arguments, the decoding settings and the
+    environment, as JSON or as a Python script that loads and generates without planc."""
+    from planc.export import export_plan
+
+    text = export_plan(lock, target, fmt, output=output, model=model)
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    from planc.plan import write_if_changed
+
+    written = write_if_changed(output, text)
+    if not _State.quiet:
+        click.echo(f"{'wrote' if written else 'unchanged:'} {output}", err=True)
 
 
 @main.command("schema", context_settings=CONTEXT)

@@ -25,11 +25,14 @@ SDPA_BACKENDS = {
 CUBLAS_WORKSPACE = ":4096:8"
 
 
-def plan_environment(plan: Plan) -> dict[str, str]:
-    """The variables the run sets: the lock's env, plus the cuBLAS workspace on GPU plans."""
+def plan_environment(plan: Plan, inherited: dict[str, str] | None = None) -> dict[str, str]:
+    """The variables the run sets: the lock's env, plus the cuBLAS workspace on GPU plans (a
+    workspace setting the process already has is kept). `inherited` defaults to os.environ; an
+    export passes {} to write the plan's own values."""
+    inherited = os.environ if inherited is None else inherited
     env = dict(plan.env)
     if plan.devices:
-        env.setdefault("CUBLAS_WORKSPACE_CONFIG", os.environ.get("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE))
+        env.setdefault("CUBLAS_WORKSPACE_CONFIG", inherited.get("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE))
     return env
 
 
