@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from planc import __version__
-from planc.errors import PlancError
+from planc.errors import PlancError, SpecError
 from planc.export import target_names
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -34,6 +34,10 @@ def _fail(exc: BaseException) -> None:
     sys.exit(getattr(exc, "exit_code", 1))
 
 
+# What `pip install "planc[torch]"` adds to the light install (check, show, diff, export, gpus, schema).
+HEAVY_PACKAGES = {"torch", "transformers", "accelerate", "networkx", "huggingface_hub", "psutil", "safetensors"}
+
+
 class _Group(click.Group):
     """Maps PlancError to one line and its exit code at a single boundary."""
 
@@ -42,6 +46,12 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except PlancError as exc:
             _fail(exc)
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").split(".")[0] not in HEAVY_PACKAGES:
+                raise
+            command = ctx.invoked_subcommand or "this command"
+            _fail(SpecError(f"planc {command} needs {exc.name.split('.')[0]}, which is not installed: "
+                            "pip install 'planc[torch]'"))
 
 
 @click.group(cls=_Group, context_settings=CONTEXT)
@@ -78,6 +88,30 @@ def compile_command(spec: Path, lock: Path | None, check: bool) -> None:
     written = write_if_changed(lock, text)
     if not _State.quiet:
         compile_summary(plan, lock, written)
+
+
+@main.command("check", context_settings=CONTEXT)
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--map", "maps", multiple=True, metavar="PATTERN=TEMPLATE",
+              help="Where a spec's lock is: e.g. 'examples/*.yaml=plans/{stem}.lock' ({stem}, {name}, {dir}). "
+              "Default: the lock whose header names the spec, else plan.lock beside it.")
+@click.option("--ignore-packages", is_flag=True,
+              help="Leave installed package versions out (pre-commit's environment is not the one plans run in).")
+def check_command(paths: tuple[Path, ...], maps: tuple[str, ...], ignore_packages: bool) -> None:
+    """Are the plans that PATHS (specs, locks, model files) feed still fresh? `compile --check` for
+    each; exit 1 naming what changed. The pre-commit hook runs this on the files of a commit."""
+    from planc.freshness import LockMap, check_plans
+
+    report = check_plans(list(paths), [LockMap.parse(m) for m in maps], packages=not ignore_packages)
+    for check in report.checks:
+        if check.error:
+            click.echo(f"error: {check.error}", err=True)
+        elif check.changes:
+            click.echo(f"{check.lock} is stale: " + "; ".join(check.changes)
+                       + f"; recompile: planc compile {check.spec} -o {check.lock}", err=True)
+        elif not _State.quiet:
+            click.echo(f"{check.lock} is up to date")
+    sys.exit(report.exit_code)
 
 
 @main.command("show", context_settings=CONTEXT)

@@ -452,8 +452,12 @@ def compile_spec(spec_path: str | Path, lock_path: str | Path | None = None, pro
     return plan, dump_lock(plan, regenerate_command(spec_path, lock_path))
 
 
-def check_lock(spec_path: str | Path, lock_path: str | Path | None = None) -> list[str]:
-    """What makes the committed lock stale, from recorded inputs only (no torch). Empty list = fresh."""
+def check_lock(spec_path: str | Path, lock_path: str | Path | None = None, packages: bool = True) -> list[str]:
+    """What makes the committed lock stale, from recorded inputs only (no torch). Empty list = fresh.
+
+    `packages=False` leaves the installed planc/torch/transformers/accelerate out of it: for an
+    environment that is not the one the plan runs in (pre-commit's own).
+    """
     spec_path = Path(spec_path)
     lock_path = Path(lock_path) if lock_path else default_lock_path(spec_path)
     if not lock_path.exists():
@@ -470,11 +474,12 @@ def check_lock(spec_path: str | Path, lock_path: str | Path | None = None) -> li
         before, after = set(plan.inputs.weights), set(location.model.weights)
         names = sorted((before ^ after) | {n for n in before & after if plan.inputs.weights[n] != location.model.weights[n]})
         changes.append("weight files changed: " + ", ".join(names))
-    installed = installed_packages()
-    for name in ("planc", "torch", "transformers", "accelerate"):
-        locked, now = getattr(plan.inputs.packages, name), getattr(installed, name)
-        if locked != now:
-            changes.append(f"{name} {locked} -> {now}")
+    if packages:
+        installed = installed_packages()
+        for name in ("planc", "torch", "transformers", "accelerate"):
+            locked, now = getattr(plan.inputs.packages, name), getattr(installed, name)
+            if locked != now:
+                changes.append(f"{name} {locked} -> {now}")
     return changes
 
 
