@@ -445,24 +445,41 @@ def solve(
     best = _best(problem, m, INF)
     if problem.gpus:
         # Tighten the utilisation cap while the primary objective holds (latency), or as far as
-        # it stays feasible (balance): the secondary objective of the lexicographic order.
+        # it stays feasible (balance): the secondary objective of the lexicographic order. A
+        # placement's peak is the utilisation of one of its segments, so the tightest cap is one
+        # of those values: a binary search over them (monotone: a looser cap only admits more).
         primary = best[0][0]
-        lo, hi = 0.0, best[0][1]
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            found = _best(problem, m, mid)
-            if found is not None and (objective == "balance" or found[0][0] == primary):
-                best, hi = found, found[0][1]
+
+        def holds(found) -> bool:
+            return found is not None and (objective == "balance" or found[0][0] == primary)
+
+        caps = sorted(u for u in _segment_utilisations(problem, m) if u <= best[0][1])
+        lo, hi = 0, len(caps) - 1  # caps[hi] is the peak of `best`: it holds
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if holds(_best(problem, m, caps[mid])):
+                hi = mid
             else:
-                lo = mid
-            if hi - lo < 1e-9:
-                break
-        # Re-solve at the tightest cap: among placements at the best peak utilisation, the DP
-        # returns the least decode time (a cap found on the way may have admitted a worse one).
-        final = _best(problem, m, hi)
-        if final is not None and (objective == "balance" or final[0][0] == primary):
+                lo = mid + 1
+        # At the tightest cap, among placements at the best peak utilisation, the DP returns the
+        # least decode time.
+        final = _best(problem, m, caps[hi])
+        if holds(final):
             best = final
     return _placement(problem, best, m)
+
+
+def _segment_utilisations(problem: _Problem, m: int) -> set[float]:
+    """Every utilisation a segment of a placement with m units offloaded can have."""
+    offloaded = problem.chain[len(problem.chain) - m:]
+    found: set[float] = set()
+    for main in {order[0] for order in problem.orders}:
+        ev = problem.evaluator(main, offloaded)
+        found.update(util for _, _, util in ev.row(main, True, 0))
+        for target in problem.gpus:
+            for start in range(ev.placeable):
+                found.update(util for _, _, util in ev.row(target, False, start))
+    return found
 
 
 def _placement(problem: _Problem, best, m: int) -> Placement:
