@@ -290,9 +290,11 @@ def show_diff(diff, console: Console | None = None) -> None:
         table.add_column("")
         table.add_column("before", overflow="fold")
         table.add_column("after", overflow="fold")
-        table.add_column("", style="dim")
+        notes = any(change.note for change in section.changes)
+        if notes:
+            table.add_column("", style="dim")
         for change in section.changes:
             before = Text("(none)", style="dim") if change.before is None else Text(change.before, style="red")
             after = Text("(none)", style="dim") if change.after is None else Text(change.after, style="green")
-            table.add_row(change.subject, before, after, change.note)
+            table.add_row(change.subject, before, after, *([change.note] if notes else []))
         console.print(table)
