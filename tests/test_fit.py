@@ -16,7 +16,7 @@ from planc.compile import compile_plan, compile_spec, installed_packages, locate
 from planc.errors import InfeasibleError
 from planc.fit import fit_spec
 from planc.hardware import Inventory, resolve_inventory
-from planc.model_graph import build_model_graph
+from planc.model import build_model_graph
 from planc.spec import load_spec, parse_spec
 
 SPEC = {

@@ -150,7 +150,7 @@ class _Planner:
 
     def build(self, config: dict, dtype: str, trust_remote_code: bool):
         """compile_plan's build_graph, cached: every inventory shares the graphs."""
-        from planc.model_graph import build_model_graph
+        from planc.model import build_model_graph
 
         if dtype not in self._graphs:
             self._graphs[dtype] = build_model_graph(config, dtype, trust_remote_code)
