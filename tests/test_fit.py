@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from click.testing import CliRunner
 
-from conftest import CORPUS
+from conftest import CORPUS, REPO
 from planc.cli import main
 from planc.compile import compile_plan, compile_spec, installed_packages, locate_model
 from planc.errors import InfeasibleError
@@ -178,9 +181,12 @@ def test_cli_json_and_terminal(project):
     spec = write(project, SPEC)
     runner = CliRunner()
 
-    as_json = runner.invoke(main, ["fit", str(spec), "--max-gpus", "2", "--json"])
-    assert as_json.exit_code == 0, as_json.output
-    data = json.loads(as_json.output)
+    as_json = subprocess.run(  # the one real process: what tools call
+        [sys.executable, "-m", "planc", "fit", str(spec), "--max-gpus", "2", "--json"], capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")}, timeout=300,
+    )
+    assert as_json.returncode == 0, as_json.stderr
+    data = json.loads(as_json.stdout)
     assert data["inventory"]["fits"] is False
     assert data["max_gpus"] == 2 and len(data["catalogue"]) == 34
     missing = [card for card in data["catalogue"] if card["count"] is None]
