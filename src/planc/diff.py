@@ -177,18 +177,6 @@ def _devices_section(old: Plan, new: Plan) -> list[Change]:
     return out
 
 
-def _runs(names: list[str], key) -> list[tuple[list[str], Any]]:
-    """Consecutive names sharing key(name), as (names, key)."""
-    runs: list[tuple[list[str], Any]] = []
-    for name in names:
-        value = key(name)
-        if runs and runs[-1][1] == value:
-            runs[-1][0].append(name)
-        else:
-            runs.append(([name], value))
-    return runs
-
-
 def _span(names: list[str]) -> str:
     if len(names) == 1:
         return names[0]

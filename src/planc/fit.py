@@ -189,11 +189,8 @@ def _with_model(spec: Spec, **changes) -> Spec:
     return spec.model_copy(update={"model": spec.model.model_copy(update=changes)})
 
 
-def _cards(card: GpuModel, count: int, first_index: int = 0) -> tuple[Gpu, ...]:
-    return tuple(
-        Gpu(first_index + i, card.name, card.memory, card.compute_capability, card.bandwidth, card.key)
-        for i in range(count)
-    )
+def _cards(card: GpuModel, count: int) -> tuple[Gpu, ...]:
+    return tuple(Gpu(i, card.name, card.memory, card.compute_capability, card.bandwidth, card.key) for i in range(count))
 
 
 def read_prices(path: str | Path) -> dict[str, float]:
@@ -282,16 +279,16 @@ def _envelope(planner: _Planner, inventory: Inventory, spec: Spec, limit: int):
     return by_batch, by_context
 
 
-def _own_inventory(planner: _Planner, spec: Spec, spec_path: Path, limit: int) -> tuple[InventoryFit, Inventory]:
-    from planc.compile import compile_plan, installed_packages, locate_model
+def _own_inventory(planner: _Planner, spec: Spec, model, limit: int) -> tuple[InventoryFit, Inventory]:
+    """The spec compiled as `planc compile` compiles it (paths as if the lock lay beside the spec)."""
+    from planc.compile import compile_plan, installed_packages
 
     inventory = resolve_inventory(spec.hardware)
-    location = locate_model(spec, spec_path.parent, spec_path.parent, hash_weights=False)
     disk = spec.hardware.disk
     names = [gpu.name for gpu in inventory.gpus]
     by_batch, by_context = _envelope(planner, inventory, spec, limit)
     try:
-        plan = compile_plan(spec, inventory, location.model, installed_packages(), disk, planner.build)
+        plan = compile_plan(spec, inventory, model, installed_packages(), disk, planner.build)
     except InfeasibleError as exc:
         return InventoryFit(names, False, None, None, None, 0, str(exc), by_batch, by_context), inventory
     offloaded = sum(1 for device in plan.device_map.values() if device in ("cpu", "disk"))
@@ -372,7 +369,7 @@ def fit_spec(spec_path: str | Path, max_gpus: int = DEFAULT_MAX_GPUS, prices: st
     planner = _Planner(spec, config)
     # The envelope looks up to the model's own context limit, or the spec's context if it asks for more.
     limit = max(_context_limit(config), spec.workload.max_seq_len)
-    own, inventory = _own_inventory(planner, spec, spec_path, limit)
+    own, inventory = _own_inventory(planner, spec, location.model, limit)
     cards = _catalogue(planner, spec, max_gpus, price_list)
     graph, runtime = planner.runtime(inventory.gpus)
     remedies = [] if own.fits else _remedies(planner, spec, inventory, own, max_gpus)
