@@ -101,6 +101,7 @@ class FitReport:
     max_seq_len: int
     context_limit: int
     max_gpus: int
+    max_batch: int  # the largest batch the envelope looks for: a row at it means "at least"
     priced: bool
     cards: list[CardFit]  # fitting ones in order, then the ones that do not fit
     inventory: InventoryFit
@@ -112,6 +113,7 @@ class FitReport:
                       "weight_bytes": self.weight_bytes, "dtype": self.dtype, "context_limit": self.context_limit},
             "workload": {"batch_size": self.batch_size, "max_seq_len": self.max_seq_len},
             "max_gpus": self.max_gpus,
+            "max_batch_searched": self.max_batch,
             "order": "price" if self.priced else "total memory",
             "catalogue": [
                 {
@@ -376,7 +378,7 @@ def fit_spec(spec_path: str | Path, max_gpus: int = DEFAULT_MAX_GPUS, prices: st
     return FitReport(
         architecture=graph.architecture, parameters=graph.parameters, weight_bytes=graph.weight_bytes,
         dtype=runtime.dtype, batch_size=spec.workload.batch_size, max_seq_len=spec.workload.max_seq_len,
-        context_limit=limit, max_gpus=max_gpus, priced=price_list is not None, cards=cards, inventory=own,
+        context_limit=limit, max_gpus=max_gpus, max_batch=MAX_BATCH, priced=price_list is not None, cards=cards, inventory=own,
         remedies=remedies,
     )
 

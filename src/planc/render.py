@@ -185,11 +185,15 @@ def show_simulation(report, console: Console | None = None) -> None:
 
 
 def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if value >= 1 else f"{value:.3f}"
 
 
-def _tokens(n: int) -> str:
-    return "none" if not n else f"{n:,}"
+def _tokens(n: int, cap: int | None = None) -> str:
+    if not n:
+        return "none"
+    return f"{n:,}+" if cap is not None and n >= cap else f"{n:,}"  # the search stops at its cap
 
 
 def show_fit(report, console: Console | None = None) -> None:
@@ -235,23 +239,27 @@ def show_fit(report, console: Console | None = None) -> None:
     where = ", ".join(f"{count} x {name}" for name, count in _counted(own.gpus)) or "CPU only"
     if own.fits:
         chunk = f", prefill chunk {own.prefill_chunk_size}" if own.prefill_chunk_size else ""
-        offload = f", {own.offloaded_units} units offloaded" if own.offloaded_units else ""
+        if own.gpus:
+            offload = f", {own.offloaded_units} units offloaded" if own.offloaded_units else ""
+            where_it_runs = f"peak utilisation {own.peak_utilisation:.0%}{chunk}{offload}"
+        else:
+            where_it_runs = f"on the CPU{chunk}"
         console.print(
             f"\nThis spec's inventory ({where}): [green]fits[/green], {_ms(own.decode_ms_per_token)} ms/token "
-            f"predicted, peak utilisation {own.peak_utilisation:.0%}{chunk}{offload}"
+            f"predicted, {where_it_runs}"
         )
     else:
         console.print(f"\nThis spec's inventory ({where}): [red]does not fit[/red]")
-    by_batch = Table(title="Largest context", title_justify="left")
+    by_batch = Table(title=f"Largest context (of {report.context_limit:,})", title_justify="left", min_width=34)
     by_batch.add_column("batch", justify="right")
     by_batch.add_column("max_seq_len", justify="right")
     for batch, seq in own.largest_context:
         by_batch.add_row(str(batch), _tokens(seq))
-    by_context = Table(title="Largest batch", title_justify="left")
+    by_context = Table(title="Largest batch", title_justify="left", min_width=24)
     by_context.add_column("max_seq_len", justify="right")
     by_context.add_column("batch", justify="right")
     for seq, batch in own.largest_batch:
-        by_context.add_row(f"{seq:,}", _tokens(batch))
+        by_context.add_row(f"{seq:,}", _tokens(batch, report.max_batch))
     grid = Table.grid(padding=(0, 4))
     grid.add_row(by_batch, by_context)
     console.print(grid)
