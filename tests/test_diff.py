@@ -175,3 +175,14 @@ def test_diff_does_not_import_torch():
     assert result.returncode == 1, result.stderr[-2000:]
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
     assert not imported & {"torch", "transformers", "accelerate", "networkx"}
+
+
+def test_package_versions_and_weights():
+    plan = load_lock(PLANS / "tiny-cpu.lock")
+    packages = plan.inputs.packages.model_copy(update={"transformers": "5.24.0"})
+    weights = {name: entry.model_copy(update={"sha256": "sha256:" + "0" * 64}) for name, entry in plan.inputs.weights.items()}
+    changed = plan.model_copy(update={"inputs": plan.inputs.model_copy(update={"packages": packages, "weights": weights})})
+    diff = diff_plans(plan, changed.sealed())
+
+    assert changes(diff, "Packages") == {"transformers": ("5.23.0", "5.24.0", "")}
+    assert changes(diff, "Inputs")["weights model.safetensors"][1] == "000000000000"
