@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
@@ -174,8 +175,8 @@ def _acc_text(acc: dict) -> str:
 
 
 def _brief(detail: str) -> str:
-    """A refusal's first clause (the worst rank or device), without the per-device listing."""
-    return detail.split("; GPU 1 ")[0]
+    """A refusal's first clause (the worst rank, or the first device), without the per-device listing."""
+    return re.split(r"; GPU [1-9]", detail)[0]
 
 
 def _short(error: str) -> str:
@@ -201,8 +202,11 @@ def markdown(results: list[dict], command: str, seconds: float) -> str:
         case, planc = result["case"], result["planc"]
         if "error" in planc:
             reasons = planc["error"].split("under any strategy: ", 1)[-1]
+            # Each strategy's label and the first clause of its refusal (its worst device or rank).
+            labelled = re.findall(r"((?:device_map|tensor|pipeline)[\w ]* \((?:accelerate|transformers|vllm)\)): "
+                                  r"(.*?)(?=; (?:device_map|tensor|pipeline)[\w ]* \(|$)", reasons)
             lines.append(f"- {case['model']} on {case['inventory']} ({case['why']}): nothing fits; "
-                         + "; ".join(_brief(part) for part in reasons.split("; ") if " (" in part.split(":")[0]))
+                         + "; ".join(f"{label}: {_brief(text)}" for label, text in labelled))
             continue
         weighed = "; ".join(f"{o['label']} {o['ms']:.2f}" if o["ms"] is not None else f"{o['label']}: {_brief(o['detail'])}"
                             for o in planc["considered"]) or "device_map only (no NVLink island, one node)"

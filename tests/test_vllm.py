@@ -74,12 +74,13 @@ policy: {offload: cpu}
     planc_tokens = outcome.completions[0].token_ids
     assert len(planc_tokens) == NEW_TOKENS, "the tiny model ended early; the comparison needs every token"
 
-    text, export = export_plan(lock, "vllm", tmp_path / "vllm.yaml")
     config_path = tmp_path / "vllm.yaml"
-    config_path.write_text(text)
-    config = yaml.safe_load(text)
+    config_path.write_text(export_plan(lock, "vllm", output=config_path))
+    export = json.loads(export_plan(lock, "vllm", "json", output=config_path))
+    config = yaml.safe_load(config_path.read_text())
+    assert config == export["config"]
     assert config["dtype"] == "float32" and config["max-model-len"] == 128 and config["max-num-seqs"] == 1
-    assert config["kv-cache-memory-bytes"] > 0 and config["model"] == str(model.resolve())
+    assert config["kv-cache-memory-bytes"] > 0 and config["model"] == "model"  # relative to the config's folder
 
     from transformers import AutoTokenizer
 
@@ -87,12 +88,14 @@ policy: {offload: cpu}
     port = _free_port()
     log = tmp_path / "vllm.log"
     env = {key: value for key, value in os.environ.items() if not key.startswith(("PYTHON", "VIRTUAL_ENV"))}
-    env.update(export.env)
+    env.update(export["env"])
     started = time.monotonic()
     with log.open("w") as sink:
         server = subprocess.Popen(
+            # --enforce-eager on top of the exported config: the same engine arguments, without the
+            # torch.compile warm-up that takes vLLM's CPU backend minutes on two cores.
             [str(vllm_python), "-m", "vllm.entrypoints.cli.main", "serve", "--config", str(config_path),
-             "--port", str(port), "--host", "127.0.0.1"],
+             "--port", str(port), "--host", "127.0.0.1", "--enforce-eager"],
             cwd=tmp_path, env=env, stdout=sink, stderr=subprocess.STDOUT,
         )
     try:
@@ -121,11 +124,19 @@ def test_export_refuses_what_vllm_cannot_run(tmp_path):
         export_plan(REPO / "plans" / "llama-3.1-70b-2xa100-80gb.lock", "vllm")
     with pytest.raises(ExportError, match="offloads layers to disk"):
         export_plan(REPO / "tests" / "cases" / "disk-offload" / "plan.lock", "vllm", model=str(tmp_path))
+    from planc.errors import SpecError
+
+    with pytest.raises(SpecError, match="--to accelerate loads one process; this plan is tensor over 8 ranks"):
+        export_plan(REPO / "plans" / "llama-3.1-70b-8xh100-tp.lock", "accelerate", model="meta-llama/Llama-3.1-70B")
+
+
+def _export(lock: Path, model: str) -> dict:
+    return json.loads(export_plan(lock, "vllm", "json", model=model))
 
 
 def test_export_of_a_tensor_parallel_plan():
-    text, export = export_plan(REPO / "plans" / "llama-3.1-70b-8xh100-tp.lock", "vllm", model="meta-llama/Llama-3.1-70B")
-    config = yaml.safe_load(text)
+    export = _export(REPO / "plans" / "llama-3.1-70b-8xh100-tp.lock", "meta-llama/Llama-3.1-70B")
+    config = export["config"]
     plan = load_lock(REPO / "plans" / "llama-3.1-70b-8xh100-tp.lock")
     assert config["tensor-parallel-size"] == 8 and "pipeline-parallel-size" not in config
     assert config["dtype"] == "bfloat16" and config["max-num-seqs"] == 4 and config["max-model-len"] == 16384
@@ -133,16 +144,17 @@ def test_export_of_a_tensor_parallel_plan():
     rank_kv = max(ledger.kv_cache for ledger in plan.memory)
     # Whole 16-token blocks for 4 sequences, plus the block vLLM's pool keeps back.
     assert config["kv-cache-memory-bytes"] == rank_kv * (4 * 16384 + 16) // (4 * 16384)
-    assert len(export.commands) == 1 and export.commands[0].endswith("vllm serve --config vllm.yaml --port 8000")
-    assert all(f"{name}=" in export.commands[0] for name in export.env) and export.env == dict(sorted(plan.env.items()))
+    commands = export["commands"]
+    assert len(commands) == 1 and commands[0].endswith("vllm serve --config vllm.yaml --port 8000")
+    assert all(f"{name}=" in commands[0] for name in export["env"]) and export["env"] == dict(sorted(plan.env.items()))
 
 
 def test_export_of_a_device_map_pins_its_layer_split():
-    text, export = export_plan(REPO / "plans" / "qwen3-30b-a3b-3x4090.lock", "vllm", model="Qwen/Qwen3-30B-A3B")
-    config = yaml.safe_load(text)
+    export = _export(REPO / "plans" / "qwen3-30b-a3b-3x4090.lock", "Qwen/Qwen3-30B-A3B")
+    config = export["config"]
     plan = load_lock(REPO / "plans" / "qwen3-30b-a3b-3x4090.lock")
     layers = [device for name, device in plan.device_map.items() if name.split(".")[-1].isdigit()]
     counts = [layers.count(device) for device in dict.fromkeys(layers)]
     assert config["pipeline-parallel-size"] == len(counts) == 3
-    assert export.env["VLLM_PP_LAYER_PARTITION"] == ",".join(map(str, counts))
-    assert f"VLLM_PP_LAYER_PARTITION={export.env['VLLM_PP_LAYER_PARTITION']}" in export.commands[0]
+    assert export["env"]["VLLM_PP_LAYER_PARTITION"] == ",".join(map(str, counts))
+    assert f"VLLM_PP_LAYER_PARTITION={export['env']['VLLM_PP_LAYER_PARTITION']}" in export["commands"][0]

@@ -19,6 +19,7 @@ from planc.errors import InfeasibleError, SpecError, StalePlanError
 from planc.hardware import Inventory, resolve_inventory
 from planc.memory import Reserve, Workload
 from planc.plan import (
+    FORMAT_VERSION,
     Attention,
     Decision,
     Device,
@@ -107,12 +108,14 @@ def _solve(graph, inventory, runtime, spec: Spec, workload: Workload, level: str
 
 
 def _fits(graph, inventory, runtime, spec, batch: int, seq: int) -> bool:
-    from planc.solver import Placement
+    """Whether batch x seq fits at the policy's deepest offload level and the smallest prefill chunk."""
+    from planc.solver import feasible
 
     levels = _levels(spec.policy.offload, bool(inventory.gpus))
     chunk = spec.workload.prefill_chunk_size
     chunks = [chunk] if chunk else _chunk_candidates(seq)[-1:]
-    return isinstance(_solve(graph, inventory, runtime, spec, Workload(batch, seq, chunks[0]), levels[-1]), Placement)
+    gpus, cpu, disk = _targets(inventory, runtime, spec.policy.headroom, levels[-1])
+    return feasible(graph, gpus, cpu, disk, Workload(batch, seq, chunks[0]), Reserve.from_policy(spec.policy.reserve))
 
 
 def largest_below(predicate: Callable[[int], bool], upper: int) -> int:
@@ -261,7 +264,7 @@ def _device_map_plan(spec, inventory, model, packages, disk, build_graph, graph,
     decisions += ([strategy_decision] if strategy_decision else []) + _planner_decisions(spec, graph, placement, chunk, inventory) + extra
     plan = _assemble(spec, inventory, model, packages, disk, graph, runtime, placement, chunk, decisions)
     if parallel is not None:
-        plan = plan.model_copy(update={"parallel": parallel}).sealed()
+        plan = plan.model_copy(update={"parallel": parallel, "format_version": FORMAT_VERSION}).sealed()
     return plan
 
 
@@ -401,6 +404,7 @@ def _assemble_distributed(spec, inventory, model, packages, disk, graph, runtime
         for g in node.gpus
     ]
     return Plan(
+        format_version=FORMAT_VERSION,  # the parallel section and the per-rank ledgers are 1.1 fields
         inputs=Inputs(spec_sha256=spec.sha256(), config_sha256=model.config_sha256, weights=model.weights,
                       packages=packages, versions=spec.policy.versions),
         model=ModelInfo(id=model.id, path=model.path, config=model.config_path, revision=spec.model.revision,
@@ -644,8 +648,12 @@ def compile_spec(spec_path: str | Path, lock_path: str | Path | None = None, pro
     return plan, dump_lock(plan, regenerate_command(spec_path, lock_path))
 
 
-def check_lock(spec_path: str | Path, lock_path: str | Path | None = None) -> list[str]:
-    """What makes the committed lock stale, from recorded inputs only (no torch). Empty list = fresh."""
+def check_lock(spec_path: str | Path, lock_path: str | Path | None = None, packages: bool = True) -> list[str]:
+    """What makes the committed lock stale, from recorded inputs only (no torch). Empty list = fresh.
+
+    `packages=False` leaves the installed planc/torch/transformers/accelerate out of it: for an
+    environment that is not the one the plan runs in (pre-commit's own).
+    """
     spec_path = Path(spec_path)
     lock_path = Path(lock_path) if lock_path else default_lock_path(spec_path)
     if not lock_path.exists():
@@ -662,11 +670,12 @@ def check_lock(spec_path: str | Path, lock_path: str | Path | None = None) -> li
         before, after = set(plan.inputs.weights), set(location.model.weights)
         names = sorted((before ^ after) | {n for n in before & after if plan.inputs.weights[n] != location.model.weights[n]})
         changes.append("weight files changed: " + ", ".join(names))
-    installed = installed_packages()
-    for name in ("planc", "torch", "transformers", "accelerate"):
-        locked, now = getattr(plan.inputs.packages, name), getattr(installed, name)
-        if locked != now:
-            changes.append(f"{name} {locked} -> {now}")
+    if packages:
+        installed = installed_packages()
+        for name in ("planc", "torch", "transformers", "accelerate"):
+            locked, now = getattr(plan.inputs.packages, name), getattr(installed, name)
+            if locked != now:
+                changes.append(f"{name} {locked} -> {now}")
     return changes
 
 

@@ -30,6 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from planc.errors import LockError, TamperedLockError
 
 FORMAT_VERSION = "1.1"
+# What a plan that uses no field added since is written as, so its bytes do not move (a 1.1 field
+# sets format_version to FORMAT_VERSION where the compiler fills it in).
+BASE_FORMAT_VERSION = "1.0"
 DeviceKey = Union[int, Literal["cpu", "disk"]]
 
 
@@ -198,7 +201,7 @@ class Decision(_Lock):
 class Plan(_Lock):
     """A compiled deployment plan (the contents of plan.lock)."""
 
-    format_version: str = FORMAT_VERSION
+    format_version: str = BASE_FORMAT_VERSION
     inputs: Inputs
     model: ModelInfo
     devices: list[Device]
@@ -225,18 +228,8 @@ class Plan(_Lock):
     plan_hash: str = ""
 
     def sealed(self) -> "Plan":
-        """A copy with the lowest format_version that holds it and plan_hash filled in (the hash of the
-        document `dump_lock` writes): a plan that uses no 1.1 field is written as a 1.0 lock, byte for byte."""
-        plan = self.model_copy(update={"format_version": self._written_version()})
-        return plan.model_copy(update={"plan_hash": document_sha256(plan.model_dump(mode="json"))})
-
-    def _written_version(self) -> str:
-        uses_distributed = (
-            self.parallel is not None
-            or any(device.node for device in self.devices)
-            or any(ledger.rank is not None or ledger.communication or ledger.node for ledger in self.memory)
-        )
-        return FORMAT_VERSION if uses_distributed else "1.0"
+        """A copy with plan_hash filled in: the hash of the document `dump_lock` writes."""
+        return self.model_copy(update={"plan_hash": document_sha256(self.model_dump(mode="json"))})
 
     def gpu_indices(self) -> list[int]:
         return [device.index for device in self.devices]

@@ -101,7 +101,7 @@ def run_plan(
         encode(tokenizer, request.prompts, plan, request.max_new_tokens)
 
     leader = rank is None or rank.leader
-    with open_session(plan, lock_path.parent, None if quiet or not leader else console, within_plan, rank) as session:
+    with open_session(plan, lock_path.parent, None if quiet or not leader else console, within_plan, rank=rank) as session:
         try:
             return _execute(session, request, console) if leader else _follow(session, request)
         finally:
