@@ -253,3 +253,11 @@ def test_simulate_runs_each_tensor_rank_on_its_own_virtual_device(tiny_model, tm
     pipeline = compile_to(tmp_path, CPU_RANKS_SPEC.format(model=tiny_model, ranks=2, parallelism="pipeline"), "pp.lock")
     refused = planc_cli("simulate", str(pipeline), cwd=tmp_path)
     assert refused.returncode == 2 and "executes device_map and tensor-parallel plans" in refused.stderr
+
+
+def test_one_process_loaders_refuse_a_tensor_plan(tiny_model, tmp_path):
+    import planc
+
+    lock = compile_to(tmp_path, CPU_RANKS_SPEC.format(model=tiny_model, ranks=2, parallelism="tensor"))
+    with pytest.raises(RunError, match="tensor over 2 ranks: each process loads one share"):
+        planc.load(lock)

@@ -89,6 +89,11 @@ def open_session(
     from planc.run.load import load_model, placement_mismatches
     from planc.run.report import hashing_progress, loading_progress
 
+    if plan.distributed and rank is None:
+        raise RunError(
+            f"this plan is {plan.parallel.strategy} over {len(plan.parallel.ranks)} ranks: each process loads one "
+            "share, started by torch's launcher; run it with planc run (or export it with planc export --to vllm)"
+        )
     started = time.perf_counter()
     with applied_environment(plan, keep=keep):
         progress, on_hash = (None, None) if console is None else hashing_progress(console)
