@@ -110,49 +110,63 @@ def _as_set(value) -> set[str]:
     return {value} if isinstance(value, str) else set(value)
 
 
-def from_pretrained_arguments(plan: Plan, lock_dir: Path) -> dict[str, Any]:
-    """Keyword arguments for AutoModelForCausalLM.from_pretrained that enact the lock."""
-    import torch
+def max_memory_argument(plan: Plan) -> dict[int | str, int]:
+    """The lock's max_memory as accelerate takes it: GPU indices as ints, "cpu" as a name."""
+    return {int(key) if key.isdigit() else key: value for key, value in plan.max_memory.items()}
 
+
+def from_pretrained_settings(plan: Plan, offload_folder: str | None) -> dict[str, Any]:
+    """from_pretrained's keyword arguments for the lock with the dtype as its name: no torch needed
+    (exports write them out). `offload_folder` is the plan's host.disk as the caller resolves it."""
     arguments: dict[str, Any] = {
         "device_map": dict(plan.device_map),  # execution order kept: accelerate reads it in order
-        # The lock's keys are strings; accelerate wants GPU indices as ints and "cpu" as a name.
-        "max_memory": {int(key) if key.isdigit() else key: value for key, value in plan.max_memory.items()},
-        "dtype": getattr(torch, plan.dtype),
+        "max_memory": max_memory_argument(plan),
+        "dtype": plan.dtype,
         "attn_implementation": plan.attention.attn_implementation,
         "trust_remote_code": plan.model.trust_remote_code,
     }
     if "disk" in plan.device_map.values():
-        if not plan.host.disk:
+        if not plan.host.disk or offload_folder is None:
             raise RunError("the plan offloads to disk but names no host.disk folder")
-        arguments["offload_folder"] = str((lock_dir / plan.host.disk).resolve())
+        arguments["offload_folder"] = offload_folder
     if plan.generation.experts_implementation:
         arguments["experts_implementation"] = plan.generation.experts_implementation
-    quantization = quantization_config(plan)
+    quantization = quantization_config_arguments(plan)
     if quantization is not None:
         arguments["quantization_config"] = quantization
     return arguments
 
 
-def quantization_config(plan: Plan):
-    """What from_pretrained must be told about the lock's quantization, or None when the checkpoint says it all.
+def quantization_config_arguments(plan: Plan) -> dict[str, Any] | None:
+    """The quantization_config from_pretrained must be given for the lock (as AutoQuantizationConfig's
+    dict), or None when the checkpoint's own config says it all.
 
     Quantize at load: the BitsAndBytesConfig. A checkpoint the plan dequantizes: its own config with
-    `dequantize` set, so the load matches the plan whatever the GPU in front of transformers' check
-    (which looks only at the current device). Natively the checkpoint's config stands.
+    `dequantize` set, so the load matches the plan whatever GPU transformers' check looks at (only
+    the current device). Natively the checkpoint's config stands.
     """
     section = plan.quantization
     if section is None:
         return None
     if section.origin == "load":
-        from transformers import BitsAndBytesConfig
-
-        return BitsAndBytesConfig(**section.config)
+        return {**section.config, "quant_method": "bitsandbytes"}
     if section.weights == "dequantized" and "dequantize" in section.config:
+        return dict(section.config)
+    return None
+
+
+def from_pretrained_arguments(plan: Plan, lock_dir: Path) -> dict[str, Any]:
+    """Keyword arguments for AutoModelForCausalLM.from_pretrained that enact the lock."""
+    import torch
+
+    folder = str((lock_dir / plan.host.disk).resolve()) if plan.host.disk else None
+    arguments = from_pretrained_settings(plan, folder)
+    arguments["dtype"] = getattr(torch, plan.dtype)
+    if "quantization_config" in arguments:
         from transformers.quantizers.auto import AutoQuantizationConfig
 
-        return AutoQuantizationConfig.from_dict(dict(section.config))
-    return None
+        arguments["quantization_config"] = AutoQuantizationConfig.from_dict(arguments["quantization_config"])
+    return arguments
 
 
 def load_model(plan: Plan, folder: Path, lock_dir: Path, progress=None):
