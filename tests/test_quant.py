@@ -482,3 +482,38 @@ def test_run_refuses_gpus_older_than_the_quantized_weights_need():
                                DetectedGpu(1, "NVIDIA GeForce RTX 3090", 24 * GiB, "8.6")), 64 * GiB)
     mismatches = quantization_mismatches(plan, machine)
     assert "GPU 1 compute capability for fp8 weights: plan needs 8.9+, machine 8.6" in mismatches
+
+
+# ------------------------------------------------------------------ exports
+
+
+def test_a_quantized_plan_exports_its_quantization_config(tiny_model, tmp_path):
+    """The transformers export passes the same quantization_config planc run does (and loads the same tokens);
+    accelerate's loader cannot swap quantized modules in and refuses."""
+    import subprocess
+    import sys
+
+    from planc.export import export_plan
+
+    lock = cpu_plan(tmp_path, tiny_model, ", quantize: {method: bnb-4bit, quant_type: nf4, double_quant: true}")
+    data = json.loads(export_plan(lock, "transformers", "json"))
+    assert data["from_pretrained"]["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    script = tmp_path / "load.py"
+    script.write_text(export_plan(lock, "transformers", "python", output=script))
+    driver = ("import runpy, json, sys; s = runpy.run_path(sys.argv[1]); m, t = s['load'](); "
+              "print(json.dumps(s['generate'](m, t, json.loads(sys.argv[2]), 8)))")
+    env = {key: value for key, value in __import__("os").environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", driver, str(script), json.dumps(PROMPTS)], capture_output=True,
+                            text=True, env={**env, "CUDA_VISIBLE_DEVICES": ""}, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == planc_tokens(lock)
+    with pytest.raises(SpecError, match="use --to transformers"):
+        export_plan(lock, "accelerate", "json")
+
+
+def test_vllm_export_names_the_quantization():
+    from planc.export.vllm import vllm_export
+
+    plan = compile_config(corpus("qwen3-32b-fp8"), [{"type": "rtx4090", "count": 2}], model={"kv_cache": "fp8"})
+    exported = vllm_export(plan, CORPUS, "Qwen/Qwen3-32B-FP8")
+    assert exported.config["quantization"] == "fp8" and exported.config["kv-cache-dtype"] == "fp8"

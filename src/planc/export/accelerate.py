@@ -31,6 +31,13 @@ from planc.export._common import (
 
 def settings(context: ExportContext) -> dict[str, Any]:
     one_process_only(context, "accelerate")
+    if context.plan.quantization is not None:
+        from planc.errors import SpecError
+
+        raise SpecError(
+            f"--to accelerate builds the dense model and loads tensors by name; this plan holds "
+            f"{context.plan.quantization.method} weights, which only transformers' quantizer swaps in: use --to transformers"
+        )
     from planc.run.load import max_memory_argument
 
     plan = context.plan

@@ -53,6 +53,12 @@ class VllmExport:
     notes: list[str] = field(default_factory=list)
 
 
+# planc's quantization methods as vLLM's --quantization names them.
+VLLM_QUANTIZATION = {"fp8": "fp8", "mxfp4": "mxfp4", "compressed-tensors": "compressed-tensors",
+                     "compressed-tensors-fp8": "compressed-tensors", "gptq": "gptq", "awq": "awq",
+                     "bnb-4bit": "bitsandbytes"}
+
+
 def _capability(text: str) -> tuple[int, int]:
     major, minor = text.split(".")
     return int(major), int(minor)
@@ -179,9 +185,16 @@ def vllm_export(plan: Plan, lock_dir: Path, model: str | None, revision: str | N
         config["revision"] = revision
     if plan.model.trust_remote_code:
         config["trust-remote-code"] = True
-    quantization = getattr(plan, "quantization", None)
-    if quantization:
-        config["quantization"] = getattr(quantization, "method", quantization)
+    quantization = plan.quantization
+    if quantization is not None:
+        if quantization.method == "bnb-8bit":
+            raise ExportError("bnb-8bit: vLLM quantizes with bitsandbytes in 4 bits only; plan model.quantize bnb-4bit")
+        config["quantization"] = VLLM_QUANTIZATION[quantization.method]
+        if quantization.weights == "dequantized":
+            notes.append(f"planc sized the {quantization.method} checkpoint dequantized (as transformers loads it on "
+                         "these GPUs); vLLM may keep it quantized with its own kernels, which only leaves more room")
+    if plan.generation.cache_implementation == "quantized":
+        config["kv-cache-dtype"] = (plan.generation.cache_config or {}).get("backend", "fp8")
     return VllmExport(config, dict(sorted(env.items())), _commands(env, config_name, nodes), notes)
 
 
