@@ -21,7 +21,7 @@ hold dense, and the transient its kernel allocates. The graph, the ledger, the s
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from planc.errors import ModelError
@@ -225,14 +225,6 @@ def quantization_of_lock(plan) -> tuple[Quantization | None, tuple[str, ...]]:
 
 
 # ---------------------------------------------------------------- the layout on meta
-
-
-@dataclass
-class Prepared:
-    """What `prepare` did to a model: swapped modules are marked; the rest stays at the plan's dtype."""
-
-    swapped: int = 0
-    dense_modules: list[str] = field(default_factory=list)
 
 
 def prepare(model, quantization: Quantization, dtype: str, offloaded: tuple[str, ...] = ()) -> None:
