@@ -22,6 +22,13 @@ SENTENCES = [
 ]
 
 
+# ChatML-like turns between the tokenizer's own <s> and </s>, for `planc serve`'s /v1/chat/completions.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<s>{{ message['role'] }}\n{{ message['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Keep the weight-hash cache out of the user's home."""
@@ -44,6 +51,7 @@ def build_tiny_model(folder: Path, num_layers: int = 4, tie: bool = False, seed:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(folder)
     config = Qwen3Config(
         vocab_size=len(fast),
