@@ -184,19 +184,17 @@ class Engine:
         from contextlib import nullcontext
 
         from planc.run.apply import pinned_attention
-        from planc.serve.invariant import RowCaches, row_masks
+        from planc.serve.invariant import RowCaches, placeholder_mask, row_masks
 
         caches = [s.cache for s in sequences]
         positions = [s.position for s in sequences]
         masks = row_masks(self.model, caches, positions, self.device)
-        if masks is None:
-            raise RuntimeError("the model's attention masks are not keyed by layer type")
         with torch.inference_mode(), pinned_attention(self.plan), self.linear_mode or nullcontext():
             output = self.model(
                 input_ids=torch.cat([s.ids[:, -1:] for s in sequences]),
                 position_ids=torch.tensor([[p] for p in positions], device=self.device),
-                attention_mask=masks,
-                past_key_values=RowCaches(caches),
+                attention_mask=placeholder_mask(masks, len(sequences), self.device),
+                past_key_values=RowCaches(caches, masks),
                 use_cache=True,
                 return_dict=True,
                 **self.keep_last_logits,

@@ -8,11 +8,11 @@ logits nearly tie, so a request's output would depend on what else is in flight.
 
 Here only the row-wise work is batched, and each piece keeps the single-sequence arithmetic:
 - attention (the modules that consume the KV cache) runs once per row on that row's own unpadded
-  `DynamicCache`, with the mask that decoding it alone would build (`RowCaches`, `RowMasks`);
+  `DynamicCache`, with the mask that decoding it alone would build (`RowCaches`);
 - every `F.linear` over several rows goes through `RowExactLinear`, which uses a batched GEMV (one
   matrix-vector product per row, `torch.bmm` over an expanded weight) where that has been checked
   to equal the one-row product bit for bit on this device, dtype and shape, and an explicit loop of
-  one-row products otherwise;
+  one-row products otherwise; MoE experts' grouped products (`torch._grouped_mm`) likewise per group;
 - embeddings, norms, activations and residual additions are computed per row anyway.
 
 `planc.serve.engine` proves the result on the loaded model at start-up (batched logits against
@@ -31,41 +31,54 @@ from torch.overrides import TorchFunctionMode
 
 
 class RowCaches:
-    """One cache per row of a batched decode step; handed to the model as its `past_key_values`."""
+    """A batched decode step's `past_key_values`: one cache per row, and per row the attention mask
+    (or mapping of masks by layer type) that decoding the row alone would pass, often None."""
 
-    def __init__(self, caches: list):
+    def __init__(self, caches: list, masks: list):
         self.caches = caches
+        self.masks = masks
 
     def __len__(self) -> int:
         return len(self.caches)
 
 
-class RowMasks:
-    """Per row, the attention mask that decoding the row alone would pass (often None for SDPA)."""
-
-    def __init__(self, masks: list):
-        self.masks = masks
-
-
-def row_masks(model, caches: list, positions: list[int], device) -> dict[str, RowMasks] | None:
-    """The model's mask mapping for one decode step of each row, built as `generate` builds it for a
-    single unpadded sequence (transformers' `create_masks_for_generate`); None if the model's masks
-    are not keyed by layer type (then rows cannot be split and the caller decodes sequentially)."""
+def row_masks(model, caches: list, positions: list[int], device) -> list:
+    """Each row's masks for one decode step, built as `generate` builds them for a single unpadded
+    sequence (transformers' `create_masks_for_generate`, which mirrors the modeling files)."""
     from transformers.masking_utils import create_masks_for_generate
 
-    mappings = []
-    for cache, position in zip(caches, positions):
-        mapping = create_masks_for_generate(
+    return [
+        create_masks_for_generate(
             config=model.config,
             inputs_embeds=torch.empty((1, 1, 0), dtype=model.dtype, device=device),
             attention_mask=None,
             past_key_values=cache,
             position_ids=torch.tensor([[position]], device=device),
         )
-        if not isinstance(mapping, dict):
-            return None
-        mappings.append(mapping)
-    return {layer_type: RowMasks([m[layer_type] for m in mappings]) for layer_type in mappings[0]}
+        for cache, position in zip(caches, positions)
+    ]
+
+
+def placeholder_mask(masks: list, rows: int, device):
+    """What the model is handed as its batch's attention mask: a 4D tensor (or a mapping of them),
+    which transformers' mask creation passes through untouched. The attention blocks ignore it and
+    use each row's own mask from `RowCaches`."""
+    placeholder = torch.ones((rows, 1, 1, 1), dtype=torch.bool, device=device)
+    first = masks[0]
+    return {key: placeholder for key in first} if isinstance(first, dict) else placeholder
+
+
+def _mask_for(module, mask):
+    """The row's mask for this attention block: by its layer type when masks are keyed by type."""
+    if not isinstance(mask, dict):
+        return mask
+    layer_types = getattr(getattr(module, "config", None), "layer_types", None)
+    index = getattr(module, "layer_idx", None)
+    if layer_types is not None and index is not None and index < len(layer_types):
+        return mask[layer_types[index]]
+    if len(mask) == 1:
+        return next(iter(mask.values()))
+    raise RuntimeError(f"cannot tell which of the masks {sorted(mask)} {type(module).__name__} uses")
 
 
 def cache_consumers(model) -> list[torch.nn.Module]:
@@ -100,29 +113,27 @@ def install_row_split(model) -> int:
     for module in cache_consumers(model):
         if getattr(module, "_planc_row_split", False):
             continue
-        module.forward = functools.partial(_row_split_forward, module.forward)
+        module.forward = functools.partial(_row_split_forward, module, module.forward)
         module._planc_row_split = True
         wrapped += 1
     return wrapped
 
 
-def _row_split_forward(original, *args, **kwargs):
+def _row_split_forward(module, original, *args, **kwargs):
     caches = kwargs.get("past_key_values")
     if not isinstance(caches, RowCaches):
         return original(*args, **kwargs)
     rows = len(caches)
-    outputs = [
-        original(*(_row(value, index, rows) for value in args), **{k: _row(v, index, rows) for k, v in kwargs.items()})
-        for index in range(rows)
-    ]
+    outputs = []
+    for index in range(rows):
+        row_kwargs = {name: _row(value, index, rows) for name, value in kwargs.items()}
+        row_kwargs["past_key_values"] = caches.caches[index]
+        row_kwargs["attention_mask"] = _mask_for(module, caches.masks[index])
+        outputs.append(original(*(_row(value, index, rows) for value in args), **row_kwargs))
     return _joined(outputs)
 
 
 def _row(value: Any, index: int, rows: int) -> Any:
-    if isinstance(value, RowCaches):
-        return value.caches[index]
-    if isinstance(value, RowMasks):
-        return value.masks[index]
     if isinstance(value, torch.Tensor):
         return value[index : index + 1] if value.dim() and value.shape[0] == rows else value
     if isinstance(value, tuple):
@@ -137,6 +148,10 @@ def _row(value: Any, index: int, rows: int) -> Any:
 def _joined(outputs: list) -> Any:
     first = outputs[0]
     if isinstance(first, torch.Tensor):
+        if any(output.shape[1:] != first.shape[1:] for output in outputs):
+            # Eager attention also returns its weights, [1, heads, 1, each row's own length]: they
+            # cannot form a batch, and a decode step never asks for them.
+            return None
         return torch.cat(outputs, dim=0)
     if isinstance(first, tuple):
         return tuple(_joined([output[i] for output in outputs]) for i in range(len(first)))
@@ -160,22 +175,60 @@ class RowExactLinear(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is not F.linear:
-            return func(*args, **kwargs)
+        if func is F.linear:
+            return self._linear(func, args, kwargs)
+        if func is _GROUPED_MM:
+            return self._grouped_mm(func, args, kwargs)
+        return func(*args, **kwargs)
+
+    def _linear(self, func, args, kwargs):
+        # The leading dimension is the batch of sequences (a step's [rows, 1, features], or the
+        # tokens routed to one expert); each slice along it is what that sequence alone would pass.
         x = args[0] if args else kwargs["input"]
         weight = args[1] if len(args) > 1 else kwargs["weight"]
         bias = args[2] if len(args) > 2 else kwargs.get("bias")
-        rows = x.numel() // x.shape[-1] if x.dim() > 1 and x.shape[-1] else 1
+        rows = x.shape[0] if x.dim() > 1 else 1
         if rows <= 1:
             return func(*args, **kwargs)
+        single_rows = x.numel() // x.shape[-1] == rows  # else slices of several positions: no GEMV shortcut
         key = (tuple(weight.shape), weight.dtype, str(weight.device), bias is not None, rows, x.dtype)
-        verdict = self.verdicts.get(key)
+        verdict = self.verdicts.get(key) if single_rows else False
         if verdict:
             return _batched_gemv(x, weight, bias, rows)
-        exact = _row_by_row(x, weight, bias, rows)
+        exact = torch.cat([F.linear(x[i : i + 1], weight, bias) for i in range(rows)])
         if verdict is None:
             self.verdicts[key] = torch.equal(_batched_gemv(x, weight, bias, rows), exact)
         return exact
+
+    def _grouped_mm(self, func, args, kwargs):
+        """MoE experts (transformers' grouped_mm implementation): a row alone is one group of one
+        row, so every group of several rows must equal its rows computed one by one."""
+        x, weight = args[0], args[1]
+        offs = args[2] if len(args) > 2 else kwargs.get("offs")
+        if offs is None or x.dim() != 2 or weight.dim() != 3:
+            return func(*args, **kwargs)
+        ends = offs.tolist()
+        bounds = list(zip([0, *ends[:-1]], ends))
+        if all(end - start <= 1 for start, end in bounds):
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        rest = {name: value for name, value in kwargs.items() if name != "offs"}
+        for group, (start, end) in enumerate(bounds):
+            if end - start <= 1:
+                continue
+            key = ("grouped_mm", tuple(weight.shape[1:]), weight.dtype, str(weight.device), end - start, x.dtype)
+            verdict = self.verdicts.get(key)
+            if verdict:
+                continue
+            alone = offs.new_tensor([0] * group + [1] * (len(ends) - group))
+            rows = torch.cat([func(x[r : r + 1], weight, *args[3:], offs=alone, **rest) for r in range(start, end)])
+            if verdict is None:
+                self.verdicts[key] = torch.equal(rows, out[start:end])
+            out[start:end] = rows
+        return out
+
+
+_GROUPED_MM = getattr(torch, "_grouped_mm", None)
 
 
 def _batched_gemv(x: torch.Tensor, weight: torch.Tensor, bias, rows: int) -> torch.Tensor:
@@ -184,12 +237,4 @@ def _batched_gemv(x: torch.Tensor, weight: torch.Tensor, bias, rows: int) -> tor
     out = torch.bmm(x.reshape(rows, 1, width), expanded)
     if bias is not None:
         out = out + bias
-    return out.reshape(*x.shape[:-1], weight.shape[0])
-
-
-def _row_by_row(x: torch.Tensor, weight: torch.Tensor, bias, rows: int) -> torch.Tensor:
-    # Each row shaped as a lone sequence's decode input is: [1, ..., 1, in_features].
-    flat = x.reshape(rows, x.shape[-1])
-    single = (1,) * (x.dim() - 1) + (x.shape[-1],)
-    out = torch.cat([F.linear(flat[i].reshape(single), weight, bias).reshape(1, -1) for i in range(rows)])
     return out.reshape(*x.shape[:-1], weight.shape[0])
