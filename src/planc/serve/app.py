@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -161,6 +161,9 @@ async def _generate(http: Request, served: Served, endpoint: str) -> Response:
     started = time.perf_counter()
     try:
         call = await _admit(http, served, endpoint, started)
+    except ClientDisconnect:  # gone while sending its body: nobody to answer
+        served.metrics.requests.labels(endpoint, "499").inc()
+        return Response(status_code=499)
     except APIError as error:
         served.metrics.requests.labels(endpoint, str(error.status)).inc()
         if error.status == 429:

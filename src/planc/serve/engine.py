@@ -24,7 +24,7 @@ from planc.serve.text import TextStream
 # RoPE variants that pick their frequencies from the longest position in the batch
 # (transformers' `dynamic_rope_update`), so a row's rotation would depend on the other rows.
 BATCH_DEPENDENT_ROPE = {"dynamic", "longrope"}
-PROBE_TOKENS = 6
+PROBE_TOKENS = 4
 
 
 @dataclass(frozen=True)

@@ -170,22 +170,33 @@ def parse(model: type[_Request], body: bytes) -> _Request:
 
 
 def _first_problem(exc: ValidationError) -> tuple[str, str | None]:
-    """The first invalid field as "where: what", and where. A union's branches fail together; they
-    are one problem: the value has none of the accepted types."""
+    """The first invalid field as "where: what", and where. pydantic reports each branch of a union
+    (tagged "str", "list[int]", ...) as its own error: at one level they are one problem (none of
+    the accepted types), at different depths the deepest is the most telling."""
     errors = exc.errors()
-    first = errors[0]
-    field = first["loc"][0] if first["loc"] else None
-    same_field = [e for e in errors if e["loc"] and e["loc"][0] == field]
-    if field is not None and len(same_field) > 1 and len(first["loc"]) > 1 and isinstance(first["loc"][1], str):
-        where = str(field)
+    field = errors[0]["loc"][:1]
+    group = [(_field_path(e["loc"]), e) for e in errors if e["loc"][:1] == field]
+    if len(group) > 1 and len({path for path, _ in group}) == 1:
+        path, first = group[0]
+        where = ".".join(map(str, path)) or None
         message = f"{where}: {type(first['input']).__name__} is not one of the accepted types"
     else:
-        where = ".".join(str(part) for part in first["loc"]) or None
+        path, first = max(group, key=lambda item: len(item[0]))
+        where = ".".join(map(str, path)) or None
         message = f"{where}: {first['msg']}" if where else first["msg"]
     others = len({e["loc"][:1] for e in errors}) - 1
     if others:
         message += f" (and {others} more field{'s' if others > 1 else ''})"
     return message, where
+
+
+def _field_path(loc: tuple) -> tuple:
+    """The location without pydantic's union-branch tags (field names here are lower snake case)."""
+    return tuple(part for part in loc if not isinstance(part, str) or (part.islower() and "[" not in part
+                                                                          and part not in _TYPE_TAGS))
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list"}
 
 
 # ---------------------------------------------------------------------- responses
