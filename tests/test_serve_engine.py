@@ -183,3 +183,35 @@ def test_a_budget_over_max_seq_len_is_a_400_naming_the_limit(prompt, requested, 
 
     assert refused.value.status == 400 and refused.value.message == message
     assert refused.value.code == "context_length_exceeded"
+
+
+def test_layers_offloaded_to_disk_batch_exactly_too(tiny_model, tmp_path):
+    """accelerate's hooks stream offloaded layers in; the rows split inside the hook, tokens stay exact."""
+    from test_run import compile_to
+
+    from planc.memory import CPU_PROCESS_RESERVE
+    from planc.run import open_session
+
+    def spec(cpu_memory: str, offload: str) -> str:
+        return (f"planc: 1\nmodel: {{path: {tiny_model}}}\nhardware: {{gpus: [], cpu_memory: {cpu_memory}, "
+                f"disk: offload/}}\nworkload: {{batch_size: 4, max_seq_len: 64}}\npolicy: {{offload: {offload}}}\n")
+
+    (tmp_path / "roomy").mkdir()
+    ledger = load_lock(compile_to(tmp_path / "roomy", spec("8GiB", "cpu"))).memory[0]
+    # Room for the running terms (as test_run's disk test) and three quarters of the weights.
+    running = ledger.total - ledger.weights - CPU_PROCESS_RESERVE
+    lock = compile_to(tmp_path, spec(str(CPU_PROCESS_RESERVE + int(running * 1.05) + ledger.weights * 3 // 4), "disk"))
+    plan = load_lock(lock)
+    assert set(plan.device_map.values()) == {"cpu", "disk"}
+
+    with open_session(plan, tmp_path) as session:
+        engine = Engine(session.model, session.tokenizer, plan)
+        how = engine.prove_batching(4)
+        prompts = [session.tokenizer(text)["input_ids"] for text in ("The quick brown fox", "A device map",
+                                                                     "The KV cache grows with", "planc")]
+        sequences = decode_staggered(engine, prompts, NEW_TOKENS)
+        texts = [session.tokenizer.decode(p) for p in prompts]
+        expected = [session.generate([text], n)[0].token_ids for text, n in zip(texts, NEW_TOKENS)]
+
+    assert how.startswith("batched:"), how
+    assert [s.token_ids for s in sequences] == expected

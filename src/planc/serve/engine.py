@@ -72,7 +72,7 @@ class Engine:
 
     def __init__(self, model, tokenizer, plan: Plan, batching: str = "exact"):
         from planc.run.generate import generation_config, input_device
-        from planc.serve.invariant import RowExactLinear, install_row_split
+        from planc.serve.invariant import RowExactLinear, install_kernel_split
 
         self.model, self.tokenizer, self.plan = model, tokenizer, plan
         self.device = torch.device(input_device(plan))
@@ -88,11 +88,9 @@ class Engine:
         forward_parameters = inspect.signature(model.forward).parameters
         self.keep_last_logits = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters else {}
         self.linear_mode = RowExactLinear() if batching == "exact" else None
-        self.batching = batching
         self.batched = False
-        self.why_sequential = self._cannot_split_rows() or (
-            None if install_row_split(model) else "the model has no attention block that takes past_key_values"
-        )
+        self.split: str | None = None  # how rows are split around attention: "kernel" or "module"
+        install_kernel_split()
 
     # ------------------------------------------------------------------ sequences
 
@@ -232,27 +230,41 @@ class Engine:
 
     # ------------------------------------------------------------------ proving the batching exact
 
+    def prove_batching(self, rows: int) -> str:
+        """Decode a few probe sequences alone and then together, the rows split around each kernel
+        first, then around each attention block; batch only where every logit agrees bit for bit
+        (with --batching fast: where the batched step runs at all).
+
+        Returns how the server decodes, for the log and /health.
+        """
+        from planc.serve.invariant import install_row_split
+
+        if rows <= 1:
+            return "one sequence at a time (the plan's batch_size is 1)"
+        reason = self._cannot_split_rows()
+        if reason is None:
+            kernel = self._probe(min(rows, 3))
+            if kernel is None:
+                self.split = "kernel"
+            elif not install_row_split(self.model):
+                reason = kernel
+            elif (module := self._probe(min(rows, 3))) is None:
+                self.split = "module"
+            else:
+                reason = f"split around kernels: {kernel}; around attention blocks: {module}"
+        self.batched = self.split is not None
+        if not self.batched:
+            return f"one sequence per forward ({reason})"
+        exact = "bit-identical to decoding each alone" if self.linear_mode else "batched GEMMs (--batching fast)"
+        where = "each attention kernel" if self.split == "kernel" else "each attention block"
+        return f"batched: up to {rows} sequences per decode step, {exact}; rows split around {where}"
+
     def _cannot_split_rows(self) -> str | None:
         rope = getattr(self.model.config.get_text_config(), "rope_parameters", None) or {}
         rope_type = rope.get("rope_type") if isinstance(rope, dict) else None
         if rope_type in BATCH_DEPENDENT_ROPE:
             return f"its RoPE ({rope_type}) depends on the longest position in a batch"
         return None
-
-    def prove_batching(self, rows: int) -> str:
-        """Decode a few probe sequences alone and then together; batch them only if every logit agrees.
-
-        Returns how the server decodes, for the log and /health.
-        """
-        if self.why_sequential is None and rows > 1:
-            self.why_sequential = self._probe(min(rows, 3))
-        self.batched = self.why_sequential is None and rows > 1
-        if self.batched:
-            exact = "bit-identical to decoding each alone" if self.linear_mode else "batched GEMMs (--batching fast)"
-            return f"batched: up to {rows} sequences per decode step, {exact}"
-        if rows <= 1:
-            return "one sequence at a time (the plan's batch_size is 1)"
-        return f"one sequence per forward ({self.why_sequential})"
 
     def _probe(self, rows: int) -> str | None:
         vocabulary = len(self.tokenizer)

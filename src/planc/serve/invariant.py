@@ -6,17 +6,23 @@ summation order), and left padding changes the length and alignment of every att
 The logits then differ in their last bits and greedy decoding can pick another token where two
 logits nearly tie, so a request's output would depend on what else is in flight.
 
-Here only the row-wise work is batched, and each piece keeps the single-sequence arithmetic:
-- attention (the modules that consume the KV cache) runs once per row on that row's own unpadded
-  `DynamicCache`, with the mask that decoding it alone would build (`RowCaches`);
+Here the batch keeps each sequence's own arithmetic:
+- every row keeps its own unpadded `DynamicCache`. The model's `past_key_values` is a `RowCaches`:
+  its `update` appends each row's new key and value to that row's cache and hands the attention
+  function every row's full keys and values (`RowKeys`), and the attention functions transformers
+  dispatches to (sdpa, flash, flex) run once per row, with the mask that decoding the row alone
+  would build ("kernel" split). Where a model's attention cannot take that (its own eager function,
+  tensor work between the cache update and the kernel), the whole attention block runs once per
+  row instead ("module" split);
 - every `F.linear` over several rows goes through `RowExactLinear`, which uses a batched GEMV (one
   matrix-vector product per row, `torch.bmm` over an expanded weight) where that has been checked
   to equal the one-row product bit for bit on this device, dtype and shape, and an explicit loop of
   one-row products otherwise; MoE experts' grouped products (`torch._grouped_mm`) likewise per group;
-- embeddings, norms, activations and residual additions are computed per row anyway.
+- embeddings, norms, rotary embeddings, activations and residual additions are per row anyway.
 
 `planc.serve.engine` proves the result on the loaded model at start-up (batched logits against
-sequential ones) and decodes one sequence per forward where it does not hold.
+sequential ones, kernel split first, then module split) and decodes one sequence per forward where
+neither holds.
 """
 
 from __future__ import annotations
@@ -40,6 +46,25 @@ class RowCaches:
 
     def __len__(self) -> int:
         return len(self.caches)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Each row's slice into its own cache; each row's whole keys and values back, unpadded."""
+        keys, values = [], []
+        for index, cache in enumerate(self.caches):
+            key, value = cache.update(key_states[index : index + 1], value_states[index : index + 1], layer_idx,
+                                      *args, **kwargs)
+            keys.append(key)
+            values.append(value)
+        return RowKeys(keys, self.masks), RowKeys(values, self.masks)
+
+
+class RowKeys:
+    """Per-row keys (or values) of different lengths, on their way from `RowCaches.update` to the
+    attention function; any other use fails, and start-up falls back to the module split."""
+
+    def __init__(self, rows: list[torch.Tensor], masks: list):
+        self.rows = rows
+        self.masks = masks
 
 
 def row_masks(model, caches: list, positions: list[int], device) -> list:
@@ -84,7 +109,9 @@ def _mask_for(module, mask):
 def cache_consumers(model) -> list[torch.nn.Module]:
     """The innermost modules whose forward takes `past_key_values`: the attention blocks."""
     takes_cache = {
-        name: module for name, module in model.named_modules() if "past_key_values" in _parameters(module.forward)
+        name: module
+        for name, module in model.named_modules()
+        if getattr(module, "_planc_row_split", False) or "past_key_values" in _parameters(module.forward)
     }
     return [module for name, module in takes_cache.items() if not any(_inside(other, name) for other in takes_cache)]
 
@@ -106,14 +133,54 @@ def _parameters(forward) -> frozenset[str]:
     return _signature_of(getattr(forward, "__func__", forward))
 
 
+def install_kernel_split() -> None:
+    """Make transformers' registered attention functions run once per row when handed `RowKeys`.
+    Process-wide and idempotent; any other call passes straight through."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    for name in list(ALL_ATTENTION_FUNCTIONS):
+        function = ALL_ATTENTION_FUNCTIONS[name]
+        if not getattr(function, "_planc_row_split", False):
+            ALL_ATTENTION_FUNCTIONS[name] = _per_row_attention(function)
+
+
+def _per_row_attention(function):
+    @functools.wraps(function)
+    def attention(module, query, key, value, attention_mask, *args, **kwargs):
+        if not isinstance(key, RowKeys):
+            return function(module, query, key, value, attention_mask, *args, **kwargs)
+        rows = len(key.rows)
+        outputs = []
+        for index in range(rows):
+            mask = _on_device(_mask_for(module, key.masks[index]), query)
+            outputs.append(function(module, query[index : index + 1], key.rows[index], value.rows[index], mask,
+                                    *(_row(a, index, rows) for a in args),
+                                    **{k: _row(v, index, rows) for k, v in kwargs.items()}))
+        return _joined(outputs)
+
+    attention._planc_row_split = True
+    return attention
+
+
+def _on_device(mask, like):
+    # accelerate moves a batch's mask to each layer's device; a row's mask travels outside its reach.
+    if isinstance(mask, torch.Tensor) and isinstance(like, torch.Tensor) and mask.device != like.device:
+        return mask.to(like.device)
+    return mask
+
+
 def install_row_split(model) -> int:
-    """Make each attention block split a `RowCaches` step into one call per row; returns how many
-    blocks were wrapped. Idempotent; calls with any other cache pass straight through."""
+    """The module split: each attention block takes a `RowCaches` step one row at a time (before its
+    cache update is reached); returns how many blocks were wrapped. Idempotent; calls with any other
+    cache pass straight through."""
     wrapped = 0
     for module in cache_consumers(model):
         if getattr(module, "_planc_row_split", False):
             continue
-        module.forward = functools.partial(_row_split_forward, module, module.forward)
+        # Under an accelerate hook (offloaded weights), split inside it: the weights are fetched
+        # once per step, not once per row.
+        name = "_old_forward" if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward") else "forward"
+        setattr(module, name, functools.partial(_row_split_forward, module, getattr(module, name)))
         module._planc_row_split = True
         wrapped += 1
     return wrapped
@@ -124,11 +191,12 @@ def _row_split_forward(module, original, *args, **kwargs):
     if not isinstance(caches, RowCaches):
         return original(*args, **kwargs)
     rows = len(caches)
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
     outputs = []
     for index in range(rows):
         row_kwargs = {name: _row(value, index, rows) for name, value in kwargs.items()}
         row_kwargs["past_key_values"] = caches.caches[index]
-        row_kwargs["attention_mask"] = _mask_for(module, caches.masks[index])
+        row_kwargs["attention_mask"] = _on_device(_mask_for(module, caches.masks[index]), hidden)
         outputs.append(original(*(_row(value, index, rows) for value in args), **row_kwargs))
     return _joined(outputs)
 

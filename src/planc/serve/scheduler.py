@@ -52,6 +52,7 @@ class Job:
     submitted: float = field(default_factory=time.perf_counter)
     started: float | None = None  # prefill began
     cancelled: bool = False  # set by the HTTP side when the client went away
+    done: bool = False  # its last event is sent (or nobody waits for it) and its slot is free
     sequence: Sequence | None = None
 
     def _send(self, event: Emitted | Failed) -> None:
@@ -132,8 +133,9 @@ class Scheduler:
                 self._step()
             except Exception as exc:  # noqa: BLE001 - a bug here must not leave clients waiting forever
                 log.exception("decode loop failed; failing the running requests")
-                for job in list(self.running):
-                    self._finish(job, Failed(exc))
+                for job in [*self.running, *admitted]:
+                    if not job.done:
+                        self._finish(job, Failed(exc))
 
     def _prefill(self, job: Job) -> None:
         job.started = time.perf_counter()
@@ -173,6 +175,7 @@ class Scheduler:
             self._finish(job, emitted)
 
     def _finish(self, job: Job, last: Emitted | Failed | None) -> None:
+        job.done = True
         if job in self.running:
             self.running.remove(job)
         job.sequence = None  # frees the KV cache now, not when the HTTP side lets go of the job
