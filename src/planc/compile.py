@@ -415,7 +415,7 @@ class ModelLocation:
 def locate_model(spec: Spec, spec_dir: Path, lock_dir: Path, hash_weights: bool = True, progress=None) -> ModelLocation:
     """Read the config and hash the weights of the spec's model; paths re-expressed relative to the lock."""
     from planc.checksums import hash_files
-    from planc.model_graph import check_model_source_exists, read_model_files
+    from planc.model import check_model_source_exists, read_model_files
 
     check_model_source_exists(spec.model, spec_dir)
     files = read_model_files(spec.model, spec_dir)
@@ -434,7 +434,7 @@ def locate_model(spec: Spec, spec_dir: Path, lock_dir: Path, hash_weights: bool 
 
 def compile_spec(spec_path: str | Path, lock_path: str | Path | None = None, progress=None) -> tuple[Plan, str]:
     """Compile a spec file; returns the plan and the lock text (nothing is written)."""
-    from planc.model_graph import build_model_graph
+    from planc.model import build_model_graph
 
     spec_path = Path(spec_path)
     lock_path = Path(lock_path) if lock_path else default_lock_path(spec_path)

@@ -372,21 +372,17 @@ def _bound_eager_experts(model) -> int:
 
 
 def _build_meta_model(plan: Plan, lock_dir: Path):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from planc.model_graph import make_config, read_model_files
+    from planc.model import read_model_files
+    from planc.model.build import meta_model
 
     files = read_model_files(plan.model, lock_dir)
-    config = make_config(files.config, plan.model.trust_remote_code)
-    kwargs: dict[str, Any] = {
-        "dtype": getattr(torch, plan.dtype),
-        "attn_implementation": plan.attention.attn_implementation,
-    }
-    if plan.generation.experts_implementation:
-        kwargs["experts_implementation"] = plan.generation.experts_implementation
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=plan.model.trust_remote_code, **kwargs)
+    model = meta_model(
+        files.config,
+        plan.dtype,
+        plan.model.trust_remote_code,
+        attn_implementation=plan.attention.attn_implementation,
+        experts_implementation=plan.generation.experts_implementation,
+    )
     return model.eval()
 
 

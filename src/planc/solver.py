@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
+from planc.model.attention import mask_bytes
 from planc.memory import (
     CPU_BANDWIDTH,
     DISK_BANDWIDTH,
@@ -31,12 +32,11 @@ from planc.memory import (
     Load,
     Reserve,
     Workload,
-    mask_bytes,
     reserve_bytes,
     unit_costs,
 )
 from planc.errors import ModelError
-from planc.model_graph import ModelGraph
+from planc.model import ModelGraph
 
 INF = float("inf")
 PICO = 10**12
