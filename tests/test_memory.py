@@ -12,6 +12,7 @@ from conftest import FAMILIES, WINDOW, shrink
 from planc.memory import Workload, unit_kv_bytes
 from planc.model import build_model_graph
 
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_ledger_kv_equals_real_cache(name):
     import torch

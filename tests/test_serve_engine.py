@@ -36,7 +36,7 @@ def tiny_model_of(name: str, tokenizer):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from planc.model_graph import make_config
+    from planc.model import make_config
 
     config = shrink(name)
     config["vocab_size"] = len(tokenizer)
