@@ -217,7 +217,8 @@ def markdown(levels: list[Level], kind: str, threads: int | None) -> str:
     lines = [
         f"Command: `PYTHONPATH=src python -m bench.serve --model {kind}{flag}`; {NEW_TOKENS} new tokens per request, "
         f"greedy; the plan at batch_size {BATCH_SIZE}, max_seq_len {MAX_SEQ_LEN}  ",
-        f"Machine: {machine()}; planc at {planc_revision()}.",
+        f"Machine: {machine()}; planc at {planc_revision()}; load average {os.getloadavg()[0]:.1f} at the end "
+        "(other jobs shared the cores).",
         "",
         "| " + " | ".join(HEADERS) + " |",
         "|" + "---|" * len(HEADERS),

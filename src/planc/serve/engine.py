@@ -40,7 +40,6 @@ class Sampling:
 class Sequence:
     """One request being decoded: its cache, its tokens so far and how it ends."""
 
-    prompt_ids: list[int]
     max_new_tokens: int
     config: object  # GenerationConfig of this request
     processors: object  # LogitsProcessorList built by generate's own rules
@@ -118,7 +117,7 @@ class Engine:
             generation_config=config, input_ids_seq_length=len(prompt_ids), encoder_input_ids=ids, device=self.device
         )
         text = TextStream(self.tokenizer, stop)
-        return Sequence(list(prompt_ids), max_new_tokens, config, processors, generator, text, ids=ids)
+        return Sequence(max_new_tokens, config, processors, generator, text, ids=ids)
 
     def prefill(self, sequence: Sequence) -> Emitted:
         """Run the prompt through `generate` alone (one new token) and choose the first token."""

@@ -6,7 +6,8 @@ the HTTP layer turns into 429. One worker thread owns the model: each iteration 
 requests, prefills newly admitted ones into free slots, then advances every running sequence by one
 token in a single decode step. A sequence that finishes frees its slot for the next step.
 
-Events go back to the asyncio side through `loop.call_soon_threadsafe` into each job's queue.
+Events go back to the asyncio side in one `loop.call_soon_threadsafe` per iteration (each wake-up
+of the event loop takes the GIL from the decoding thread), into each job's queue.
 """
 
 from __future__ import annotations
@@ -55,8 +56,6 @@ class Job:
     done: bool = False  # its last event is sent (or nobody waits for it) and its slot is free
     sequence: Sequence | None = None
 
-    def _send(self, event: Emitted | Failed) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
 class Scheduler:
@@ -70,6 +69,7 @@ class Scheduler:
         self.condition = threading.Condition()
         self.stopping = False
         self.durations: collections.deque[float] = collections.deque(maxlen=64)
+        self.outbox: list[tuple[Job, Emitted | Failed]] = []  # this iteration's events, sent together
         self.thread = threading.Thread(target=self._loop, name="planc-decode", daemon=True)
 
     # ------------------------------------------------------------------ the HTTP side
@@ -130,12 +130,22 @@ class Scheduler:
             try:
                 for job in admitted:
                     self._prefill(job)
+                    self._flush()  # its first token now, not after the others' prefills
                 self._step()
             except Exception as exc:  # noqa: BLE001 - a bug here must not leave clients waiting forever
                 log.exception("decode loop failed; failing the running requests")
                 for job in [*self.running, *admitted]:
                     if not job.done:
                         self._finish(job, Failed(exc))
+            self._flush()
+
+    def _flush(self) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for job, event in self.outbox:
+            by_loop.setdefault(job.loop, []).append((job.events, event))
+        self.outbox = []
+        for loop, events in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, events)
 
     def _prefill(self, job: Job) -> None:
         job.started = time.perf_counter()
@@ -170,7 +180,7 @@ class Scheduler:
 
     def _deliver(self, job: Job, emitted: Emitted) -> None:
         if emitted.finish_reason is None:
-            job._send(emitted)
+            self.outbox.append((job, emitted))
         else:
             self._finish(job, emitted)
 
@@ -180,8 +190,13 @@ class Scheduler:
             self.running.remove(job)
         job.sequence = None  # frees the KV cache now, not when the HTTP side lets go of the job
         if last is not None:
-            job._send(last)
+            self.outbox.append((job, last))
         with self.condition:
             self.admitted -= 1
             if isinstance(last, Emitted):
                 self.durations.append(time.perf_counter() - job.submitted)
+
+
+def _put_all(events: list[tuple[asyncio.Queue, Emitted | Failed]]) -> None:
+    for queue, event in events:
+        queue.put_nowait(event)
