@@ -155,6 +155,7 @@ class _Call:
     job: Job
     rid: str
     started: float
+    status: str = "499"  # a stream's outcome so far: 499 until it ends with [DONE] (200) or an error (500)
 
 
 async def _generate(http: Request, served: Served, endpoint: str) -> Response:
@@ -177,8 +178,7 @@ async def _generate(http: Request, served: Served, endpoint: str) -> Response:
     if call.request.stream and isinstance(first, Emitted):
         gone.cancel()  # the streaming response watches the connection itself from here
         served.metrics.generated_tokens.inc()
-        stream = _stream(call, served, first)
-        return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return _EventStream(_stream(call, served, first), lambda: _stream_closed(call, served))
     try:
         return await _collect(call, served, first, gone)
     finally:
@@ -327,44 +327,60 @@ async def _collect(call: _Call, served: Served, event, gone: asyncio.Future) -> 
     return JSONResponse(body)
 
 
+class _EventStream(StreamingResponse):
+    """Server-sent events that run `on_close` however the response ends: completed, failed, or cut
+    off by the client, even before its first chunk (when the body iterator never starts)."""
+
+    def __init__(self, events, on_close):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+def _stream_closed(call: _Call, served: Served) -> None:
+    if call.status == "499":  # the client went away mid-stream: free its slot
+        served.scheduler.cancel(call.job)
+    served.metrics.requests.labels(call.endpoint, call.status).inc()
+
+
 async def _stream(call: _Call, served: Served, event: Emitted):
     """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
     created, ids = protocol.now(), call.request.return_token_ids
     chat = call.endpoint == "chat"
-    generated, status = 0, "499"
-    try:
-        if chat:
-            yield protocol.sse(protocol.chat_chunk(call.rid, served.name, created, {"role": "assistant", "content": ""},
-                                                   None))
-        while True:
-            if isinstance(event, Failed):
-                status = "500"
-                yield protocol.sse(_failure(event.error).body())
-                return
-            generated += 1
-            if event.text or event.finish_reason is not None or ids:
-                token_ids = [event.token_id] if ids else None
-                if chat:
-                    delta = {"content": event.text} if event.text else {}
-                    chunk = protocol.chat_chunk(call.rid, served.name, created, delta, event.finish_reason, token_ids)
-                else:
-                    chunk = protocol.completion_chunk(call.rid, served.name, created, event.text, event.finish_reason,
-                                                      token_ids)
-                yield protocol.sse(chunk)
-            if event.finish_reason is not None:
-                break
-            event = await call.job.events.get()
-            if isinstance(event, Emitted):
-                served.metrics.generated_tokens.inc()
-        options = call.request.stream_options
-        if options is not None and options.include_usage:
-            kind = "chat.completion.chunk" if chat else "text_completion"
-            yield protocol.sse(protocol.usage_chunk(call.rid, served.name, created, kind, len(call.prompt_ids),
-                                                    generated))
-        yield protocol.sse("[DONE]")
-        status = "200"
-        served.metrics.latency.labels(call.endpoint).observe(time.perf_counter() - call.started)
-    finally:
-        if status == "499":  # the client went away mid-stream: free its slot
-            served.scheduler.cancel(call.job)
-        served.metrics.requests.labels(call.endpoint, status).inc()
+    generated = 0
+    if chat:
+        yield protocol.sse(protocol.chat_chunk(call.rid, served.name, created, {"role": "assistant", "content": ""},
+                                               None))
+    while True:
+        if isinstance(event, Failed):
+            call.status = "500"
+            yield protocol.sse(_failure(event.error).body())
+            return
+        generated += 1
+        if event.text or event.finish_reason is not None or ids:
+            token_ids = [event.token_id] if ids else None
+            if chat:
+                delta = {"content": event.text} if event.text else {}
+                chunk = protocol.chat_chunk(call.rid, served.name, created, delta, event.finish_reason, token_ids)
+            else:
+                chunk = protocol.completion_chunk(call.rid, served.name, created, event.text, event.finish_reason,
+                                                  token_ids)
+            yield protocol.sse(chunk)
+        if event.finish_reason is not None:
+            break
+        event = await call.job.events.get()
+        if isinstance(event, Emitted):
+            served.metrics.generated_tokens.inc()
+    options = call.request.stream_options
+    if options is not None and options.include_usage:
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        yield protocol.sse(protocol.usage_chunk(call.rid, served.name, created, kind, len(call.prompt_ids),
+                                                generated))
+    yield protocol.sse("[DONE]")
+    call.status = "200"
+    served.metrics.latency.labels(call.endpoint).observe(time.perf_counter() - call.started)
