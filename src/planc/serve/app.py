@@ -173,8 +173,6 @@ async def _generate(http: Request, served: Served, endpoint: str) -> Response:
     served.metrics.prompt_tokens.inc(len(call.prompt_ids))
     gone = asyncio.ensure_future(_disconnected(http))
     first = await _next(call.job, gone)
-    if isinstance(first, Emitted):
-        served.metrics.first_token.labels(endpoint).observe(time.perf_counter() - started)
     if call.request.stream and isinstance(first, Emitted):
         gone.cancel()  # the streaming response watches the connection itself from here
         served.metrics.generated_tokens.inc()
@@ -203,7 +201,7 @@ async def _admit(http: Request, served: Served, endpoint: str, started: float) -
         requested, default = request.requested_max_tokens(), None
     max_new_tokens = token_budget(len(prompt_ids), requested, default, served.plan.workload.max_seq_len)
     sampling = Sampling(request.temperature, request.top_p, request.seed)
-    job = Job(prompt_ids, max_new_tokens, sampling, stop, asyncio.get_running_loop())
+    job = Job(prompt_ids, max_new_tokens, sampling, stop, asyncio.get_running_loop(), stream=request.stream)
     try:
         served.scheduler.submit(job)
     except QueueFull as full:

@@ -38,7 +38,7 @@ class Metrics:
         self.latency = Histogram("planc_request_duration_seconds", "From admission to the last token.",
                                  ["endpoint"], buckets=LATENCY_BUCKETS, registry=registry)
         self.first_token = Histogram("planc_time_to_first_token_seconds", "From admission to the first token.",
-                                     ["endpoint"], buckets=LATENCY_BUCKETS, registry=registry)
+                                     buckets=LATENCY_BUCKETS, registry=registry)
         self.queue_wait = Histogram("planc_queue_wait_seconds", "From admission to the start of the prefill.",
                                     buckets=LATENCY_BUCKETS, registry=registry)
         self.decode_rows = Histogram(

@@ -49,7 +49,9 @@ class Job:
     sampling: Sampling
     stop: list[str]
     loop: asyncio.AbstractEventLoop
+    stream: bool = False  # streamed requests get each token as it comes; the others all at the end
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    held: list = field(default_factory=list)  # a non-streamed request's tokens until its last
     submitted: float = field(default_factory=time.perf_counter)
     started: float | None = None  # prefill began
     cancelled: bool = False  # set by the HTTP side when the client went away
@@ -159,6 +161,8 @@ class Scheduler:
             self._finish(job, Failed(exc))
             return
         self.running.append(job)
+        if self.metrics is not None:
+            self.metrics.first_token.observe(time.perf_counter() - job.submitted)
         self._deliver(job, emitted)
 
     def _step(self) -> None:
@@ -179,10 +183,12 @@ class Scheduler:
                 self._deliver(job, result)
 
     def _deliver(self, job: Job, emitted: Emitted) -> None:
-        if emitted.finish_reason is None:
-            self.outbox.append((job, emitted))
-        else:
+        if emitted.finish_reason is not None:
             self._finish(job, emitted)
+        elif job.stream:
+            self.outbox.append((job, emitted))
+        else:  # nobody reads it before the end: no wake-up of the event loop for it
+            job.held.append(emitted)
 
     def _finish(self, job: Job, last: Emitted | Failed | None) -> None:
         job.done = True
@@ -190,7 +196,8 @@ class Scheduler:
             self.running.remove(job)
         job.sequence = None  # frees the KV cache now, not when the HTTP side lets go of the job
         if last is not None:
-            self.outbox.append((job, last))
+            self.outbox.extend((job, event) for event in [*job.held, last])
+        job.held = []
         with self.condition:
             self.admitted -= 1
             if isinstance(last, Emitted):
