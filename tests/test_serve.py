@@ -279,6 +279,9 @@ def test_load_200_requests_from_16_clients_each_get_their_single_request_tokens(
     assert len(results) == 200  # every request answered: no 5xx, no 429 (an exception would have raised)
     wrong = [(case, ids, alone[case]) for case, ids in results if ids != alone[case]]
     assert not wrong, wrong[:3]
+    lock = roomy.log.parent / "plan.lock"
+    for case in cases[::9]:  # and served alone is planc run
+        assert alone[case] == planc_run_tokens(lock, *case), case
     steps = roomy.metric("planc_decode_step_sequences_count") - steps_before
     rows = roomy.metric("planc_decode_step_sequences_sum") - rows_before
     assert rows / steps > 2, "concurrent requests were not decoded together"
