@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SENTENCES
+from conftest import PLANS, REPO, SENTENCES
 from planc.compile import compile_spec
 from planc.plan import dump_lock, load_lock, write_if_changed
 
@@ -529,3 +529,15 @@ def test_a_taken_port_is_refused_before_loading(tiny_model, tmp_path):
 
     assert result.exit_code == 2
     assert result.stderr.startswith("error: cannot listen on 127.0.0.1:") and "pick another" in result.stderr
+
+
+def test_a_tensor_parallel_plan_is_pointed_to_vllm():
+    from click.testing import CliRunner
+
+    from planc.cli import main
+
+    result = CliRunner().invoke(main, ["serve", str(PLANS / "llama-3.1-70b-8xh100-tp.lock"), "--port", "0"])
+
+    assert result.exit_code == 2
+    assert result.stderr == ("error: planc serve runs a plan in one process; this one is tensor over 8 ranks: "
+                             "serve it with vLLM (planc export --to vllm)\n")

@@ -49,6 +49,11 @@ def serve_plan(
 
     lock_path = Path(lock_path)
     plan = load_lock(lock_path)
+    if plan.distributed:
+        raise UsageError(
+            f"planc serve runs a plan in one process; this one is {plan.parallel.strategy} over "
+            f"{len(plan.parallel.ranks)} ranks: serve it with vLLM (planc export --to vllm)"
+        )
     if batching not in ("exact", "fast"):
         raise UsageError(f"--batching must be exact or fast, not {batching!r}")
     if log_level not in LOG_LEVELS:
