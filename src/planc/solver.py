@@ -37,6 +37,7 @@ from planc.memory import (
 )
 from planc.errors import ModelError
 from planc.model import ModelGraph
+from planc.model.cache import FALLBACK
 
 INF = float("inf")
 PICO = 10**12
@@ -366,12 +367,14 @@ def solve(
     workload: Workload,
     reserve: Reserve,
     objective: str,
+    mixer_path: str = FALLBACK,
 ) -> Placement | Infeasible:
-    """Place the graph's units; cpu/disk are None when the policy forbids them."""
+    """Place the graph's units; cpu/disk are None when the policy forbids them. Linear-attention
+    and SSM mixers run on `mixer_path` (fallback or kernels) wherever they execute."""
     chain, pinned = _split_chain(graph)
     backends = sorted({t.backend for t in gpus} | ({cpu.backend} if cpu else set()))
     problem = _Problem(graph, gpus, cpu, disk, workload, reserve, objective, chain, pinned,
-                       unit_costs(graph, workload, backends))
+                       unit_costs(graph, workload, backends, mixer_path))
     m = _min_offload(problem, allow_offload=cpu is not None)
     if m is None:
         return _closest(problem)

@@ -109,10 +109,8 @@ def build_model_graph(config_dict: dict[str, Any], dtype: str, trust_remote_code
             break
     if layer_prefix is None:
         raise ModelError(f"{type(model).__name__}: no {', '.join(no_split)} block found")
-    layer_names = [name for name, module, _ in raw_units if module is not None and type(module).__name__ in no_split]
-    caches = layer_caches(config, shapes, dtype)
-    if len(caches) != len(layer_names):
-        raise ModelError(f"config describes {len(caches)} cache layers for {len(layer_names)} decoder layers")
+    layer_modules = [module for _, module, _ in raw_units if module is not None and type(module).__name__ in no_split]
+    caches = layer_caches(config, shapes, dtype, layer_modules)
 
     def is_post(name: str, module) -> bool:
         # After the layers run only the final norm and the output head; rotary tables, position
