@@ -21,6 +21,7 @@ SMALL = dict(
     pad_token_id=None, bos_token_id=None, eos_token_id=None,
 )
 LINEAR = ["linear_attention", "full_attention", "linear_attention", "linear_attention"]
+ZAMBA = ["linear_attention", "hybrid", "linear_attention", "linear_attention", "hybrid", "linear_attention"]
 MOE_AFTER_DENSE = dict(first_k_dense_replace=1, n_group=1, topk_group=1, num_key_value_heads=4)
 
 # model_type -> overrides on top of SMALL: the layer pattern and what the family's validators need.
@@ -50,13 +51,25 @@ FAMILIES = {
     "glm_moe_dsa": MOE_AFTER_DENSE,
     "axk2": MOE_AFTER_DENSE,
     "hy_v4": dict(),
+    # Rates that divide 39 = prompt + decode steps in the tests: the compressors' buffers then hold
+    # their peak, a full window's storage, as the ledger plans it.
+    "deepseek_v4": dict(sliding_window=16, compress_rates={"heavily_compressed_attention": 13,
+                                                           "compressed_sparse_attention": 3}),
+    # Zamba's hybrid layers share one attention block (tied weights), so two of them.
+    "zamba": dict(layers_block_type=ZAMBA, attention_hidden_size=128, attention_head_dim=32, n_mamba_heads=2,
+                  num_key_value_heads=4),
+    "zamba2": dict(layers_block_type=ZAMBA, attention_hidden_size=128, attention_head_dim=32, n_mamba_heads=2,
+                   mamba_headdim=64, hybrid_layer_ids=[1, 4], mamba_ngroups=1, num_query_groups=4,
+                   num_key_value_heads=4),
 }
+LAYERS = {"zamba": 6, "zamba2": 6}
 
 
-def tiny_config(model_type: str, layers: int = 4) -> dict:
+def tiny_config(model_type: str) -> dict:
     """The shrunk config.json of one family, as a dict (what save_pretrained would write)."""
     from transformers import AutoConfig, PretrainedConfig
 
+    layers = LAYERS.get(model_type, 4)
     config = AutoConfig.for_model(model_type).to_dict()
     for key, value in SMALL.items():
         if key in config:
@@ -69,3 +82,53 @@ def tiny_config(model_type: str, layers: int = 4) -> dict:
     config.pop("transformers_version", None)
     # As save_pretrained writes it: Mamba2-family `time_step_limit: [0.0, Infinity]` as tagged floats.
     return PretrainedConfig._encode_special_floats(config)
+
+
+# Mixer families at their real sizes (the class default configs, which are released models'
+# shapes), for holding the ledger's transient formulas to a fake-tensor execution of the module:
+# model_type -> (config overrides, decoder layer of that kind).
+AT_SCALE = {
+    "qwen3_next": (dict(), 0),  # gated DeltaNet, Qwen3-Next-80B-A3B
+    "qwen3_5_text": (dict(), 0),  # gated DeltaNet, z projected on its own
+    "olmo_hybrid": (dict(), 0),  # gated DeltaNet, separate q/k/v projections, dk != dv
+    "kimi_linear": (dict(), 0),  # Kimi delta attention, Kimi-Linear-48B-A3B
+    "bamba": (dict(), 0),  # Mamba2, Bamba-9B
+    "nemotron_h": (dict(layers_block_type=["mamba", "attention"], num_hidden_layers=2), 0),  # Mamba2, 8 groups
+    "jamba": (dict(), 0),  # Mamba1, Jamba
+    "lfm2": (dict(layer_types=["conv", "full_attention"], num_hidden_layers=2), 0),
+    "minimax": (dict(layer_types=["linear_attention", "full_attention"], num_hidden_layers=2), 0),
+}
+
+
+def mixer_prefill_peak(model_type: str, tokens: int, batch: int, dtype: str = "bfloat16") -> tuple[int, object]:
+    """(bytes the mixer of one layer allocates over a prefill of batch x tokens under fake tensors,
+    the ledger's Mixer for that layer) at the family's real size."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+
+    from planc.model.cache import mixer_of
+    from planc.simulate import forward_peak
+
+    overrides, index = AT_SCALE[model_type]
+    config = AutoConfig.for_model(model_type, **{"num_hidden_layers": 2, **overrides})
+    with init_empty_weights(include_buffers=True):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    layer = model.model.layers[index] if hasattr(model, "model") else model.backbone.layers[index]
+    layer_type = config.get_text_config().layer_types[index]
+    mixer = mixer_of(model_type, layer_type, layer, index)
+    module = type(mixer).module_of(layer, index)
+
+    def inputs():
+        hidden = torch.empty(batch, tokens, config.hidden_size, dtype=getattr(torch, dtype))
+        if model_type == "minimax":
+            from transformers.models.minimax.modeling_minimax import MiniMaxCache
+
+            rotary = torch.empty(batch, tokens, module.head_dim, dtype=hidden.dtype)
+            return (hidden,), {"past_key_values": MiniMaxCache(), "attention_mask": None,
+                               "position_embeddings": (rotary, rotary)}
+        cache = DynamicCache(config=model.config)
+        keyword = "past_key_values" if "past_key_values" in module.forward.__code__.co_varnames else "cache_params"
+        return (hidden,), {keyword: cache, "attention_mask": None}
+
+    return forward_peak(module, inputs), mixer

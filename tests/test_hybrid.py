@@ -2,17 +2,18 @@
 
 Tiny random models of every family (tests/hybrid_models.py) run for real on the CPU; the bytes
 their cache objects hold after a prefill and after decode steps must equal the ledger's, to the
-byte, in bfloat16 and float32.
+byte, in bfloat16 and float32. Each mixer family's prefill transient on the torch fallback, at
+its real size, is held to a fake-tensor execution of the real module.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from hybrid_models import FAMILIES, tiny_config
+from hybrid_models import AT_SCALE, FAMILIES, mixer_prefill_peak, tiny_config
 from planc.memory import Workload, unit_kv_bytes
 from planc.model import build_model_graph, make_config
-from planc.model.cache import cache_keyword, held_bytes, layer_tensors
+from planc.model.cache import FALLBACK, cache_keyword, held_bytes, layer_tensors
 
 BATCH, PROMPT, DECODE = 2, 37, 2
 
@@ -52,3 +53,17 @@ def test_ledger_cache_equals_real_cache(model_type, dtype):
         planned = [unit_kv_bytes(unit, workload) for unit in layers]
         tokens = workload.max_seq_len
         assert held == planned, f"after {tokens} tokens: cache holds {held}, ledger plans {planned}"
+
+
+TRANSIENT_TOLERANCE = 0.05
+
+
+@pytest.mark.parametrize("model_type", sorted(AT_SCALE))
+def test_fallback_transient_equals_fake_execution(model_type):
+    """Each family's torch-fallback prefill transient, at its real size, against the fake-tensor
+    execution of the real mixer module (padded and unpadded chunks, batch 2)."""
+    tokens = 300 if model_type == "jamba" else 1000  # Jamba's scan is a Python loop per token
+    measured, mixer = mixer_prefill_peak(model_type, tokens, batch=2)
+    planned = mixer.transient_bytes(Workload(2, tokens), "bfloat16", FALLBACK)
+
+    assert abs(planned - measured) <= TRANSIENT_TOLERANCE * measured, (planned, measured)

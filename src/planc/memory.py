@@ -86,7 +86,7 @@ def mixer_activation_bytes(
     cache = unit.cache
     attends = cache is None or cache.attention
     mixing = attention.transient_bytes(shapes, cache, workload, dtype, backend) if attends else 0
-    if cache is not None and cache.kind == "indexed_attention":
+    if cache is not None and cache.indexer_heads:
         mixing += indexed.indexer_transient_bytes(cache, shapes, workload, dtype)
     if cache is not None and cache.mixer is not None:
         recurrent = cache.mixer.transient_bytes(workload, dtype, mixer_path)

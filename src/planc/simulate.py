@@ -253,6 +253,30 @@ def _make_tracker():
     return MemoryTracker()
 
 
+def forward_peak(module, make_inputs) -> int:
+    """Peak bytes one module's forward allocates, under fake tensors on the CPU: what the ledger's
+    per-module transients are held to (its weights and the inputs `make_inputs()` builds excluded).
+
+    `make_inputs()` runs inside the fake mode and returns (args, kwargs) for the forward.
+    """
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    tracker = _make_tracker()
+    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True), tracker:
+        for child in module.modules():
+            for registry in (child._parameters, child._buffers):
+                for name, tensor in list(registry.items()):
+                    if tensor is not None:
+                        registry[name] = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
+        args, kwargs = make_inputs()
+        tracker.start_phase()
+        before = tracker.current["cpu"]
+        tracker.pinned = False
+        module(*args, **kwargs)
+        return tracker.peak["cpu"] - before
+
+
 def _sdpa_backends_by_device(plan: Plan) -> dict[str, list[str]]:
     """Per device, the SDPA backends a call may run: the plan's backend for it, then the later enabled ones."""
     if plan.attention.attn_implementation != "sdpa":

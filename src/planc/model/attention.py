@@ -57,6 +57,8 @@ def context_tokens(cache: LayerCache | None, workload: Workload) -> int:
     s = workload.max_seq_len
     if cache is not None and cache.window is not None:
         s = min(s, cache.window - 1 + workload.step_tokens)
+    if cache is not None:
+        s += cache.compressed_entries(workload)  # DeepSeek-V4 attends over its compressed entries too
     return s
 
 

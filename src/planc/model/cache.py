@@ -7,6 +7,8 @@ mixer; this module maps layer types to them:
 
 - full / sliding / chunked attention: `attention.py` (KV per token, capped by a window);
 - indexed attention (DeepSeek sparse attention): `indexed.py` (KV plus the indexer's keys);
+- compressed attention (DeepSeek-V4's heavily compressed / compressed sparse attention):
+  `compressed.py` (a sliding window plus one compressed entry per few tokens);
 - linear attention, conv and hybrid layers: a fixed-size state per sequence from the layer's
   sequence mixer, one module per family (`delta_rule.py`: gated DeltaNet and Kimi delta
   attention; `mamba.py`: Mamba1 and Mamba2; `short_conv.py`: LFM2's gated convolution;
@@ -48,9 +50,17 @@ class Mixer:
     """
 
     family: ClassVar[str]
+    # Attributes that identify the family's mixer module inside a decoder layer (transformers'
+    # modular copies keep them across the models of a family).
+    signature: ClassVar[tuple[str, ...]] = ()
     # transformers' modeling functions that run this family through its kernel packages (and
     # fall back to torch without them): what `planc simulate` stands in for on a kernels plan.
     kernel_functions: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def module_of(cls, layer_module, index: int):
+        """The family's mixer module inside a decoder layer."""
+        return find_mixer(layer_module, index, *cls.signature)
 
     def state_bytes(self, dtype: str) -> int:
         """Bytes of state one sequence keeps between steps (conv window and recurrent state)."""
@@ -73,6 +83,12 @@ class LayerCache:
     attention: bool = True  # runs softmax attention over its cached tokens (its transients, its masks)
     indexer_heads: int = 0  # indexed attention: heads of the indexer that scores every cached token
     indexer_head_dim: int = 0
+    # Compressed attention (DeepSeek-V4): one entry of `compressed_bytes` per `compress_rate`
+    # tokens, and the projections awaiting compression, which the cache keeps as views of the
+    # last step's storage (`buffer_bytes_per_token`).
+    compress_rate: int = 0
+    compressed_bytes: int = 0
+    buffer_bytes_per_token: int = 0
 
     def tokens_held(self, workload: Workload) -> int:
         """Tokens of cache the layer holds at its peak.
@@ -84,13 +100,28 @@ class LayerCache:
             return workload.max_seq_len
         return min(workload.max_seq_len, self.window - 1 + workload.step_tokens)
 
+    def compressed_entries(self, workload: Workload) -> int:
+        """Compressed entries held after max_seq_len tokens (one per whole window of compress_rate)."""
+        return workload.max_seq_len // self.compress_rate if self.compress_rate else 0
+
+    def buffered_tokens(self, workload: Workload) -> int:
+        """Tokens whose projections the compressor's buffer keeps alive: the step's whole storage
+        (a view of it holds the leftover), plus up to compress_rate - 1 carried from the last step."""
+        if not self.buffer_bytes_per_token:
+            return 0
+        carried = self.compress_rate - 1 if workload.step_tokens < workload.max_seq_len else 0
+        return workload.step_tokens + carried
+
     def token_bytes(self, workload: Workload) -> int:
         """Peak bytes of the part that grows with tokens, whole batch (what torch.cat copies on update)."""
-        return workload.batch_size * self.tokens_held(workload) * self.bytes_per_token
+        per_sequence = self.tokens_held(workload) * self.bytes_per_token
+        per_sequence += self.compressed_entries(workload) * self.compressed_bytes
+        return workload.batch_size * per_sequence
 
     def bytes(self, workload: Workload) -> int:
         """Peak cache bytes of this layer for the whole batch."""
-        return self.token_bytes(workload) + workload.batch_size * self.state_bytes
+        buffers = self.buffered_tokens(workload) * self.buffer_bytes_per_token
+        return self.token_bytes(workload) + workload.batch_size * (self.state_bytes + buffers)
 
 
 # model_type -> why planc does not size it. Each keeps its recurrent state where the cache
@@ -114,7 +145,7 @@ def layer_caches(config, shapes: "Shapes", dtype: str, layer_modules=None) -> li
     """
     from transformers.cache_utils import get_layer_types_and_kwargs
 
-    from planc.model import attention, indexed
+    from planc.model import attention, compressed, indexed
     from planc.model.config import text_config
 
     text = text_config(config)
@@ -133,6 +164,8 @@ def layer_caches(config, shapes: "Shapes", dtype: str, layer_modules=None) -> li
             caches.append(attention.layer_cache(layer_type, layer_kwargs, shapes, dtype))
         elif layer_type == "indexed_attention":
             caches.append(indexed.layer_cache(model_type, shapes, dtype, module, index))
+        elif layer_type in compressed.LAYER_TYPES:
+            caches.append(compressed.layer_cache(layer_type, layer_kwargs["config"], dtype))
         elif layer_type in STATE_LAYER_TYPES + HYBRID_LAYER_TYPES:
             mixer = mixer_of(model_type, layer_type, module, index)
             cache = LayerCache(layer_type, state_bytes=mixer.state_bytes(dtype), mixer=mixer, attention=False)
@@ -203,8 +236,9 @@ def layer_tensors(cache) -> list[list]:
 
     def collect(value, into: list, seen: set) -> None:
         if isinstance(value, torch.Tensor):
+            # An empty view still keeps its storage alive (DeepSeek-V4's drained buffers).
             key = StorageWeakRef(value.untyped_storage()).cdata
-            if value.numel() and key not in seen:
+            if key not in seen:
                 seen.add(key)
                 into.append(value)
         elif isinstance(value, dict):

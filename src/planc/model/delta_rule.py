@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from planc.model.cache import FALLBACK, Mixer, conv_window, find_mixer
+from planc.model.cache import FALLBACK, Mixer, conv_window
 from planc.model.config import DTYPE_BYTES
 from planc.workload import Workload
 
@@ -39,6 +39,7 @@ class GatedDeltaNet(Mixer):
     """One gated DeltaNet layer (`*GatedDeltaNet` in transformers)."""
 
     family: ClassVar[str] = "gated_deltanet"
+    signature: ClassVar[tuple[str, ...]] = ("num_k_heads", "num_v_heads", "head_k_dim", "head_v_dim")
     kernel_functions: ClassVar[tuple[str, ...]] = (
         "torch_chunk_gated_delta_rule",
         "torch_recurrent_gated_delta_rule",
@@ -52,12 +53,24 @@ class GatedDeltaNet(Mixer):
     value_dim: int  # per head
     conv_channels: int
     conv_kernel: int
+    held_projection: int  # channels of input projections still alive during the scan, besides the conv's
 
     @classmethod
     def from_layer(cls, layer, index: int) -> "GatedDeltaNet":
-        mixer = find_mixer(layer, index, "num_k_heads", "num_v_heads", "head_k_dim", "head_v_dim")
+        mixer = cls.module_of(layer, index)
         channels, kernel = conv_window(mixer, index)
-        return cls(mixer.num_k_heads, mixer.num_v_heads, mixer.head_k_dim, mixer.head_v_dim, channels, kernel)
+        value_width = mixer.num_v_heads * mixer.head_v_dim
+        if hasattr(mixer, "in_proj_qkvz"):
+            # Qwen3-Next: the fused q/k/v/z projection stays alive (z is a view of it), and z's
+            # reshape to heads copies it.
+            held = mixer.in_proj_qkvz.out_features + value_width
+        elif hasattr(mixer, "in_proj_z"):
+            held = mixer.in_proj_z.out_features  # Qwen3.5: z projected on its own
+        else:
+            held = 0  # OLMo hybrid: separate q, k, v projections, freed once convolved; the gate comes later
+        return cls(
+            mixer.num_k_heads, mixer.num_v_heads, mixer.head_k_dim, mixer.head_v_dim, channels, kernel, held
+        )
 
     def state_bytes(self, dtype: str) -> int:
         conv = self.conv_channels * self.conv_kernel * DTYPE_BYTES[dtype]
@@ -67,9 +80,9 @@ class GatedDeltaNet(Mixer):
         e = DTYPE_BYTES[dtype]
         b, t = workload.batch_size, workload.step_tokens
         hk, hv, dk, dv = self.key_heads, self.value_heads, self.key_dim, self.value_dim
-        # In the model dtype, for the whole step: the fused q/k/v/z projection, the convolution's
-        # output (q, k and v are views of it) and the gate z reshaped to heads.
-        projections = b * t * (2 * hk * dk + 2 * hv * dv + self.conv_channels + hv * dv) * e
+        # In the model dtype, for the whole step: the convolution's output (q, k and v are views of
+        # it) and the input projections still alive.
+        projections = b * t * (self.conv_channels + self.held_projection) * e
         if path == FALLBACK:
             # fp32 per value head over the padded step: five copies of the dk-wide and five of the
             # dv-wide tensors (q and k repeated to the value heads, beta-scaled, decayed, solved)
@@ -92,6 +105,7 @@ class KimiDeltaAttention(Mixer):
     """One Kimi delta attention layer (per-channel decay; `KimiLinearDeltaAttention` and kin)."""
 
     family: ClassVar[str] = "kimi_delta"
+    signature: ClassVar[tuple[str, ...]] = ("num_heads", "head_dim", "qkv_dim", "conv_dim")
     kernel_functions: ClassVar[tuple[str, ...]] = (
         "torch_chunk_kda",
         "torch_recurrent_kda",
@@ -106,7 +120,7 @@ class KimiDeltaAttention(Mixer):
 
     @classmethod
     def from_layer(cls, layer, index: int) -> "KimiDeltaAttention":
-        mixer = find_mixer(layer, index, "num_heads", "head_dim", "qkv_dim", "conv_dim")
+        mixer = cls.module_of(layer, index)
         channels, kernel = conv_window(mixer, index)
         return cls(mixer.num_heads, mixer.head_dim, channels, kernel)
 

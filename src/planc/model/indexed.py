@@ -52,11 +52,13 @@ def layer_cache(model_type: str, shapes: Shapes, dtype: str, layer_module, index
 
 
 def indexer_transient_bytes(cache: LayerCache, shapes: Shapes, workload: Workload, dtype: str) -> int:
-    """Peak bytes of the indexer's scoring over the largest step (0 for a layer without indexer)."""
+    """Peak bytes of an indexer's scoring over the largest step (0 for a layer without indexer)."""
     if not cache.indexer_heads:
         return 0
     e = DTYPE_BYTES[dtype]
-    b, t, s = workload.batch_size, workload.step_tokens, workload.max_seq_len
+    b, t = workload.batch_size, workload.step_tokens
+    # DSA scores every cached token; DeepSeek-V4's CSA indexer scores the compressed entries.
+    s = cache.compressed_entries(workload) if cache.compress_rate else workload.max_seq_len
     heads, dim = cache.indexer_heads, cache.indexer_head_dim
     scores = 2 * b * heads * t * s * FP32  # the per-head product and its ReLU
     queries = b * t * heads * dim * (e + FP32)  # rotated queries and their fp32 copy

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from planc.model.cache import Mixer, find_mixer
+from planc.model.cache import Mixer
 from planc.model.config import DTYPE_BYTES
 from planc.workload import Workload
 
@@ -27,6 +27,7 @@ class LightningAttention(Mixer):
     """One MiniMax lightning-attention layer."""
 
     family: ClassVar[str] = "lightning"
+    signature: ClassVar[tuple[str, ...]] = ("num_attention_heads", "head_dim", "block_size", "qkv_proj")
 
     heads: int
     head_dim: int
@@ -34,7 +35,7 @@ class LightningAttention(Mixer):
 
     @classmethod
     def from_layer(cls, layer, index: int) -> "LightningAttention":
-        mixer = find_mixer(layer, index, "num_attention_heads", "head_dim", "block_size", "qkv_proj")
+        mixer = cls.module_of(layer, index)
         return cls(mixer.num_attention_heads, mixer.head_dim, mixer.block_size)
 
     def state_bytes(self, dtype: str) -> int:
@@ -47,7 +48,7 @@ class LightningAttention(Mixer):
         # q/k/v, the blocks' outputs and their concatenation in the model dtype; the norm's fp32
         # input and product; one block's scores, partial outputs and state update.
         per_token = b * t * width * (4 * e + 2 * FP32)
-        per_block = 4 * b * self.heads * self.block * max(self.block, self.head_dim) * e
+        per_block = 3 * b * self.heads * self.block * max(self.block, self.head_dim) * e
         return per_token + per_block
 
 

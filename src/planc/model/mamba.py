@@ -1,5 +1,5 @@
 """State-space layers: Mamba2 (Bamba, Granite 4, Nemotron-H, Falcon-H1, Zamba2, Mamba2) and Mamba1
-(Mamba, Falcon-Mamba, Jamba): the state each layer keeps and its prefill transients.
+(Mamba, Falcon-Mamba, Jamba, Zamba): the state each layer keeps and its prefill transients.
 
 State, per sequence (transformers 5.23 `LinearAttentionLayer`, verified against real caches in
 tests/test_hybrid.py): the causal convolution's window, (conv_dim, d_conv) in the model dtype
@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from planc.model.cache import FALLBACK, Mixer, conv_window, find_mixer
+from planc.model.cache import FALLBACK, Mixer, conv_window
 from planc.model.config import DTYPE_BYTES
 from planc.workload import Workload
 
@@ -35,6 +35,7 @@ class Mamba2(Mixer):
     """One Mamba2 mixer (the SSD chunked scan)."""
 
     family: ClassVar[str] = "mamba2"
+    signature: ClassVar[tuple[str, ...]] = ("num_heads", "head_dim", "ssm_state_size", "n_groups", "chunk_size")
     kernel_functions: ClassVar[tuple[str, ...]] = (
         "mamba2_chunk_scan",
         "mamba2_selective_state_update",
@@ -54,7 +55,7 @@ class Mamba2(Mixer):
 
     @classmethod
     def from_layer(cls, layer, index: int) -> "Mamba2":
-        mixer = find_mixer(layer, index, "num_heads", "head_dim", "ssm_state_size", "n_groups", "chunk_size")
+        mixer = cls.module_of(layer, index)
         channels, kernel = conv_window(mixer, index)
         return cls(
             mixer.num_heads,
@@ -80,10 +81,11 @@ class Mamba2(Mixer):
         # In the model dtype: in_proj's output (gate, x/B/C, dt) and the convolution's output.
         projections = b * t * (self.inner + 2 * self.conv_channels + h) * e
         if path == FALLBACK:
-            # Over the padded step, fp32 per head: three chunk-wide rows (L, G, M), seven
-            # head_dim-wide (x discretised, padded, the D residual, Y_diag, Y_off and their sum)
-            # and three state-wide (B, C and the decayed B); the states of every chunk boundary.
-            scan = b * tp * h * (3 * c + 7 * p + 3 * n) * FP32
+            # Over the padded step, fp32 per head: three state-wide rows (B, C and the decayed B),
+            # and at the worse of two moments either three chunk-wide (L, G, M) with seven
+            # head_dim-wide (x discretised, padded, the D residual, Y_diag, Y_off, their sum), or
+            # four chunk-wide (einsum's copy of M) with five head_dim-wide; the chunk states.
+            scan = b * tp * h * (max(3 * c + 7 * p, 4 * c + 5 * p) + 3 * n) * FP32
             states = b * (chunks + 2) * h * p * n * FP32
             return projections + scan + states
         # mamba_chunk_scan_combined: dt, its cumsum and the decay in fp32 per head, C^T B per
@@ -98,6 +100,7 @@ class Mamba1(Mixer):
     """One Mamba1 mixer (the selective scan)."""
 
     family: ClassVar[str] = "mamba"
+    signature: ClassVar[tuple[str, ...]] = ("intermediate_size", "ssm_state_size", "time_step_rank", "conv_kernel_size")
     kernel_functions: ClassVar[tuple[str, ...]] = (
         "selective_scan_fn",
         "selective_state_update",
@@ -114,7 +117,7 @@ class Mamba1(Mixer):
 
     @classmethod
     def from_layer(cls, layer, index: int) -> "Mamba1":
-        mixer = find_mixer(layer, index, "intermediate_size", "ssm_state_size", "time_step_rank", "conv_kernel_size")
+        mixer = cls.module_of(layer, index)
         channels, kernel = conv_window(mixer, index)
         return cls(mixer.intermediate_size, mixer.ssm_state_size, mixer.time_step_rank, channels, kernel)
 
@@ -147,4 +150,5 @@ MIXERS: dict[str, type[Mixer]] = {
     "mamba": Mamba1,
     "falcon_mamba": Mamba1,
     "jamba": Mamba1,
+    "zamba": Mamba1,  # multi-head Mamba1: (heads, d_inner / heads, d_state), the same bytes
 }

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from planc.model.cache import Mixer, conv_window, find_mixer
+from planc.model.cache import Mixer, conv_window
 from planc.model.config import DTYPE_BYTES
 from planc.workload import Workload
 
@@ -25,6 +25,7 @@ class ShortConv(Mixer):
     """One LFM2-style gated short convolution."""
 
     family: ClassVar[str] = "short_conv"
+    signature: ClassVar[tuple[str, ...]] = ("conv_kernel_size", "in_proj", "out_proj", "conv")
     kernel_functions: ClassVar[tuple[str, ...]] = ("causal_conv1d_fn", "causal_conv1d_update")
 
     channels: int
@@ -32,7 +33,7 @@ class ShortConv(Mixer):
 
     @classmethod
     def from_layer(cls, layer, index: int) -> "ShortConv":
-        mixer = find_mixer(layer, index, "conv_kernel_size", "in_proj", "out_proj", "conv")
+        mixer = cls.module_of(layer, index)
         return cls(*conv_window(mixer, index))
 
     def state_bytes(self, dtype: str) -> int:
