@@ -26,6 +26,7 @@ from planc.plan import (
     Host,
     Inputs,
     Ledger,
+    Mixers,
     ModelInfo,
     Objective,
     Packages,
@@ -96,10 +97,14 @@ def _levels(policy_offload: str, has_gpus: bool) -> list[str]:
 
 
 def _solve(graph, inventory, runtime, spec: Spec, workload: Workload, level: str):
+    from planc.model.cache import FALLBACK
     from planc.solver import solve
 
     gpus, cpu, disk = _targets(inventory, runtime, spec.policy.headroom, level)
-    return solve(graph, gpus, cpu, disk, workload, Reserve.from_policy(spec.policy.reserve), spec.policy.objective)
+    return solve(
+        graph, gpus, cpu, disk, workload, Reserve.from_policy(spec.policy.reserve), spec.policy.objective,
+        runtime.mixer_path or FALLBACK,
+    )
 
 
 def _fits(graph, inventory, runtime, spec, batch: int, seq: int) -> bool:
@@ -178,6 +183,7 @@ def _model_facts(graph):
         head_dim=max(graph.shapes.head_dim, graph.shapes.v_head_dim),
         forced_attn_implementation=graph.forced_attn_implementation,
         skip_keys=graph.skip_keys,
+        mixer_families=graph.mixer_families,
     )
 
 
@@ -199,7 +205,8 @@ def compile_plan(
     trust = spec.model.trust_remote_code
     probe_dtype = "bfloat16" if spec.model.dtype == "auto" else spec.model.dtype
     graph = build_graph(model.config, probe_dtype, trust)
-    runtime = decide_runtime(inventory.gpus, _model_facts(graph), spec.model.dtype)
+    mixer_kernels = spec.policy.mixer_kernels
+    runtime = decide_runtime(inventory.gpus, _model_facts(graph), spec.model.dtype, mixer_kernels)
     if runtime.dtype != graph.dtype:
         graph = build_graph(model.config, runtime.dtype, trust)
 
@@ -210,7 +217,7 @@ def compile_plan(
     if spec.model.dtype == "auto":
         used = sorted({k for k in placement.device_of.values() if isinstance(k, int)})
         used_gpus = tuple(gpu for gpu in inventory.gpus if gpu.index in used)
-        narrowed = decide_runtime(used_gpus, _model_facts(graph), "auto") if used_gpus else runtime
+        narrowed = decide_runtime(used_gpus, _model_facts(graph), "auto", mixer_kernels) if used_gpus else runtime
         if narrowed.dtype != runtime.dtype:
             # The placement leaves the cards that forced the dtype idle: plan the used ones alone,
             # in the dtype they support (same bytes per element, so the same split still fits).
@@ -368,6 +375,9 @@ def _assemble(spec, inventory, model: ModelInput, packages, disk, graph, runtime
         ),
         env=dict(sorted(runtime.env.items())),
         generation=Generation(prefill_chunk_size=chunk, experts_implementation=runtime.experts_implementation),
+        mixers=Mixers(path=runtime.mixer_path, families=list(graph.mixer_families), requires=runtime.mixer_requires)
+        if runtime.mixer_path
+        else None,
         memory=ledgers,
         objective=Objective(
             name=spec.policy.objective,

@@ -29,7 +29,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from planc.errors import LockError, TamperedLockError
 
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
+# The MINOR that introduced each optional field. A lock is written with the lowest format version
+# whose readers know every field it sets, so a plan that uses no newer feature stays readable by
+# an older planc (and its bytes do not change).
+FIELD_MINOR = {"mixers": 1}
 DeviceKey = Union[int, Literal["cpu", "disk"]]
 
 
@@ -124,6 +128,20 @@ class Generation(_Lock):
     seed: int = 0
 
 
+class Mixers(_Lock):
+    """How the model's linear-attention, state-space and short-conv layers run (format 1.1)."""
+
+    path: Literal["fallback", "kernels"] = Field(
+        description="fallback: transformers' pure-torch implementations (any machine); kernels: the CUDA "
+        "kernel packages, which `planc run` requires."
+    )
+    families: list[str] = Field(description="Mixer families of the model's layers (gated_deltanet, mamba2, ...).")
+    requires: dict[str, str] = Field(
+        default_factory=dict,
+        description="For the kernels path: the packages transformers must import, import name -> distribution.",
+    )
+
+
 class Ledger(_Lock):
     device: DeviceKey
     capacity: int = Field(description="Memory the device has (driver total; policy for CPU), bytes.")
@@ -172,14 +190,24 @@ class Plan(_Lock):
     attention: Attention
     env: dict[str, str] = Field(description="Environment set before CUDA initialises.")
     generation: Generation
+    mixers: Mixers | None = optional(
+        "How linear-attention / state-space / short-conv layers run; absent for models without them (1.1)."
+    )
     memory: list[Ledger]
     objective: Objective
     decisions: list[Decision]
     plan_hash: str = ""
 
     def sealed(self) -> "Plan":
-        """A copy with plan_hash filled in: the hash of the document `dump_lock` writes."""
-        return self.model_copy(update={"plan_hash": document_sha256(self.model_dump(mode="json"))})
+        """A copy with its format version and plan_hash filled in: the hash of the document
+        `dump_lock` writes."""
+        major = FORMAT_VERSION.split(".")[0]
+        minor = max(
+            (minor for name, minor in FIELD_MINOR.items() if getattr(self, name) != type(self).model_fields[name].default),
+            default=0,
+        )
+        versioned = self.model_copy(update={"format_version": f"{major}.{minor}"})
+        return versioned.model_copy(update={"plan_hash": document_sha256(versioned.model_dump(mode="json"))})
 
     def gpu_indices(self) -> list[int]:
         return [device.index for device in self.devices]

@@ -60,6 +60,11 @@ class ModelGraph:
     def is_moe(self) -> bool:
         return any(unit.moe for unit in self.units)
 
+    @property
+    def mixer_families(self) -> tuple[str, ...]:
+        """Families of the state-keeping sequence mixers in its layers (gated_deltanet, mamba2, ...)."""
+        return tuple(sorted({u.cache.mixer.family for u in self.units if u.cache is not None and u.cache.mixer}))
+
     def tied_unit_groups(self) -> list[set[str]]:
         """Sets of unit names that must share a device (connected by tied edges)."""
         import networkx as nx
