@@ -225,6 +225,17 @@ def conv_window(mixer_module, index: int) -> tuple[int, int]:
     raise ModelError(f"decoder layer {index}: {type(mixer_module).__name__} has no depthwise Conv1d")
 
 
+def kernel_functions(family: str) -> tuple[str, ...]:
+    """transformers' modeling functions that a mixer family runs on its kernel packages."""
+    import importlib
+
+    for name in MIXER_MODULES:
+        for mixer in importlib.import_module(f"planc.model.{name}").MIXERS.values():
+            if mixer.family == family:
+                return mixer.kernel_functions
+    return ()
+
+
 def layer_tensors(cache) -> list[list]:
     """Per decoder layer, the tensors a transformers cache object holds for it right now (KV, conv
     and recurrent states, indexer keys, compressed KV), each storage once: what the ledger's cache

@@ -107,8 +107,8 @@ class KimiDeltaAttention(Mixer):
     family: ClassVar[str] = "kimi_delta"
     signature: ClassVar[tuple[str, ...]] = ("num_heads", "head_dim", "qkv_dim", "conv_dim")
     kernel_functions: ClassVar[tuple[str, ...]] = (
-        "torch_chunk_kda",
-        "torch_recurrent_kda",
+        "chunk_kimi_delta_attention",
+        "recurrent_kimi_delta_attention",
         "causal_conv1d_fn",
         "causal_conv1d_update",
     )

@@ -102,8 +102,8 @@ class Mamba1(Mixer):
     family: ClassVar[str] = "mamba"
     signature: ClassVar[tuple[str, ...]] = ("intermediate_size", "ssm_state_size", "time_step_rank", "conv_kernel_size")
     kernel_functions: ClassVar[tuple[str, ...]] = (
-        "selective_scan_fn",
-        "selective_state_update",
+        "mamba_selective_scan",
+        "mamba_selective_state_update",
         "mamba_inner_fn",
         "causal_conv1d_fn",
         "causal_conv1d_update",
