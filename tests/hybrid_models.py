@@ -132,3 +132,22 @@ def mixer_prefill_peak(model_type: str, tokens: int, batch: int, dtype: str = "b
         return (hidden,), {keyword: cache, "attention_mask": None}
 
     return forward_peak(module, inputs), mixer
+
+
+def build_tiny_hybrid(folder, model_type: str, seed: int = 0):
+    """Save a tiny random model of one family with save_pretrained, beside the tests' tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from conftest import save_tiny_tokenizer
+    from planc.model import make_config
+
+    tokenizer = save_tiny_tokenizer(folder)
+    config = tiny_config(model_type)
+    config.update(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(make_config(config), dtype=torch.float32).save_pretrained(folder)
+    return folder
