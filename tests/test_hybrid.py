@@ -40,8 +40,14 @@ def _run_cache(config_dict: dict, dtype: str):
     return phases
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+# bfloat16 tells the model-dtype conv window from the fp32 recurrent state; float32 once per family.
+CASES = [(model_type, "bfloat16") for model_type in sorted(FAMILIES)] + [
+    (model_type, "float32")
+    for model_type in ("qwen3_next", "kimi_linear", "bamba", "jamba", "lfm2", "minimax", "deepseek_v32", "deepseek_v4")
+]
+
+
+@pytest.mark.parametrize(("model_type", "dtype"), CASES)
 def test_ledger_cache_equals_real_cache(model_type, dtype):
     config = tiny_config(model_type)
     graph = build_model_graph(config, dtype)
@@ -133,3 +139,30 @@ def test_simulated_hybrid_plans_agree_with_the_ledger(tmp_path, model_type, over
         assert held <= planned * (seq + 1) / seq + 2**20, device
         if model_type != "deepseek_v4":
             assert planned <= held, device
+
+
+@pytest.mark.parametrize("model_type", ["xlstm", "rwkv", "recurrent_gemma", "zaya", "inkling_text", "qwen4_exp_text"])
+def test_families_planc_does_not_size_are_refused_with_the_reason(model_type):
+    """Planning their recurrent state as attention KV would be wrong; each says why, in one line."""
+    from transformers import AutoConfig
+
+    from planc.errors import ModelError
+    from planc.model.cache import UNSIZED
+
+    config = AutoConfig.for_model(model_type).to_dict()
+    config.pop("transformers_version", None)
+    with pytest.raises(ModelError) as refused:
+        build_model_graph(config, "bfloat16")
+
+    message = str(refused.value)
+    assert UNSIZED[model_type.removesuffix("_text")] in message and "\n" not in message
+
+
+def test_a_linear_layer_of_an_unknown_family_is_refused():
+    """A model type whose linear_attention layers no family module describes is refused, not
+    sized with another family's formula."""
+    from planc.errors import ModelError
+    from planc.model.cache import mixer_of
+
+    with pytest.raises(ModelError, match="^mistral: its linear_attention layers keep a recurrent state whose layout"):
+        mixer_of("mistral", "linear_attention", object(), 0)

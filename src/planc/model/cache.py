@@ -137,6 +137,13 @@ UNSIZED = {
 }
 
 
+def refuse_unsized(model_type: str) -> None:
+    """ModelError with the reason when planc does not size this family's state (UNSIZED)."""
+    base_type = model_type.removesuffix("_text")
+    if base_type in UNSIZED:
+        raise ModelError(f"{model_type}: {UNSIZED[base_type]}")
+
+
 def layer_caches(config, shapes: "Shapes", dtype: str, layer_modules=None) -> list[LayerCache]:
     """Per decoder layer, the cache transformers builds for it (after its remap of legacy names).
 
@@ -150,9 +157,7 @@ def layer_caches(config, shapes: "Shapes", dtype: str, layer_modules=None) -> li
 
     text = text_config(config)
     model_type = getattr(text, "model_type", "")
-    base_type = model_type.removesuffix("_text")
-    if base_type in UNSIZED:
-        raise ModelError(f"{model_type}: {UNSIZED[base_type]}")
+    refuse_unsized(model_type)
     layer_types, kwargs = get_layer_types_and_kwargs(text)
     declared = list(getattr(text, "layer_types", None) or [])
     modules = list(layer_modules) if layer_modules is not None else [None] * len(layer_types)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from planc.errors import ModelError
 from planc.model.build import meta_model
-from planc.model.cache import LayerCache, layer_caches
+from planc.model.cache import LayerCache, layer_caches, refuse_unsized
 from planc.model.config import Shapes, checkpoint_dtype, shapes_of
 
 if TYPE_CHECKING:
@@ -83,6 +83,8 @@ def build_model_graph(config_dict: dict[str, Any], dtype: str, trust_remote_code
     import torch
     from accelerate.utils import find_tied_parameters
 
+    # Refused before building: some of these do not even build at their default sizes.
+    refuse_unsized(str(config_dict.get("model_type", "")))
     model = meta_model(config_dict, dtype, trust_remote_code)
     config = model.config
     shapes = shapes_of(config)
