@@ -166,3 +166,34 @@ def test_a_linear_layer_of_an_unknown_family_is_refused():
 
     with pytest.raises(ModelError, match="^mistral: its linear_attention layers keep a recurrent state whose layout"):
         mixer_of("mistral", "linear_attention", object(), 0)
+
+
+@pytest.mark.parametrize(("kernels", "chunk"), [("kernels", None), ("fallback", 16384)])
+def test_the_prefill_chunk_search_covers_the_mixer_path(tmp_path, kernels, chunk):
+    """Qwen3-Next-80B-A3B on four A100-80GB at 4 x 32k: on the CUDA kernels the whole prompt fits;
+    the torch fallback's DeltaNet intermediates (~233 KiB per token per layer) need 16k chunks,
+    and the lock says which path it sized and why."""
+    from conftest import CORPUS
+    from planc.compile import compile_spec
+
+    (tmp_path / "spec.yaml").write_text(
+        f"planc: 1\nmodel: {{config: {CORPUS / 'qwen3-next-80b-a3b' / 'config.json'}}}\n"
+        "hardware: {gpus: [{type: a100-sxm4-80gb, count: 4}], cpu_memory: 512GiB}\n"
+        f"workload: {{batch_size: 4, max_seq_len: 32768}}\npolicy: {{mixer_kernels: {kernels}}}\n"
+    )
+    plan, _ = compile_spec(tmp_path / "spec.yaml", tmp_path / "plan.lock")
+
+    assert plan.generation.prefill_chunk_size == chunk
+    assert plan.mixers.path == kernels and plan.mixers.families == ["gated_deltanet"]
+    decisions = {d.id: d for d in plan.decisions}
+    assert f"mixers.{kernels}" in decisions
+    assert ("generation.prefill-chunk" in decisions) == (chunk is not None)
+    if kernels == "kernels":
+        assert decisions["mixers.kernels-delta-rule"].decision == (
+            "requires flash-linear-attention (fla), causal-conv1d (causal_conv1d)"
+        )
+    # 36 DeltaNet layers keep 2.06 MiB per sequence each (conv window bf16 + fp32 state), the 12
+    # attention layers 2 KV heads x 256 x 2 x bf16 per token.
+    state = 36 * (8192 * 4 * 2 + 32 * 128 * 128 * 4)
+    kv = 12 * 2 * 256 * 2 * 2 * 32768
+    assert sum(ledger.kv_cache for ledger in plan.memory) == 4 * (state + kv)
