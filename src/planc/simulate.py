@@ -19,6 +19,9 @@ Modelled rather than executed, and why:
   first backend that can serve it, from the plan's backend for the GPU on through the enabled
   ones after it (flash takes no mask and no value head dim unlike the query's, so a masked call
   on a flash GPU runs efficient); "math" keeps the decomposition.
+- Linear-attention / SSM / short-conv layers on a plan that assumes their CUDA kernels: each
+  kernel function transformers calls allocates the outputs the kernel returns, without its
+  per-chunk workspace (the kernels need CUDA). On the fallback path the torch code runs as is.
 - MoE experts run with experts_implementation "eager": the per-expert loop depends on the
   routing, which fake tensors do not have; one iteration runs with one expert receiving every
   token, which bounds every iteration of the real loop.

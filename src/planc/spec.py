@@ -128,8 +128,8 @@ class Policy(_Strict):
     mixer_kernels: Literal["fallback", "kernels"] = Field(
         "fallback",
         description="How linear-attention, state-space and short-convolution layers run (models that have "
-        "them): fallback = transformers' pure-torch implementations, any machine, prefill transients of "
-        "about 0.2-3 MiB per token per layer; kernels = the CUDA kernel packages transformers uses when "
+        "them): fallback = transformers' pure-torch implementations, any machine, prefill transients of up "
+        "to ~3 MiB per token per layer; kernels = the CUDA kernel packages transformers uses when "
         "they import (flash-linear-attention, causal-conv1d, mamba-ssm), which `planc run` then requires.",
         # Left out of the canonical spec while default, so specs written before it hash as before.
         exclude_if=lambda value: value == "fallback",

@@ -1,5 +1,6 @@
-"""Indexed (DeepSeek sparse) attention: DeepSeek-V3.2, GLM-5 (`glm_moe_dsa`), HunYuan v4, AXK2,
-Mistral Large 4, dots3: MLA attention whose keys an indexer ranks, per query, to keep the top k.
+"""Indexed (DeepSeek sparse) attention: DeepSeek-V3.2, GLM-5 (`glm_moe_dsa`), HunYuan v4, AXK2 (every
+model whose `indexed_attention` layers transformers gives a `DynamicIndexedLayer`): MLA attention
+whose keys an indexer ranks, per query, to keep the top k.
 
 Cache, per token of a sequence (transformers 5.23 `DynamicIndexedLayer`, verified against real
 caches in tests/test_hybrid.py): the MLA latent and rotary key as for DeepSeek-V3 (attention.py),
