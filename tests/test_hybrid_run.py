@@ -138,3 +138,18 @@ def test_kernels_for_a_cpu_only_plan_are_bad_input(hybrid_models, tmp_path):
     ]
     assert not (tmp_path / "plan.lock").exists()
 
+
+
+@pytest.mark.parametrize("family", ["qwen3_next", "bamba"])
+def test_a_chunked_prefill_carries_the_states_across_chunks(hybrid_models, tmp_path, family):
+    """Fallback plans lean on chunked prefill to fit the mixers' transients: each chunk starts from
+    the conv window and recurrent state the previous one left, and the tokens are those of an
+    unchunked prefill."""
+    model = hybrid_models[family]
+    prompts = ["The quick brown fox jumps over the lazy dog and", "A device map places each decoder layer"]
+    lock = compile_to(tmp_path, CPU_SPEC.format(model=model, policy="").replace("max_seq_len: 64", "max_seq_len: 64, prefill_chunk_size: 3"))
+    assert load_lock(lock).generation.prefill_chunk_size == 3
+
+    outcome = run_plan(lock, prompts=prompts, max_new_tokens=MAX_NEW_TOKENS, quiet=True)
+
+    assert [c.token_ids for c in outcome.completions] == plain_transformers_tokens(model, prompts, MAX_NEW_TOKENS)
