@@ -108,12 +108,18 @@ def _solve(graph, inventory, runtime, spec: Spec, workload: Workload, level: str
 
 
 def _fits(graph, inventory, runtime, spec, batch: int, seq: int) -> bool:
-    from planc.solver import Placement
+    """Whether batch x seq fits at the policy's deepest offload level and the smallest prefill chunk."""
+    from planc.model.cache import FALLBACK
+    from planc.solver import feasible
 
     levels = _levels(spec.policy.offload, bool(inventory.gpus))
     chunk = spec.workload.prefill_chunk_size
     chunks = [chunk] if chunk else _chunk_candidates(seq)[-1:]
-    return isinstance(_solve(graph, inventory, runtime, spec, Workload(batch, seq, chunks[0]), levels[-1]), Placement)
+    gpus, cpu, disk = _targets(inventory, runtime, spec.policy.headroom, levels[-1])
+    return feasible(
+        graph, gpus, cpu, disk, Workload(batch, seq, chunks[0]), Reserve.from_policy(spec.policy.reserve),
+        runtime.mixer_path or FALLBACK,
+    )
 
 
 def largest_below(predicate: Callable[[int], bool], upper: int) -> int:
@@ -460,8 +466,12 @@ def compile_spec(spec_path: str | Path, lock_path: str | Path | None = None, pro
     return plan, dump_lock(plan, regenerate_command(spec_path, lock_path))
 
 
-def check_lock(spec_path: str | Path, lock_path: str | Path | None = None) -> list[str]:
-    """What makes the committed lock stale, from recorded inputs only (no torch). Empty list = fresh."""
+def check_lock(spec_path: str | Path, lock_path: str | Path | None = None, packages: bool = True) -> list[str]:
+    """What makes the committed lock stale, from recorded inputs only (no torch). Empty list = fresh.
+
+    `packages=False` leaves the installed planc/torch/transformers/accelerate out of it: for an
+    environment that is not the one the plan runs in (pre-commit's own).
+    """
     spec_path = Path(spec_path)
     lock_path = Path(lock_path) if lock_path else default_lock_path(spec_path)
     if not lock_path.exists():
@@ -478,11 +488,12 @@ def check_lock(spec_path: str | Path, lock_path: str | Path | None = None) -> li
         before, after = set(plan.inputs.weights), set(location.model.weights)
         names = sorted((before ^ after) | {n for n in before & after if plan.inputs.weights[n] != location.model.weights[n]})
         changes.append("weight files changed: " + ", ".join(names))
-    installed = installed_packages()
-    for name in ("planc", "torch", "transformers", "accelerate"):
-        locked, now = getattr(plan.inputs.packages, name), getattr(installed, name)
-        if locked != now:
-            changes.append(f"{name} {locked} -> {now}")
+    if packages:
+        installed = installed_packages()
+        for name in ("planc", "torch", "transformers", "accelerate"):
+            locked, now = getattr(plan.inputs.packages, name), getattr(installed, name)
+            if locked != now:
+                changes.append(f"{name} {locked} -> {now}")
     return changes
 
 

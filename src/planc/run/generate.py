@@ -96,14 +96,21 @@ def encode(tokenizer, prompts: list[str], plan: Plan, max_new_tokens: int):
     return batch
 
 
+def generation_settings(plan: Plan) -> dict:
+    """The plan's decoding settings as GenerationConfig fields (exports write them out as they are)."""
+    settings: dict = {"do_sample": plan.generation.do_sample}
+    if not plan.generation.do_sample:
+        settings.update(temperature=None, top_p=None, top_k=None)  # unused by greedy search
+    settings["prefill_chunk_size"] = plan.generation.prefill_chunk_size
+    return settings
+
+
 def generation_config(model, tokenizer, plan: Plan, max_new_tokens: int):
     """The model's own generation defaults with the plan's decoding settings on top."""
     config = copy.deepcopy(model.generation_config)
-    config.do_sample = plan.generation.do_sample
-    if not plan.generation.do_sample:
-        config.temperature = config.top_p = config.top_k = None  # unused by greedy search
+    for name, value in generation_settings(plan).items():
+        setattr(config, name, value)
     config.max_new_tokens = max_new_tokens
-    config.prefill_chunk_size = plan.generation.prefill_chunk_size
     config.pad_token_id = tokenizer.pad_token_id
     return config
 

@@ -53,23 +53,25 @@ class Session:
 
 @contextmanager
 def open_session(
-    plan: Plan, lock_dir: Path, console=None, before_load: Callable[[Any], None] | None = None
+    plan: Plan, lock_dir: Path, console=None, before_load: Callable[[Any], None] | None = None, keep: bool = False
 ) -> Iterator[Session]:
     """Check the machine against `plan`, apply it and load the model; refuse (raise) naming why not.
 
     `console` (rich) shows hashing and loading progress; None is silent. `before_load(tokenizer)`
     may refuse the request before the weights are read (a prompt longer than the plan allows should
     not wait for a 100 GiB load). The environment and torch settings stay in force until the block
-    exits.
+    exits. With `keep` (planc.load: the model outlives the block) they stay in force for the rest
+    of the process once the block ends well, and the model carries the plan's SDPA backends and
+    decoding settings itself (`apply.attach_plan`); a failure still restores everything.
     """
-    from planc.run.apply import applied_environment, torch_settings
+    from planc.run.apply import applied_environment, attach_plan, torch_settings
     from planc.run.checks import check_machine
     from planc.run.generate import load_tokenizer, reset_peaks
     from planc.run.load import load_model, placement_mismatches
     from planc.run.report import hashing_progress, loading_progress
 
     started = time.perf_counter()
-    with applied_environment(plan):
+    with applied_environment(plan, keep=keep):
         progress, on_hash = (None, None) if console is None else hashing_progress(console)
         with progress or nullcontext():
             machine = check_machine(plan, lock_dir, on_hash)
@@ -82,7 +84,7 @@ def open_session(
         tokenizer = load_tokenizer(machine.folder, plan)
         if before_load is not None:
             before_load(tokenizer)
-        with torch_settings(plan):
+        with torch_settings(plan, keep=keep):
             reset_peaks(plan)
             started = time.perf_counter()
             bar = None if console is None else loading_progress(console)
@@ -94,4 +96,6 @@ def open_session(
             wrong = placement_mismatches(plan, model)
             if wrong:
                 raise RunError("the loaded model does not match the plan: " + "; ".join(wrong))
+            if keep:
+                attach_plan(model, tokenizer, plan)
             yield Session(plan, lock_dir, machine, model, tokenizer, check_s, load_s)
