@@ -153,3 +153,28 @@ def test_a_chunked_prefill_carries_the_states_across_chunks(hybrid_models, tmp_p
     outcome = run_plan(lock, prompts=prompts, max_new_tokens=MAX_NEW_TOKENS, quiet=True)
 
     assert [c.token_ids for c in outcome.completions] == plain_transformers_tokens(model, prompts, MAX_NEW_TOKENS)
+
+
+def test_an_exported_kernels_plan_refuses_to_start_without_the_kernels(hybrid_models, tmp_path):
+    """`planc export` of a kernels plan: the plain-transformers script checks the packages the way
+    `planc run` does before it loads anything."""
+    import subprocess
+    import sys
+
+    spec = f"""\
+planc: 1
+model: {{path: {hybrid_models["bamba"]}}}
+hardware: {{gpus: [{{type: a100-sxm4-80gb}}], cpu_memory: 8GiB}}
+workload: {{batch_size: 1, max_seq_len: 64}}
+policy: {{mixer_kernels: kernels}}
+"""
+    compile_to(tmp_path, spec)
+    assert planc_cli("export", "plan.lock", "--to", "transformers", "--format", "python", "-o", "run.py", cwd=tmp_path).returncode == 0
+
+    result = subprocess.run([sys.executable, "run.py", "hello"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "this plan needs causal-conv1d (import causal_conv1d failed: No module named 'causal_conv1d'); "
+        "install it or recompile with policy.mixer_kernels: fallback"
+    )
