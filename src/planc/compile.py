@@ -391,7 +391,7 @@ def _assemble(spec, inventory, model: ModelInput, packages, disk, graph, runtime
             peak_utilisation=round(max(((l.total + l.headroom) / l.capacity for l in gpu_ledgers), default=0.0), 4),
         ),
         decisions=decisions,
-    ).sealed()
+    ).versioned().sealed()
 
 
 # ---------------------------------------------------------------- I/O around the pure core

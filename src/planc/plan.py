@@ -198,16 +198,18 @@ class Plan(_Lock):
     decisions: list[Decision]
     plan_hash: str = ""
 
-    def sealed(self) -> "Plan":
-        """A copy with its format version and plan_hash filled in: the hash of the document
-        `dump_lock` writes."""
+    def versioned(self) -> "Plan":
+        """A copy written as the lowest format version whose readers know every field it sets."""
         major = FORMAT_VERSION.split(".")[0]
         minor = max(
             (minor for name, minor in FIELD_MINOR.items() if getattr(self, name) != type(self).model_fields[name].default),
             default=0,
         )
-        versioned = self.model_copy(update={"format_version": f"{major}.{minor}"})
-        return versioned.model_copy(update={"plan_hash": document_sha256(versioned.model_dump(mode="json"))})
+        return self.model_copy(update={"format_version": f"{major}.{minor}"})
+
+    def sealed(self) -> "Plan":
+        """A copy with plan_hash filled in: the hash of the document `dump_lock` writes."""
+        return self.model_copy(update={"plan_hash": document_sha256(self.model_dump(mode="json"))})
 
     def gpu_indices(self) -> list[int]:
         return [device.index for device in self.devices]
