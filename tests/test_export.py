@@ -130,7 +130,7 @@ def test_a_target_is_one_module(tmp_path, monkeypatch):
     monkeypatch.setattr(planc.export, "__path__", [*planc.export.__path__, str(tmp_path)])
     monkeypatch.delitem(sys.modules, "planc.export.echo", raising=False)
 
-    assert target_names() == ["accelerate", "echo", "transformers"]
+    assert target_names() == ["accelerate", "echo", "transformers", "vllm"]
     data = json.loads(planc.export.export_plan(PLANS / "tiny-cpu.lock", "echo"))
     assert data["plan_hash"] == load_lock(PLANS / "tiny-cpu.lock").plan_hash
 

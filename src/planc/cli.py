@@ -193,7 +193,7 @@ def detect_command() -> None:
     """Print this machine's inventory as the `hardware:` block of a spec."""
     from planc.detect import detect_machine, machine_as_spec_yaml
 
-    click.echo(machine_as_spec_yaml(detect_machine()), nl=False)
+    click.echo(machine_as_spec_yaml(detect_machine(topology=True)), nl=False)
 
 
 @main.command("simulate", context_settings=CONTEXT)
@@ -251,8 +251,16 @@ def fit_command(spec: Path, max_gpus: int, prices: Path | None, as_json: bool) -
 @click.option("--expect", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Replay this record's prompts; fail (exit 1) unless every token equals it.")
 @click.option("--check-only", is_flag=True, help="Only check the machine against the plan.")
-def run_command(lock: Path, prompts, prompt_file, max_new_tokens, as_json, record, expect, check_only) -> None:
-    """Check the machine against LOCK, apply it, load the weights and generate."""
+@click.option("--node-rank", type=click.IntRange(min=0), help="Multi-node plan: this node's index in hardware.nodes.")
+@click.option("--master-addr", help="Multi-node plan: address of node 0 (torch.distributed rendezvous).")
+@click.option("--master-port", type=click.IntRange(min=1, max=65535), help="Multi-node plan: rendezvous port [29500].")
+def run_command(lock: Path, prompts, prompt_file, max_new_tokens, as_json, record, expect, check_only,
+                node_rank, master_addr, master_port) -> None:
+    """Check the machine against LOCK, apply it, load the weights and generate.
+
+    A tensor- or pipeline-parallel plan starts one process per rank with torch's launcher; a
+    multi-node one prints the command for each node, which then runs with --node-rank.
+    """
     from planc.run import run_plan
 
     outcome = run_plan(
@@ -265,6 +273,9 @@ def run_command(lock: Path, prompts, prompt_file, max_new_tokens, as_json, recor
         expect=expect,
         check_only=check_only,
         quiet=_State.quiet,
+        node_rank=node_rank,
+        master_addr=master_addr,
+        master_port=master_port,
     )
     sys.exit(outcome.exit_code)
 

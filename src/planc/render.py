@@ -13,7 +13,8 @@ from planc.plan import Plan
 from planc.units import GiB
 
 BAR_WIDTH = 30
-PARTS = (("weights", "blue"), ("kv_cache", "magenta"), ("activations", "yellow"), ("staging", "cyan"), ("reserve", "red"))
+PARTS = (("weights", "blue"), ("kv_cache", "magenta"), ("activations", "yellow"), ("staging", "cyan"), ("communication", "green"),
+         ("reserve", "red"))
 
 
 def _console() -> Console:
@@ -28,11 +29,14 @@ def _g(n: int) -> str:
     return f"{n / GiB:.2f}"
 
 
-def _device_label(plan: Plan, key) -> str:
+def _device_label(plan: Plan, key, ledger=None) -> str:
+    node = ledger.node if ledger is not None else 0
+    prefix = f"rank {ledger.rank} " if ledger is not None and ledger.rank is not None else ""
+    where = f" (node {node})" if node else ""
     if isinstance(key, int):
-        device = next(d for d in plan.devices if d.index == key)
-        return f"GPU {key} {device.name}"
-    return str(key)
+        device = next(d for d in plan.devices if d.index == key and d.node == node)
+        return f"{prefix}GPU {key} {device.name}{where}"
+    return f"{prefix}{key}{where}"
 
 
 def _bar(ledger) -> Text:
@@ -53,17 +57,39 @@ def _bar(ledger) -> Text:
 
 
 def ledger_table(plan: Plan) -> Table:
-    table = Table(title="Memory per device (GiB)", title_justify="left")
-    for column in ("device", "layers", "weights", "KV", "activ.", "staging", "reserve", "free", "capacity"):
+    distributed = plan.distributed
+    title = "Memory per rank (GiB)" if distributed else "Memory per device (GiB)"
+    table = Table(title=title, title_justify="left")
+    middle = ("comm.",) if distributed else ("staging",)
+    for column in ("device", "layers", "weights", "KV", "activ.", *middle, "reserve", "free", "capacity"):
         table.add_column(column, justify="left" if column in ("device", "layers") else "right")
     table.add_column("use", no_wrap=True)
     for ledger in plan.memory:
         layers = " .. ".join(ledger.modules) if ledger.modules else "-"
         free = Text(_g(ledger.free), style="red" if ledger.free < 0 else "")
         table.add_row(
-            _device_label(plan, ledger.device), layers, _g(ledger.weights), _g(ledger.kv_cache),
-            _g(ledger.activations), _g(ledger.staging), _g(ledger.reserve),
+            _device_label(plan, ledger.device, ledger), layers, _g(ledger.weights), _g(ledger.kv_cache),
+            _g(ledger.activations), _g(ledger.communication if distributed else ledger.staging), _g(ledger.reserve),
             free if ledger.device != "disk" else "-", _g(ledger.capacity) if ledger.capacity else "-", _bar(ledger),
+        )
+    return table
+
+
+def strategies_table(plan: Plan) -> Table:
+    """Every strategy the compiler weighed, its predicted decode time or why it was not planned."""
+    parallel = plan.parallel
+    table = Table(title="Strategies weighed (decode time per token, predicted)", title_justify="left")
+    for column in ("", "strategy", "engine", "TP", "PP", "ms/token", "detail"):
+        table.add_column(column, justify="right" if column in ("TP", "PP", "ms/token") else "left",
+                         overflow="fold" if column == "detail" else "ellipsis")
+    for option in parallel.considered:
+        chosen = (option.strategy, option.tensor_parallel_size, option.pipeline_parallel_size) == (
+            parallel.strategy, parallel.tensor_parallel_size, parallel.pipeline_parallel_size)
+        table.add_row(
+            "->" if chosen else "", option.strategy, option.engine, str(option.tensor_parallel_size),
+            str(option.pipeline_parallel_size),
+            f"{option.decode_ms_per_token:.2f}" if option.decode_ms_per_token is not None else "-",
+            Text(option.detail, style="" if option.fits else "dim"),
         )
     return table
 
@@ -88,6 +114,15 @@ def show_plan(plan: Plan, console: Console | None = None) -> None:
         f"{plan.objective.decode_ms_per_token:.2f} ms/token predicted, peak utilisation "
         f"{plan.objective.peak_utilisation:.0%}"
     )
+    if plan.parallel is not None:
+        console.print(strategies_table(plan))
+        parallel = plan.parallel
+        if plan.distributed:
+            nodes = len({rank.node for rank in parallel.ranks})
+            console.print(
+                f"strategy: {parallel.strategy} on {parallel.engine}, {len(parallel.ranks)} ranks"
+                + (f" on {nodes} nodes" if nodes > 1 else "") + f" ({parallel.backend})"
+            )
     console.print(ledger_table(plan))
     console.print(
         f"attention: {plan.attention.attn_implementation}, SDPA backends {', '.join(plan.attention.sdpa_backends)}"
@@ -168,8 +203,9 @@ def show_simulation(report, console: Console | None = None) -> None:
         planned = device.planned
         colour = {"fits": "green", "out of memory": "red"}.get(device.verdict, "yellow")
         parts = [planned["weights"], planned["kv_cache"], planned["activations"]] + ([planned["staging"]] if staging else [])
+        short = device.name.removeprefix("NVIDIA ").removeprefix("Tesla ")
         table.add_row(
-            f"GPU {device.index} {device.name.removeprefix('NVIDIA ').removeprefix('Tesla ')}",
+            short if device.name.startswith("rank ") else f"GPU {device.index} {short}",
             *(_g(part) for part in parts), _g(device.planned_tensors), _g(device.simulated_peak),
             f"{device.ledger_error:+.1%}", _g(device.simulated_total), _g(device.budget), _g(device.capacity),
             Text(device.verdict, style=colour),

@@ -52,5 +52,6 @@ def export_plan(
     plan = load_lock(lock_path)
     context = ExportContext(
         plan=plan, lock_path=lock_path, output_dir=Path(output).parent if output else Path("."), model=model,
+        output_name=Path(output).name if output else None,
     )
     return chosen.renderers[fmt](chosen.settings(context), context)

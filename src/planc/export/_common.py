@@ -25,6 +25,7 @@ class ExportContext:
     lock_path: Path
     output_dir: Path  # the folder the export is written to (the current one for stdout)
     model: str | None = None  # overrides the model folder or id the lock names
+    output_name: str | None = None  # the file the export is written to, when it is written to one
 
     def relative(self, path: str | Path) -> str:
         """An absolute or current-folder path re-expressed relative to the export's folder."""
@@ -62,6 +63,18 @@ def model_reference(context: ExportContext) -> dict[str, Any]:
         return {"path": context.from_lock(plan.model.path)}
     # Compiled from a bare config.json: its folder is the best guess, and it holds no weights yet.
     return {"path": context.from_lock(str(Path(plan.model.config).parent)), "weights": False}
+
+
+def one_process_only(context: ExportContext, target: str) -> None:
+    """A tensor- or pipeline-parallel plan has no device_map for a one-process loader: say where it goes."""
+    from planc.errors import SpecError
+
+    plan = context.plan
+    if plan.distributed:
+        raise SpecError(
+            f"--to {target} loads one process; this plan is {plan.parallel.strategy} over "
+            f"{len(plan.parallel.ranks)} ranks: run it with planc run, or export it with --to vllm"
+        )
 
 
 def common_settings(context: ExportContext) -> dict[str, Any]:

@@ -6,14 +6,15 @@ from __future__ import annotations
 from typing import Any
 
 from planc.export._common import (
-    SNIPPET_GENERATE,
-    TOKENIZER_CODE,
     Code,
     ExportContext,
     ExportTarget,
+    SNIPPET_GENERATE,
+    TOKENIZER_CODE,
     common_settings,
     literal,
     offload_folder,
+    one_process_only,
     render_json,
     snippet_header,
     snippet_settings_code,
@@ -21,6 +22,7 @@ from planc.export._common import (
 
 
 def settings(context: ExportContext) -> dict[str, Any]:
+    one_process_only(context, "transformers")
     from planc.run.load import from_pretrained_settings
 
     return {
