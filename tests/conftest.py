@@ -70,11 +70,10 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-def build_tiny_model(folder: Path, num_layers: int = 4, tie: bool = False, seed: int = 0, head_dim: int = 16) -> Path:
-    """Save a tiny Qwen3 model with random weights and a BPE tokenizer trained on SENTENCES."""
-    import torch
+def save_tiny_tokenizer(folder: Path):
+    """Save a BPE tokenizer trained on SENTENCES into `folder`; returns it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+    from transformers import PreTrainedTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -87,6 +86,15 @@ def build_tiny_model(folder: Path, num_layers: int = 4, tie: bool = False, seed:
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(folder)
+    return fast
+
+
+def build_tiny_model(folder: Path, num_layers: int = 4, tie: bool = False, seed: int = 0, head_dim: int = 16) -> Path:
+    """Save a tiny Qwen3 model with random weights and a BPE tokenizer trained on SENTENCES."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    fast = save_tiny_tokenizer(folder)
     config = Qwen3Config(
         vocab_size=len(fast),
         hidden_size=64,

@@ -19,6 +19,7 @@ from planc.errors import InfeasibleError, SpecError, StalePlanError
 from planc.hardware import Inventory, resolve_inventory
 from planc.memory import Reserve, Workload
 from planc.plan import (
+    BASE_FORMAT_VERSION,
     FORMAT_VERSION,
     Attention,
     Decision,
@@ -27,6 +28,7 @@ from planc.plan import (
     Host,
     Inputs,
     Ledger,
+    Mixers,
     ModelInfo,
     NodeHost,
     Objective,
@@ -101,21 +103,29 @@ def _levels(policy_offload: str, has_gpus: bool) -> list[str]:
 
 
 def _solve(graph, inventory, runtime, spec: Spec, workload: Workload, level: str):
+    from planc.model.cache import FALLBACK
     from planc.solver import solve
 
     gpus, cpu, disk = _targets(inventory, runtime, spec.policy.headroom, level)
-    return solve(graph, gpus, cpu, disk, workload, Reserve.from_policy(spec.policy.reserve), spec.policy.objective)
+    return solve(
+        graph, gpus, cpu, disk, workload, Reserve.from_policy(spec.policy.reserve), spec.policy.objective,
+        runtime.mixer_path or FALLBACK,
+    )
 
 
 def _fits(graph, inventory, runtime, spec, batch: int, seq: int) -> bool:
     """Whether batch x seq fits at the policy's deepest offload level and the smallest prefill chunk."""
+    from planc.model.cache import FALLBACK
     from planc.solver import feasible
 
     levels = _levels(spec.policy.offload, bool(inventory.gpus))
     chunk = spec.workload.prefill_chunk_size
     chunks = [chunk] if chunk else _chunk_candidates(seq)[-1:]
     gpus, cpu, disk = _targets(inventory, runtime, spec.policy.headroom, levels[-1])
-    return feasible(graph, gpus, cpu, disk, Workload(batch, seq, chunks[0]), Reserve.from_policy(spec.policy.reserve))
+    return feasible(
+        graph, gpus, cpu, disk, Workload(batch, seq, chunks[0]), Reserve.from_policy(spec.policy.reserve),
+        runtime.mixer_path or FALLBACK,
+    )
 
 
 def largest_below(predicate: Callable[[int], bool], upper: int) -> int:
@@ -185,6 +195,7 @@ def _model_facts(graph):
         head_dim=max(graph.shapes.head_dim, graph.shapes.v_head_dim),
         forced_attn_implementation=graph.forced_attn_implementation,
         skip_keys=graph.skip_keys,
+        mixer_families=graph.mixer_families,
     )
 
 
@@ -216,7 +227,8 @@ def compile_plan(
     trust = spec.model.trust_remote_code
     probe_dtype = "bfloat16" if spec.model.dtype == "auto" else spec.model.dtype
     graph = build_graph(model.config, probe_dtype, trust)
-    runtime = decide_runtime(inventory.gpus, _model_facts(graph), spec.model.dtype)
+    mixer_kernels = spec.policy.mixer_kernels
+    runtime = decide_runtime(inventory.gpus, _model_facts(graph), spec.model.dtype, mixer_kernels)
     if runtime.dtype != graph.dtype:
         graph = build_graph(model.config, runtime.dtype, trust)
 
@@ -239,7 +251,9 @@ def _device_map_plan(spec, inventory, model, packages, disk, build_graph, graph,
     if spec.model.dtype == "auto":
         used = sorted({k for k in placement.device_of.values() if isinstance(k, int)})
         used_gpus = tuple(gpu for gpu in inventory.gpus if gpu.index in used)
-        narrowed = decide_runtime(used_gpus, _model_facts(graph), "auto") if used_gpus else runtime
+        narrowed = (
+            decide_runtime(used_gpus, _model_facts(graph), "auto", spec.policy.mixer_kernels) if used_gpus else runtime
+        )
         if narrowed.dtype != runtime.dtype:
             # The placement leaves the cards that forced the dtype idle: plan the used ones alone,
             # in the dtype they support (same bytes per element, so the same split still fits).
@@ -423,6 +437,7 @@ def _assemble_distributed(spec, inventory, model, packages, disk, graph, runtime
                             per_device={str(k): v for k, v in sorted(runtime.backend_per_gpu.items())}),
         env=dict(sorted(runtime.env.items())),
         generation=Generation(prefill_chunk_size=chunk, experts_implementation=runtime.experts_implementation),
+        mixers=_mixers_section(graph, runtime),
         memory=ledgers,
         objective=Objective(
             name=spec.policy.objective,
@@ -501,6 +516,13 @@ def _planner_decisions(spec, graph, placement, chunk, inventory) -> list[Decisio
     return out
 
 
+def _mixers_section(graph, runtime) -> Mixers | None:
+    """How the plan runs its linear-attention / SSM / short-conv layers (None for models without them)."""
+    if not runtime.mixer_path:
+        return None
+    return Mixers(path=runtime.mixer_path, families=list(graph.mixer_families), requires=runtime.mixer_requires)
+
+
 def _assemble(spec, inventory, model: ModelInput, packages, disk, graph, runtime, placement, chunk, decisions) -> Plan:
     ledgers = []
     max_memory = {}
@@ -527,7 +549,10 @@ def _assemble(spec, inventory, model: ModelInput, packages, disk, graph, runtime
     if "cpu" in used and "cpu" not in max_memory:
         max_memory["cpu"] = inventory.cpu_memory
     gpu_ledgers = [l for l in ledgers if isinstance(l.device, int)]
+    mixers = _mixers_section(graph, runtime)
     return Plan(
+        # The mixers section is a 1.1 field; plans without it keep the 1.0 bytes.
+        format_version=FORMAT_VERSION if mixers else BASE_FORMAT_VERSION,
         inputs=Inputs(
             spec_sha256=spec.sha256(),
             config_sha256=model.config_sha256,
@@ -566,6 +591,7 @@ def _assemble(spec, inventory, model: ModelInput, packages, disk, graph, runtime
         ),
         env=dict(sorted(runtime.env.items())),
         generation=Generation(prefill_chunk_size=chunk, experts_implementation=runtime.experts_implementation),
+        mixers=mixers,
         memory=ledgers,
         objective=Objective(
             name=spec.policy.objective,
