@@ -19,6 +19,7 @@ from planc.errors import InfeasibleError, SpecError, StalePlanError
 from planc.hardware import Inventory, resolve_inventory
 from planc.memory import Reserve, Workload
 from planc.plan import (
+    BASE_FORMAT_VERSION,
     FORMAT_VERSION,
     Attention,
     Decision,
@@ -27,6 +28,7 @@ from planc.plan import (
     Host,
     Inputs,
     Ledger,
+    Mixers,
     ModelInfo,
     NodeHost,
     Objective,
@@ -102,21 +104,29 @@ def _levels(policy_offload: str, has_gpus: bool) -> list[str]:
 
 
 def _solve(graph, inventory, runtime, spec: Spec, workload: Workload, level: str):
+    from planc.model.cache import FALLBACK
     from planc.solver import solve
 
     gpus, cpu, disk = _targets(inventory, runtime, spec.policy.headroom, level)
-    return solve(graph, gpus, cpu, disk, workload, Reserve.from_policy(spec.policy.reserve), spec.policy.objective)
+    return solve(
+        graph, gpus, cpu, disk, workload, Reserve.from_policy(spec.policy.reserve), spec.policy.objective,
+        runtime.mixer_path or FALLBACK,
+    )
 
 
 def _fits(graph, inventory, runtime, spec, batch: int, seq: int) -> bool:
     """Whether batch x seq fits at the policy's deepest offload level and the smallest prefill chunk."""
+    from planc.model.cache import FALLBACK
     from planc.solver import feasible
 
     levels = _levels(spec.policy.offload, bool(inventory.gpus))
     chunk = spec.workload.prefill_chunk_size
     chunks = [chunk] if chunk else _chunk_candidates(seq)[-1:]
     gpus, cpu, disk = _targets(inventory, runtime, spec.policy.headroom, levels[-1])
-    return feasible(graph, gpus, cpu, disk, Workload(batch, seq, chunks[0]), Reserve.from_policy(spec.policy.reserve))
+    return feasible(
+        graph, gpus, cpu, disk, Workload(batch, seq, chunks[0]), Reserve.from_policy(spec.policy.reserve),
+        runtime.mixer_path or FALLBACK,
+    )
 
 
 def largest_below(predicate: Callable[[int], bool], upper: int) -> int:
@@ -210,7 +220,7 @@ def _quantization_hints(graph, inventory, runtime, spec: Spec, builder: "_Builde
         for method in ("bnb-8bit", "bnb-4bit"):
             facts = replace(builder.facts, quantization=method)
             try:
-                quantized_runtime = decide_runtime(inventory.gpus, facts, spec.model.dtype)
+                quantized_runtime = decide_runtime(inventory.gpus, facts, spec.model.dtype, spec.policy.mixer_kernels)
             except SpecError:
                 continue  # the rules refuse it on this inventory (LLM.int8() below sm75)
             dtype = quantized_runtime.dtype
@@ -239,6 +249,7 @@ def _model_facts(graph, quantization: str | None = None):
         forced_attn_implementation=graph.forced_attn_implementation,
         skip_keys=graph.skip_keys,
         quantization=quantization,
+        mixer_families=graph.mixer_families,
     )
 
 
@@ -339,7 +350,7 @@ def compile_plan(
             wanted = {"device_map"}
     if wanted == {"device_map"}:
         return _one_process_plan(spec, inventory, model, packages, disk, builder, strategy_note)
-    runtime = decide_runtime(inventory.gpus, builder.facts, spec.model.dtype)
+    runtime = decide_runtime(inventory.gpus, builder.facts, spec.model.dtype, spec.policy.mixer_kernels)
     graph = builder.for_runtime(runtime)
     return _strategy_plan(spec, inventory, model, packages, disk, builder, graph, runtime)
 
@@ -350,7 +361,7 @@ def _one_process_plan(spec, inventory, model, packages, disk, builder: _Builder,
 
     extra: list[Decision] = [strategy_note] if strategy_note else []
     try:
-        runtime = decide_runtime(inventory.gpus, builder.facts, spec.model.dtype)
+        runtime = decide_runtime(inventory.gpus, builder.facts, spec.model.dtype, spec.policy.mixer_kernels)
     except SpecError:
         # The whole inventory cannot run it (an fp8 checkpoint dequantized to bf16 for a V100): the
         # GPUs that hold it natively may.
@@ -381,7 +392,7 @@ def _device_map_plan(spec, inventory, model, packages, disk, builder: _Builder, 
     if spec.model.dtype == "auto":
         used = sorted({k for k in placement.device_of.values() if isinstance(k, int)})
         used_gpus = tuple(gpu for gpu in inventory.gpus if gpu.index in used)
-        narrowed = decide_runtime(used_gpus, builder.facts, "auto") if used_gpus else runtime
+        narrowed = decide_runtime(used_gpus, builder.facts, "auto", spec.policy.mixer_kernels) if used_gpus else runtime
         if narrowed.dtype != runtime.dtype and narrowed.quantized_weights == runtime.quantized_weights:
             # The placement leaves the cards that forced the dtype idle: plan the used ones alone,
             # in the dtype they support (same bytes per element, so the same split still fits).
@@ -566,6 +577,7 @@ def _assemble_distributed(spec, inventory, model, packages, disk, graph, runtime
                             per_device={str(k): v for k, v in sorted(runtime.backend_per_gpu.items())}),
         env=dict(sorted(runtime.env.items())),
         generation=Generation(prefill_chunk_size=chunk, experts_implementation=runtime.experts_implementation),
+        mixers=_mixers_section(graph, runtime),
         memory=ledgers,
         objective=Objective(
             name=spec.policy.objective,
@@ -594,14 +606,14 @@ def _native_subset(inventory: Inventory, builder: _Builder, spec: Spec, runtime)
 
     def native_on(gpu) -> bool:
         try:
-            return decide_runtime([gpu], builder.facts, spec.model.dtype).quantized_weights == "native"
+            return decide_runtime([gpu], builder.facts, spec.model.dtype, spec.policy.mixer_kernels).quantized_weights == "native"
         except SpecError:
             return False
 
     native_gpus = tuple(gpu for gpu in inventory.gpus if native_on(gpu))
     if not native_gpus or len(native_gpus) == len(inventory.gpus):
         return None
-    sub_runtime = decide_runtime(native_gpus, builder.facts, spec.model.dtype)
+    sub_runtime = decide_runtime(native_gpus, builder.facts, spec.model.dtype, spec.policy.mixer_kernels)
     subset = Inventory(native_gpus, inventory.cpu_memory, inventory.disk)
     graph = builder.for_runtime(sub_runtime)
     placement, chunk, _ = _place(graph, subset, sub_runtime, spec)
@@ -737,6 +749,13 @@ def _planner_decisions(spec, graph, placement, chunk, inventory) -> list[Decisio
     return out
 
 
+def _mixers_section(graph, runtime) -> Mixers | None:
+    """How the plan runs its linear-attention / SSM / short-conv layers (None for models without them)."""
+    if not runtime.mixer_path:
+        return None
+    return Mixers(path=runtime.mixer_path, families=list(graph.mixer_families), requires=runtime.mixer_requires)
+
+
 def _assemble(spec, inventory, model: ModelInput, packages, disk, graph, runtime, placement, chunk, decisions) -> Plan:
     ledgers = []
     max_memory = {}
@@ -763,7 +782,10 @@ def _assemble(spec, inventory, model: ModelInput, packages, disk, graph, runtime
     if "cpu" in used and "cpu" not in max_memory:
         max_memory["cpu"] = inventory.cpu_memory
     gpu_ledgers = [l for l in ledgers if isinstance(l.device, int)]
+    mixers = _mixers_section(graph, runtime)
     return Plan(
+        # The mixers section is a 1.1 field; plans without it keep the 1.0 bytes.
+        format_version=FORMAT_VERSION if mixers else BASE_FORMAT_VERSION,
         inputs=Inputs(
             spec_sha256=spec.sha256(),
             config_sha256=model.config_sha256,
@@ -808,6 +830,7 @@ def _assemble(spec, inventory, model: ModelInput, packages, disk, graph, runtime
             cache_implementation="quantized" if spec.model.kv_cache else None,
             cache_config={"backend": spec.model.kv_cache} if spec.model.kv_cache else None,
         ),
+        mixers=mixers,
         memory=ledgers,
         objective=Objective(
             name=spec.policy.objective,

@@ -173,7 +173,8 @@ class _Planner:
                            self.spec.model.quantize, self.build)
         dense = quantization.with_native(False) if quantization and quantization.origin == "checkpoint" else None
         probe = builder.graph(probe_dtype, dense)
-        runtime = decide_runtime(gpus, _model_facts(probe, quantization.method if quantization else None), requested)
+        facts = _model_facts(probe, quantization.method if quantization else None)
+        runtime = decide_runtime(gpus, facts, requested, self.spec.policy.mixer_kernels)
         return builder.for_runtime(runtime), runtime
 
     def place(self, inventory: Inventory, spec: Spec):

@@ -133,6 +133,11 @@ def show_plan(plan: Plan, console: Console | None = None) -> None:
         console.print(quantization_line(plan))
     if plan.generation.cache_implementation:
         console.print(f"KV cache: {plan.generation.cache_implementation} {plan.generation.cache_config}")
+    if plan.mixers is not None:
+        needs = ", ".join(plan.mixers.requires.values())
+        console.print(
+            f"mixers: {', '.join(plan.mixers.families)} on the {plan.mixers.path} path" + (f" (needs {needs})" if needs else "")
+        )
     for key, value in plan.env.items():
         console.print(f"env {key}={value}")
     console.print(decisions_table(plan))

@@ -39,6 +39,20 @@ def checkpoint_dtype(config: dict[str, Any]) -> str | None:
     return None
 
 
+def decode_special_floats(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """The config with transformers' tagged floats (`{"__float__": "Infinity"}`) turned back into floats.
+
+    JSON has no Infinity or NaN, so transformers 5 writes them as tagged objects (Mamba2-family
+    configs carry `time_step_limit: [0.0, Infinity]`) and decodes them when it reads a config.json
+    (`PreTrainedConfig._dict_from_json_file`); a dict handed to `AutoConfig.for_model` skips that
+    step, so planc takes it here with transformers' own decoder. Older writers emitted a bare
+    `Infinity`, which Python's json reads as a float already.
+    """
+    from transformers import PretrainedConfig
+
+    return PretrainedConfig._decode_special_floats(config_dict)
+
+
 def make_config(config_dict: dict[str, Any], trust_remote_code: bool = False):
     """A transformers config object from a config.json dict (no files, no network)."""
     from transformers import AutoConfig
@@ -52,7 +66,7 @@ def make_config(config_dict: dict[str, Any], trust_remote_code: bool = False):
                 "checkpoint ships its own code"
             )
         raise ModelError(f"model_type {model_type!r}: remote-code models are not supported by planc yet")
-    data = {k: v for k, v in config_dict.items() if k not in ("transformers_version",)}
+    data = {k: v for k, v in decode_special_floats(config_dict).items() if k not in ("transformers_version",)}
     try:
         return AutoConfig.for_model(**data)
     except (ValueError, TypeError, KeyError) as exc:
@@ -77,7 +91,8 @@ def shapes_of(config) -> Shapes:
         v_head_dim = get("v_head_dim", default=head_dim)
         mla_latent = mla_rank + get("qk_rope_head_dim")
     else:
-        head_dim = get("head_dim", default=hidden // heads)
+        # Pure state-space models (Mamba, Mamba2) have no attention heads at all.
+        head_dim = get("head_dim", default=hidden // heads if heads else 0)
         v_head_dim = head_dim
         mla_latent = 0
     intermediate = get("intermediate_size", "n_inner", default=4 * hidden)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from planc.errors import ModelError
 from planc.model.build import meta_model
-from planc.model.cache import LayerCache, layer_caches
+from planc.model.cache import LayerCache, layer_caches, refuse_unsized
 from planc.model.config import Shapes, checkpoint_dtype, shapes_of
 
 if TYPE_CHECKING:
@@ -94,6 +94,11 @@ class ModelGraph:
     def is_moe(self) -> bool:
         return any(unit.moe for unit in self.units)
 
+    @property
+    def mixer_families(self) -> tuple[str, ...]:
+        """Families of the state-keeping sequence mixers in its layers (gated_deltanet, mamba2, ...)."""
+        return tuple(sorted({u.cache.mixer.family for u in self.units if u.cache is not None and u.cache.mixer}))
+
     def tied_unit_groups(self) -> list[set[str]]:
         """Sets of unit names that must share a device (connected by tied edges)."""
         import networkx as nx
@@ -123,6 +128,8 @@ def build_model_graph(
 
     from planc.model.quant import dense_module_patterns, held
 
+    # Refused before building: some of these do not even build at their default sizes.
+    refuse_unsized(str(config_dict.get("model_type", "")))
     model = meta_model(config_dict, dtype, trust_remote_code, quantization=quantization)
     config = model.config
     shapes = shapes_of(config)
@@ -154,10 +161,8 @@ def build_model_graph(
             break
     if layer_prefix is None:
         raise ModelError(f"{type(model).__name__}: no {', '.join(no_split)} block found")
-    layer_names = [name for name, module, _ in raw_units if module is not None and type(module).__name__ in no_split]
-    caches = layer_caches(config, shapes, dtype, kv_cache)
-    if len(caches) != len(layer_names):
-        raise ModelError(f"config describes {len(caches)} cache layers for {len(layer_names)} decoder layers")
+    layer_modules = [module for _, module, _ in raw_units if module is not None and type(module).__name__ in no_split]
+    caches = layer_caches(config, shapes, dtype, layer_modules, kv_cache)
 
     def is_post(name: str, module) -> bool:
         # After the layers run only the final norm and the output head; rotary tables, position
