@@ -12,10 +12,11 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from planc.errors import SpecError
+from planc.files import YAML_LIMIT, parse_yaml, read_text
+from planc.limits import MAX_BATCH_SIZE, MAX_GPUS, MAX_SEQ_LEN
 from planc.units import parse_bandwidth, parse_size
 
 SPEC_FORMAT = 1
@@ -54,17 +55,19 @@ class CatalogueGpu(_Strict):
     """GPUs named by catalogue entry."""
 
     type: str = Field(description="Catalogue entry: the exact nvidia-smi name or a short alias such as v100-16gb.")
-    count: int = Field(1, ge=1, description="How many of these cards.")
+    count: int = Field(1, ge=1, le=MAX_GPUS, description=f"How many of these cards (at most {MAX_GPUS}: one node).")
 
 
 class ExplicitGpu(_Strict):
     """A card described by its numbers, for cards missing from the catalogue."""
 
     name: str = Field(description="Device name as the driver reports it (checked at run time).")
-    memory: Bytes = Field(description="Total memory the driver reports, in bytes (or e.g. 24GiB).")
-    compute_capability: str = Field(pattern=r"^\d+\.\d+$", description="CUDA compute capability, e.g. '8.6'.")
+    memory: Bytes = Field(gt=0, description="Total memory the driver reports, in bytes (or e.g. 24GiB).")
+    compute_capability: str = Field(
+        pattern=r"^[0-9]{1,2}\.[0-9]{1,2}$", description="CUDA compute capability, e.g. '8.6'."
+    )
     bandwidth: BytesPerSecond = Field(description="Memory bandwidth in bytes/s (or e.g. 936GB/s).")
-    count: int = Field(1, ge=1, description="How many of these cards.")
+    count: int = Field(1, ge=1, le=MAX_GPUS, description=f"How many of these cards (at most {MAX_GPUS}: one node).")
 
 
 def _gpu_kind(value: Any) -> str:
@@ -83,18 +86,38 @@ GpuEntry = Annotated[
 class Hardware(_Strict):
     """The machine the plan is for. GPU order is CUDA order (CUDA_DEVICE_ORDER=PCI_BUS_ID)."""
 
-    gpus: list[GpuEntry] = Field(default_factory=list, description="GPUs in PCI bus order; empty for a CPU-only plan.")
+    gpus: list[GpuEntry] = Field(
+        default_factory=list,
+        description=f"GPUs in PCI bus order; empty for a CPU-only plan. At most {MAX_GPUS} in all: one node "
+        "(an NVL72 rack, the largest single NVLink domain, has 72).",
+    )
     cpu_memory: Bytes = Field(description="CPU RAM the run may use, in bytes (or e.g. 64GiB).")
     disk: str | None = Field(None, description="Offload folder for `offload: disk`, relative to the spec file.")
+
+    @model_validator(mode="after")
+    def _one_node(self) -> "Hardware":
+        total = sum(entry.count for entry in self.gpus)
+        if total > MAX_GPUS:
+            raise ValueError(f"{total} GPUs: one inventory holds at most {MAX_GPUS} (one node, e.g. an NVL72 rack)")
+        return self
 
 
 class Workload(_Strict):
     """What the plan must run without running out of memory."""
 
-    batch_size: int = Field(1, ge=1, description="Sequences generated together.")
-    max_seq_len: int = Field(ge=1, description="Tokens per sequence, prompt plus generated.")
+    batch_size: int = Field(
+        1, ge=1, le=MAX_BATCH_SIZE,
+        description=f"Sequences generated together (at most {MAX_BATCH_SIZE}: serving engines batch a few "
+        "hundred to a couple of thousand).",
+    )
+    max_seq_len: int = Field(
+        ge=1, le=MAX_SEQ_LEN,
+        description=f"Tokens per sequence, prompt plus generated (at most {MAX_SEQ_LEN}: Llama 4 Scout's 10M-token "
+        "context, the longest a released model is configured for).",
+    )
     prefill_chunk_size: int | None = Field(
-        None, ge=1, description="Prefill in chunks of this many tokens; unset lets the compiler choose."
+        None, ge=1, le=MAX_SEQ_LEN,
+        description=f"Prefill in chunks of this many tokens (at most {MAX_SEQ_LEN}); unset lets the compiler choose.",
     )
 
 
@@ -150,8 +173,15 @@ def _first_error(exc: ValidationError) -> str:
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         message = "unknown key"
+    elif err["type"] == "less_than_equal":
+        message = f"{_short(err['input'])} is above planc's upper bound of {err['ctx']['le']} (see `planc schema spec`)"
     more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
     return f"{where or 'spec'}: {message}{more}"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def parse_spec(data: Any, source: str = "spec") -> Spec:
@@ -172,14 +202,5 @@ def parse_spec(data: Any, source: str = "spec") -> Spec:
 def load_spec(path: str | Path) -> Spec:
     """Read and validate a spec file."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SpecError(f"cannot read spec {path}: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise SpecError(f"{path}:{where} not valid YAML: {getattr(exc, 'problem', exc)}") from None
-    return parse_spec(data, source=str(path))
+    text = read_text(path, "spec", SpecError, YAML_LIMIT)
+    return parse_spec(parse_yaml(text, str(path), SpecError), source=str(path))
