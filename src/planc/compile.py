@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from planc import __version__
-from planc.errors import InfeasibleError, SpecError, StalePlanError
+from planc.errors import InfeasibleError, ModelError, SpecError, StalePlanError, foreign_errors
 from planc.hardware import Inventory, resolve_inventory
 from planc.memory import Reserve, Workload
 from planc.plan import (
@@ -181,6 +181,14 @@ def _model_facts(graph):
     )
 
 
+def describe_model(config: dict) -> str:
+    """'Qwen3ForCausalLM (model_type qwen3)' from a config dict, for messages."""
+    architectures = config.get("architectures")
+    name = architectures[0] if isinstance(architectures, list) and architectures else None
+    model_type = str(config.get("model_type"))[:60]
+    return f"{str(name)[:80]} (model_type {model_type})" if name else f"model_type {model_type}"
+
+
 def compile_plan(
     spec: Spec,
     inventory: Inventory,
@@ -197,11 +205,16 @@ def compile_plan(
     if spec.policy.offload == "disk" and not disk:
         raise SpecError("policy.offload is disk but hardware.disk names no offload folder")
     trust = spec.model.trust_remote_code
+
+    def build(dtype: str):
+        with foreign_errors(ModelError, f"cannot build {describe_model(model.config)} from its config"):
+            return build_graph(model.config, dtype, trust)
+
     probe_dtype = "bfloat16" if spec.model.dtype == "auto" else spec.model.dtype
-    graph = build_graph(model.config, probe_dtype, trust)
+    graph = build(probe_dtype)
     runtime = decide_runtime(inventory.gpus, _model_facts(graph), spec.model.dtype)
     if runtime.dtype != graph.dtype:
-        graph = build_graph(model.config, runtime.dtype, trust)
+        graph = build(runtime.dtype)
 
     placement, chunk, closest = _place(graph, inventory, runtime, spec)
     if placement is None:
@@ -216,7 +229,7 @@ def compile_plan(
             # in the dtype they support (same bytes per element, so the same split still fits).
             idle = [gpu for gpu in inventory.gpus if gpu.index not in used]
             subset = Inventory(used_gpus, inventory.cpu_memory, inventory.disk)
-            regraph = build_graph(model.config, narrowed.dtype, trust)
+            regraph = build(narrowed.dtype)
             replaced, rechunk, _ = _place(regraph, subset, narrowed, spec)
             if replaced is not None:
                 graph, runtime, placement, chunk = regraph, narrowed, replaced, rechunk

@@ -10,12 +10,12 @@ every distinct tensor is counted once (fp32 rotary buffers stay fp32, tied weigh
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from planc.errors import ModelError, SpecError
+from planc.files import JSON_LIMIT, parse_json, read_bytes
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -107,6 +107,8 @@ def _resolve_hf_id(repo_id: str, revision: str | None) -> Path:
 
     try:
         return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except ValueError as exc:  # huggingface_hub's HFValidationError: not a repo id at all
+        raise ModelError(f"model id {repo_id!r} is not a Hugging Face repo id: {exc}") from None
     except (LocalEntryNotFoundError, FileNotFoundError, OSError):
         raise ModelError(
             f"model {repo_id!r} is not in the local Hugging Face cache (planc resolves ids offline); "
@@ -128,14 +130,8 @@ def read_model_files(source, base_dir: Path) -> ModelFiles:
     else:
         folder = None
         config_path = (base_dir / source.config).resolve()
-    try:
-        raw = config_path.read_bytes()
-    except OSError as exc:
-        raise ModelError(f"cannot read model config {config_path}: {exc.strerror}") from None
-    try:
-        config = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{config_path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    raw = read_bytes(config_path, "model config", ModelError, JSON_LIMIT)
+    config = parse_json(raw, str(config_path), ModelError)
     if not isinstance(config, dict) or "model_type" not in config:
         raise ModelError(f"{config_path}: not a transformers config (no model_type)")
     weights: tuple[Path, ...] = ()
@@ -163,6 +159,7 @@ def checkpoint_dtype(config: dict[str, Any]) -> str | None:
 
 def make_config(config_dict: dict[str, Any], trust_remote_code: bool = False):
     """A transformers config object from a config.json dict (no files, no network)."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -174,18 +171,44 @@ def make_config(config_dict: dict[str, Any], trust_remote_code: bool = False):
             "if they were dense; plan a dense (bf16/fp16) release of this model instead"
         )
     model_type = config_dict["model_type"]
-    if model_type not in CONFIG_MAPPING:
-        if not trust_remote_code:
-            raise ModelError(
-                f"model_type {model_type!r} is unknown to transformers; set model.trust_remote_code: true if the "
-                "checkpoint ships its own code"
-            )
-        raise ModelError(f"model_type {model_type!r}: remote-code models are not supported by planc yet")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise ModelError(_unknown_model_type(config_dict, trust_remote_code))
     data = {k: v for k, v in config_dict.items() if k not in ("transformers_version",)}
     try:
         return AutoConfig.for_model(**data)
-    except (ValueError, TypeError, KeyError) as exc:
-        raise ModelError(f"config.json does not load in transformers: {exc}") from None
+    except (ValueError, TypeError, KeyError, StrictDataclassError) as exc:
+        # StrictDataclassError: transformers' own field and class validators (huggingface_hub's
+        # @strict), e.g. num_hidden_layers: -3.
+        message = " ".join(str(exc).split())
+        raise ModelError(f"config.json does not load in transformers ({model_type}): {message}") from None
+
+
+def _unknown_model_type(config_dict: dict[str, Any], trust_remote_code: bool) -> str:
+    """Why a model_type cannot be built, and the advice that is true for this planc."""
+    import transformers
+
+    model_type = config_dict["model_type"]
+    head = f"model_type {str(model_type)[:60]!r} is unknown to the installed transformers {transformers.__version__}"
+    if trust_remote_code:
+        return f"{head}, and planc does not plan remote-code models"
+    architectures = config_dict.get("architectures")
+    shipped = [
+        name for name in (architectures if isinstance(architectures, list) else [])
+        if isinstance(name, str) and name.isidentifier() and _ships(transformers, name)
+    ]
+    if shipped:
+        return (
+            f"{head}; config.architectures names {shipped[0]}, which it ships, but planc resolves a model by "
+            "model_type only, not by architectures"
+        )
+    return f"{head}: a newer transformers may know it (planc does not plan remote-code models)"
+
+
+def _ships(transformers, name: str) -> bool:
+    try:
+        return getattr(transformers, name, None) is not None
+    except Exception:  # noqa: BLE001 - a lazy import that fails means: not usable here
+        return False
 
 
 def _shapes(config) -> Shapes:
@@ -272,7 +295,9 @@ def build_model_graph(config_dict: dict[str, Any], dtype: str, trust_remote_code
         with init_empty_weights(include_buffers=True):
             model = AutoModelForCausalLM.from_config(config, dtype=_torch_dtype(dtype), trust_remote_code=trust_remote_code)
     except ValueError as exc:
-        raise ModelError(f"transformers cannot build {config_dict.get('model_type')} as a causal LM: {exc}") from None
+        # The auto-class refusal goes on to list every config class it knows: keep the first sentence.
+        reason = " ".join(str(exc).split()).split(". Model type should be one of")[0][:300]
+        raise ModelError(f"transformers cannot build {config_dict.get('model_type')} as a causal LM: {reason}") from None
     shapes = _shapes(config)
     no_split = tuple(sorted(model._no_split_modules or ()))
     if not no_split:

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from planc.errors import ModelError, RunError
+from planc.errors import ModelError, RunError, foreign_errors
 from planc.plan import Plan
 
 SHOWN_MISMATCHES = 3
@@ -82,13 +82,11 @@ def build_meta_model(plan: Plan, config: dict):
     from planc.model_graph import make_config
 
     model_config = make_config(config, plan.model.trust_remote_code)
-    try:
+    with foreign_errors(ModelError, f"transformers cannot build {plan.model.architecture}"):
         with init_empty_weights(include_buffers=True):
             return AutoModelForCausalLM.from_config(
                 model_config, dtype=getattr(torch, plan.dtype), trust_remote_code=plan.model.trust_remote_code
             )
-    except ValueError as exc:
-        raise ModelError(f"transformers cannot build {plan.model.architecture}: {exc}") from None
 
 
 def structure_mismatches(plan: Plan, model) -> list[str]:
