@@ -24,9 +24,15 @@ SENTENCES = [
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Keep the weight-hash cache out of the user's home."""
-    monkeypatch.setenv("PLANC_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "planc-cache"))
+    """Keep the weight-hash cache out of the user's home; trust the tests' own temp tree.
+
+    Locks written in a test's tmp_path name the session's tiny model, which lives in another temp
+    folder: outside the lock's tree, so `planc run` trusts it only through PLANC_TRUSTED_DIRS.
+    """
+    base = tmp_path_factory.getbasetemp()
+    monkeypatch.setenv("PLANC_CACHE_DIR", str(base / "planc-cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("PLANC_TRUSTED_DIRS", str(base))
 
 
 def build_tiny_model(folder: Path, num_layers: int = 4, tie: bool = False, seed: int = 0) -> Path:

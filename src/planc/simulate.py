@@ -44,8 +44,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from planc.errors import ModelError
+from planc.errors import ModelError, foreign_errors
 from planc.plan import Plan
+from planc.run.trust import check_lock_trust
 
 VIRTUAL_DEVICE = "vgpu"
 FUSED_BACKENDS = ("flash", "efficient", "cudnn")
@@ -377,16 +378,20 @@ def _build_meta_model(plan: Plan, lock_dir: Path):
 
     from planc.model_graph import make_config, read_model_files
 
+    # Paths inside the lock's tree only (run.trust); simulate never runs code a checkpoint ships,
+    # whatever the lock's trust_remote_code says: it builds the class transformers itself provides.
+    check_lock_trust(plan, lock_dir, trust_remote_code=True, environment=False)
     files = read_model_files(plan.model, lock_dir)
-    config = make_config(files.config, plan.model.trust_remote_code)
-    kwargs: dict[str, Any] = {
-        "dtype": getattr(torch, plan.dtype),
-        "attn_implementation": plan.attention.attn_implementation,
-    }
-    if plan.generation.experts_implementation:
-        kwargs["experts_implementation"] = plan.generation.experts_implementation
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=plan.model.trust_remote_code, **kwargs)
+    with foreign_errors(ModelError, f"cannot build {plan.model.architecture} from its config"):
+        config = make_config(files.config)
+        kwargs: dict[str, Any] = {
+            "dtype": getattr(torch, plan.dtype),
+            "attn_implementation": plan.attention.attn_implementation,
+        }
+        if plan.generation.experts_implementation:
+            kwargs["experts_implementation"] = plan.generation.experts_implementation
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, **kwargs)
     return model.eval()
 
 

@@ -13,6 +13,7 @@ from typing import Iterator
 
 from planc.errors import RunError
 from planc.plan import Plan
+from planc.rules import CUBLAS_WORKSPACE_VARIABLE
 
 SDPA_BACKENDS = {
     "flash": "FLASH_ATTENTION",
@@ -26,10 +27,11 @@ CUBLAS_WORKSPACE = ":4096:8"
 
 
 def plan_environment(plan: Plan) -> dict[str, str]:
-    """The variables the run sets: the lock's env, plus the cuBLAS workspace on GPU plans."""
+    """The variables the run sets: the lock's env (checked against rules.allowed_env by
+    run.trust), plus the cuBLAS workspace on GPU plans."""
     env = dict(plan.env)
     if plan.devices:
-        env.setdefault("CUBLAS_WORKSPACE_CONFIG", os.environ.get("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE))
+        env.setdefault(CUBLAS_WORKSPACE_VARIABLE, os.environ.get(CUBLAS_WORKSPACE_VARIABLE, CUBLAS_WORKSPACE))
     return env
 
 

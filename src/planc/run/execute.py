@@ -17,6 +17,7 @@ from pathlib import Path
 from planc.errors import RunError, SpecError
 from planc.plan import Plan, load_lock
 from planc.run.generate import Completion
+from planc.run.trust import check_lock_trust
 
 DEFAULT_MAX_NEW_TOKENS = 32
 
@@ -53,11 +54,13 @@ def run_plan(
     expect: Path | None = None,
     check_only: bool = False,
     quiet: bool = False,
+    trust_remote_code: bool = False,
 ) -> RunOutcome:
     """Execute the plan in `lock_path` exactly, or raise DriftError/RunError/LockError naming why not.
 
     max_new_tokens None means 32, or the record's with `expect`; with `expect` and no prompts, the
-    record's prompts are replayed.
+    record's prompts are replayed. `trust_remote_code` is the runner's consent to a lock that asks
+    for code shipped with the checkpoint (run.trust).
     """
     from planc.run import record as records
     from planc.run.apply import applied_environment
@@ -67,6 +70,7 @@ def run_plan(
 
     lock_path = Path(lock_path)
     plan = load_lock(lock_path)
+    check_lock_trust(plan, lock_path.parent, trust_remote_code)
     prompt_list = read_prompts(list(prompts), prompt_file)
     expected = records.read_record(expect) if expect else None
     if expected is not None:
