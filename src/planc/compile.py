@@ -17,6 +17,7 @@ from typing import Callable
 from planc import __version__
 from planc.errors import InfeasibleError, ModelError, SpecError, StalePlanError, foreign_errors
 from planc.hardware import Inventory, resolve_inventory
+from planc.limits import config_scale_problem
 from planc.memory import Reserve, Workload
 from planc.plan import (
     Attention,
@@ -205,6 +206,10 @@ def compile_plan(
     if spec.policy.offload == "disk" and not disk:
         raise SpecError("policy.offload is disk but hardware.disk names no offload folder")
     trust = spec.model.trust_remote_code
+
+    scale = config_scale_problem(model.config)
+    if scale:
+        raise ModelError(f"{describe_model(model.config)}: config.json {scale}")
 
     def build(dtype: str):
         with foreign_errors(ModelError, f"cannot build {describe_model(model.config)} from its config"):

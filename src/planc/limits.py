@@ -13,3 +13,27 @@ MAX_BATCH_SIZE = 4096
 # The longest context a released model is configured for: Llama 4 Scout's 10M tokens
 # (text_config.max_position_embeddings 10485760).
 MAX_SEQ_LEN = 10_485_760
+# Counts in a config.json that transformers turns into that many modules before planc can look:
+# the deepest released models have about 130 decoder layers (Llama 3.1 405B: 126), the widest MoE
+# 512 routed experts (Qwen3-Next). Beyond these a config is a typo, and building it would take minutes.
+MAX_CONFIG_LAYERS = 1024
+MAX_CONFIG_EXPERTS = 4096
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "num_decoder_layers", "decoder_layers")
+_EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def config_scale_problem(config: dict, depth: int = 0) -> str | None:
+    """The first layer or expert count of a config dict (or of its nested sub-configs) above the
+    bounds, as 'key N is above ...', or None."""
+    for keys, bound in ((_LAYER_KEYS, MAX_CONFIG_LAYERS), (_EXPERT_KEYS, MAX_CONFIG_EXPERTS)):
+        for key in keys:
+            value = config.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > bound:
+                return f"{key} {value} is above planc's upper bound of {bound}"
+    if depth < 3:
+        for value in config.values():
+            if isinstance(value, dict):
+                problem = config_scale_problem(value, depth + 1)
+                if problem:
+                    return problem
+    return None
