@@ -20,7 +20,7 @@ from planc.units import GiB
 
 MiB = 2**20
 
-# Every NVIDIA row of /work/shared/reference/gpu-catalogue.md, by driver name.
+# Every NVIDIA row of docs/reference/gpu-catalogue.md, by driver name.
 REFERENCE_NAMES = [
     "Tesla V100-SXM2-16GB",
     "Tesla V100-SXM2-32GB",
