@@ -65,7 +65,7 @@ def compile_one(model_type: str, architecture: str, timeout: int) -> tuple[str, 
     from planc.compile import ModelInput, compile_plan, installed_packages
     from planc.errors import PlancError
     from planc.hardware import resolve_inventory
-    from planc.model_graph import build_model_graph
+    from planc.model import build_model_graph
 
     the_spec = spec()
     try:

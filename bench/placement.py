@@ -165,7 +165,7 @@ class _GraphCache:
         self.build_seconds = 0.0
 
     def __call__(self, config: dict, dtype: str, trust_remote_code: bool = False):
-        from planc.model_graph import build_model_graph
+        from planc.model import build_model_graph
 
         if dtype not in self.graphs:
             started = time.perf_counter()
@@ -328,7 +328,7 @@ def _import_model_code(config: dict) -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     from planc.errors import ModelError
-    from planc.model_graph import make_config
+    from planc.model import make_config
 
     try:
         MODEL_FOR_CAUSAL_LM_MAPPING[type(make_config(config))]

@@ -41,7 +41,7 @@ def accelerate_device_map(config_dict: dict[str, Any], dtype: str, gpu_memory: l
     from accelerate.utils import get_balanced_memory, infer_auto_device_map
     from transformers import AutoModelForCausalLM
 
-    from planc.model_graph import make_config
+    from planc.model import make_config
 
     # accelerate checks the GPU ids against torch.cuda and logs "Device 0 is not available" on a CPU build.
     logging.getLogger("accelerate.utils.modeling").setLevel(logging.ERROR)

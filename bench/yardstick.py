@@ -17,13 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from planc.model.attention import mask_bytes
 from planc.memory import (
     DISK_BANDWIDTH,
     PCIE_BANDWIDTH,
     Load,
     Reserve,
     Workload,
-    mask_bytes,
     reserve_bytes,
     unit_costs,
 )

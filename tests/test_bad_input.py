@@ -18,7 +18,7 @@ from planc.compile import ModelInput, compile_plan, installed_packages
 from planc.errors import PlancError
 from planc.hardware import resolve_inventory
 from planc.limits import MAX_BATCH_SIZE, MAX_GPUS, MAX_SEQ_LEN
-from planc.model_graph import build_model_graph
+from planc.model import build_model_graph
 from planc.spec import parse_spec
 
 SPEC = """\

@@ -17,7 +17,7 @@ from planc.cli import main
 from planc.compile import compile_plan, installed_packages, ModelInput
 from planc.errors import InfeasibleError, ModelError, SpecError
 from planc.hardware import resolve_inventory
-from planc.model_graph import build_model_graph
+from planc.model import build_model_graph
 from planc.plan import dump_lock, parse_lock
 from planc.spec import parse_spec
 

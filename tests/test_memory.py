@@ -12,7 +12,7 @@ import pytest
 
 from conftest import CORPUS
 from planc.memory import Workload, unit_kv_bytes
-from planc.model_graph import build_model_graph
+from planc.model import build_model_graph
 
 FAMILIES = ["qwen3-8b", "gpt2", "gemma-2-2b-it", "mistral-7b-v0.1", "deepseek-v3", "qwen3-30b-a3b",
             "gpt-oss-20b", "phi-3-mini-4k-instruct", "mixtral-8x7b", "gemma-3-1b-it"]
@@ -50,7 +50,7 @@ def test_ledger_kv_equals_real_cache(name):
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    from planc.model_graph import make_config
+    from planc.model import make_config
 
     config_dict = shrink(name)
     graph = build_model_graph(config_dict, "float32")
@@ -74,11 +74,11 @@ def test_ledger_kv_equals_real_cache(name):
         model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
     for unit, layer in zip(layers, cache.layers):
         held = sum(t.untyped_storage().nbytes() for t in (layer.keys, layer.values) if t is not None and t.numel())
-        tokens = prompt + 1 if unit.kv_window is None else min(prompt + 1, unit.kv_window)
-        assert held == batch * tokens * unit.kv_bytes_per_token, unit.name
+        tokens = prompt + 1 if unit.cache.window is None else min(prompt + 1, unit.cache.window)
+        assert held == batch * tokens * unit.cache.bytes_per_token, unit.name
 
 
 def test_mla_cache_holds_latents_not_heads():
     graph = build_model_graph(shrink("deepseek-v3"), "bfloat16")
     layer = next(unit for unit in graph.units if unit.kind == "layer")
-    assert layer.kv_bytes_per_token == (32 + 8) * 2  # kv_lora_rank + rope dim, one "head", bf16
+    assert layer.cache.bytes_per_token == (32 + 8) * 2  # kv_lora_rank + rope dim, one "head", bf16

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from planc.memory import Reserve, Workload
-from planc.model_graph import ModelGraph, Shapes, Unit
+from planc.model import LayerCache, ModelGraph, Shapes, Unit
 from planc.solver import Infeasible, Placement, Target, _Evaluator, _Problem, _split_chain, _offload_split, solve
 from planc.memory import unit_costs
 
@@ -22,7 +22,7 @@ RESERVE = Reserve(cuda_context=64 * MiB, cublas_workspace=0, allocator_slack=0.1
 
 def make_graph(layer_mib: list[int], embed_mib: int, head_mib: int, tied: bool) -> ModelGraph:
     units = [Unit("embed", embed_mib * MiB, "pre")]
-    units += [Unit(f"layers.{i}", w * MiB, "layer", i, kv_bytes_per_token=4096) for i, w in enumerate(layer_mib)]
+    units += [Unit(f"layers.{i}", w * MiB, "layer", i, LayerCache("full_attention", 4096)) for i, w in enumerate(layer_mib)]
     units += [Unit("norm", 1024, "post"), Unit("lm_head", 0 if tied else head_mib * MiB, "post")]
     graph = nx.DiGraph()
     for position, unit in enumerate(units):

@@ -19,6 +19,7 @@ from planc.errors import InfeasibleError, ModelError, SpecError, StalePlanError,
 from planc.hardware import Inventory, resolve_inventory
 from planc.limits import config_scale_problem
 from planc.memory import Reserve, Workload
+from planc.model.config import describe_model
 from planc.plan import (
     Attention,
     Decision,
@@ -180,14 +181,6 @@ def _model_facts(graph):
         forced_attn_implementation=graph.forced_attn_implementation,
         skip_keys=graph.skip_keys,
     )
-
-
-def describe_model(config: dict) -> str:
-    """'Qwen3ForCausalLM (model_type qwen3)' from a config dict, for messages."""
-    architectures = config.get("architectures")
-    name = architectures[0] if isinstance(architectures, list) and architectures else None
-    model_type = str(config.get("model_type"))[:60]
-    return f"{str(name)[:80]} (model_type {model_type})" if name else f"model_type {model_type}"
 
 
 def compile_plan(
@@ -426,14 +419,14 @@ def regenerate_command(spec_path: Path, lock_path: Path) -> str:
 
 @dataclass(frozen=True)
 class ModelLocation:
-    files: object  # model_graph.ModelFiles
+    files: object  # model.ModelFiles
     model: ModelInput
 
 
 def locate_model(spec: Spec, spec_dir: Path, lock_dir: Path, hash_weights: bool = True, progress=None) -> ModelLocation:
     """Read the config and hash the weights of the spec's model; paths re-expressed relative to the lock."""
     from planc.checksums import hash_files
-    from planc.model_graph import check_model_source_exists, read_model_files
+    from planc.model import check_model_source_exists, read_model_files
 
     check_model_source_exists(spec.model, spec_dir)
     files = read_model_files(spec.model, spec_dir)
@@ -452,7 +445,7 @@ def locate_model(spec: Spec, spec_dir: Path, lock_dir: Path, hash_weights: bool 
 
 def compile_spec(spec_path: str | Path, lock_path: str | Path | None = None, progress=None) -> tuple[Plan, str]:
     """Compile a spec file; returns the plan and the lock text (nothing is written)."""
-    from planc.model_graph import build_model_graph
+    from planc.model import build_model_graph
 
     spec_path = Path(spec_path)
     lock_path = Path(lock_path) if lock_path else default_lock_path(spec_path)

@@ -5,10 +5,9 @@ backend, so the solver can evaluate a candidate segment in O(1) from running sum
 
 Terms (per device):
 - weights: parameters and buffers resident there.
-- kv_cache: for each layer executing there, batch x tokens x bytes per token, where tokens is
-  max_seq_len for full-attention layers. Sliding-window layers are capped at window - 1 + the
-  prefill step: transformers' DynamicSlidingWindowLayer keeps a *view* of the concatenated
-  states, so the whole prefill step stays alive until the next update (measured in simulate).
+- kv_cache: for each layer executing there, the cache its layer kind keeps at batch x
+  max_seq_len (`planc.model.cache.LayerCache`: KV per token, capped for sliding windows, plus any
+  fixed per-sequence state).
 - activations: the largest transient of one layer's forward (hidden-state copies, q/k/v, the
   attention scores when the backend materialises them, the MLP or routed-expert intermediates),
   plus one layer's KV (torch.cat in DynamicCache.update copies it each step), plus the logits of
@@ -23,7 +22,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planc.model_graph import DTYPE_BYTES, ModelGraph, Shapes, Unit
+from planc.model import attention, mlp
+from planc.model.config import DTYPE_BYTES, Shapes
+from planc.model.graph import ModelGraph, Unit
+from planc.workload import Workload
 
 MiB = 2**20
 GiB = 2**30
@@ -59,42 +61,9 @@ class Reserve:
         )
 
 
-@dataclass(frozen=True)
-class Workload:
-    batch_size: int
-    max_seq_len: int
-    prefill_chunk_size: int | None = None
-
-    @property
-    def step_tokens(self) -> int:
-        """Tokens processed by the largest forward step (the prefill, or one chunk of it)."""
-        if self.prefill_chunk_size is None:
-            return self.max_seq_len
-        return min(self.prefill_chunk_size, self.max_seq_len)
-
-
-def kv_tokens(unit: Unit, workload: Workload) -> int:
-    """Tokens of KV a layer holds at its peak."""
-    if unit.kv_window is None:
-        return workload.max_seq_len
-    return min(workload.max_seq_len, unit.kv_window - 1 + workload.step_tokens)
-
-
 def unit_kv_bytes(unit: Unit, workload: Workload) -> int:
-    return workload.batch_size * kv_tokens(unit, workload) * unit.kv_bytes_per_token
-
-
-def materialises_scores(backend: str) -> bool:
-    """The math SDPA path and eager attention build the B x H x T x S score matrix."""
-    return backend in ("math", "eager")
-
-
-# Architectures whose MLP is not gated keep four b x t x I intermediates (fc, and gelu_new's
-# pieces) where gated ones keep three (gate, up, their product).
-NON_GATED_MLP = {"gpt2"}
-# MoE implementations that keep routing weights in fp32 (DeepSeek-V3's gate); the others cast
-# them to the model dtype (Qwen3-MoE: router_top_value.to(router_logits.dtype)).
-FP32_ROUTING_WEIGHTS = {"deepseek_v3"}
+    """Peak cache bytes of a layer unit (0 for units that keep no cache)."""
+    return unit.cache.bytes(workload) if unit.cache is not None else 0
 
 
 def layer_activation_bytes(
@@ -102,75 +71,18 @@ def layer_activation_bytes(
 ) -> int:
     """Peak transient bytes of one layer's forward over the largest step (no KV cache, no mask).
 
-    Checked against the fake-tensor simulation (planc simulate) on dense, GQA, MoE, MLA, sliding
-    window and eager models: within a few per cent on the committed plans.
+    The residual stream and its copies, plus the larger of the mixer's and the feed-forward's
+    transients (they do not overlap). Checked against the fake-tensor simulation (planc simulate)
+    on dense, GQA, MoE, MLA, sliding window and eager models: within a few per cent on the
+    committed plans.
     """
     e = DTYPE_BYTES[dtype]
-    b, t, s = workload.batch_size, workload.step_tokens, workload.max_seq_len
-    if unit.kv_window is not None:
-        s = min(s, unit.kv_window - 1 + t)
-    h = shapes.hidden_size
-    heads, kv_heads = shapes.num_attention_heads, shapes.num_key_value_heads
-    d_qk, d_v = shapes.head_dim, shapes.v_head_dim
+    b, t, h = workload.batch_size, workload.step_tokens, shapes.hidden_size
     # Residual stream, its normed copy, the incoming copy a device hop makes, the block output,
     # and the rotary cos/sin tables.
-    hidden = 4 * b * t * h * e + 2 * b * t * d_qk * e
-    # q, k, v projections and their rotary-embedded copies.
-    qkv = b * t * (2 * heads * d_qk + 2 * kv_heads * d_qk + kv_heads * d_v) * e
-    if shapes.mla_latent_dim:
-        # MLA expands the cached latents into per-head keys and values over the whole context.
-        expanded = b * heads * s * (d_qk + d_v) * e
-    elif heads != kv_heads and (materialises_scores(backend) or b > 1):
-        # repeat_kv copies K/V per query head when SDPA cannot use enable_gqa (a mask is present).
-        expanded = b * heads * s * (d_qk + d_v) * e
-    else:
-        expanded = 0
-    if backend == "eager":
-        # Masked scores in the model dtype, then softmax(dtype=float32): an fp32 copy and the fp32
-        # result (the cast back reuses the fp32 result's lifetime).
-        scores = b * heads * t * s * (e + 8 if e < 4 else 8)
-    elif backend == "math":
-        # torch's math SDPA upcasts to fp32: scores and softmax, plus fp32 copies of q, k and v.
-        scores = b * heads * t * s * 8 + b * heads * (t * d_qk + s * (d_qk + d_v)) * 4
-    else:
-        scores = 0
-    attn_out = b * t * heads * d_v * e
-    attention = qkv + expanded + scores + attn_out
-    if unit.moe:
-        routed_rows = b * t * shapes.experts_per_token
-        # Peak of the expert step: gathered inputs with gate/up/activation intermediates, or the
-        # down projection and its weighting by the routing weights.
-        r = 4 if model_type in FP32_ROUTING_WEIGHTS else e
-        routed = routed_rows * max((h + 4 * shapes.moe_intermediate_size) * e, h * (2 * e + 2 * r))
-        router = b * t * shapes.num_experts * 4 * 2
-        shared = 3 * b * t * shapes.shared_intermediate_size * e
-        mlp = routed + router + shared
-    else:
-        intermediates = 4 if model_type in NON_GATED_MLP else 3
-        mlp = intermediates * b * t * shapes.intermediate_size * e
-    return hidden + max(attention, mlp)
-
-
-def mask_bytes(units, workload: Workload, backend: str, dtype: str) -> tuple[int, int]:
-    """Attention-mask bytes on the main device and on every other executing device.
-
-    transformers passes no mask (SDPA's is_causal) only for a single unpadded sequence in one
-    prefill step with full attention; otherwise it builds a b x t x s mask per kind (full,
-    sliding): bool for SDPA, the model dtype for eager. The main device keeps the originals for
-    the whole forward; a hook copies one to each other device while its layers run.
-    """
-    b, t, full = workload.batch_size, workload.step_tokens, workload.max_seq_len
-    eager = backend == "eager"
-    windows = {unit.kv_window for unit in units if unit.kind == "layer"}
-    chunked = t < full
-    sizes = []
-    for window in windows:
-        s = full if window is None else min(full, window - 1 + t)
-        sliding_cut = window is not None and window <= full
-        if eager or b > 1 or chunked or sliding_cut:
-            sizes.append(b * t * s)
-    element = DTYPE_BYTES[dtype] if eager else 1
-    return sum(sizes) * element, max(sizes, default=0) * element
+    hidden = 4 * b * t * h * e + 2 * b * t * shapes.head_dim * e
+    mixer = attention.transient_bytes(shapes, unit.cache, workload, dtype, backend)
+    return hidden + max(mixer, mlp.transient_bytes(shapes, unit.moe, workload, dtype, model_type))
 
 
 def logits_bytes(shapes: Shapes, workload: Workload, dtype: str) -> int:

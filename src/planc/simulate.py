@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from planc.errors import ModelError, foreign_errors
+from planc.errors import ModelError
 from planc.plan import Plan
 from planc.run.trust import check_lock_trust
 
@@ -373,25 +373,20 @@ def _bound_eager_experts(model) -> int:
 
 
 def _build_meta_model(plan: Plan, lock_dir: Path):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from planc.model_graph import make_config, read_model_files
+    from planc.model import read_model_files
+    from planc.model.build import meta_model
 
     # Paths inside the lock's tree only (run.trust); simulate never runs code a checkpoint ships,
     # whatever the lock's trust_remote_code says: it builds the class transformers itself provides.
     check_lock_trust(plan, lock_dir, trust_remote_code=True, environment=False)
     files = read_model_files(plan.model, lock_dir)
-    with foreign_errors(ModelError, f"cannot build {plan.model.architecture} from its config"):
-        config = make_config(files.config)
-        kwargs: dict[str, Any] = {
-            "dtype": getattr(torch, plan.dtype),
-            "attn_implementation": plan.attention.attn_implementation,
-        }
-        if plan.generation.experts_implementation:
-            kwargs["experts_implementation"] = plan.generation.experts_implementation
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, **kwargs)
+    model = meta_model(
+        files.config,
+        plan.dtype,
+        False,
+        attn_implementation=plan.attention.attn_implementation,
+        experts_implementation=plan.generation.experts_implementation,
+    )
     return model.eval()
 
 

@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
+from planc.model.attention import mask_bytes
 from planc.memory import (
     CPU_BANDWIDTH,
     DISK_BANDWIDTH,
@@ -32,12 +33,11 @@ from planc.memory import (
     Load,
     Reserve,
     Workload,
-    mask_bytes,
     reserve_bytes,
     unit_costs,
 )
 from planc.errors import ModelError, SpecError
-from planc.model_graph import ModelGraph
+from planc.model import ModelGraph
 
 INF = float("inf")
 PICO = 10**12

@@ -169,7 +169,7 @@ def model_file_check(
 ) -> ModelCheck:
     """config.json's sha256 and every weight file's sha256 and size against the lock."""
     from planc.checksums import hash_files
-    from planc.model_graph import read_model_files
+    from planc.model import read_model_files
 
     source = _describe_source(plan)
     try:

@@ -14,9 +14,10 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from planc.errors import RunError, SpecError
+from planc.errors import SpecError
 from planc.plan import Plan, load_lock
 from planc.run.generate import Completion
+from planc.run.session import Session, open_session
 from planc.run.trust import check_lock_trust
 
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -63,14 +64,11 @@ def run_plan(
     for code shipped with the checkpoint (run.trust).
     """
     from planc.run import record as records
-    from planc.run.apply import applied_environment
-    from planc.run.checks import check_machine
     from planc.run.generate import check_batch, read_prompts
-    from planc.run.report import hashing_progress, make_console
+    from planc.run.report import make_console
 
     lock_path = Path(lock_path)
     plan = load_lock(lock_path)
-    check_lock_trust(plan, lock_path.parent, trust_remote_code)
     prompt_list = read_prompts(list(prompts), prompt_file)
     expected = records.read_record(expect) if expect else None
     if expected is not None:
@@ -81,21 +79,31 @@ def run_plan(
         check_batch(plan, prompt_list)
     request = _Request(prompt_list, max_new_tokens or DEFAULT_MAX_NEW_TOKENS, as_json, record, expected, quiet)
     console = make_console()
+    if check_only:
+        return _check_only(plan, lock_path, request, console, trust_remote_code)
+    from planc.run.generate import encode
 
+    def within_plan(tokenizer) -> None:
+        encode(tokenizer, request.prompts, plan, request.max_new_tokens)
+
+    with open_session(
+        plan, lock_path.parent, None if quiet else console, within_plan, trust_remote_code=trust_remote_code
+    ) as session:
+        return _execute(session, request, console)
+
+
+def _check_only(plan: Plan, lock_path: Path, request: _Request, console, trust_remote_code: bool) -> RunOutcome:
+    from planc.run.apply import applied_environment
+    from planc.run.checks import check_machine
+    from planc.run.report import hashing_progress
+
+    check_lock_trust(plan, lock_path.parent, trust_remote_code)
     started = time.perf_counter()
     with applied_environment(plan):
-        progress, on_hash = (None, None) if quiet else hashing_progress(console)
+        progress, on_hash = (None, None) if request.quiet else hashing_progress(console)
         with progress or nullcontext():
-            machine = check_machine(plan, lock_path.parent, on_hash)
-        check_s = time.perf_counter() - started
-        if check_only:
-            return _report_check(plan, lock_path, check_s, request)
-        if machine.folder is None or not plan.inputs.weights:
-            raise RunError(
-                "the plan was compiled from a config only (no weights): it can be checked (--check-only) and "
-                "simulated, not run; compile it from the model folder"
-            )
-        return _execute(plan, lock_path.parent, machine, request, console, check_s)
+            check_machine(plan, lock_path.parent, on_hash)
+    return _report_check(plan, lock_path, time.perf_counter() - started, request)
 
 
 def _report_check(plan: Plan, lock_path: Path, check_s: float, request: _Request) -> RunOutcome:
@@ -110,43 +118,23 @@ def _report_check(plan: Plan, lock_path: Path, check_s: float, request: _Request
     return RunOutcome(0, report=report)
 
 
-def _execute(plan: Plan, lock_dir: Path, machine, request: _Request, console, check_s: float) -> RunOutcome:
+def _execute(session: Session, request: _Request, console) -> RunOutcome:
     from planc.run import record as records
-    from planc.run.apply import pinned_attention, torch_settings
-    from planc.run.generate import (
-        encode, generate, generation_config, input_device, load_tokenizer, measured_peaks, reset_peaks,
-    )
-    from planc.run.load import load_model, placement_mismatches
-    from planc.run.report import Timings, loading_progress, memory_rows, run_json, show_completions, show_summary
+    from planc.run.report import Timings, memory_rows, run_json, show_completions, show_summary
 
-    tokenizer = load_tokenizer(machine.folder, plan)
-    batch = encode(tokenizer, request.prompts, plan, request.max_new_tokens)
-    timings = Timings(check_s=check_s)
+    plan = session.plan
+    timings = Timings(check_s=session.check_s, load_s=session.load_s)
     stream = len(request.prompts) == 1 and not request.as_json
-    with torch_settings(plan):
-        reset_peaks(plan)
-        started = time.perf_counter()
-        progress = None if request.quiet else loading_progress(console)
-        with progress or nullcontext():
-            if progress is not None:
-                progress.console.print(f"loading {plan.model.architecture} from {machine.folder}", style="dim")
-            model = load_model(plan, machine.folder, lock_dir, progress)
-        timings.load_s = time.perf_counter() - started
-        wrong = placement_mismatches(plan, model)
-        if wrong:
-            raise RunError("the loaded model does not match the plan: " + "; ".join(wrong))
-        config = generation_config(model, tokenizer, plan, request.max_new_tokens)
-        started = time.perf_counter()
-        with pinned_attention(plan):
-            completions = generate(model, tokenizer, batch, request.prompts, config, input_device(plan), stream)
-        timings.generate_s = time.perf_counter() - started
+    started = time.perf_counter()
+    completions = session.generate(request.prompts, request.max_new_tokens, stream)
+    timings.generate_s = time.perf_counter() - started
     timings.new_tokens = sum(len(c.token_ids) for c in completions)
-    rows = memory_rows(plan, measured_peaks(plan))
-    fingerprint = records.fingerprint(plan, machine.installed, machine.gpu_names)
+    rows = memory_rows(plan, session.measured_peaks())
+    fingerprint = records.fingerprint(plan, session.machine.installed, session.machine.gpu_names)
 
     failure = None
     if request.expected is not None:
-        failure = records.expectation_failure(request.expected, completions, fingerprint, tokenizer)
+        failure = records.expectation_failure(request.expected, completions, fingerprint, session.tokenizer)
     expect_report = None if request.expected is None else {"ok": failure is None, "message": failure}
     report = run_json(plan, completions, rows, timings, fingerprint, expect_report)
     if request.as_json:

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from planc.errors import ModelError, RunError, foreign_errors
+from planc.errors import RunError
 from planc.plan import Plan
 
 SHOWN_MISMATCHES = 3
@@ -75,18 +75,9 @@ def _listing(items: list[str]) -> str:
 
 def build_meta_model(plan: Plan, config: dict):
     """The plan's model class on the meta device at the plan's dtype: structure only, no weights."""
-    import torch
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
+    from planc.model.build import meta_model
 
-    from planc.model_graph import make_config
-
-    model_config = make_config(config, plan.model.trust_remote_code)
-    with foreign_errors(ModelError, f"transformers cannot build {plan.model.architecture}"):
-        with init_empty_weights(include_buffers=True):
-            return AutoModelForCausalLM.from_config(
-                model_config, dtype=getattr(torch, plan.dtype), trust_remote_code=plan.model.trust_remote_code
-            )
+    return meta_model(config, plan.dtype, plan.model.trust_remote_code)
 
 
 def structure_mismatches(plan: Plan, model) -> list[str]:

@@ -1,0 +1,93 @@
+"""Softmax attention layers (full, sliding window, chunked; GQA and MLA): their cache and their transients.
+
+Cache bytes are as transformers' DynamicCache stores them, verified against real caches in
+tests/test_memory.py; transients are checked against the fake-tensor simulation (planc simulate).
+"""
+
+from __future__ import annotations
+
+from planc.model.cache import LayerCache
+from planc.model.config import DTYPE_BYTES, Shapes
+from planc.workload import Workload
+
+LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+
+
+def kv_bytes_per_token(shapes: Shapes, dtype: str) -> int:
+    """Cache bytes one token adds to one layer of one sequence, as transformers' DynamicCache stores it."""
+    element = DTYPE_BYTES[dtype]
+    if shapes.mla_latent_dim:
+        # transformers 5 caches MLA's compressed latent and rotary key (one "head"), not per-head K/V.
+        return shapes.mla_latent_dim * element
+    return shapes.num_key_value_heads * (shapes.head_dim + shapes.v_head_dim) * element
+
+
+def layer_cache(layer_type: str, layer_kwargs: dict, shapes: Shapes, dtype: str) -> LayerCache:
+    """The cache of one attention layer of `layer_type` (one of LAYER_TYPES)."""
+    window = None if layer_type == "full_attention" else int(layer_kwargs["sliding_window"])
+    return LayerCache(layer_type, kv_bytes_per_token(shapes, dtype), window)
+
+
+def materialises_scores(backend: str) -> bool:
+    """The math SDPA path and eager attention build the B x H x T x S score matrix."""
+    return backend in ("math", "eager")
+
+
+def context_tokens(cache: LayerCache | None, workload: Workload) -> int:
+    """Keys a query of the largest step attends over: the context, capped by a sliding window."""
+    s = workload.max_seq_len
+    if cache is not None and cache.window is not None:
+        s = min(s, cache.window - 1 + workload.step_tokens)
+    return s
+
+
+def transient_bytes(shapes: Shapes, cache: LayerCache | None, workload: Workload, dtype: str, backend: str) -> int:
+    """Peak transient bytes inside one attention block over the largest step (projections to output)."""
+    e = DTYPE_BYTES[dtype]
+    b, t = workload.batch_size, workload.step_tokens
+    s = context_tokens(cache, workload)
+    heads, kv_heads = shapes.num_attention_heads, shapes.num_key_value_heads
+    d_qk, d_v = shapes.head_dim, shapes.v_head_dim
+    # q, k, v projections and their rotary-embedded copies.
+    qkv = b * t * (2 * heads * d_qk + 2 * kv_heads * d_qk + kv_heads * d_v) * e
+    if shapes.mla_latent_dim:
+        # MLA expands the cached latents into per-head keys and values over the whole context.
+        expanded = b * heads * s * (d_qk + d_v) * e
+    elif heads != kv_heads and (materialises_scores(backend) or b > 1):
+        # repeat_kv copies K/V per query head when SDPA cannot use enable_gqa (a mask is present).
+        expanded = b * heads * s * (d_qk + d_v) * e
+    else:
+        expanded = 0
+    if backend == "eager":
+        # Masked scores in the model dtype, then softmax(dtype=float32): an fp32 copy and the fp32
+        # result (the cast back reuses the fp32 result's lifetime).
+        scores = b * heads * t * s * (e + 8 if e < 4 else 8)
+    elif backend == "math":
+        # torch's math SDPA upcasts to fp32: scores and softmax, plus fp32 copies of q, k and v.
+        scores = b * heads * t * s * 8 + b * heads * (t * d_qk + s * (d_qk + d_v)) * 4
+    else:
+        scores = 0
+    attn_out = b * t * heads * d_v * e
+    return qkv + expanded + scores + attn_out
+
+
+def mask_bytes(units, workload: Workload, backend: str, dtype: str) -> tuple[int, int]:
+    """Attention-mask bytes on the main device and on every other executing device.
+
+    transformers passes no mask (SDPA's is_causal) only for a single unpadded sequence in one
+    prefill step with full attention; otherwise it builds a b x t x s mask per kind (full,
+    sliding): bool for SDPA, the model dtype for eager. The main device keeps the originals for
+    the whole forward; a hook copies one to each other device while its layers run.
+    """
+    b, t, full = workload.batch_size, workload.step_tokens, workload.max_seq_len
+    eager = backend == "eager"
+    windows = {unit.cache.window for unit in units if unit.kind == "layer" and unit.cache.kind in LAYER_TYPES}
+    chunked = t < full
+    sizes = []
+    for window in windows:
+        s = full if window is None else min(full, window - 1 + t)
+        sliding_cut = window is not None and window <= full
+        if eager or b > 1 or chunked or sliding_cut:
+            sizes.append(b * t * s)
+    element = DTYPE_BYTES[dtype] if eager else 1
+    return sum(sizes) * element, max(sizes, default=0) * element

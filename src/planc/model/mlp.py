@@ -1,0 +1,30 @@
+"""The feed-forward half of a decoder layer (dense, gated or not; routed experts): its transients."""
+
+from __future__ import annotations
+
+from planc.model.config import DTYPE_BYTES, Shapes
+from planc.workload import Workload
+
+# Architectures whose MLP is not gated keep four b x t x I intermediates (fc, and gelu_new's
+# pieces) where gated ones keep three (gate, up, their product).
+NON_GATED_MLP = {"gpt2"}
+# MoE implementations that keep routing weights in fp32 (DeepSeek-V3's gate); the others cast
+# them to the model dtype (Qwen3-MoE: router_top_value.to(router_logits.dtype)).
+FP32_ROUTING_WEIGHTS = {"deepseek_v3"}
+
+
+def transient_bytes(shapes: Shapes, moe: bool, workload: Workload, dtype: str, model_type: str = "") -> int:
+    """Peak transient bytes inside one feed-forward block over the largest step."""
+    e = DTYPE_BYTES[dtype]
+    b, t, h = workload.batch_size, workload.step_tokens, shapes.hidden_size
+    if moe:
+        routed_rows = b * t * shapes.experts_per_token
+        # Peak of the expert step: gathered inputs with gate/up/activation intermediates, or the
+        # down projection and its weighting by the routing weights.
+        r = 4 if model_type in FP32_ROUTING_WEIGHTS else e
+        routed = routed_rows * max((h + 4 * shapes.moe_intermediate_size) * e, h * (2 * e + 2 * r))
+        router = b * t * shapes.num_experts * 4 * 2
+        shared = 3 * b * t * shapes.shared_intermediate_size * e
+        return routed + router + shared
+    intermediates = 4 if model_type in NON_GATED_MLP else 3
+    return intermediates * b * t * shapes.intermediate_size * e

@@ -1,0 +1,104 @@
+"""A plan in force: checks passed, environment set, model loaded and placed exactly as the lock says.
+
+`open_session` is everything `planc run` does before it generates; `planc run`, the server and the
+Python API all build on it, so a plan is enacted the same way whoever drives it. The order is the
+contract: the plan's environment first (before anything can initialise CUDA, GPU detection
+included), then every check with all mismatches reported together, and only then torch settings
+and loading.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from planc.errors import RunError
+from planc.plan import Plan
+from planc.run.checks import MachineCheck
+from planc.run.generate import Completion
+
+
+@dataclass
+class Session:
+    """A loaded plan: the model as the lock places it, its tokenizer, and what it took to get there."""
+
+    plan: Plan
+    lock_dir: Path
+    machine: MachineCheck
+    model: Any
+    tokenizer: Any
+    check_s: float
+    load_s: float
+
+    def generate(self, prompts: list[str], max_new_tokens: int, stream: bool = False) -> list[Completion]:
+        """Greedy (or the plan's) decoding of up to workload.batch_size prompts within max_seq_len."""
+        from planc.run.apply import pinned_attention
+        from planc.run.generate import check_batch, encode, generate, generation_config, input_device
+
+        check_batch(self.plan, prompts)
+        batch = encode(self.tokenizer, prompts, self.plan, max_new_tokens)
+        config = generation_config(self.model, self.tokenizer, self.plan, max_new_tokens)
+        with pinned_attention(self.plan):
+            return generate(self.model, self.tokenizer, batch, prompts, config, input_device(self.plan), stream)
+
+    def measured_peaks(self) -> dict[str, int]:
+        """Peak bytes per device since the session opened (torch's allocator per GPU, RSS on CPU)."""
+        from planc.run.generate import measured_peaks
+
+        return measured_peaks(self.plan)
+
+
+@contextmanager
+def open_session(
+    plan: Plan,
+    lock_dir: Path,
+    console=None,
+    before_load: Callable[[Any], None] | None = None,
+    trust_remote_code: bool = False,
+) -> Iterator[Session]:
+    """Check the machine against `plan`, apply it and load the model; refuse (raise) naming why not.
+
+    `console` (rich) shows hashing and loading progress; None is silent. `before_load(tokenizer)`
+    may refuse the request before the weights are read (a prompt longer than the plan allows should
+    not wait for a 100 GiB load). The environment and torch settings stay in force until the block
+    exits. First of all, the lock may ask only for what planc writes (run.trust); `trust_remote_code`
+    is the caller's consent to a lock that asks for code shipped with the checkpoint.
+    """
+    from planc.run.apply import applied_environment, torch_settings
+    from planc.run.checks import check_machine
+    from planc.run.generate import load_tokenizer, reset_peaks
+    from planc.run.load import load_model, placement_mismatches
+    from planc.run.report import hashing_progress, loading_progress
+    from planc.run.trust import check_lock_trust
+
+    check_lock_trust(plan, lock_dir, trust_remote_code)
+    started = time.perf_counter()
+    with applied_environment(plan):
+        progress, on_hash = (None, None) if console is None else hashing_progress(console)
+        with progress or nullcontext():
+            machine = check_machine(plan, lock_dir, on_hash)
+        check_s = time.perf_counter() - started
+        if machine.folder is None or not plan.inputs.weights:
+            raise RunError(
+                "the plan was compiled from a config only (no weights): it can be checked (--check-only) and "
+                "simulated, not run; compile it from the model folder"
+            )
+        tokenizer = load_tokenizer(machine.folder, plan)
+        if before_load is not None:
+            before_load(tokenizer)
+        with torch_settings(plan):
+            reset_peaks(plan)
+            started = time.perf_counter()
+            bar = None if console is None else loading_progress(console)
+            with bar or nullcontext():
+                if bar is not None:
+                    bar.console.print(f"loading {plan.model.architecture} from {machine.folder}", style="dim")
+                model = load_model(plan, machine.folder, lock_dir, bar)
+            load_s = time.perf_counter() - started
+            wrong = placement_mismatches(plan, model)
+            if wrong:
+                raise RunError("the loaded model does not match the plan: " + "; ".join(wrong))
+            yield Session(plan, lock_dir, machine, model, tokenizer, check_s, load_s)
