@@ -14,10 +14,11 @@ MAX_BATCH_SIZE = 4096
 # (text_config.max_position_embeddings 10485760).
 MAX_SEQ_LEN = 10_485_760
 # Counts in a config.json that transformers turns into that many modules before planc can look:
-# the deepest released models have about 130 decoder layers (Llama 3.1 405B: 126), the widest MoE
-# 512 routed experts (Qwen3-Next). Beyond these a config is a typo, and building it would take minutes.
+# the deepest released models have about 130 decoder layers (Llama 3.1 405B: 126); routed experts
+# are mostly fused into one tensor (cheap at any count), but Doge's default config has 16384 tiny
+# ones and builds in 5 s at 65536. Beyond these a config is a typo, and building it takes minutes.
 MAX_CONFIG_LAYERS = 1024
-MAX_CONFIG_EXPERTS = 4096
+MAX_CONFIG_EXPERTS = 65536
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "num_decoder_layers", "decoder_layers")
 _EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
