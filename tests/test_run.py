@@ -413,8 +413,9 @@ def test_the_environment_rules_produce_is_what_a_lock_may_carry():
         ("model.path", "../" * 40 + "etc", "resolves to /etc, outside the lock's tree"),
         ("host.disk", "../" * 40 + "tmp/planc-elsewhere", "host.disk '"),
         ("model.config", "../" * 40 + "etc/hostname", "model.config '"),
+        ("model.revision", "../../../../etc", "model.revision '../../../../etc' is not a branch, tag or commit"),
     ],
-    ids=["absolute", "dotdot", "disk", "config"],
+    ids=["absolute", "dotdot", "disk", "config", "revision"],
 )
 def test_a_lock_path_leaving_its_tree_is_refused(tiny_model, tmp_path, field, value, named):
     lock = cpu_lock(tmp_path, tiny_model)

@@ -11,7 +11,8 @@ the values planc's rules produce. Here:
 - model.path, model.config, host.disk: relative paths that resolve (symlinks followed) inside the
   lock's tree (the git work tree that holds the lock, else the lock's folder), the Hugging Face
   cache, or a folder listed in PLANC_TRUSTED_DIRS (os.pathsep-separated): the runner's own
-  environment, not the lock, says what else it trusts;
+  environment, not the lock, says what else it trusts; model.revision may not climb out of the
+  Hugging Face cache (no `..` component);
 - model.trust_remote_code: true only with the runner's consent on the command line
   (`planc run --trust-remote-code`): planc hashes config.json and the weights, not the .py files
   a checkpoint ships, so a flag in the lock cannot be that consent.
@@ -51,12 +52,16 @@ def trusted_roots(lock_dir: Path) -> list[Path]:
 
 def path_problems(plan: Plan, lock_dir: Path) -> list[str]:
     """Each lock path that is absolute or resolves outside every trusted root."""
+    problems = []
+    revision = plan.model.revision
+    if revision and (revision.startswith("/") or ".." in revision.split("/") or "\0" in revision):
+        # A revision names a folder (or a ref file) inside the HF cache: it must not climb out of it.
+        problems.append(f"model.revision {revision[:60]!r} is not a branch, tag or commit")
     fields = {"model.path": plan.model.path, "model.config": plan.model.config, "host.disk": plan.host.disk}
     fields = {name: value for name, value in fields.items() if value}
     if not fields:
-        return []
+        return problems
     roots = trusted_roots(lock_dir)
-    problems = []
     for name, value in fields.items():
         if "\0" in value or Path(value).is_absolute() or Path(value).drive:
             problems.append(f"{name} {value!r} is not a relative path (planc writes paths relative to the lock)")
