@@ -100,11 +100,11 @@ def compile_command(spec: Path, lock: Path | None, check: bool) -> None:
         click.echo(f"{lock} is up to date")
         return
     from planc.compile import compile_spec
-    from planc.plan import write_if_changed
+    from planc.plan import write_lock
     from planc.render import compile_summary
 
     plan, text = compile_spec(spec, lock, progress=_progress())
-    written = write_if_changed(lock, text)
+    written = write_lock(lock, text)
     if not _State.quiet:
         compile_summary(plan, lock, written)
 

@@ -287,6 +287,15 @@ def load_lock(path: str | Path) -> Plan:
     return parse_lock(read_text(path, "lock", LockError, YAML_LIMIT), source=str(path))
 
 
+def write_lock(path: str | Path, text: str) -> bool:
+    """write_if_changed for a lock: a path that cannot take it (a file as folder, no permission) is a
+    LockError naming it, and the lock that was there stays as it was."""
+    try:
+        return write_if_changed(path, text)
+    except OSError as exc:
+        raise LockError(f"cannot write lock {path}: {exc.strerror or exc}") from None
+
+
 def write_if_changed(path: str | Path, text: str) -> bool:
     """Atomically replace `path` with `text` (temp file + os.replace); skip if the bytes are equal.
 

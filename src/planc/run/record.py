@@ -55,7 +55,10 @@ def record_data(fingerprint_: dict, max_new_tokens: int, completions: list[Compl
 
 
 def write_record(path: Path, data: dict) -> None:
-    write_if_changed(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    try:
+        write_if_changed(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    except OSError as exc:
+        raise SpecError(f"cannot write record {path}: {exc.strerror or exc}") from None
 
 
 def read_record(path: Path) -> dict:
