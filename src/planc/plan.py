@@ -30,8 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from planc.errors import LockError, TamperedLockError
 from planc.files import YAML_LIMIT, parse_yaml, read_text
-from planc.rules import ATTN_IMPLEMENTATIONS, BACKENDS, DTYPES, EXPERTS_IMPLEMENTATIONS
 from planc.limits import MAX_BATCH_SIZE, MAX_SEQ_LEN
+from planc.rules import ATTN_IMPLEMENTATIONS, BACKENDS, DTYPES, EXPERTS_IMPLEMENTATIONS
 
 FORMAT_VERSION = "1.0"
 # Fields that reach torch, transformers or accelerate as flags take only the values planc's rules
