@@ -106,14 +106,33 @@ def mutated(draw, document: dict):
     parent = doc
     for key in path[:-1]:
         parent = parent[key]
-    action = draw(st.sampled_from(["replace", "replace", "replace", "remove", "add"]))
+    action = draw(st.sampled_from(["alike", "alike", "alike", "replace", "replace", "remove", "add"]))
     if action == "remove":
         del parent[path[-1]]
     elif action == "add" and isinstance(parent, dict):
         parent[draw(st.text(max_size=10))] = draw(values)
+    elif action == "alike":
+        # A value of the same type often passes the schema and reaches the code behind it.
+        parent[path[-1]] = draw(_alike(parent[path[-1]]))
     else:
         parent[path[-1]] = draw(values)
     return doc
+
+
+def _alike(value):
+    """Values of the type `value` has, biased to the edges (a list: shortened, repeated, reversed)."""
+    if isinstance(value, bool):
+        return st.just(not value)
+    if isinstance(value, int):
+        return st.one_of(st.sampled_from(ODD_INTS), st.integers(min_value=-(2**66), max_value=2**66),
+                         st.integers(min_value=max(value // 2, 0), max_value=value * 2 + 1))
+    if isinstance(value, float):
+        return st.floats(allow_nan=True, allow_infinity=True)
+    if isinstance(value, str):
+        return st.one_of(st.sampled_from(ODD_STRINGS), st.text(max_size=16), st.just(value[: len(value) // 2]))
+    if isinstance(value, list) and value:
+        return st.one_of(st.just(value[:-1]), st.just(value[::-1]), st.just(value + value[-1:]), st.just([]))
+    return values
 
 
 def _dump(document) -> str:

@@ -177,6 +177,7 @@ DAMAGED = {
     "a negative GPU index": _resealed(device_map={"model.embed_tokens": -1}),
     "a max_memory key that is not a device": _resealed(max_memory={"\u00b2": 1}),
     "a seed torch cannot take": _resealed(generation__seed=2**70),
+    "no model source": _resealed(model__config=None),
     "a batch above the bound": _resealed(workload__batch_size=10**20),
     "yaml aliases": "a: &x [1, 2]\nb: *x\nformat_version: '1.0'\n",
     "a billion laughs": "format_version: '1.0'\na: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"

@@ -96,6 +96,13 @@ class ModelInfo(_Lock):
     parameters: int = Field(description="Parameter count.")
     weight_bytes: int = Field(description="Bytes of all parameters and buffers at the plan's dtype.")
 
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelInfo":
+        given = [key for key in ("id", "path", "config") if getattr(self, key)]
+        if len(given) != 1:
+            raise ValueError(f"exactly one of id, path, config names the model (got {', '.join(given) or 'none'})")
+        return self
+
 
 class Device(_Lock):
     index: int = Field(description="CUDA index under CUDA_DEVICE_ORDER=PCI_BUS_ID.")
