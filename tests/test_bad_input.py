@@ -101,6 +101,11 @@ def test_huge_counts_are_refused_at_once_naming_the_bound(project, old, new, bou
     assert str(bound) in line, line
 
 
+def test_a_model_path_the_filesystem_refuses_is_one_line(project):
+    (project / "spec.yaml").write_text(SPEC.replace("{config: config.json}", "{config: '" + "9" * 400 + "'}"))
+    assert "File name too long" in error_line(compile_in(project))
+
+
 def test_a_lock_path_that_cannot_be_written_is_one_line(project):
     line = error_line(compile_in(project, "-o", str(project / "spec.yaml" / "plan.lock")))
     assert line.startswith("error: cannot write lock ") and "Not a directory" in line

@@ -63,7 +63,14 @@ def read_model_files(source, base_dir: Path) -> ModelFiles:
 
 def check_model_source_exists(source, base_dir: Path) -> None:
     """Raise SpecError early when a local model path is missing (a spec mistake, not a model problem)."""
-    if source.path and not (base_dir / source.path).is_dir():
-        raise SpecError(f"model.path {source.path!r}: no such folder (relative to {base_dir.name or '.'}/)")
-    if source.config and not (base_dir / source.config).is_file():
-        raise SpecError(f"model.config {source.config!r}: no such file (relative to {base_dir.name or '.'}/)")
+    for field, value, kind, exists in (
+        ("model.path", source.path, "folder", Path.is_dir), ("model.config", source.config, "file", Path.is_file)
+    ):
+        if not value:
+            continue
+        try:
+            found = exists(base_dir / value)
+        except OSError as exc:  # a name too long for the filesystem, a loop of symlinks
+            raise SpecError(f"{field} {value[:60]!r}: {exc.strerror or exc}") from None
+        if not found:
+            raise SpecError(f"{field} {value[:60]!r}: no such {kind} (relative to {base_dir.name or '.'}/)")
