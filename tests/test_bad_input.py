@@ -106,6 +106,11 @@ def test_a_model_path_the_filesystem_refuses_is_one_line(project):
     assert "File name too long" in error_line(compile_in(project))
 
 
+def test_a_path_with_a_nul_byte_is_one_line(project):
+    (project / "spec.yaml").write_text(SPEC.replace("cpu_memory: 64GiB", 'cpu_memory: 64GiB\n  disk: "\\0"'))
+    assert "hardware.disk: String should match pattern" in error_line(compile_in(project))
+
+
 def test_a_lock_path_that_cannot_be_written_is_one_line(project):
     line = error_line(compile_in(project, "-o", str(project / "spec.yaml" / "plan.lock")))
     assert line.startswith("error: cannot write lock ") and "Not a directory" in line

@@ -178,6 +178,7 @@ DAMAGED = {
     "a max_memory key that is not a device": _resealed(max_memory={"\u00b2": 1}),
     "a seed torch cannot take": _resealed(generation__seed=2**70),
     "no model source": _resealed(model__config=None),
+    "a NUL byte in a path": _resealed(model__config="config\x00.json"),
     "a batch above the bound": _resealed(workload__batch_size=10**20),
     "yaml aliases": "a: &x [1, 2]\nb: *x\nformat_version: '1.0'\n",
     "a billion laughs": "format_version: '1.0'\na: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
@@ -283,3 +284,17 @@ def test_a_crash_while_writing_leaves_the_good_lock_and_no_temp_file(compiled, m
     assert result.exit_code == 130 and one_error_line(result) == "error: interrupted"
     assert lock.read_bytes() == before
     assert sorted(p.name for p in lock.parent.iterdir()) == ["config.json", "plan.lock", "spec.yaml"]
+
+
+def test_a_stale_report_is_one_line_whatever_the_lock_holds(tmp_path):
+    """A package version with a newline (the campaign's third finding) still reports on one line."""
+    for name in ("plans", "examples"):
+        shutil.copytree(FIXTURES / name, tmp_path / name)
+    lock = tmp_path / "plans" / "qwen3-8b-2xv100.lock"
+    data = yaml.safe_load(lock.read_text())
+    data["inputs"]["packages"]["planc"] = "0.1\n.0"
+    data["plan_hash"] = document_sha256(data)
+    lock.write_text(yaml.safe_dump(data, sort_keys=False))
+    result = invoke("compile", "--check", str(tmp_path / "examples" / "qwen3-8b-2xv100.yaml"), "-o", str(lock))
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "planc 0.1 .0 -> " in result.stderr

@@ -95,7 +95,8 @@ def compile_command(spec: Path, lock: Path | None, check: bool) -> None:
     if check:
         changes = check_lock(spec, lock)
         if changes:
-            click.echo(f"{lock} is stale: " + "; ".join(changes), err=True)
+            # One line, whatever the lock's strings hold (a package version with a newline).
+            click.echo(" ".join(f"{lock} is stale: {'; '.join(changes)}".split()), err=True)
             sys.exit(1)
         click.echo(f"{lock} is up to date")
         return

@@ -32,6 +32,7 @@ from planc.errors import LockError, TamperedLockError
 from planc.files import YAML_LIMIT, parse_yaml, read_text
 from planc.limits import MAX_BATCH_SIZE, MAX_SEQ_LEN
 from planc.rules import ATTN_IMPLEMENTATIONS, BACKENDS, DTYPES, EXPERTS_IMPLEMENTATIONS
+from planc.spec import PathText
 
 FORMAT_VERSION = "1.0"
 # Fields that reach torch, transformers or accelerate as flags take only the values planc's rules
@@ -86,10 +87,10 @@ class Inputs(_Lock):
 
 
 class ModelInfo(_Lock):
-    id: str | None = Field(None, description="Hugging Face repo id (resolved offline from the HF cache).")
-    path: str | None = Field(None, description="Model folder, relative to the lock file.")
-    config: str | None = Field(None, description="config.json, relative to the lock file (compile-only source).")
-    revision: str | None = Field(None, description="Pinned revision for `id`.")
+    id: PathText | None = Field(None, description="Hugging Face repo id (resolved offline from the HF cache).")
+    path: PathText | None = Field(None, description="Model folder, relative to the lock file.")
+    config: PathText | None = Field(None, description="config.json, relative to the lock file (compile-only source).")
+    revision: PathText | None = Field(None, description="Pinned revision for `id`.")
     trust_remote_code: bool = False
     architecture: str = Field(description="Model class transformers builds (config.architectures[0]).")
     model_type: str
@@ -115,7 +116,7 @@ class Device(_Lock):
 
 class Host(_Lock):
     cpu_memory: int = Field(description="CPU RAM the plan may use, bytes.")
-    disk: str | None = Field(None, description="Offload folder, relative to the lock file.")
+    disk: PathText | None = Field(None, description="Offload folder, relative to the lock file.")
 
 
 class Workload(_Lock):

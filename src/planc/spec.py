@@ -12,7 +12,17 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StringConstraints,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 
 from planc.errors import SpecError
 from planc.files import YAML_LIMIT, parse_yaml, read_text
@@ -22,6 +32,8 @@ from planc.units import parse_bandwidth, parse_size
 SPEC_FORMAT = 1
 
 Bytes = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
+# A path, repo id or revision: text a filesystem can hold (no NUL byte, at most PATH_MAX).
+PathText = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$", max_length=4096)]
 BytesPerSecond = Annotated[int, BeforeValidator(parse_bandwidth), Field(gt=0)]
 
 
@@ -32,12 +44,12 @@ class _Strict(BaseModel):
 class ModelSource(_Strict):
     """Where the model comes from: exactly one of `id`, `path`, `config`."""
 
-    id: str | None = Field(None, description="Hugging Face repo id, resolved offline from the local HF cache.")
-    path: str | None = Field(
+    id: PathText | None = Field(None, description="Hugging Face repo id, resolved offline from the local HF cache.")
+    path: PathText | None = Field(
         None, description="Folder holding config.json (weights optional to compile), relative to the spec file."
     )
-    config: str | None = Field(None, description="A bare config.json, relative to the spec file; enough to compile.")
-    revision: str | None = Field(None, description="Revision (branch, tag or commit) pinned for `id`.")
+    config: PathText | None = Field(None, description="A bare config.json, relative to the spec file; enough to compile.")
+    revision: PathText | None = Field(None, description="Revision (branch, tag or commit) pinned for `id`.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weight and compute dtype; `auto` lets the rules pick from the GPUs and the checkpoint."
     )
@@ -92,7 +104,7 @@ class Hardware(_Strict):
         "(an NVL72 rack, the largest single NVLink domain, has 72).",
     )
     cpu_memory: Bytes = Field(description="CPU RAM the run may use, in bytes (or e.g. 64GiB).")
-    disk: str | None = Field(None, description="Offload folder for `offload: disk`, relative to the spec file.")
+    disk: PathText | None = Field(None, description="Offload folder for `offload: disk`, relative to the spec file.")
 
     @model_validator(mode="after")
     def _one_node(self) -> "Hardware":
