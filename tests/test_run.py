@@ -421,7 +421,8 @@ def test_a_lock_path_leaving_its_tree_is_refused(tiny_model, tmp_path, field, va
     lock = cpu_lock(tmp_path, tiny_model)
     plan = load_lock(lock)
     section, key = field.split(".")
-    reseal(lock, **{section: getattr(plan, section).model_copy(update={key: value})})
+    update = {key: value, "path": None} if field == "model.config" else {key: value}  # one model source
+    reseal(lock, **{section: getattr(plan, section).model_copy(update=update)})
     assert named in _refused_by_a_real_run(lock)
 
 
