@@ -178,6 +178,7 @@ DAMAGED = {
     "a max_memory key that is not a device": _resealed(max_memory={"\u00b2": 1}),
     "a seed torch cannot take": _resealed(generation__seed=2**70),
     "no model source": _resealed(model__config=None),
+    "a negative ledger figure": _resealed(memory=[{**yaml.safe_load(_valid_text())["memory"][0], "headroom": -(10**20)}]),
     "a NUL byte in a path": _resealed(model__config="config\x00.json"),
     "a batch above the bound": _resealed(workload__batch_size=10**20),
     "yaml aliases": "a: &x [1, 2]\nb: *x\nformat_version: '1.0'\n",

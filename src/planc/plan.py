@@ -147,14 +147,14 @@ class Generation(_Lock):
 
 class Ledger(_Lock):
     device: DeviceKey
-    capacity: int = Field(description="Memory the device has (driver total; policy for CPU), bytes.")
-    headroom: int = Field(description="Left unplanned by policy, bytes.")
-    reserve: int = Field(description="CUDA context + cuBLAS workspace + allocator slack, bytes.")
-    weights: int = Field(description="Parameters and buffers resident here, bytes.")
-    kv_cache: int = Field(description="KV cache of the layers executing here at batch x max_seq_len, bytes.")
-    activations: int = Field(description="Peak transient tensors of a prefill/decode step here, bytes.")
-    staging: int = Field(0, description="Offloaded weights streamed in for execution here, bytes.")
-    total: int = Field(description="reserve + weights + kv_cache + activations + staging, bytes.")
+    capacity: int = Field(ge=0, description="Memory the device has (driver total; policy for CPU), bytes.")
+    headroom: int = Field(ge=0, description="Left unplanned by policy, bytes.")
+    reserve: int = Field(ge=0, description="CUDA context + cuBLAS workspace + allocator slack, bytes.")
+    weights: int = Field(ge=0, description="Parameters and buffers resident here, bytes.")
+    kv_cache: int = Field(ge=0, description="KV cache of the layers executing here at batch x max_seq_len, bytes.")
+    activations: int = Field(ge=0, description="Peak transient tensors of a prefill/decode step here, bytes.")
+    staging: int = Field(0, ge=0, description="Offloaded weights streamed in for execution here, bytes.")
+    total: int = Field(ge=0, description="reserve + weights + kv_cache + activations + staging, bytes.")
     free: int = Field(description="capacity - headroom - total, bytes.")
     modules: list[str] = Field(description="First and last module placed here, in execution order.")
 

@@ -42,12 +42,16 @@ def _bar(ledger) -> Text:
     if ledger.capacity <= 0:
         return text
     used = 0
+
+    def cells_of(n_bytes: int) -> int:
+        # Clamped to what is left of the bar, whatever a lock's numbers say.
+        return max(0, min(round(n_bytes / ledger.capacity * BAR_WIDTH), BAR_WIDTH - used))
+
     for name, colour in PARTS:
-        cells = round(getattr(ledger, name) / ledger.capacity * BAR_WIDTH)
-        cells = min(cells, BAR_WIDTH - used)
+        cells = cells_of(getattr(ledger, name))
         text.append("█" * cells, style=colour)
         used += cells
-    headroom = min(round(ledger.headroom / ledger.capacity * BAR_WIDTH), BAR_WIDTH - used)
+    headroom = cells_of(ledger.headroom)
     text.append("░" * headroom, style="dim")
     text.append("·" * (BAR_WIDTH - used - headroom), style="dim")
     return text
