@@ -63,11 +63,20 @@ def shrink(name: str) -> dict:
     return config
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Keep the weight-hash cache out of the user's home."""
-    monkeypatch.setenv("PLANC_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "planc-cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Keep the weight-hash cache out of the user's home; trust the tests' own temp tree.
+
+    Locks written in a test's tmp_path name the session's tiny model, which lives in another temp
+    folder: outside the lock's tree, so `planc run` trusts it only through PLANC_TRUSTED_DIRS.
+    Session-wide, so module-scoped fixtures (a server started once per module) see it too.
+    """
+    base = tmp_path_factory.getbasetemp()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PLANC_CACHE_DIR", str(base / "planc-cache"))
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setenv("PLANC_TRUSTED_DIRS", str(base))
+        yield
 
 
 def save_tiny_tokenizer(folder: Path):

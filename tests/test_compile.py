@@ -140,7 +140,7 @@ def _all_configs():
 
 
 @pytest.mark.parametrize("name", _all_configs())
-def test_every_shared_config_plans_or_is_refused_clearly(name):
+def test_every_corpus_config_plans_or_is_refused_clearly(name):
     config = json.loads((CORPUS / name / "config.json").read_text())
     spec = parse_spec({"planc": 1, "model": {"config": "config.json"},
                        "hardware": {"gpus": [{"type": "h100-sxm", "count": 8}], "cpu_memory": "2TiB"},

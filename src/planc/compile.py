@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Callable
 
 from planc import __version__
-from planc.errors import InfeasibleError, SpecError, StalePlanError
+from planc.errors import InfeasibleError, ModelError, SpecError, StalePlanError, foreign_errors
 from planc.hardware import Inventory, resolve_inventory
+from planc.limits import config_scale_problem
 from planc.memory import Reserve, Workload
+from planc.model.config import describe_model
 from planc.plan import (
     BASE_FORMAT_VERSION,
     FORMAT_VERSION,
@@ -225,6 +227,12 @@ def compile_plan(
                 f"hardware.nodes.{node.index}: its GPUs differ from node 0's; planc plans nodes with identical GPUs"
             )
     trust = spec.model.trust_remote_code
+
+    scale = config_scale_problem(model.config)
+    if scale:
+        raise ModelError(f"{describe_model(model.config)}: config.json {scale}")
+
+    build_graph = _guarded(build_graph)
     probe_dtype = "bfloat16" if spec.model.dtype == "auto" else spec.model.dtype
     graph = build_graph(model.config, probe_dtype, trust)
     mixer_kernels = spec.policy.mixer_kernels
@@ -239,6 +247,20 @@ def compile_plan(
             raise InfeasibleError(_infeasible_message(graph, inventory, runtime, spec, closest))
         return _device_map_plan(spec, inventory, model, packages, disk, build_graph, graph, runtime, placement, chunk)
     return _strategy_plan(spec, inventory, model, packages, disk, build_graph, graph, runtime)
+
+
+def _guarded(build_graph: Callable[[dict, str, bool], object]) -> Callable[[dict, str, bool], object]:
+    """`build_graph` whose foreign exceptions become a ModelError naming the model.
+
+    Whatever transformers raises while building an architecture from its config is about that
+    config, not a planc bug: one line naming the model.
+    """
+
+    def build(config: dict, dtype: str, trust_remote_code: bool):
+        with foreign_errors(ModelError, f"cannot build {describe_model(config)} from its config"):
+            return build_graph(config, dtype, trust_remote_code)
+
+    return build
 
 
 def _device_map_plan(spec, inventory, model, packages, disk, build_graph, graph, runtime, placement, chunk,
@@ -632,7 +654,7 @@ def regenerate_command(spec_path: Path, lock_path: Path) -> str:
 
 @dataclass(frozen=True)
 class ModelLocation:
-    files: object  # model_graph.ModelFiles
+    files: object  # model.ModelFiles
     model: ModelInput
 
 

@@ -51,6 +51,7 @@ from typing import Any
 from planc.errors import ModelError
 from planc.model.cache import cache_keyword, layer_tensors
 from planc.plan import Plan
+from planc.run.trust import check_lock_trust
 
 VIRTUAL_DEVICE = "vgpu"
 FUSED_BACKENDS = ("flash", "efficient", "cudnn")
@@ -517,11 +518,14 @@ def _build_meta_model(plan: Plan, lock_dir: Path):
     from planc.model import read_model_files
     from planc.model.build import meta_model
 
+    # Paths inside the lock's tree only (run.trust); simulate never runs code a checkpoint ships,
+    # whatever the lock's trust_remote_code says: it builds the class transformers itself provides.
+    check_lock_trust(plan, lock_dir, trust_remote_code=True, environment=False)
     files = read_model_files(plan.model, lock_dir)
     model = meta_model(
         files.config,
         plan.dtype,
-        plan.model.trust_remote_code,
+        False,
         attn_implementation=plan.attention.attn_implementation,
         experts_implementation=plan.generation.experts_implementation,
     )

@@ -21,6 +21,7 @@ brute force over every contiguous assignment.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
@@ -35,12 +36,18 @@ from planc.memory import (
     reserve_bytes,
     unit_costs,
 )
-from planc.errors import ModelError
+from planc.errors import ModelError, SpecError
 from planc.model import ModelGraph
 from planc.model.cache import FALLBACK
 
 INF = float("inf")
 PICO = 10**12
+# solve() runs the DP once per GPU order at no cap, then up to ~41 more times while it bisects the
+# utilisation cap; one DP at no cap tries about gpus x units^2 / 2 segments, a capped one about
+# units^2. One segment step costs ~3.4 us on one core, so this bound keeps the search under about
+# half a minute; a larger one is refused at once rather than searched for minutes.
+MAX_SEARCH_STEPS = 10_000_000
+BISECTION_PASSES = 41
 
 
 @dataclass(frozen=True)
@@ -298,6 +305,39 @@ def _orders(gpus: list[Target]) -> list[tuple[Target, ...]]:
     return orders
 
 
+def count_orders(gpus: Sequence[Target]) -> int:
+    """How many GPU orders `_orders` enumerates: the multinomial over identical kinds."""
+    counts: dict[tuple, int] = {}
+    for target in gpus:
+        counts[target.kind] = counts.get(target.kind, 0) + 1
+    orders = math.factorial(len(gpus))
+    for count in counts.values():
+        orders //= math.factorial(count)
+    return orders
+
+
+def _check_search_size(graph: ModelGraph, chain: list[str], gpus: Sequence[Target]) -> None:
+    """Refuse, naming the numbers, a search the exact solver cannot finish in reasonable time."""
+    orders = count_orders(gpus)
+    units = len(chain)
+    steps = orders * units * units * (len(gpus) / 2 + BISECTION_PASSES)
+    if steps <= MAX_SEARCH_STEPS:
+        return
+    if orders > 1 and units * units * (len(gpus) / 2 + BISECTION_PASSES) <= MAX_SEARCH_STEPS:
+        kinds = len({target.kind for target in gpus})
+        raise SpecError(
+            f"hardware.gpus: {kinds} kinds of card in {len(gpus)} slots give {orders} GPU orders to search for "
+            f"{graph.architecture}; planc's exact solver searches at most about {MAX_SEARCH_STEPS:.0e} segment "
+            f"steps ({steps:.1e} here): list identical cards with the same type (or name and numbers) so they "
+            "count as one kind, or plan fewer kinds"
+        )
+    raise ModelError(
+        f"{graph.architecture} has {units} placement units on {len(gpus)} GPUs: planc's exact solver searches at "
+        f"most about {MAX_SEARCH_STEPS:.0e} segment steps ({steps:.1e} here); its modules outside "
+        f"{', '.join(graph.no_split_module_classes)} blocks are each a unit, so planc cannot plan it yet"
+    )
+
+
 def _solve_fixed(problem: _Problem, order: tuple[Target, ...], m: int, cap: float):
     """Best split of the chain prefix over `order` with the last m units offloaded.
 
@@ -416,6 +456,7 @@ def _min_offload(problem: _Problem, allow_offload: bool) -> int | None:
 
 def _problem(graph, gpus, cpu, disk, workload, reserve, objective, mixer_path: str = FALLBACK) -> _Problem:
     chain, pinned = _split_chain(graph)
+    _check_search_size(graph, chain, gpus)
     backends = sorted({t.backend for t in gpus} | ({cpu.backend} if cpu else set()))
     return _Problem(graph, gpus, cpu, disk, workload, reserve, objective, chain, pinned,
                     unit_costs(graph, workload, backends, mixer_path))

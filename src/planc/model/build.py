@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from planc.errors import ModelError
-from planc.model.config import make_config
+from planc.errors import ModelError, foreign_errors
+from planc.model.config import describe_model, make_config
 
 
 def torch_dtype(name: str):
@@ -36,8 +36,13 @@ def meta_model(
         kwargs["attn_implementation"] = attn_implementation
     if experts_implementation:
         kwargs["experts_implementation"] = experts_implementation
-    try:
-        with init_empty_weights(include_buffers=True):
-            return AutoModelForCausalLM.from_config(config, **kwargs)
-    except ValueError as exc:
-        raise ModelError(f"transformers cannot build {config_dict.get('model_type')} as a causal LM: {exc}") from None
+    # Whatever else transformers raises while building an architecture from a config it accepted
+    # (ZeroDivisionError, AttributeError, ...) is a model planc cannot plan, not a crash.
+    with foreign_errors(ModelError, f"cannot build {describe_model(config_dict)} from its config"):
+        try:
+            with init_empty_weights(include_buffers=True):
+                return AutoModelForCausalLM.from_config(config, **kwargs)
+        except ValueError as exc:
+            # The auto-class refusal goes on to list every config class it knows: keep the first sentence.
+            reason = " ".join(str(exc).split()).split(". Model type should be one of")[0][:300]
+            raise ModelError(f"transformers cannot build {config_dict.get('model_type')} as a causal LM: {reason}") from None

@@ -52,8 +52,17 @@ def decode_special_floats(config_dict: dict[str, Any]) -> dict[str, Any]:
     return PretrainedConfig._decode_special_floats(config_dict)
 
 
+def describe_model(config: dict[str, Any]) -> str:
+    """'Qwen3ForCausalLM (model_type qwen3)' from a config dict, for messages."""
+    architectures = config.get("architectures")
+    name = architectures[0] if isinstance(architectures, list) and architectures else None
+    model_type = str(config.get("model_type"))[:60]
+    return f"{str(name)[:80]} (model_type {model_type})" if name else f"model_type {model_type}"
+
+
 def make_config(config_dict: dict[str, Any], trust_remote_code: bool = False):
     """A transformers config object from a config.json dict (no files, no network)."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -65,18 +74,44 @@ def make_config(config_dict: dict[str, Any], trust_remote_code: bool = False):
             "if they were dense; plan a dense (bf16/fp16) release of this model instead"
         )
     model_type = config_dict["model_type"]
-    if model_type not in CONFIG_MAPPING:
-        if not trust_remote_code:
-            raise ModelError(
-                f"model_type {model_type!r} is unknown to transformers; set model.trust_remote_code: true if the "
-                "checkpoint ships its own code"
-            )
-        raise ModelError(f"model_type {model_type!r}: remote-code models are not supported by planc yet")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise ModelError(_unknown_model_type(config_dict, trust_remote_code))
     data = {k: v for k, v in decode_special_floats(config_dict).items() if k not in ("transformers_version",)}
     try:
         return AutoConfig.for_model(**data)
-    except (ValueError, TypeError, KeyError) as exc:
-        raise ModelError(f"config.json does not load in transformers: {exc}") from None
+    except (ValueError, TypeError, KeyError, StrictDataclassError) as exc:
+        # StrictDataclassError: transformers' own field and class validators (huggingface_hub's
+        # @strict), e.g. num_hidden_layers: -3.
+        message = " ".join(str(exc).split())
+        raise ModelError(f"config.json does not load in transformers ({model_type}): {message}") from None
+
+
+def _unknown_model_type(config_dict: dict[str, Any], trust_remote_code: bool) -> str:
+    """Why a model_type cannot be built, and the advice that is true for this planc."""
+    import transformers
+
+    model_type = config_dict["model_type"]
+    head = f"model_type {str(model_type)[:60]!r} is unknown to the installed transformers {transformers.__version__}"
+    if trust_remote_code:
+        return f"{head}, and planc does not plan remote-code models"
+    architectures = config_dict.get("architectures")
+    shipped = [
+        name for name in (architectures if isinstance(architectures, list) else [])
+        if isinstance(name, str) and name.isidentifier() and _ships(transformers, name)
+    ]
+    if shipped:
+        return (
+            f"{head}; config.architectures names {shipped[0]}, which it ships, but planc resolves a model by "
+            "model_type only, not by architectures"
+        )
+    return f"{head}: a newer transformers may know it (planc does not plan remote-code models)"
+
+
+def _ships(transformers, name: str) -> bool:
+    try:
+        return getattr(transformers, name, None) is not None
+    except Exception:  # noqa: BLE001 - a lazy import that fails means: not usable here
+        return False
 
 
 def text_config(config):

@@ -18,6 +18,7 @@ from planc.errors import SpecError
 from planc.plan import Plan, load_lock
 from planc.run.generate import Completion
 from planc.run.session import Session, open_session
+from planc.run.trust import check_lock_trust
 
 DEFAULT_MAX_NEW_TOKENS = 32
 
@@ -54,6 +55,7 @@ def run_plan(
     expect: Path | None = None,
     check_only: bool = False,
     quiet: bool = False,
+    trust_remote_code: bool = False,
     node_rank: int | None = None,
     master_addr: str | None = None,
     master_port: int | None = None,
@@ -61,9 +63,10 @@ def run_plan(
     """Execute the plan in `lock_path` exactly, or raise DriftError/RunError/LockError naming why not.
 
     max_new_tokens None means 32, or the record's with `expect`; with `expect` and no prompts, the
-    record's prompts are replayed. A tensor- or pipeline-parallel plan starts its ranks with torch's
-    launcher (planc.run.distributed); node_rank / master_addr / master_port place this node in a
-    multi-node one.
+    record's prompts are replayed. `trust_remote_code` is the runner's consent to a lock that asks
+    for code shipped with the checkpoint (run.trust). A tensor- or pipeline-parallel plan starts its
+    ranks with torch's launcher (planc.run.distributed); node_rank / master_addr / master_port place
+    this node in a multi-node one.
     """
     from planc.run import record as records
     from planc.run.generate import check_batch, read_prompts
@@ -89,19 +92,24 @@ def run_plan(
         if rank is None:
             distributed.refuse_unrunnable(plan, lock_path)
             if check_only:
-                return _check_only(plan, lock_path, request, console, node_rank or 0)
-            arguments = distributed.run_arguments(list(prompts), prompt_file, max_new_tokens, as_json, record, expect)
+                return _check_only(plan, lock_path, request, console, trust_remote_code, node_rank or 0)
+            arguments = distributed.run_arguments(
+                list(prompts), prompt_file, max_new_tokens, as_json, record, expect, trust_remote_code
+            )
             code = distributed.launch(plan, lock_path, arguments, node_rank, master_addr, master_port, quiet)
             return RunOutcome(code)
     if check_only:
-        return _check_only(plan, lock_path, request, console)
+        return _check_only(plan, lock_path, request, console, trust_remote_code)
     from planc.run.generate import encode
 
     def within_plan(tokenizer) -> None:
         encode(tokenizer, request.prompts, plan, request.max_new_tokens)
 
     leader = rank is None or rank.leader
-    with open_session(plan, lock_path.parent, None if quiet or not leader else console, within_plan, rank=rank) as session:
+    with open_session(
+        plan, lock_path.parent, None if quiet or not leader else console, within_plan, rank=rank,
+        trust_remote_code=trust_remote_code,
+    ) as session:
         try:
             return _execute(session, request, console) if leader else _follow(session, request)
         finally:
@@ -116,11 +124,14 @@ def _follow(session: Session, request: _Request) -> RunOutcome:
     return RunOutcome(0, session.generate(request.prompts, request.max_new_tokens))
 
 
-def _check_only(plan: Plan, lock_path: Path, request: _Request, console, node: int = 0) -> RunOutcome:
+def _check_only(
+    plan: Plan, lock_path: Path, request: _Request, console, trust_remote_code: bool, node: int = 0
+) -> RunOutcome:
     from planc.run.apply import applied_environment
     from planc.run.checks import check_machine
     from planc.run.report import hashing_progress
 
+    check_lock_trust(plan, lock_path.parent, trust_remote_code)
     started = time.perf_counter()
     with applied_environment(plan):
         progress, on_hash = (None, None) if request.quiet else hashing_progress(console)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from planc.errors import RunError, SpecError, UsageError
+from planc.files import parse_json, read_text
 from planc.plan import Plan
 
 
@@ -26,10 +27,7 @@ def read_prompts(prompts: list[str], prompt_file: Path | None) -> list[str]:
     result = list(prompts)
     if prompt_file is None:
         return result
-    try:
-        lines = Path(prompt_file).read_text().splitlines()
-    except OSError as exc:
-        raise SpecError(f"cannot read prompts {prompt_file}: {exc.strerror}") from None
+    lines = read_text(prompt_file, "prompts", SpecError).splitlines()
     first = next((line for line in lines if line.strip()), "")
     jsonl = Path(prompt_file).suffix == ".jsonl" or _is_prompt_object(first)
     for number, line in enumerate(lines, 1):
@@ -38,10 +36,7 @@ def read_prompts(prompts: list[str], prompt_file: Path | None) -> list[str]:
         if not jsonl:
             result.append(line)
             continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SpecError(f"{prompt_file}:{number}: not valid JSON ({exc.msg})") from None
+        entry = parse_json(line, f"{prompt_file}:{number}", SpecError)
         if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
             raise SpecError(f'{prompt_file}:{number}: a JSONL prompt file needs {{"prompt": "..."}} on every line')
         result.append(entry["prompt"])
@@ -51,7 +46,7 @@ def read_prompts(prompts: list[str], prompt_file: Path | None) -> list[str]:
 def _is_prompt_object(line: str) -> bool:
     try:
         entry = json.loads(line)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # JSONDecodeError, or an integer too long to convert
         return False
     return isinstance(entry, dict) and "prompt" in entry
 

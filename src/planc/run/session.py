@@ -71,6 +71,7 @@ def open_session(
     before_load: Callable[[Any], None] | None = None,
     keep: bool = False,
     rank=None,
+    trust_remote_code: bool = False,
 ) -> Iterator[Session]:
     """Check the machine against `plan`, apply it and load the model; refuse (raise) naming why not.
 
@@ -81,14 +82,18 @@ def open_session(
     of the process once the block ends well, and the model carries the plan's SDPA backends and
     decoding settings itself (`apply.attach_plan`); a failure still restores everything.
     `rank` (a planc.run.distributed.RankContext) opens one rank of a tensor- or pipeline-parallel
-    plan: its part of the machine is checked and its share loaded.
+    plan: its part of the machine is checked and its share loaded. First of all, the lock may ask
+    only for what planc writes (run.trust); `trust_remote_code` is the caller's consent to a lock
+    that asks for code shipped with the checkpoint.
     """
     from planc.run.apply import applied_environment, attach_plan, torch_settings
     from planc.run.checks import check_machine
     from planc.run.generate import load_tokenizer, reset_peaks
     from planc.run.load import load_model, placement_mismatches
     from planc.run.report import hashing_progress, loading_progress
+    from planc.run.trust import check_lock_trust
 
+    check_lock_trust(plan, lock_dir, trust_remote_code)
     if plan.distributed and rank is None:
         raise RunError(
             f"this plan is {plan.parallel.strategy} over {len(plan.parallel.ranks)} ranks: each process loads one "
