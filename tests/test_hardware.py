@@ -102,6 +102,19 @@ def test_entry_fields_are_sane(model):
     assert model.source.strip()
 
 
+def test_interconnect_facts_name_catalogued_cards_and_every_architecture():
+    """A card added to the catalogue must not silently fall back to another generation's links."""
+    from planc.parallel.topology import facts
+
+    cards = {model.key: model for model in load_catalogue()}
+    assert set(facts()["nvlink_links"]) <= set(cards)
+    assert {model.compute_capability for model in cards.values()} <= set(facts()["pcie_generation"])
+    # Data-centre SXM / NVL / superchip parts all have NVLink; so do the export variants.
+    for key, model in cards.items():
+        if any(part in model.name for part in ("SXM", " NVL", "GH200", "GB200", "H800", "H20", "A800")):
+            assert facts()["nvlink_links"].get(key, 0) > 0, key
+
+
 def test_keys_and_aliases_name_one_entry_each_and_shared_driver_names_differ_in_memory():
     owner: dict[str, str] = {}
     names: dict[str, list] = {}
