@@ -9,7 +9,8 @@ Terms (per device):
   max_seq_len (`planc.model.cache.LayerCache`: KV per token, capped for sliding windows, plus any
   fixed per-sequence state).
 - activations: the largest transient of one layer's forward (hidden-state copies, q/k/v, the
-  attention scores when the backend materialises them, the MLP or routed-expert intermediates),
+  attention scores when the backend materialises them, the MLP or routed-expert intermediates;
+  a vision block's over all images of the batch, `planc.model.vision`),
   plus one layer's KV (torch.cat in DynamicCache.update copies it each step), plus the logits of
   the last position on the device holding lm_head (generate keeps only the last position and
   upcasts it to fp32).
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planc.model import attention, mlp
+from planc.model import attention, mlp, vision
 from planc.model.config import DTYPE_BYTES, Shapes
 from planc.model.graph import ModelGraph, Unit
 from planc.workload import Workload
@@ -167,16 +168,21 @@ def unit_costs(graph: ModelGraph, workload: Workload, backend_of) -> dict[str, d
     output = {}
     for backend in backend_of:
         per_unit = {}
+        vision_peak = vision.transient_bytes(graph.vision, workload, graph.dtype, backend) if graph.vision else 0
         for unit in graph.units:
             is_layer = unit.kind == "layer"
+            if is_layer:
+                activation = layer_activation_bytes(
+                    graph.shapes_of(unit), unit, workload, graph.dtype, backend, graph.model_type
+                )
+            else:
+                activation = vision_peak if unit.vision else 0
             per_unit[unit.name] = UnitCost(
                 weights=unit.weight_bytes,
                 kv=unit_kv_bytes(unit, workload) if is_layer else 0,
-                activation=layer_activation_bytes(shapes, unit, workload, graph.dtype, backend, graph.model_type)
-                if is_layer
-                else 0,
+                activation=activation,
                 logits=logits_bytes(shapes, workload, graph.dtype) if unit.kind == "post" and unit.name == graph.units[-1].name else 0,
-                decode_bytes=decode_read_bytes(unit, shapes, workload),
+                decode_bytes=decode_read_bytes(unit, graph.shapes_of(unit), workload),
             )
         output[backend] = per_unit
     return output

@@ -110,6 +110,7 @@ class _Problem:
     objective: str
     chain: list[str]
     pinned: dict[str, str]  # unit -> partner it shares a device with
+    head: int  # the first `head` chain units stay on the main GPU (they hold the partners of pinned units)
     costs: dict  # backend -> unit -> UnitCost
     orders: list = field(init=False)  # GPU orders up to identical cards
     masks: dict = field(init=False)  # backend -> (main device, other devices) mask bytes
@@ -124,7 +125,13 @@ class _Problem:
         return self.costs[backend][name]
 
 
-def _split_chain(graph: ModelGraph) -> tuple[list[str], dict[str, str]]:
+def _split_chain(graph: ModelGraph) -> tuple[list[str], dict[str, str], int]:
+    """The chain, the units pinned to a tied partner, and how many chain units the main GPU must hold.
+
+    A pinned unit (lm_head tied to the embedding) executes on its partner's device; the main GPU
+    runs it, so the partner and every unit before it (position embeddings, a vision tower that is
+    defined first) stay on the main GPU.
+    """
     position = {unit.name: i for i, unit in enumerate(graph.units)}
     pinned: dict[str, str] = {}
     for group in graph.tied_unit_groups():
@@ -132,10 +139,14 @@ def _split_chain(graph: ModelGraph) -> tuple[list[str], dict[str, str]]:
         for later in ordered[1:]:
             pinned[later] = ordered[0]
     chain = [unit.name for unit in graph.units if unit.name not in pinned]
+    index = {name: i for i, name in enumerate(chain)}
+    kinds = {unit.name: unit.kind for unit in graph.units}
+    head = 1
     for unit, partner in pinned.items():
-        if partner != chain[0]:
-            raise ModelError(f"{unit} is tied to {partner}, which does not run first: planc cannot place that tie yet")
-    return chain, pinned
+        if kinds[partner] == "layer":
+            raise ModelError(f"{unit} is tied to {partner}, a decoder layer: planc cannot place that tie yet")
+        head = max(head, index[partner] + 1)
+    return chain, pinned, head
 
 
 class _Evaluator:
@@ -276,8 +287,8 @@ def _solve_fixed(problem: _Problem, order: tuple[Target, ...], m: int, cap: floa
     on_cpu, on_disk, offload_cost = split
     if not order:
         return (0, offload_cost, 0.0, [], (on_cpu, on_disk)) if n == 0 else None
-    if n == 0:
-        return None  # the main GPU must run the first unit
+    if n < problem.head:
+        return None  # the main GPU runs the first unit and holds every tied partner
     ev = _Evaluator(problem, main, offloaded)
     k = len(order)
     # best[i]: (cost, util) having placed chain[:i] on the devices so far; parents for the path.
@@ -304,6 +315,8 @@ def _solve_fixed(problem: _Problem, order: tuple[Target, ...], m: int, cap: floa
                 util = round(ev.total(load, target) / target.budget, 9)
                 if util > cap or util > 1.0:
                     break
+                if j == 0 and end < problem.head:
+                    continue
                 _relax(new, parent, end, i, base_cost + seg_cost, max(base_util, util))
         best = new
         parents.append(parent)
@@ -368,9 +381,9 @@ def solve(
     objective: str,
 ) -> Placement | Infeasible:
     """Place the graph's units; cpu/disk are None when the policy forbids them."""
-    chain, pinned = _split_chain(graph)
+    chain, pinned, head = _split_chain(graph)
     backends = sorted({t.backend for t in gpus} | ({cpu.backend} if cpu else set()))
-    problem = _Problem(graph, gpus, cpu, disk, workload, reserve, objective, chain, pinned,
+    problem = _Problem(graph, gpus, cpu, disk, workload, reserve, objective, chain, pinned, head,
                        unit_costs(graph, workload, backends))
     m = _min_offload(problem, allow_offload=cpu is not None)
     if m is None:

@@ -37,8 +37,12 @@ class LayerCache:
         return workload.batch_size * (self.tokens_held(workload) * self.bytes_per_token + self.state_bytes)
 
 
-def layer_caches(config, shapes, dtype: str) -> list[LayerCache]:
-    """Per decoder layer, the cache transformers builds for it (after its remap of legacy names)."""
+def layer_caches(config, shapes, dtype: str, per_layer=None) -> list[LayerCache]:
+    """Per cache layer, the cache transformers builds for it (after its remap of legacy names).
+
+    `per_layer` gives each layer's shapes where the config varies them (Gemma 4's full-attention
+    layers have their own head_dim and KV heads); else `shapes` serves every layer.
+    """
     from transformers.cache_utils import get_layer_types_and_kwargs
 
     from planc.model import attention
@@ -46,9 +50,10 @@ def layer_caches(config, shapes, dtype: str) -> list[LayerCache]:
 
     layer_types, kwargs = get_layer_types_and_kwargs(text_config(config))
     caches = []
-    for layer_type, layer_kwargs in zip(layer_types, kwargs):
+    for index, (layer_type, layer_kwargs) in enumerate(zip(layer_types, kwargs)):
+        own = per_layer[index] if per_layer and index < len(per_layer) else shapes
         if layer_type in attention.LAYER_TYPES:
-            caches.append(attention.layer_cache(layer_type, layer_kwargs, shapes, dtype))
+            caches.append(attention.layer_cache(layer_type, layer_kwargs, own, dtype))
         elif layer_type == "dummy":
             caches.append(LayerCache("dummy"))
         else:

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 from planc.errors import ModelError
 from planc.model.build import meta_model
 from planc.model.cache import LayerCache, layer_caches
-from planc.model.config import Shapes, checkpoint_dtype, shapes_of
+from planc.model.config import Shapes, checkpoint_dtype, known_model_type, layer_shapes, shapes_of
+from planc.model.vision import Vision, vision_of
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -33,6 +34,8 @@ class Unit:
     moe: bool = False
     expert_bytes: int = 0  # routed-expert weights (fused 3-D parameters); a decode step reads only some
     row_bytes: int = 0  # an untied embedding table: a decode step reads one row per sequence, not the table
+    shapes: Shapes | None = None  # this layer's own numbers where the config varies them by layer; else the model's
+    vision: bool = False  # part of the vision tower: runs once per prefill over the images
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,13 @@ class ModelGraph:
     shapes: Shapes
     checkpoint_dtype: str | None
     forced_attn_implementation: str | None
+    inferred_no_split: tuple[str, ...] = ()  # decoder-layer classes kept whole where the model declares none
+    config_class: str | None = None  # set when config.json's model_type is unknown and `architectures` resolved it
+    vision: Vision | None = None  # the vision tower's numbers, for image-text-to-text models
+
+    def shapes_of(self, unit: Unit) -> Shapes:
+        """The numbers a unit's formulas use: its own where the config varies them by layer."""
+        return unit.shapes or self.shapes
 
     @property
     def weight_bytes(self) -> int:
@@ -73,6 +83,105 @@ def _tensor_bytes(tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+def _towers(model) -> dict[str, str]:
+    """Encoders beside the text decoder (vision, audio): module path -> the config attribute naming them.
+
+    A tower is a PreTrainedModel inside the model whose config is one of the model's sub-configs
+    other than the text decoder's (LlavaForConditionalGeneration's `model.vision_tower` carries
+    `config.vision_config`).
+    """
+    from planc.model.config import text_config
+
+    config = model.config
+    text = text_config(config)
+    sub = {}
+    for key in getattr(config, "sub_configs", {}) or {}:
+        value = getattr(config, key, None)
+        if value is not None and value is not text:
+            sub[id(value)] = key
+    towers: dict[str, str] = {}
+    for name, module in model.named_modules():
+        own = getattr(module, "config", None)
+        if not name or id(own) not in sub or any(name.startswith(t + ".") for t in towers):
+            continue
+        towers[name] = sub[id(own)]
+    return towers
+
+
+def _decoder_layers(model, no_split: set[str], towers: dict[str, str]) -> tuple[list[str], bool]:
+    """Paths of the decoder's layers: the blocks of the ModuleLists outside the towers, in order; and
+    whether they were inferred (no list holds a declared no-split block, so each list's children are
+    taken as the blocks, when they are all of one class)."""
+    import torch
+
+    inside_tower = lambda name: any(name == t or name.startswith(t + ".") for t in towers)  # noqa: E731
+
+    def lists(select) -> list[list[str]]:
+        found: list[list[str]] = []
+        taken: list[str] = []
+        for name, module in model.named_modules():
+            if not isinstance(module, torch.nn.ModuleList) or inside_tower(name):
+                continue
+            if any(name.startswith(layer + ".") for layer in taken):
+                continue  # lists inside a decoder layer (experts, sub-blocks)
+            blocks = select(name, list(module.named_children()))
+            if blocks:
+                found.append(blocks)
+                taken.extend(blocks)
+        return found
+
+    declared = lists(lambda name, children: [f"{name}.{c}" for c, m in children if type(m).__name__ in no_split])
+    if declared:
+        return [layer for group in declared for layer in group], False
+
+    def uniform(name, children):
+        kinds = {type(m).__name__ for _, m in children}
+        return [f"{name}.{c}" for c, _ in children] if len(children) > 1 and len(kinds) == 1 else []
+
+    inferred = lists(uniform)
+    if len(inferred) > 1:
+        names = ", ".join(group[0].rsplit(".", 1)[0] for group in inferred)
+        raise ModelError(
+            f"{type(model).__name__} declares no _no_split_modules and its layers are spread over parallel lists "
+            f"({names}): planc finds no block it may keep whole"
+        )
+    return (inferred[0] if inferred else []), True
+
+
+def _encoder_derived(model) -> bool:
+    """An encoder's causal-LM head (BertLMHeadModel and kin) whose config does not set is_decoder: its
+    attention is bidirectional and it keeps no KV cache."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    from planc.model.config import text_config
+
+    text = text_config(model.config)
+    encoder_family = text.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES or text.model_type == "bert-generation"
+    return encoder_family and not getattr(text, "is_decoder", True)
+
+
+def _group_caches(caches: list[LayerCache], layers: int) -> list[LayerCache]:
+    """One cache per decoder layer when the config lists k per layer (LongCat-Flash runs two
+    attentions per layer; HRM loops its layers): layer i holds entries k*i .. k*i + k - 1."""
+    if len(caches) == layers or not layers:
+        return caches
+    if caches and len(set(caches)) == 1 and len(caches) < layers:
+        # Configs of decoders taken from encoder-decoder models (Blenderbot's) count the encoder's layers
+        # in num_hidden_layers; the cache grows one layer object per decoder layer that runs.
+        return [caches[0]] * layers
+    if len(caches) % layers:
+        return caches
+    k = len(caches) // layers
+    grouped = []
+    for i in range(layers):
+        part = caches[k * i : k * i + k]
+        if len({(c.kind, c.window) for c in part}) != 1:
+            return caches
+        grouped.append(LayerCache(part[0].kind, sum(c.bytes_per_token for c in part), part[0].window,
+                                  sum(c.state_bytes for c in part)))
+    return grouped
+
+
 def build_model_graph(config_dict: dict[str, Any], dtype: str, trust_remote_code: bool = False) -> ModelGraph:
     """Build the model on the meta device at `dtype` and cut it into placement units."""
     import torch
@@ -80,10 +189,39 @@ def build_model_graph(config_dict: dict[str, Any], dtype: str, trust_remote_code
 
     model = meta_model(config_dict, dtype, trust_remote_code)
     config = model.config
+    architecture = type(model).__name__
     shapes = shapes_of(config)
-    no_split = tuple(sorted(model._no_split_modules or ()))
-    if not no_split:
-        raise ModelError(f"{type(model).__name__} declares no _no_split_modules: planc cannot tell where it may cut it")
+    declared = tuple(sorted(model._no_split_modules or ()))
+    towers = _towers(model)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelError(
+            f"{architecture} is an encoder-decoder model: planc plans decoder-only generation (the encoder's "
+            "output and cross-attention caches are not sized)"
+        )
+    if _encoder_derived(model):
+        raise ModelError(
+            f"{architecture}: config.is_decoder is false, so this encoder's LM head attends both ways and keeps no "
+            "KV cache: it does not generate; set is_decoder: true in config.json for a causal LM"
+        )
+    layer_names, guessed = _decoder_layers(model, set(declared), towers)
+    if not layer_names:
+        raise ModelError(
+            f"{architecture}: no decoder layers found (no ModuleList of {', '.join(declared) or 'blocks of one class'})"
+        )
+    layer_set = set(layer_names)
+    # Where no declared no-split block is a decoder layer, each decoder layer is kept whole (as one would be).
+    inferred = tuple(sorted({type(model.get_submodule(n)).__name__ for n in layer_names})) if guessed else ()
+    no_split = set(declared) | set(inferred)
+    if not shapes.num_attention_heads:
+        raise ModelError(
+            f"{architecture}: its config has no attention heads: a recurrent (SSM / RNN) model, whose states "
+            "planc does not size yet"
+        )
+    config_layers = layer_shapes(config)
+    caches = _group_caches(layer_caches(config, shapes, dtype, config_layers), len(layer_names))
+    per_layer = config_layers if len(config_layers) == len(layer_names) else [shapes] * len(layer_names)
+    if len(caches) != len(layer_names):
+        raise ModelError(f"{architecture}: config describes {len(caches)} cache layers for {len(layer_names)} decoder layers")
     output_embeddings = model.get_output_embeddings()
 
     # Tensors are shared when tied; count each once, on the first unit (execution order) that holds it.
@@ -91,7 +229,9 @@ def build_model_graph(config_dict: dict[str, Any], dtype: str, trust_remote_code
     raw_units: list[tuple[str, Any, list[Any]]] = []  # (name, module or None, direct tensors)
 
     def visit(prefix: str, module) -> None:
-        splittable = type(module).__name__ not in no_split and any(True for _ in module.children())
+        splittable = (
+            prefix not in layer_set and type(module).__name__ not in no_split and any(True for _ in module.children())
+        )
         if not splittable:
             raw_units.append((prefix, module, list(module.parameters()) + list(module.buffers())))
             return
@@ -102,24 +242,16 @@ def build_model_graph(config_dict: dict[str, Any], dtype: str, trust_remote_code
             visit(f"{prefix}.{name}" if prefix else name, child)
 
     visit("", model)
-    layer_prefix = None
-    for name, module, _ in raw_units:
-        if module is not None and type(module).__name__ in no_split:
-            layer_prefix = name.rsplit(".", 1)[0]
-            break
-    if layer_prefix is None:
-        raise ModelError(f"{type(model).__name__}: no {', '.join(no_split)} block found")
-    layer_names = [name for name, module, _ in raw_units if module is not None and type(module).__name__ in no_split]
-    caches = layer_caches(config, shapes, dtype)
-    if len(caches) != len(layer_names):
-        raise ModelError(f"config describes {len(caches)} cache layers for {len(layer_names)} decoder layers")
+    layer_prefix = layer_names[0].rsplit(".", 1)[0]
+    vision_towers = tuple(name for name, key in towers.items() if key == "vision_config")
 
     def is_post(name: str, module) -> bool:
         # After the layers run only the final norm and the output head; rotary tables, position
         # embeddings and the like run before them even where they are defined after.
         if module is not None and module is output_embeddings:
             return True
-        return module is not None and "norm" in type(module).__name__.lower() and not name.startswith(layer_prefix)
+        in_tower = any(name.startswith(t + ".") or name == t for t in towers)
+        return module is not None and "norm" in type(module).__name__.lower() and not name.startswith(layer_prefix) and not in_tower
 
     tied_groups = tuple(tuple(sorted(group)) for group in find_tied_parameters(model))
     tied_names = {name for group in tied_groups for name in group}
@@ -132,10 +264,13 @@ def build_model_graph(config_dict: dict[str, Any], dtype: str, trust_remote_code
         if not tensors:
             continue  # parameter-free modules (dropout, activations) need no placement
         weight = sum(_tensor_bytes(t) for t in unique)
-        if module is not None and type(module).__name__ in no_split:
+        if name in layer_set:
             # transformers 5 stores routed experts as fused 3-D parameters.
             experts = sum(_tensor_bytes(t) for t in unique if t.dim() == 3)
-            layers.append(Unit(name, weight, "layer", layer_index, caches[layer_index], experts > 0, experts))
+            layers.append(
+                Unit(name, weight, "layer", layer_index, caches[layer_index], experts > 0, experts,
+                     shapes=per_layer[layer_index] if per_layer[layer_index] is not shapes else None)
+            )
             layer_index += 1
         elif is_post(name, module):
             post.append(Unit(name, weight, "post"))
@@ -144,7 +279,8 @@ def build_model_graph(config_dict: dict[str, Any], dtype: str, trust_remote_code
             row = 0
             if isinstance(module, torch.nn.Embedding) and f"{name}.weight" not in tied_names:
                 row = module.embedding_dim * module.weight.element_size()
-            pre.append(Unit(name, weight, "pre", row_bytes=row))
+            vision = any(name == t or name.startswith(t + ".") for t in vision_towers)
+            pre.append(Unit(name, weight, "pre", row_bytes=row, vision=vision))
     units = tuple(pre + layers + post)
 
     import networkx as nx
@@ -170,16 +306,19 @@ def build_model_graph(config_dict: dict[str, Any], dtype: str, trust_remote_code
     skip = model._skip_keys_device_placement or ()
     skip_keys = (skip,) if isinstance(skip, str) else tuple(sorted(skip))
     return ModelGraph(
-        architecture=type(model).__name__,
+        architecture=architecture,
         model_type=config_dict["model_type"],
         dtype=dtype,
         units=units,
         graph=graph,
-        no_split_module_classes=no_split,
+        no_split_module_classes=declared,
         skip_keys=skip_keys,
         tied_parameters=tied_groups,
         parameters=parameters,
         shapes=shapes,
         checkpoint_dtype=checkpoint_dtype(config_dict),
         forced_attn_implementation=forced_attn,
+        inferred_no_split=inferred,
+        config_class=None if known_model_type(config_dict["model_type"]) else type(config).__name__,
+        vision=vision_of(config, vision_towers),
     )
