@@ -108,7 +108,12 @@ def _fits(graph, inventory, runtime, spec, batch: int, seq: int) -> bool:
     levels = _levels(spec.policy.offload, bool(inventory.gpus))
     chunk = spec.workload.prefill_chunk_size
     chunks = [chunk] if chunk else _chunk_candidates(seq)[-1:]
-    return isinstance(_solve(graph, inventory, runtime, spec, Workload(batch, seq, chunks[0]), levels[-1]), Placement)
+    return isinstance(_solve(graph, inventory, runtime, spec, _workload(spec, batch, seq, chunks[0]), levels[-1]), Placement)
+
+
+def _workload(spec: Spec, batch: int, seq: int, chunk: int | None) -> Workload:
+    wl = spec.workload
+    return Workload(batch, seq, chunk, wl.images_per_sequence, wl.image_size)
 
 
 def largest_below(predicate: Callable[[int], bool], upper: int) -> int:
@@ -175,7 +180,7 @@ def _model_facts(graph):
         model_type=graph.model_type,
         checkpoint_dtype=graph.checkpoint_dtype,
         is_moe=graph.is_moe,
-        head_dim=max(graph.shapes.head_dim, graph.shapes.v_head_dim),
+        head_dim=max(max(s.head_dim, s.v_head_dim) for s in [graph.shapes, *(u.shapes for u in graph.units if u.shapes)]),
         forced_attn_implementation=graph.forced_attn_implementation,
         skip_keys=graph.skip_keys,
     )
@@ -199,6 +204,7 @@ def compile_plan(
     trust = spec.model.trust_remote_code
     probe_dtype = "bfloat16" if spec.model.dtype == "auto" else spec.model.dtype
     graph = build_graph(model.config, probe_dtype, trust)
+    _check_images(spec, graph)
     runtime = decide_runtime(inventory.gpus, _model_facts(graph), spec.model.dtype)
     if runtime.dtype != graph.dtype:
         graph = build_graph(model.config, runtime.dtype, trust)
@@ -232,8 +238,58 @@ def compile_plan(
                 )
 
     decisions = [Decision(id=d.id, decision=d.decision, reason=d.reason, source=d.source) for d in runtime.decisions]
-    decisions += _planner_decisions(spec, graph, placement, chunk, inventory) + extra
+    decisions += _model_decisions(graph) + _planner_decisions(spec, graph, placement, chunk, inventory) + extra
     return _assemble(spec, inventory, model, packages, disk, graph, runtime, placement, chunk, decisions)
+
+
+def _check_images(spec: Spec, graph) -> None:
+    """Images need a vision tower, and a size where the tower takes any resolution."""
+    wl = spec.workload
+    if not wl.images_per_sequence:
+        if wl.image_size is not None:
+            raise SpecError("workload.image_size is set but images_per_sequence is 0")
+        return
+    if graph.vision is None:
+        raise SpecError(
+            f"workload.images_per_sequence is {wl.images_per_sequence} but {graph.architecture} has no vision tower"
+        )
+    graph.vision.patches_per_image(_workload(spec, wl.batch_size, wl.max_seq_len, None))
+
+
+def _model_decisions(graph) -> list[Decision]:
+    """How the model was read: a class resolved by `architectures`, layers kept whole without no-split classes."""
+    out = []
+    if graph.config_class:
+        out.append(
+            Decision(
+                id="model.architecture",
+                decision=f"{graph.architecture} with {graph.config_class}",
+                reason=f"model_type {graph.model_type!r} is unknown to transformers and config.architectures names "
+                f"{graph.architecture}, which it ships; the checkpoint's own code (auto_map) is not run",
+                source="config.json architectures (as vLLM resolves models); planc.model.build",
+            )
+        )
+    if graph.inferred_no_split:
+        out.append(
+            Decision(
+                id="model.no-split",
+                decision=f"each {', '.join(graph.inferred_no_split)} kept on one device",
+                reason=f"{graph.architecture} declares no _no_split_modules; planc cuts only between decoder layers "
+                "(accelerate would otherwise split a layer's modules across devices)",
+                source="planc.model.graph",
+            )
+        )
+    if graph.vision is not None:
+        out.append(
+            Decision(
+                id="model.vision",
+                decision=f"vision tower ({', '.join(graph.vision.towers)}) placed as units ahead of the decoder layers",
+                reason="the tower runs once per prefill over the prompt's images; its blocks are placement units "
+                "like decoder layers, and the ledger holds one block's activations for every image of the batch",
+                source="planc.model.vision",
+            )
+        )
+    return out
 
 
 def _place(graph, inventory: Inventory, runtime, spec: Spec):
@@ -248,7 +304,7 @@ def _place(graph, inventory: Inventory, runtime, spec: Spec):
     result = None
     for level in _levels(spec.policy.offload, bool(inventory.gpus)):
         for chunk in chunks:
-            result = _solve(graph, inventory, runtime, spec, Workload(wl.batch_size, wl.max_seq_len, chunk), level)
+            result = _solve(graph, inventory, runtime, spec, _workload(spec, wl.batch_size, wl.max_seq_len, chunk), level)
             if isinstance(result, Placement):
                 return result, chunk, None
     return None, None, result
@@ -345,6 +401,7 @@ def _assemble(spec, inventory, model: ModelInput, packages, disk, graph, runtime
             trust_remote_code=spec.model.trust_remote_code,
             architecture=graph.architecture,
             model_type=graph.model_type,
+            config_class=graph.config_class,
             parameters=graph.parameters,
             weight_bytes=graph.weight_bytes,
         ),
@@ -354,7 +411,12 @@ def _assemble(spec, inventory, model: ModelInput, packages, disk, graph, runtime
             for g in inventory.gpus
         ],
         host=Host(cpu_memory=inventory.cpu_memory, disk=disk),
-        workload=LockWorkload(batch_size=spec.workload.batch_size, max_seq_len=spec.workload.max_seq_len),
+        workload=LockWorkload(
+            batch_size=spec.workload.batch_size,
+            max_seq_len=spec.workload.max_seq_len,
+            images_per_sequence=spec.workload.images_per_sequence,
+            image_size=spec.workload.image_size,
+        ),
         dtype=runtime.dtype,
         device_map=dict(placement.device_of),
         max_memory=max_memory,

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from planc.errors import LockError, TamperedLockError
 
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
 DeviceKey = Union[int, Literal["cpu", "disk"]]
 
 
@@ -81,8 +81,15 @@ class ModelInfo(_Lock):
     config: str | None = Field(None, description="config.json, relative to the lock file (compile-only source).")
     revision: str | None = Field(None, description="Pinned revision for `id`.")
     trust_remote_code: bool = False
-    architecture: str = Field(description="Model class transformers builds (config.architectures[0]).")
+    architecture: str = Field(
+        description="Model class transformers builds and `planc run` loads: config.architectures[0] when "
+        "transformers ships it as a causal LM or image-text-to-text model, else the auto classes' pick."
+    )
     model_type: str
+    config_class: str | None = optional(
+        "transformers config class config.json is read as, when its model_type is unknown to transformers and "
+        "`architectures` names a class it ships (Kimi-K2's kimi_k2 as DeepseekV3Config); unset otherwise."
+    )
     parameters: int = Field(description="Parameter count.")
     weight_bytes: int = Field(description="Bytes of all parameters and buffers at the plan's dtype.")
 
@@ -104,6 +111,8 @@ class Host(_Lock):
 class Workload(_Lock):
     batch_size: int
     max_seq_len: int
+    images_per_sequence: int = optional("Images per prompt the vision tower was planned for (0: text only).", 0)
+    image_size: int | None = optional("Image side in pixels the vision peak was planned at; unset: the config's.")
 
 
 class Attention(_Lock):
@@ -178,8 +187,20 @@ class Plan(_Lock):
     plan_hash: str = ""
 
     def sealed(self) -> "Plan":
-        """A copy with plan_hash filled in: the hash of the document `dump_lock` writes."""
-        return self.model_copy(update={"plan_hash": document_sha256(self.model_dump(mode="json"))})
+        """A copy with format_version and plan_hash filled in: the lowest version whose fields the plan
+        uses (a plan without newer features reads in older planc and keeps its bytes), and the hash of
+        the document `dump_lock` writes."""
+        versioned = self.model_copy(update={"format_version": self.lowest_format_version()})
+        return versioned.model_copy(update={"plan_hash": document_sha256(versioned.model_dump(mode="json"))})
+
+    def lowest_format_version(self) -> str:
+        """1.1 added model.config_class and workload images; everything else is 1.0."""
+        uses_1_1 = (
+            self.model.config_class is not None
+            or self.workload.images_per_sequence != 0
+            or self.workload.image_size is not None
+        )
+        return "1.1" if uses_1_1 else "1.0"
 
     def gpu_indices(self) -> list[int]:
         return [device.index for device in self.devices]

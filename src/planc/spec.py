@@ -96,6 +96,22 @@ class Workload(_Strict):
     prefill_chunk_size: int | None = Field(
         None, ge=1, description="Prefill in chunks of this many tokens; unset lets the compiler choose."
     )
+    # Left out of the canonical spec while unset (exclude_if), so specs without images keep their hash.
+    images_per_sequence: int = Field(
+        0,
+        ge=0,
+        exclude_if=lambda value: value == 0,
+        description="Images in each prompt, for image-text-to-text models: the vision tower's activations are "
+        "planned for batch_size x this many images per prefill. The tokens the images become count within "
+        "max_seq_len.",
+    )
+    image_size: int | None = Field(
+        None,
+        ge=1,
+        exclude_if=lambda value: value is None,
+        description="Side of each image in pixels, as the vision tower sees it after the processor's resize; "
+        "unset: the vision config's image_size (required for towers that take any resolution).",
+    )
 
 
 class RuntimeReserve(_Strict):
