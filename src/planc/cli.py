@@ -148,8 +148,10 @@ def simulate_command(lock: Path, batch_size: int | None, max_seq_len: int | None
 @click.option("--record", type=click.Path(dir_okay=False, path_type=Path), help="Write output token ids and fingerprint.")
 @click.option("--expect", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Replay this record's prompts; fail (exit 1) unless every token equals it.")
+@click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Image file every prompt shows (repeatable; at most the plan's images_per_sequence).")
 @click.option("--check-only", is_flag=True, help="Only check the machine against the plan.")
-def run_command(lock: Path, prompts, prompt_file, max_new_tokens, as_json, record, expect, check_only) -> None:
+def run_command(lock: Path, prompts, prompt_file, max_new_tokens, as_json, record, expect, images, check_only) -> None:
     """Check the machine against LOCK, apply it, load the weights and generate."""
     from planc.run import run_plan
 
@@ -163,6 +165,7 @@ def run_command(lock: Path, prompts, prompt_file, max_new_tokens, as_json, recor
         expect=expect,
         check_only=check_only,
         quiet=_State.quiet,
+        images=list(images),
     )
     sys.exit(outcome.exit_code)
 

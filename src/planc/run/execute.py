@@ -42,6 +42,7 @@ class _Request:
     record: Path | None
     expected: dict | None
     quiet: bool
+    images: list = field(default_factory=list)  # PIL images every prompt shows
 
 
 def run_plan(
@@ -54,14 +55,16 @@ def run_plan(
     expect: Path | None = None,
     check_only: bool = False,
     quiet: bool = False,
+    images: list[Path] = (),
 ) -> RunOutcome:
     """Execute the plan in `lock_path` exactly, or raise DriftError/RunError/LockError naming why not.
 
     max_new_tokens None means 32, or the record's with `expect`; with `expect` and no prompts, the
-    record's prompts are replayed.
+    record's prompts are replayed. `images` (files) are shown with every prompt, through the model
+    folder's processor.
     """
     from planc.run import record as records
-    from planc.run.generate import check_batch, read_prompts
+    from planc.run.generate import check_batch, read_images, read_prompts
     from planc.run.report import make_console
 
     lock_path = Path(lock_path)
@@ -74,14 +77,17 @@ def run_plan(
         if not prompt_list:
             raise SpecError("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE")
         check_batch(plan, prompt_list)
-    request = _Request(prompt_list, max_new_tokens or DEFAULT_MAX_NEW_TOKENS, as_json, record, expected, quiet)
+    pictures = read_images(list(images), plan) if not check_only else []
+    request = _Request(prompt_list, max_new_tokens or DEFAULT_MAX_NEW_TOKENS, as_json, record, expected, quiet, pictures)
     console = make_console()
     if check_only:
         return _check_only(plan, lock_path, request, console)
     from planc.run.generate import encode
 
     def within_plan(tokenizer) -> None:
-        encode(tokenizer, request.prompts, plan, request.max_new_tokens)
+        # Image prompts are measured by the processor once the model is loaded (their tokens depend on it).
+        if not request.images:
+            encode(tokenizer, request.prompts, plan, request.max_new_tokens)
 
     with open_session(plan, lock_path.parent, None if quiet else console, within_plan) as session:
         return _execute(session, request, console)
@@ -120,7 +126,7 @@ def _execute(session: Session, request: _Request, console) -> RunOutcome:
     timings = Timings(check_s=session.check_s, load_s=session.load_s)
     stream = len(request.prompts) == 1 and not request.as_json
     started = time.perf_counter()
-    completions = session.generate(request.prompts, request.max_new_tokens, stream)
+    completions = session.generate(request.prompts, request.max_new_tokens, stream, request.images)
     timings.generate_s = time.perf_counter() - started
     timings.new_tokens = sum(len(c.token_ids) for c in completions)
     rows = memory_rows(plan, session.measured_peaks())

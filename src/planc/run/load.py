@@ -83,6 +83,8 @@ def build_meta_model(plan: Plan, config: dict):
 def structure_mismatches(plan: Plan, model) -> list[str]:
     """The lock's device_map, skip_keys and no-split classes against the model's structure."""
     mismatches = []
+    if type(model).__name__ != plan.model.architecture:
+        mismatches.append(f"model class: plan {plan.model.architecture}, machine's transformers builds {type(model).__name__}")
     modules = {name for name, _ in model.named_modules()}
     unknown = [key for key in plan.device_map if key not in modules]
     if unknown:
@@ -109,7 +111,7 @@ def _as_set(value) -> set[str]:
 
 
 def from_pretrained_arguments(plan: Plan, lock_dir: Path) -> dict[str, Any]:
-    """Keyword arguments for AutoModelForCausalLM.from_pretrained that enact the lock."""
+    """Keyword arguments for the lock's model class's from_pretrained that enact the lock."""
     import torch
 
     arguments: dict[str, Any] = {
@@ -129,14 +131,34 @@ def from_pretrained_arguments(plan: Plan, lock_dir: Path) -> dict[str, Any]:
     return arguments
 
 
-def load_model(plan: Plan, folder: Path, lock_dir: Path, progress=None):
-    """from_pretrained with the lock's placement; `progress` (a rich Progress) shows the weights loading."""
-    from transformers import AutoModelForCausalLM
+def model_class_and_config(plan: Plan, folder: Path):
+    """The class and config compile planned: config.json read and resolved as `planc.model.build` does
+    (by `architectures` where the model_type is unknown), checked against the lock's class."""
+    import json
 
+    from planc.errors import PlancError
+    from planc.model.build import resolve
+
+    try:
+        config_dict = json.loads((folder / "config.json").read_text())
+        config, cls = resolve(config_dict, plan.model.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise RunError(f"cannot read {folder / 'config.json'}: {exc}") from None
+    except PlancError as exc:
+        raise RunError(f"the model no longer builds: {exc}") from None
+    if cls.__name__ != plan.model.architecture:
+        raise RunError(f"the plan is for {plan.model.architecture}; this transformers resolves {cls.__name__}")
+    return cls, config
+
+
+def load_model(plan: Plan, folder: Path, lock_dir: Path, progress=None):
+    """from_pretrained of the lock's class with the lock's placement; `progress` (a rich Progress) shows
+    the weights loading."""
+    cls, config = model_class_and_config(plan, folder)
     arguments = from_pretrained_arguments(plan, lock_dir)
     with _loading_display(progress):
         try:
-            return AutoModelForCausalLM.from_pretrained(folder, **arguments)
+            return cls.from_pretrained(folder, config=config, **arguments)
         except (OSError, ValueError, RuntimeError) as exc:
             raise RunError(f"loading {plan.model.architecture} from {folder} failed: {exc}") from None
 
