@@ -85,8 +85,9 @@ def structure_mismatches(plan: Plan, model) -> list[str]:
     mismatches = []
     if type(model).__name__ != plan.model.architecture:
         mismatches.append(f"model class: plan {plan.model.architecture}, machine's transformers builds {type(model).__name__}")
-    modules = {name for name, _ in model.named_modules()}
-    unknown = [key for key in plan.device_map if key not in modules]
+    # An entry places a module, or a module's own parameter or buffer (gpt_bigcode's `transformer.bias`).
+    known = {name for name, _ in model.named_modules()} | set(_tensor_names(model))
+    unknown = [key for key in plan.device_map if key not in known]
     if unknown:
         mismatches.append(f"device_map entries: plan {_listing(unknown)}, machine's model has no such module")
     _, unplaced = placement_per_tensor(plan.device_map, _tensor_names(model))
