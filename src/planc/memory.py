@@ -168,7 +168,9 @@ def unit_costs(graph: ModelGraph, workload: Workload, backend_of) -> dict[str, d
     output = {}
     for backend in backend_of:
         per_unit = {}
-        vision_peak = vision.transient_bytes(graph.vision, workload, graph.dtype, backend) if graph.vision else 0
+        vision_peak = (
+            vision.transient_bytes(graph.vision, workload, graph.dtype, backend, shapes.hidden_size) if graph.vision else 0
+        )
         for unit in graph.units:
             is_layer = unit.kind == "layer"
             if is_layer:

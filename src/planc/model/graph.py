@@ -35,7 +35,7 @@ class Unit:
     expert_bytes: int = 0  # routed-expert weights (fused 3-D parameters); a decode step reads only some
     row_bytes: int = 0  # an untied embedding table: a decode step reads one row per sequence, not the table
     shapes: Shapes | None = None  # this layer's own numbers where the config varies them by layer; else the model's
-    vision: bool = False  # part of the vision tower: runs once per prefill over the images
+    vision: bool = False  # the vision tower or its projector: runs once per prefill over the images
 
 
 @dataclass(frozen=True)
@@ -243,6 +243,7 @@ def build_model_graph(config_dict: dict[str, Any], dtype: str, trust_remote_code
 
     visit("", model)
     layer_prefix = layer_names[0].rsplit(".", 1)[0]
+    decoder_prefix = layer_prefix.rsplit(".", 1)[0] if "." in layer_prefix else ""
     vision_towers = tuple(name for name, key in towers.items() if key == "vision_config")
 
     def is_post(name: str, module) -> bool:
@@ -279,7 +280,11 @@ def build_model_graph(config_dict: dict[str, Any], dtype: str, trust_remote_code
             row = 0
             if isinstance(module, torch.nn.Embedding) and f"{name}.weight" not in tied_names:
                 row = module.embedding_dim * module.weight.element_size()
-            vision = any(name == t or name.startswith(t + ".") for t in vision_towers)
+            # The tower's units, and the projector between it and the decoder (a unit outside both).
+            in_vision = any(name == t or name.startswith(t + ".") for t in vision_towers)
+            vision = in_vision or bool(vision_towers) and not name.startswith(decoder_prefix + ".") and not any(
+                name == t or name.startswith(t + ".") for t in towers
+            )
             pre.append(Unit(name, weight, "pre", row_bytes=row, vision=vision))
     units = tuple(pre + layers + post)
 

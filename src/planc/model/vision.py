@@ -67,14 +67,24 @@ def vision_of(config, towers: tuple[str, ...]) -> Vision | None:
     return Vision(shapes, int(patch) or 14, int(image_size) if image_size else None, towers)
 
 
-def transient_bytes(vision: Vision, workload: Workload, dtype: str, backend: str) -> int:
-    """Peak transient bytes of one vision block over all images of the batch (0 without images)."""
+def transient_bytes(vision: Vision, workload: Workload, dtype: str, backend: str, text_hidden: int) -> int:
+    """Peak transient bytes of the vision tower's run over all images of the batch (0 without images).
+
+    One block's transient, plus what outlives the blocks: the hidden states of every block
+    (LLaVA-style models select a layer from `output_hidden_states`, so all of them stay alive until
+    the tower returns), and the projector's output and intermediate in the text width. A class token
+    is counted per image (CLIP-style towers add one).
+    """
     images = workload.batch_size * workload.images_per_sequence
     if not images:
         return 0
-    tokens = vision.patches_per_image(workload)
+    tokens = vision.patches_per_image(workload) + 1
     step = replace(workload, batch_size=images, max_seq_len=tokens, prefill_chunk_size=None, images_per_sequence=0)
     e = DTYPE_BYTES[dtype]
-    hidden = 4 * images * tokens * vision.shapes.hidden_size * e
+    width = images * tokens * e
+    hidden = 4 * width * vision.shapes.hidden_size
     mixer = attention.transient_bytes(vision.shapes, None, step, dtype, backend)
-    return hidden + max(mixer, mlp.transient_bytes(vision.shapes, False, step, dtype))
+    block = hidden + max(mixer, mlp.transient_bytes(vision.shapes, False, step, dtype))
+    held = (vision.shapes.num_layers + 1) * width * vision.shapes.hidden_size
+    projector = 3 * width * text_hidden
+    return block + held + projector
