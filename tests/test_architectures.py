@@ -277,3 +277,25 @@ def test_gpt_bigcode_lm_head_stays_with_its_tied_embedding_and_runs(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
     batch = dict(tokenizer(prompts, return_tensors="pt", padding=True))
     assert [c.token_ids for c in outcome.completions] == plain_generate(GPTBigCodeForCausalLM, folder, batch)
+
+
+# ------------------------------------------------------------------ execution order
+
+
+def test_a_norm_that_runs_before_the_layers_is_placed_before_them(tmp_path):
+    """Bloom's word_embeddings_layernorm runs before the layers: placed after them, its output would
+    meet the position terms of GPU 0 on the last GPU (a cross-device error on real cards)."""
+    from transformers import BloomConfig
+
+    from planc.simulate import simulate_plan
+
+    config = BloomConfig(vocab_size=128, hidden_size=64, n_layer=4, n_head=4).to_dict()
+    config["architectures"] = ["BloomForCausalLM"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    spec = TWO_GPU_SPEC.format(config="config.json", memory=900_000, workload="")
+    spec += "policy: {headroom: 0, reserve: {cuda_context: 0, cublas_workspace: 0, allocator_slack: 0}}\n"
+    plan = load_lock(compile_to(tmp_path, spec))
+    assert plan.device_map["transformer.word_embeddings_layernorm"] == plan.device_map["transformer.word_embeddings"]
+    assert len(set(plan.device_map.values())) == 2
+    report = simulate_plan(plan, tmp_path, decode_steps=1)
+    assert report.ok, report.error

@@ -160,15 +160,52 @@ def _encoder_derived(model) -> bool:
     return encoder_family and not getattr(text, "is_decoder", True)
 
 
+def _call_order(model, layer_names: list[str]) -> dict[str, int] | None:
+    """Module path -> when it first runs in a two-token forward under fake tensors, the decoder
+    layers passed through (their order is known; running them would cost seconds); None when the
+    model does not get through its layers that way, and names decide instead."""
+    import types
+
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def passthrough(self, *args, **kwargs):
+        return args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+
+    order: dict[str, int] = {}
+    handles, stubbed = [], []
+    for name in layer_names:
+        layer = model.get_submodule(name)
+        stubbed.append((layer, layer.__dict__.get("forward")))
+        layer.forward = types.MethodType(passthrough, layer)
+    for name, module in model.named_modules():
+        def record(_module, _args, name=name):
+            order.setdefault(name, len(order))
+
+        handles.append(module.register_forward_pre_hook(record))
+    try:
+        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+            model(input_ids=torch.zeros(1, 2, dtype=torch.long, device="meta"), use_cache=False)
+    except Exception:  # noqa: BLE001 - a failure after the last layer ran (a passed-through layer
+        # returns no tuple where the head expects one) still leaves the order of what ran
+        if any(name not in order for name in layer_names):
+            return None
+    finally:
+        for handle in handles:
+            handle.remove()
+        for layer, own in stubbed:
+            if own is None:
+                del layer.forward
+            else:
+                layer.forward = own
+    return order
+
+
 def _group_caches(caches: list[LayerCache], layers: int) -> list[LayerCache]:
     """One cache per decoder layer when the config lists k per layer (LongCat-Flash runs two
     attentions per layer; HRM loops its layers): layer i holds entries k*i .. k*i + k - 1."""
     if len(caches) == layers or not layers:
         return caches
-    if caches and len(set(caches)) == 1 and len(caches) < layers:
-        # Configs of decoders taken from encoder-decoder models (Blenderbot's) count the encoder's layers
-        # in num_hidden_layers; the cache grows one layer object per decoder layer that runs.
-        return [caches[0]] * layers
     if len(caches) % layers:
         return caches
     k = len(caches) // layers
@@ -221,7 +258,11 @@ def build_model_graph(config_dict: dict[str, Any], dtype: str, trust_remote_code
     caches = _group_caches(layer_caches(config, shapes, dtype, config_layers), len(layer_names))
     per_layer = config_layers if len(config_layers) == len(layer_names) else [shapes] * len(layer_names)
     if len(caches) != len(layer_names):
-        raise ModelError(f"{architecture}: config describes {len(caches)} cache layers for {len(layer_names)} decoder layers")
+        raise ModelError(
+            f"{architecture}: config describes {len(caches)} cache layers for {len(layer_names)} decoder layers "
+            "(transformers' DynamicCache is built from the config's layer count, so generate would fail or the "
+            "cache would not be what planc sizes)"
+        )
     output_embeddings = model.get_output_embeddings()
 
     # Tensors are shared when tied; count each once, on the first unit (execution order) that holds it.
@@ -246,13 +287,31 @@ def build_model_graph(config_dict: dict[str, Any], dtype: str, trust_remote_code
     decoder_prefix = layer_prefix.rsplit(".", 1)[0] if "." in layer_prefix else ""
     vision_towers = tuple(name for name, key in towers.items() if key == "vision_config")
 
+    # Norms outside the layers are taken to run after them, unless there are several or one is named
+    # for the embeddings (Bloom's word_embeddings_layernorm, Blenderbot-Small's layernorm_embedding):
+    # then a traced forward decides.
+    loose_norms = [
+        name for name, module, _ in raw_units
+        if module is not None and "norm" in type(module).__name__.lower() and not name.startswith(layer_prefix)
+        and not any(name == t or name.startswith(t + ".") for t in towers)
+    ]
+    suspicious = len(loose_norms) > 1 or any("emb" in name.rsplit(".", 1)[-1] for name in loose_norms)
+    calls = _call_order(model, layer_names) if suspicious else None
+    last_layer_call = max((calls.get(n, -1) for n in layer_names), default=-1) if calls else -1
+
     def is_post(name: str, module) -> bool:
         # After the layers run only the final norm and the output head; rotary tables, position
-        # embeddings and the like run before them even where they are defined after.
+        # embeddings and the like run before them even where they are defined after. Where the
+        # model runs on meta, its call order says so (Blenderbot-Small's layernorm_embedding is
+        # defined after its layers and runs before them); otherwise a norm outside the layers is post.
         if module is not None and module is output_embeddings:
             return True
         in_tower = any(name.startswith(t + ".") or name == t for t in towers)
-        return module is not None and "norm" in type(module).__name__.lower() and not name.startswith(layer_prefix) and not in_tower
+        if module is None or in_tower or name.startswith(layer_prefix):
+            return False
+        if calls is not None and name in calls and last_layer_call >= 0:
+            return calls[name] > last_layer_call
+        return "norm" in type(module).__name__.lower()
 
     tied_groups = tuple(tuple(sorted(group)) for group in find_tied_parameters(model))
     tied_names = {name for group in tied_groups for name in group}
