@@ -110,7 +110,7 @@ class _Problem:
     objective: str
     chain: list[str]
     pinned: dict[str, str]  # unit -> partner it shares a device with
-    head: int  # the first `head` chain units stay on the main GPU (they hold the partners of pinned units)
+    head: int  # the first `head` chain units (all before the first layer) stay on the main GPU
     costs: dict  # backend -> unit -> UnitCost
     orders: list = field(init=False)  # GPU orders up to identical cards
     masks: dict = field(init=False)  # backend -> (main device, other devices) mask bytes
@@ -128,9 +128,10 @@ class _Problem:
 def _split_chain(graph: ModelGraph) -> tuple[list[str], dict[str, str], int]:
     """The chain, the units pinned to a tied partner, and how many chain units the main GPU must hold.
 
-    A pinned unit (lm_head tied to the embedding) executes on its partner's device; the main GPU
-    runs it, so the partner and every unit before it (position embeddings, a vision tower that is
-    defined first) stay on the main GPU.
+    Every unit before the first decoder layer stays on the main GPU: the model's own forward
+    combines their outputs outside any hooked module (GPT-2 adds wte and wpe, Gemma 3n projects its
+    per-layer embeddings), where accelerate moves nothing. A pinned unit (lm_head tied to the
+    embedding) executes on its partner's device, which is therefore the main GPU too.
     """
     position = {unit.name: i for i, unit in enumerate(graph.units)}
     pinned: dict[str, str] = {}
@@ -141,7 +142,7 @@ def _split_chain(graph: ModelGraph) -> tuple[list[str], dict[str, str], int]:
     chain = [unit.name for unit in graph.units if unit.name not in pinned]
     index = {name: i for i, name in enumerate(chain)}
     kinds = {unit.name: unit.kind for unit in graph.units}
-    head = 1
+    head = max([index[u.name] + 1 for u in graph.units if u.kind == "pre" and u.name in index], default=1)
     for unit, partner in pinned.items():
         if kinds[partner] == "layer":
             raise ModelError(f"{unit} is tied to {partner}, a decoder layer: planc cannot place that tie yet")
@@ -288,7 +289,7 @@ def _solve_fixed(problem: _Problem, order: tuple[Target, ...], m: int, cap: floa
     if not order:
         return (0, offload_cost, 0.0, [], (on_cpu, on_disk)) if n == 0 else None
     if n < problem.head:
-        return None  # the main GPU runs the first unit and holds every tied partner
+        return None  # the main GPU holds every unit before the first layer
     ev = _Evaluator(problem, main, offloaded)
     k = len(order)
     # best[i]: (cost, util) having placed chain[:i] on the devices so far; parents for the path.

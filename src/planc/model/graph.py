@@ -9,6 +9,7 @@ every distinct tensor is counted once (fp32 rotary buffers stay fp32, tied weigh
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -183,6 +184,9 @@ def _call_order(model, layer_names: list[str]) -> dict[str, int] | None:
             order.setdefault(name, len(order))
 
         handles.append(module.register_forward_pre_hook(record))
+    fake_logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_logger.level
+    fake_logger.setLevel(logging.CRITICAL)  # fake mode logs each op that fails; a failure is a fallback here
     try:
         with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
             model(input_ids=torch.zeros(1, 2, dtype=torch.long, device="meta"), use_cache=False)
@@ -191,6 +195,7 @@ def _call_order(model, layer_names: list[str]) -> dict[str, int] | None:
         if any(name not in order for name in layer_names):
             return None
     finally:
+        fake_logger.setLevel(level)
         for handle in handles:
             handle.remove()
         for layer, own in stubbed:
@@ -296,7 +301,15 @@ def build_model_graph(config_dict: dict[str, Any], dtype: str, trust_remote_code
         and not any(name == t or name.startswith(t + ".") for t in towers)
     ]
     suspicious = len(loose_norms) > 1 or any("emb" in name.rsplit(".", 1)[-1] for name in loose_norms)
-    calls = _call_order(model, layer_names) if suspicious else None
+    # So do modules outside the layers that are neither embeddings, rotary tables nor norms
+    # (Gemma 3n's altup projections: some run before the layers, some after).
+    unusual = [
+        name for name, module, _ in raw_units
+        if module is not None and module is not output_embeddings and not name.startswith(layer_prefix)
+        and not isinstance(module, torch.nn.Embedding) and "rotary" not in type(module).__name__.lower()
+        and "norm" not in type(module).__name__.lower() and not any(name == t or name.startswith(t + ".") for t in towers)
+    ]
+    calls = _call_order(model, layer_names) if suspicious or unusual else None
     last_layer_call = max((calls.get(n, -1) for n in layer_names), default=-1) if calls else -1
 
     def is_post(name: str, module) -> bool:
@@ -345,6 +358,9 @@ def build_model_graph(config_dict: dict[str, Any], dtype: str, trust_remote_code
                 name == t or name.startswith(t + ".") for t in towers
             )
             pre.append(Unit(name, weight, "pre", row_bytes=row, vision=vision))
+    if calls is not None:
+        # After the layers, in the order they run (Gemma 3n unembeds its altup streams, then norms).
+        post.sort(key=lambda unit: calls.get(unit.name, len(calls)))
     units = tuple(pre + layers + post)
 
     import networkx as nx
