@@ -57,6 +57,7 @@ REASONS: list[tuple[str, str]] = [
     ("remote code", r"remote code|unknown to transformers"),
     ("quantized", r"quantized checkpoint"),
     ("does not fit", r"does not fit"),
+    ("context beyond the position table", r"learned position table"),
 ]
 
 
@@ -103,30 +104,35 @@ def _crash(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}{where}"
 
 
-def spec_for(config_path: str = "config.json"):
+def spec_for(context: int = CONTEXT):
     from planc.spec import parse_spec
 
     return parse_spec({
         "planc": 1,
-        "model": {"config": config_path},
+        "model": {"config": "config.json"},
         "hardware": {"gpus": [{"type": GPU_TYPE, "count": GPUS}], "cpu_memory": CPU_MEMORY},
-        "workload": {"batch_size": 1, "max_seq_len": CONTEXT},
+        "workload": {"batch_size": 1, "max_seq_len": context},
         "policy": {"offload": "cpu"},
     })
 
 
-def plan_with_planc(config: dict, packages):
-    """(plan or None, outcome, detail)."""
+def plan_with_planc(config: dict, packages, context: int = CONTEXT):
+    """(plan or None, outcome, detail). A model whose learned position table is shorter than the
+    context is planned at the table's length (the architecture is what is measured, not the workload)."""
     from planc.compile import ModelInput, compile_plan
     from planc.errors import PlancError
     from planc.hardware import resolve_inventory
     from planc.model import build_model_graph
 
-    spec = spec_for()
+    spec = spec_for(context)
     model = ModelInput(config, "sha256:" + "0" * 64, {}, None, None, "config.json")
     try:
         plan = compile_plan(spec, resolve_inventory(spec.hardware), model, packages, None, build_model_graph)
     except PlancError as exc:
+        table = re.search(r"plan at most (\d+) tokens", str(exc))
+        if table and context == CONTEXT:
+            plan, outcome, detail = plan_with_planc(config, packages, int(table.group(1)))
+            return plan, outcome, f"at {table.group(1)} tokens (its position table): {detail}"
         return None, "refused", str(exc).replace("\n", " ")
     except Exception as exc:  # noqa: BLE001 - a crash is the finding
         return None, "crashed", _crash(exc)

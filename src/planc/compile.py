@@ -205,6 +205,13 @@ def compile_plan(
     probe_dtype = "bfloat16" if spec.model.dtype == "auto" else spec.model.dtype
     graph = build_graph(model.config, probe_dtype, trust)
     _check_images(spec, graph)
+    limit = getattr(graph, "position_limit", None)
+    if limit and spec.workload.max_seq_len > limit:
+        raise SpecError(
+            f"workload.max_seq_len {spec.workload.max_seq_len} exceeds the {limit} positions of "
+            f"{graph.architecture}'s learned position table: tokens past {limit} have no position embedding "
+            f"(generate fails there); plan at most {limit} tokens"
+        )
     runtime = decide_runtime(inventory.gpus, _model_facts(graph), spec.model.dtype)
     if runtime.dtype != graph.dtype:
         graph = build_graph(model.config, runtime.dtype, trust)

@@ -121,13 +121,13 @@ def layer_configs(config) -> list:
     """Per decoder layer, the text config as that layer sees it (per_layer_config where the config varies
     head_dim, heads or experts by layer, as Gemma 4 and dots3 do)."""
     text = text_config(config)
-    count = _read(text, "num_hidden_layers", "n_layer", "num_layers") or 0
+    count = config_value(text, "num_hidden_layers", "n_layer", "num_layers") or 0
     if getattr(text, "is_heterogeneous", False):
         return [text.per_layer_config[i] for i in range(count)]
     return [text] * count
 
 
-def _read(config, *names, default=0):
+def config_value(config, *names, default=0):
     """The first of `names` the config sets (not None)."""
     for name in names:
         value = getattr(config, name, None)
@@ -167,7 +167,7 @@ _SHAPE_FIELDS = {"intermediate_size", "moe_intermediate_size", "num_attention_he
 
 def _shapes(text, index: int | None = None) -> Shapes:
     def get(*names, default=0):
-        value = _read(text, *names, default=default)
+        value = config_value(text, *names, default=default)
         if isinstance(value, (list, tuple)):
             # One entry per layer: this layer's; otherwise (per-modality lists) the largest.
             numbers = [v for v in value if isinstance(v, (int, float))]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from planc.errors import ModelError
 from planc.model.build import meta_model
 from planc.model.cache import LayerCache, layer_caches
-from planc.model.config import Shapes, checkpoint_dtype, known_model_type, layer_shapes, shapes_of
+from planc.model.config import Shapes, config_value, checkpoint_dtype, known_model_type, layer_shapes, shapes_of, text_config
 from planc.model.vision import Vision, vision_of
 
 if TYPE_CHECKING:
@@ -58,6 +58,7 @@ class ModelGraph:
     inferred_no_split: tuple[str, ...] = ()  # decoder-layer classes kept whole where the model declares none
     config_class: str | None = None  # set when config.json's model_type is unknown and `architectures` resolved it
     vision: Vision | None = None  # the vision tower's numbers, for image-text-to-text models
+    position_limit: int | None = None  # positions of a learned position table (GPT-2's wpe): tokens past it fail
 
     def shapes_of(self, unit: Unit) -> Shapes:
         """The numbers a unit's formulas use: its own where the config varies them by layer."""
@@ -204,6 +205,20 @@ def _call_order(model, layer_names: list[str]) -> dict[str, int] | None:
             else:
                 layer.forward = own
     return order
+
+
+def _position_limit(model, pre_units: list[str], text) -> int | None:
+    """How many positions a learned absolute position table holds (GPT-2's wpe, OPT's embed_positions),
+    or None for rotary / ALiBi models, whose positions are computed."""
+    import torch
+
+    for name in pre_units:
+        module = model.get_submodule(name) if name else model
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, torch.nn.Embedding) and ("pos" in leaf or leaf == "wpe"):
+            limit = config_value(text, "max_position_embeddings", "n_positions", default=None)
+            return min(limit, module.num_embeddings) if isinstance(limit, int) else module.num_embeddings
+    return None
 
 
 def _group_caches(caches: list[LayerCache], layers: int) -> list[LayerCache]:
@@ -362,6 +377,7 @@ def build_model_graph(config_dict: dict[str, Any], dtype: str, trust_remote_code
         # After the layers, in the order they run (Gemma 3n unembeds its altup streams, then norms).
         post.sort(key=lambda unit: calls.get(unit.name, len(calls)))
     units = tuple(pre + layers + post)
+    position_limit = _position_limit(model, [u.name for u in pre], text_config(config))
 
     import networkx as nx
 
@@ -401,4 +417,5 @@ def build_model_graph(config_dict: dict[str, Any], dtype: str, trust_remote_code
         inferred_no_split=inferred,
         config_class=None if known_model_type(config_dict["model_type"]) else type(config).__name__,
         vision=vision_of(config, vision_towers),
+        position_limit=position_limit,
     )

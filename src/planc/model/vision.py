@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 from planc.errors import SpecError
 from planc.model import attention, mlp
-from planc.model.config import DTYPE_BYTES, Shapes, _read
+from planc.model.config import DTYPE_BYTES, Shapes, config_value
 from planc.workload import Workload
 
 
@@ -43,7 +43,7 @@ def vision_of(config, towers: tuple[str, ...]) -> Vision | None:
     vision = getattr(config, "vision_config", None)
     if vision is None or not towers:
         return None
-    get = lambda *names, default=0: _read(vision, *names, default=default)  # noqa: E731
+    get = lambda *names, default=0: config_value(vision, *names, default=default)  # noqa: E731
     hidden = get("embed_dim", "hidden_size", "width", "d_model")
     heads = get("num_attention_heads", "num_heads", "heads") or 1
     mlp_ratio = get("mlp_ratio", default=4)
