@@ -212,8 +212,9 @@ def _position_limit(model, pre_units: list[str], text) -> int | None:
     or None for rotary / ALiBi models, whose positions are computed."""
     import torch
 
+    modules = dict(model.named_modules())
     for name in pre_units:
-        module = model.get_submodule(name) if name else model
+        module = modules.get(name)  # None for a module's own tensor (gpt_bigcode's transformer.bias)
         leaf = name.rsplit(".", 1)[-1]
         if isinstance(module, torch.nn.Embedding) and ("pos" in leaf or leaf == "wpe"):
             limit = config_value(text, "max_position_embeddings", "n_positions", default=None)
