@@ -378,7 +378,8 @@ def build_model_graph(config_dict: dict[str, Any], dtype: str, trust_remote_code
         # After the layers, in the order they run (Gemma 3n unembeds its altup streams, then norms).
         post.sort(key=lambda unit: calls.get(unit.name, len(calls)))
     units = tuple(pre + layers + post)
-    position_limit = _position_limit(model, [u.name for u in pre], text_config(config))
+    decoder_pre = [u.name for u in pre if not u.vision and not any(u.name.startswith(t + ".") for t in towers)]
+    position_limit = _position_limit(model, decoder_pre, text_config(config))
 
     import networkx as nx
 
