@@ -1,7 +1,7 @@
 """Which architectures planc plans, against the anchor (accelerate's `infer_auto_device_map`), model by model.
 
     PYTHONPATH=src python -m bench.coverage [--only SUBSTRING] [--no-simulate] [--markdown docs/coverage.md]
-                                            [--json results.json]
+                                            [--json results.json] [--from-json results.json] [--baseline FILE]
 
 The population is every (model_type, class) pair of transformers' causal-LM and image-text-to-text
 mappings (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES), each at its
@@ -312,7 +312,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, help="Write the report here (docs/coverage.md).")
     parser.add_argument("--baseline", type=Path, help="JSON {commit, planned, refused, crashed, mapped} of an earlier run.")
     parser.add_argument("--json", type=Path, help="Write every row as JSON.")
+    parser.add_argument("--from-json", type=Path, help="Render the rows of an earlier --json run; compile nothing.")
     args = parser.parse_args(argv)
+    if args.from_json:
+        rows = [Row(**row) for row in json.loads(args.from_json.read_text())]
+        baseline = json.loads(args.baseline.read_text()) if args.baseline else None
+        print(json.dumps(summary(rows), indent=2))
+        if args.markdown:
+            args.markdown.write_text(markdown(rows, baseline))
+        return 0
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     from transformers.utils import logging as hf_logging
