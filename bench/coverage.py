@@ -295,6 +295,22 @@ def markdown(rows: list[Row], baseline: dict | None = None) -> str:
     for reason, count in s["refusals"].items():
         maps = sum(1 for r in rows if r.planc == "refused" and r.reason_class == reason and r.anchor == "mapped")
         out.append(f"| {reason} | {count} | {maps} |")
+    out += ["", "## Mapped by accelerate, refused by planc", "",
+            "Why accelerate's map is not a plan for these (or what planc does not size yet):", ""]
+    by_reason: dict[str, list[str]] = {}
+    for r in rows:
+        if r.planc == "refused" and r.anchor == "mapped":
+            by_reason.setdefault(r.reason_class, []).append(r.architecture)
+    for reason, names in sorted(by_reason.items(), key=lambda item: -len(item[1])):
+        out.append(f"- **{reason}** ({len(names)}): {', '.join(sorted(names))}")
+    failed = [r for r in rows if r.simulated == "failed"]
+    if failed:
+        out += ["", "## Planned, but the simulation did not complete", "",
+                "The error `planc simulate` reported (a default config transformers cannot run, a model whose forward",
+                "needs images, a context at the end of a position table plus the decode step, or a simulation gap):", ""]
+        for r in failed:
+            error = r.planc_detail.split("; simulate: ", 1)[-1]
+            out.append(f"- {r.architecture}: {_cell(error[:200])}")
     out += ["", "## Per architecture", "",
             "| model_type | class | planc | reason / placement | accelerate | simulate (ledger) |", "|---|---|---|---|---|---|"]
     for r in rows:
