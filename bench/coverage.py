@@ -286,7 +286,13 @@ def markdown(rows: list[Row], baseline: dict | None = None) -> str:
                 "planc planned, accelerate failed"):
         out.append(f"| {key} | {s[key]} |")
     for outcome, count in sorted(s["simulated"].items()):
-        out.append(f"| simulate: ledger {outcome} | {count} |")
+        out.append(f"| simulate: plan {outcome} | {count} |")
+    errors = [r.ledger_error for r in rows if r.ledger_error is not None]
+    if errors:
+        buckets = (("ledger >= simulated peak", lambda e: e >= 0), ("ledger short by 0-5%", lambda e: -0.05 <= e < 0),
+                   ("ledger short by 5-10%", lambda e: -0.10 <= e < -0.05), ("ledger short by over 10%", lambda e: e < -0.10))
+        for label, test in buckets:
+            out.append(f"| simulated, worst GPU's {label} | {sum(1 for e in errors if test(e))} |")
     if baseline:
         out += ["", "Before this work (main at " + baseline["commit"] + ", same population and script): planc planned "
                 f"{baseline['planned']}, refused {baseline['refused']}, crashed {baseline['crashed']}; accelerate mapped "
