@@ -29,7 +29,7 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-def build_tiny_model(folder: Path, num_layers: int = 4, tie: bool = False, seed: int = 0) -> Path:
+def build_tiny_model(folder: Path, num_layers: int = 4, tie: bool = False, seed: int = 0, head_dim: int = 16) -> Path:
     """Save a tiny Qwen3 model with random weights and a BPE tokenizer trained on SENTENCES."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -52,7 +52,7 @@ def build_tiny_model(folder: Path, num_layers: int = 4, tie: bool = False, seed:
         num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=16,
+        head_dim=head_dim,
         max_position_embeddings=512,
         tie_word_embeddings=tie,
         bos_token_id=fast.bos_token_id,

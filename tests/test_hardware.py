@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -324,3 +325,48 @@ def test_importing_detect_does_not_import_torch():
     code = "import sys, planc.detect; assert 'torch' not in sys.modules"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+# ---------------------------------------------------------------- GPU links (nvidia-smi topo -m)
+
+TOPO = Path(__file__).parent / "data" / "topo"
+
+
+@pytest.mark.parametrize(
+    ("fixture", "size", "link", "islands"),
+    [
+        ("dgx-h100.txt", 8, "NV18", [tuple(range(8))]),
+        ("dgx-a100-nics.txt", 8, "NV12", [tuple(range(8))]),
+        ("dgx2-v100-16.txt", 16, "NV6", [tuple(range(16))]),
+        ("2x-rtx5090-phb.txt", 2, "PHB", []),
+        ("4x-bridged-pairs.txt", 4, "NV4", [(0, 1), (2, 3)]),
+    ],
+)
+def test_topology_matrix_from_real_topo_outputs(fixture, size, link, islands):
+    from planc.detect import parse_topology
+    from planc.hardware import Gpu, Node
+    from planc.parallel.topology import nvlink_islands
+
+    matrix = parse_topology((TOPO / fixture).read_text())
+    assert matrix is not None and len(matrix) == size and all(len(row) == size for row in matrix)
+    assert matrix[0][0] == "X" and matrix[0][1] == link
+    gpus = tuple(Gpu(i, "card", 80 * GiB, "9.0", 3 * 10**12, "h100-sxm") for i in range(size))
+    assert nvlink_islands(Node(0, gpus, 64 * GiB, None, matrix)) == islands
+
+
+def test_topology_written_into_the_detected_hardware_block():
+    from planc.detect import DetectedGpu, DetectedMachine, machine_as_spec_yaml, parse_topology
+    from planc.spec import Hardware
+
+    matrix = parse_topology((TOPO / "4x-bridged-pairs.txt").read_text())
+    gpus = tuple(DetectedGpu(i, "NVIDIA GeForce RTX 3090", 25_447_170_048, "8.6") for i in range(4))
+    text = machine_as_spec_yaml(DetectedMachine(gpus, 64 * GiB, matrix))
+    hardware = Hardware.model_validate(yaml.safe_load(text)["hardware"])
+    assert hardware.interconnect.links[2] == ["SYS", "SYS", "X", "NV4"]
+
+
+def test_unreadable_topology_is_none():
+    from planc.detect import parse_topology
+
+    assert parse_topology("") is None
+    assert parse_topology("\tGPU0\tGPU1\nGPU0\t X \tNV4\nGPU1\tPHB\t X \n") is None  # not symmetric

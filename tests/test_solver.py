@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from planc.memory import Reserve, Workload
 from planc.model import LayerCache, ModelGraph, Shapes, Unit
-from planc.solver import Infeasible, Placement, Target, _Evaluator, _Problem, _split_chain, _offload_split, solve
+from planc.solver import Infeasible, Placement, Target, _Evaluator, _Problem, _split_chain, _offload_split, feasible, solve
 from planc.memory import unit_costs
 
 MiB = 2**20
@@ -96,6 +96,8 @@ def test_solver_matches_brute_force(case):
     graph, gpus, cpu, objective = case
     result = solve(graph, gpus, cpu, None, WORKLOAD, RESERVE, objective)
     expected = brute_force(graph, gpus, cpu, objective)
+    # The feasibility test fit and the infeasible hints use agrees with the full solve.
+    assert feasible(graph, gpus, cpu, None, WORKLOAD, RESERVE) is (expected is not None)
     if expected is None:
         assert isinstance(result, Infeasible)
         return

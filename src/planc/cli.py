@@ -15,7 +15,8 @@ from pathlib import Path
 import click
 
 from planc import __version__
-from planc.errors import PlancError
+from planc.errors import PlancError, SpecError
+from planc.export import target_names
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -33,6 +34,10 @@ def _fail(exc: BaseException) -> None:
     sys.exit(getattr(exc, "exit_code", 1))
 
 
+# What `pip install "planc[torch]"` adds to the light install (check, show, diff, export, gpus, schema).
+HEAVY_PACKAGES = {"torch", "transformers", "accelerate", "networkx", "huggingface_hub", "psutil", "safetensors"}
+
+
 class _Group(click.Group):
     """Maps PlancError to one line and its exit code at a single boundary."""
 
@@ -41,6 +46,12 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except PlancError as exc:
             _fail(exc)
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").split(".")[0] not in HEAVY_PACKAGES:
+                raise
+            command = ctx.invoked_subcommand or "this command"
+            _fail(SpecError(f"planc {command} needs {exc.name.split('.')[0]}, which is not installed: "
+                            "pip install 'planc[torch]'"))
 
 
 @click.group(cls=_Group, context_settings=CONTEXT)
@@ -79,6 +90,30 @@ def compile_command(spec: Path, lock: Path | None, check: bool) -> None:
         compile_summary(plan, lock, written)
 
 
+@main.command("check", context_settings=CONTEXT)
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--map", "maps", multiple=True, metavar="PATTERN=TEMPLATE",
+              help="Where a spec's lock is: e.g. 'examples/*.yaml=plans/{stem}.lock' ({stem}, {name}, {dir}). "
+              "Default: the lock whose header names the spec, else plan.lock beside it.")
+@click.option("--ignore-packages", is_flag=True,
+              help="Leave installed package versions out (pre-commit's environment is not the one plans run in).")
+def check_command(paths: tuple[Path, ...], maps: tuple[str, ...], ignore_packages: bool) -> None:
+    """Are the plans that PATHS (specs, locks, model files) feed still fresh? `compile --check` for
+    each; exit 1 naming what changed. The pre-commit hook runs this on the files of a commit."""
+    from planc.freshness import LockMap, check_plans
+
+    report = check_plans(list(paths), [LockMap.parse(m) for m in maps], packages=not ignore_packages)
+    for check in report.checks:
+        if check.error:
+            click.echo(f"error: {check.error}", err=True)
+        elif check.changes:
+            click.echo(f"{check.lock} is stale: " + "; ".join(check.changes)
+                       + f"; recompile: planc compile {check.spec} -o {check.lock}", err=True)
+        elif not _State.quiet:
+            click.echo(f"{check.lock} is up to date")
+    sys.exit(report.exit_code)
+
+
 @main.command("show", context_settings=CONTEXT)
 @click.argument("lock", type=click.Path(path_type=Path))
 def show_command(lock: Path) -> None:
@@ -87,6 +122,53 @@ def show_command(lock: Path) -> None:
     from planc.render import show_plan
 
     show_plan(load_lock(lock))
+
+
+@main.command("diff", context_settings=CONTEXT)
+@click.argument("old")
+@click.argument("new")
+@click.option("--format", "fmt", type=click.Choice(["terminal", "markdown", "json"]), default="terminal",
+              show_default=True, help="markdown: for a pull-request comment.")
+def diff_command(old: str, new: str, fmt: str) -> None:
+    """What changed from plan OLD to plan NEW (files, or git REV:PATH such as HEAD~1:plans/x.lock).
+
+    Exit 0 when the plans are the same, 1 when they differ, 2 when a lock cannot be read.
+    """
+    from planc.diff import diff_locks, to_json, to_markdown
+
+    diff = diff_locks(old, new)
+    if fmt == "json":
+        click.echo(to_json(diff), nl=False)
+    elif fmt == "markdown":
+        click.echo(to_markdown(diff), nl=False)
+    elif not _State.quiet:
+        from planc.render import show_diff
+
+        show_diff(diff)
+    sys.exit(0 if diff.identical else 1)
+
+
+@main.command("export", context_settings=CONTEXT)
+@click.argument("lock", type=click.Path(path_type=Path))
+@click.option("--to", "target", required=True, type=click.Choice(target_names()), help="The tool to export to.")
+@click.option("--format", "fmt", help="One of the target's formats (json, python, ...)  [default: its first, json].")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write here (atomically) instead of stdout; the export's relative paths start from its folder.")
+@click.option("--model", help="Model folder or Hugging Face id to load instead of the lock's.")
+def export_command(lock: Path, target: str, fmt: str | None, output: Path | None, model: str | None) -> None:
+    """Write LOCK as another tool's settings: its loader's arguments, the decoding settings and the
+    environment, as JSON or as a Python script that loads and generates without planc."""
+    from planc.export import export_plan
+
+    text = export_plan(lock, target, fmt, output=output, model=model)
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    from planc.plan import write_if_changed
+
+    written = write_if_changed(output, text)
+    if not _State.quiet:
+        click.echo(f"{'wrote' if written else 'unchanged:'} {output}", err=True)
 
 
 @main.command("schema", context_settings=CONTEXT)
@@ -111,7 +193,7 @@ def detect_command() -> None:
     """Print this machine's inventory as the `hardware:` block of a spec."""
     from planc.detect import detect_machine, machine_as_spec_yaml
 
-    click.echo(machine_as_spec_yaml(detect_machine()), nl=False)
+    click.echo(machine_as_spec_yaml(detect_machine(topology=True)), nl=False)
 
 
 @main.command("simulate", context_settings=CONTEXT)
@@ -137,6 +219,26 @@ def simulate_command(lock: Path, batch_size: int | None, max_seq_len: int | None
     sys.exit(0 if report.ok else 1)
 
 
+@main.command("fit", context_settings=CONTEXT)
+@click.argument("spec", type=click.Path(path_type=Path))
+@click.option("--max-gpus", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Most cards of one kind to try (one node).")
+@click.option("--prices", type=click.Path(path_type=Path),
+              help="YAML/JSON mapping of catalogue card to the price of one card: cheapest first.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
+def fit_command(spec: Path, max_gpus: int, prices: Path | None, as_json: bool) -> None:
+    """Which GPU inventories hold SPEC's model and workload, and what would make its own fit."""
+    from planc.fit import fit_json, fit_spec
+
+    report = fit_spec(spec, max_gpus=max_gpus, prices=prices)
+    if as_json:
+        click.echo(fit_json(report), nl=False)
+    elif not _State.quiet:
+        from planc.render import show_fit
+
+        show_fit(report)
+
+
 @main.command("run", context_settings=CONTEXT)
 @click.argument("lock", type=click.Path(path_type=Path))
 @click.option("-p", "--prompt", "prompts", multiple=True, help="Prompt text (repeatable).")
@@ -151,8 +253,16 @@ def simulate_command(lock: Path, batch_size: int | None, max_seq_len: int | None
 @click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Image file every prompt shows (repeatable; at most the plan's images_per_sequence).")
 @click.option("--check-only", is_flag=True, help="Only check the machine against the plan.")
-def run_command(lock: Path, prompts, prompt_file, max_new_tokens, as_json, record, expect, images, check_only) -> None:
-    """Check the machine against LOCK, apply it, load the weights and generate."""
+@click.option("--node-rank", type=click.IntRange(min=0), help="Multi-node plan: this node's index in hardware.nodes.")
+@click.option("--master-addr", help="Multi-node plan: address of node 0 (torch.distributed rendezvous).")
+@click.option("--master-port", type=click.IntRange(min=1, max=65535), help="Multi-node plan: rendezvous port [29500].")
+def run_command(lock: Path, prompts, prompt_file, max_new_tokens, as_json, record, expect, images, check_only,
+                node_rank, master_addr, master_port) -> None:
+    """Check the machine against LOCK, apply it, load the weights and generate.
+
+    A tensor- or pipeline-parallel plan starts one process per rank with torch's launcher; a
+    multi-node one prints the command for each node, which then runs with --node-rank.
+    """
     from planc.run import run_plan
 
     outcome = run_plan(
@@ -166,6 +276,9 @@ def run_command(lock: Path, prompts, prompt_file, max_new_tokens, as_json, recor
         check_only=check_only,
         quiet=_State.quiet,
         images=list(images),
+        node_rank=node_rank,
+        master_addr=master_addr,
+        master_port=master_port,
     )
     sys.exit(outcome.exit_code)
 

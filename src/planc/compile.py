@@ -19,6 +19,8 @@ from planc.errors import InfeasibleError, SpecError, StalePlanError
 from planc.hardware import Inventory, resolve_inventory
 from planc.memory import Reserve, Workload
 from planc.plan import (
+    BASE_FORMAT_VERSION,
+    FORMAT_VERSION,
     Attention,
     Decision,
     Device,
@@ -27,9 +29,13 @@ from planc.plan import (
     Inputs,
     Ledger,
     ModelInfo,
+    NodeHost,
     Objective,
     Packages,
+    Parallel,
     Plan,
+    Rank,
+    StrategyOption,
     WeightFile,
     dump_lock,
     load_lock,
@@ -103,15 +109,18 @@ def _solve(graph, inventory, runtime, spec: Spec, workload: Workload, level: str
 
 
 def _fits(graph, inventory, runtime, spec, batch: int, seq: int) -> bool:
-    from planc.solver import Placement
+    """Whether batch x seq fits at the policy's deepest offload level and the smallest prefill chunk."""
+    from planc.solver import feasible
 
     levels = _levels(spec.policy.offload, bool(inventory.gpus))
     chunk = spec.workload.prefill_chunk_size
     chunks = [chunk] if chunk else _chunk_candidates(seq)[-1:]
-    return isinstance(_solve(graph, inventory, runtime, spec, _workload(spec, batch, seq, chunks[0]), levels[-1]), Placement)
+    gpus, cpu, disk = _targets(inventory, runtime, spec.policy.headroom, levels[-1])
+    return feasible(graph, gpus, cpu, disk, _workload(spec, batch, seq, chunks[0]), Reserve.from_policy(spec.policy.reserve))
 
 
-def _workload(spec: Spec, batch: int, seq: int, chunk: int | None) -> Workload:
+def _workload(spec: Spec, batch: int, seq: int, chunk: int | None = None) -> Workload:
+    """The ledger's workload: the spec's images with the given batch, context and prefill chunk."""
     wl = spec.workload
     return Workload(batch, seq, chunk, wl.images_per_sequence, wl.image_size)
 
@@ -197,10 +206,20 @@ def compile_plan(
     """Compile a plan. Pure: everything it depends on is an argument."""
     from planc.rules import decide_runtime
 
-    if not inventory.gpus and spec.policy.offload == "none":
+    from planc.parallel.strategy import considered_strategies
+
+    nodes = inventory.all_nodes()
+    several_ranks = len(nodes) > 1 or any((node.cpu_ranks or 1) > 1 for node in nodes)
+    if not inventory.gpus and spec.policy.offload == "none" and not several_ranks:
         raise SpecError("hardware.gpus is empty: a CPU-only plan needs policy.offload: cpu (or disk)")
     if spec.policy.offload == "disk" and not disk:
         raise SpecError("policy.offload is disk but hardware.disk names no offload folder")
+    names = [gpu.name for gpu in inventory.gpus]
+    for node in nodes[1:]:
+        if [gpu.name for gpu in node.gpus] != names:
+            raise SpecError(
+                f"hardware.nodes.{node.index}: its GPUs differ from node 0's; planc plans nodes with identical GPUs"
+            )
     trust = spec.model.trust_remote_code
     probe_dtype = "bfloat16" if spec.model.dtype == "auto" else spec.model.dtype
     graph = build_graph(model.config, probe_dtype, trust)
@@ -216,9 +235,21 @@ def compile_plan(
     if runtime.dtype != graph.dtype:
         graph = build_graph(model.config, runtime.dtype, trust)
 
-    placement, chunk, closest = _place(graph, inventory, runtime, spec)
-    if placement is None:
-        raise InfeasibleError(_infeasible_message(graph, inventory, runtime, spec, closest))
+    wanted = considered_strategies(spec, inventory)
+    if wanted == {"device_map"}:
+        placement, chunk, closest = _place(graph, inventory, runtime, spec)
+        if placement is None:
+            raise InfeasibleError(_infeasible_message(graph, inventory, runtime, spec, closest))
+        return _device_map_plan(spec, inventory, model, packages, disk, build_graph, graph, runtime, placement, chunk)
+    return _strategy_plan(spec, inventory, model, packages, disk, build_graph, graph, runtime)
+
+
+def _device_map_plan(spec, inventory, model, packages, disk, build_graph, graph, runtime, placement, chunk,
+                     parallel=None, strategy_decision=None) -> Plan:
+    """A one-process plan: accelerate's device_map from the solver's placement."""
+    from planc.rules import decide_runtime
+
+    trust = spec.model.trust_remote_code
     extra: list[Decision] = []
     if spec.model.dtype == "auto":
         used = sorted({k for k in placement.device_of.values() if isinstance(k, int)})
@@ -245,8 +276,193 @@ def compile_plan(
                 )
 
     decisions = [Decision(id=d.id, decision=d.decision, reason=d.reason, source=d.source) for d in runtime.decisions]
-    decisions += _model_decisions(graph) + _planner_decisions(spec, graph, placement, chunk, inventory) + extra
-    return _assemble(spec, inventory, model, packages, disk, graph, runtime, placement, chunk, decisions)
+    decisions += (
+        _model_decisions(graph)
+        + ([strategy_decision] if strategy_decision else [])
+        + _planner_decisions(spec, graph, placement, chunk, inventory)
+        + extra
+    )
+    plan = _assemble(spec, inventory, model, packages, disk, graph, runtime, placement, chunk, decisions)
+    if parallel is not None:
+        plan = plan.model_copy(update={"parallel": parallel, "format_version": FORMAT_VERSION}).sealed()
+    return plan
+
+
+def _device_map_candidate(graph, inventory, runtime, spec):
+    from planc.parallel.cost import DecodeCost
+    from planc.parallel.strategy import Candidate
+
+    if not inventory.gpus and spec.policy.offload == "none":
+        return Candidate("device_map", "accelerate", 1, 1, refusal="no GPU on node 0 and policy.offload is none")
+    placement, chunk, closest = _place(graph, inventory, runtime, spec)
+    if placement is None:
+        over = closest.overflowing() or list(closest.ledgers)
+        reason = "; ".join(_describe_ledger(ledger, _device_name(ledger.key, inventory)) for ledger in over)
+        return Candidate("device_map", "accelerate", 1, 1, refusal=f"node 0 cannot hold it: {reason}")
+    return Candidate("device_map", "accelerate", 1, 1, cost=DecodeCost(placement.decode_seconds, 0.0, 0.0),
+                     placement=(placement, chunk))
+
+
+def _strategy_plan(spec, inventory, model, packages, disk, build_graph, graph, runtime) -> Plan:
+    """Weigh the strategies the policy allows; plan the chosen one."""
+    from planc.parallel.strategy import STRATEGY_SOURCE, choice_reason, choose, plan_strategies
+
+    wl = spec.workload
+    reserve = Reserve.from_policy(spec.policy.reserve)
+    chunks = [wl.prefill_chunk_size] if wl.prefill_chunk_size else _chunk_candidates(wl.max_seq_len)
+    candidates = plan_strategies(
+        graph, inventory, runtime, spec, [_workload(spec, wl.batch_size, wl.max_seq_len, chunk) for chunk in chunks],
+        reserve, lambda: _device_map_candidate(graph, inventory, runtime, spec),
+    )
+    chosen = choose(candidates, graph, _workload(spec, wl.batch_size, wl.max_seq_len))
+    decision = Decision(
+        id="parallel.strategy",
+        decision=f"{chosen.label}",
+        reason=choice_reason(chosen, candidates, inventory, spec.policy.parallelism),
+        source=STRATEGY_SOURCE + "; transformers distributed/ and vLLM engine arguments (reference/distributed.md)",
+    )
+    parallel = _parallel_section(chosen, candidates, inventory)
+    if chosen.strategy == "device_map":
+        placement, chunk = chosen.placement
+        return _device_map_plan(spec, inventory, model, packages, disk, build_graph, graph, runtime, placement, chunk,
+                                parallel, decision)
+    return _assemble_distributed(spec, inventory, model, packages, disk, graph, runtime, chosen, parallel, decision)
+
+
+def _parallel_section(chosen, candidates, inventory) -> Parallel:
+    considered = [
+        StrategyOption(
+            strategy=c.strategy,
+            engine=c.engine,
+            tensor_parallel_size=c.tp,
+            pipeline_parallel_size=c.pp,
+            fits=c.fits,
+            decode_ms_per_token=round(c.ms, 3) if c.fits else None,
+            detail=c.cost.describe() if c.fits else c.refusal,
+        )
+        for c in candidates
+    ]
+    ranks, hosts = [], []
+    if chosen.layout is not None:
+        layout = chosen.layout
+        ranks = [
+            Rank(rank=slot.rank, node=slot.node, device=slot.device, stage=slot.stage,
+                 layers=list(layout.stages[slot.stage]))
+            for slot in layout.ranks
+        ]
+        for node in inventory.all_nodes():
+            on_node = sum(1 for slot in layout.ranks if slot.node == node.index)
+            hosts.append(NodeHost(index=node.index, gpus=len(node.gpus), cpu_memory=node.cpu_memory, ranks=on_node))
+    gpu = bool(chosen.layout and chosen.layout.ranks[0].gpu)
+    return Parallel(
+        strategy=chosen.strategy,
+        engine=chosen.engine,
+        tensor_parallel_size=chosen.tp,
+        pipeline_parallel_size=chosen.pp,
+        backend=None if chosen.layout is None else ("nccl" if gpu else "gloo"),
+        ranks=ranks,
+        nodes=hosts,
+        considered=considered,
+    )
+
+
+def _assemble_distributed(spec, inventory, model, packages, disk, graph, runtime, chosen, parallel, decision) -> Plan:
+    """A plan of ranks: one Ledger per rank, no device_map (each rank loads its own share)."""
+    chunk = chosen.chunk
+    ledgers = []
+    for ledger in chosen.ledgers:
+        slot = ledger.slot
+        names = list(ledger.units)
+        ledgers.append(
+            Ledger(
+                device=slot.device, capacity=slot.capacity, headroom=slot.headroom, reserve=ledger.reserve,
+                weights=ledger.weights, kv_cache=ledger.kv_cache, activations=ledger.activations, staging=0,
+                total=ledger.total, free=ledger.free, modules=[names[0], names[-1]] if names else [],
+                communication=ledger.communication, rank=slot.rank, node=slot.node,
+            )
+        )
+    decisions = [Decision(id=d.id, decision=d.decision, reason=d.reason, source=d.source) for d in runtime.decisions]
+    decisions.append(decision)
+    layout = chosen.layout
+    if layout.pp > 1:
+        counts = ", ".join(str(end - start) for start, end in layout.stages)
+        split = "transformers' even split (PipelineStage.layer_range_for_rank: the last stage takes the remainder)"
+        if layout.engine == "vllm":
+            split = "vLLM's split (get_pp_indices: the remainder on the stages before the last), pinned by VLLM_PP_LAYER_PARTITION"
+        decisions.append(Decision(id="parallel.pipeline-split", decision=f"layers per stage: {counts}",
+                                  reason=f"{split}; every rank's ledger is that stage's layers",
+                                  source="transformers distributed/pipeline_parallel.py; vllm distributed/utils.py"))
+    if layout.tp > 1:
+        support = graph.parallel
+        split = []
+        if support.heads_sharded or layout.engine == "vllm":
+            split.append(f"{graph.shapes.num_attention_heads // layout.tp} of {graph.shapes.num_attention_heads} query heads")
+        if support.kv_heads_sharded or layout.engine == "vllm":
+            kv = graph.shapes.num_key_value_heads
+            split.append(f"{max(1, kv // layout.tp)} of {kv} KV heads")
+        split.append("1/" + str(layout.tp) + " of the feed-forward, embedding and head")
+        decisions.append(Decision(
+            id="parallel.tensor-split", decision=f"each of {layout.tp} ranks holds " + ", ".join(split),
+            reason="the model's own TP plan (base_model_tp_plan/_tp_plan) read on the meta model: what it splits is "
+            "sharded, norms and what it does not name are replicated; heads and KV heads divide the group size",
+            source="transformers distributed/tensor_parallel.py",
+        ))
+    if chunk:
+        decisions.append(Decision(
+            id="generation.prefill-chunk", decision=f"prefill_chunk_size {chunk}",
+            reason=f"a whole-prompt prefill of {spec.workload.max_seq_len} tokens does not fit a rank's activation "
+            f"budget; {chunk} is the largest power-of-two chunk that does",
+            source="transformers GenerationConfig.prefill_chunk_size; field-notes section 2",
+        ) if not spec.workload.prefill_chunk_size else Decision(
+            id="generation.prefill-chunk", decision=f"prefill_chunk_size {chunk}", reason="set by the spec",
+            source="spec.workload.prefill_chunk_size"))
+    gpu_ledgers = [l for l in ledgers if isinstance(l.device, int)]
+    devices = [
+        Device(index=g.index, name=g.name, memory=g.memory, compute_capability=g.compute_capability,
+               bandwidth=g.bandwidth, catalogue=g.catalogue, node=node.index)
+        for node in inventory.all_nodes()
+        for g in node.gpus
+    ]
+    return Plan(
+        format_version=FORMAT_VERSION,  # the parallel section and the per-rank ledgers are 1.1 fields
+        inputs=Inputs(spec_sha256=spec.sha256(), config_sha256=model.config_sha256, weights=model.weights,
+                      packages=packages, versions=spec.policy.versions),
+        model=ModelInfo(id=model.id, path=model.path, config=model.config_path, revision=spec.model.revision,
+                        trust_remote_code=spec.model.trust_remote_code, architecture=graph.architecture,
+                        model_type=graph.model_type, config_class=graph.config_class, parameters=graph.parameters,
+                        weight_bytes=graph.weight_bytes),
+        devices=devices,
+        host=Host(cpu_memory=inventory.cpu_memory, disk=disk),
+        workload=_lock_workload(spec),
+        dtype=runtime.dtype,
+        device_map={},
+        max_memory={},
+        no_split_module_classes=list(graph.no_split_module_classes),
+        skip_keys=list(graph.skip_keys),
+        tied_parameters=[list(group) for group in graph.tied_parameters],
+        attention=Attention(attn_implementation=runtime.attn_implementation, sdpa_backends=list(runtime.sdpa_backends),
+                            per_device={str(k): v for k, v in sorted(runtime.backend_per_gpu.items())}),
+        env=dict(sorted(runtime.env.items())),
+        generation=Generation(prefill_chunk_size=chunk, experts_implementation=runtime.experts_implementation),
+        memory=ledgers,
+        objective=Objective(
+            name=spec.policy.objective,
+            decode_ms_per_token=round(chosen.ms, 3),
+            peak_utilisation=round(max(((l.total + l.headroom) / l.capacity for l in gpu_ledgers), default=0.0), 4),
+        ),
+        decisions=decisions,
+        parallel=parallel,
+    ).sealed()
+
+
+def _lock_workload(spec: Spec) -> LockWorkload:
+    wl = spec.workload
+    return LockWorkload(batch_size=wl.batch_size, max_seq_len=wl.max_seq_len,
+                        images_per_sequence=wl.images_per_sequence, image_size=wl.image_size)
+
+
+def _uses_1_1_fields(spec: Spec, graph) -> bool:
+    return bool(graph.config_class or spec.workload.images_per_sequence or spec.workload.image_size)
 
 
 def _check_images(spec: Spec, graph) -> None:
@@ -260,7 +476,7 @@ def _check_images(spec: Spec, graph) -> None:
         raise SpecError(
             f"workload.images_per_sequence is {wl.images_per_sequence} but {graph.architecture} has no vision tower"
         )
-    graph.vision.patches_per_image(_workload(spec, wl.batch_size, wl.max_seq_len, None))
+    graph.vision.patches_per_image(_workload(spec, wl.batch_size, wl.max_seq_len))
 
 
 def _model_decisions(graph) -> list[Decision]:
@@ -292,7 +508,7 @@ def _model_decisions(graph) -> list[Decision]:
                 id="model.vision",
                 decision=f"vision tower ({', '.join(graph.vision.towers)}) placed as units ahead of the decoder layers",
                 reason="the tower runs once per prefill over the prompt's images; its blocks are placement units "
-                "like decoder layers, and the ledger holds one block's activations for every image of the batch",
+                "like decoder layers, and the ledger holds its activations for every image of the batch",
                 source="planc.model.vision",
             )
         )
@@ -393,6 +609,8 @@ def _assemble(spec, inventory, model: ModelInput, packages, disk, graph, runtime
         max_memory["cpu"] = inventory.cpu_memory
     gpu_ledgers = [l for l in ledgers if isinstance(l.device, int)]
     return Plan(
+        # model.config_class and the workload's images are 1.1 fields; a plan without them stays 1.0.
+        format_version=FORMAT_VERSION if _uses_1_1_fields(spec, graph) else BASE_FORMAT_VERSION,
         inputs=Inputs(
             spec_sha256=spec.sha256(),
             config_sha256=model.config_sha256,
@@ -418,12 +636,7 @@ def _assemble(spec, inventory, model: ModelInput, packages, disk, graph, runtime
             for g in inventory.gpus
         ],
         host=Host(cpu_memory=inventory.cpu_memory, disk=disk),
-        workload=LockWorkload(
-            batch_size=spec.workload.batch_size,
-            max_seq_len=spec.workload.max_seq_len,
-            images_per_sequence=spec.workload.images_per_sequence,
-            image_size=spec.workload.image_size,
-        ),
+        workload=_lock_workload(spec),
         dtype=runtime.dtype,
         device_map=dict(placement.device_of),
         max_memory=max_memory,
@@ -511,16 +724,20 @@ def compile_spec(spec_path: str | Path, lock_path: str | Path | None = None, pro
     inventory = resolve_inventory(spec.hardware)
     location = locate_model(spec, spec_path.parent, lock_path.parent, progress=progress)
     disk = (
-        _relative((spec_path.parent / spec.hardware.disk).resolve(), lock_path.parent.resolve())
-        if spec.hardware.disk
+        _relative((spec_path.parent / inventory.disk).resolve(), lock_path.parent.resolve())
+        if inventory.disk
         else None
     )
     plan = compile_plan(spec, inventory, location.model, installed_packages(), disk, build_model_graph)
     return plan, dump_lock(plan, regenerate_command(spec_path, lock_path))
 
 
-def check_lock(spec_path: str | Path, lock_path: str | Path | None = None) -> list[str]:
-    """What makes the committed lock stale, from recorded inputs only (no torch). Empty list = fresh."""
+def check_lock(spec_path: str | Path, lock_path: str | Path | None = None, packages: bool = True) -> list[str]:
+    """What makes the committed lock stale, from recorded inputs only (no torch). Empty list = fresh.
+
+    `packages=False` leaves the installed planc/torch/transformers/accelerate out of it: for an
+    environment that is not the one the plan runs in (pre-commit's own).
+    """
     spec_path = Path(spec_path)
     lock_path = Path(lock_path) if lock_path else default_lock_path(spec_path)
     if not lock_path.exists():
@@ -537,11 +754,12 @@ def check_lock(spec_path: str | Path, lock_path: str | Path | None = None) -> li
         before, after = set(plan.inputs.weights), set(location.model.weights)
         names = sorted((before ^ after) | {n for n in before & after if plan.inputs.weights[n] != location.model.weights[n]})
         changes.append("weight files changed: " + ", ".join(names))
-    installed = installed_packages()
-    for name in ("planc", "torch", "transformers", "accelerate"):
-        locked, now = getattr(plan.inputs.packages, name), getattr(installed, name)
-        if locked != now:
-            changes.append(f"{name} {locked} -> {now}")
+    if packages:
+        installed = installed_packages()
+        for name in ("planc", "torch", "transformers", "accelerate"):
+            locked, now = getattr(plan.inputs.packages, name), getattr(installed, name)
+            if locked != now:
+                changes.append(f"{name} {locked} -> {now}")
     return changes
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 from itertools import groupby
@@ -44,14 +45,73 @@ class DetectedMachine:
 
     gpus: tuple[DetectedGpu, ...]
     cpu_memory: int  # bytes of RAM
+    # Per-pair GPU links as `nvidia-smi topo -m` writes them (X, NV18, PIX, SYS, ...), in CUDA order;
+    # None when nvidia-smi cannot tell (no GPUs, no nvidia-smi, UUIDs in CUDA_VISIBLE_DEVICES).
+    links: tuple[tuple[str, ...], ...] | None = None
 
 
-def detect_machine() -> DetectedMachine:
-    """Detect GPUs (nvidia-smi first, then torch.cuda) and total RAM; no GPU found gives an empty tuple."""
+def detect_machine(topology: bool = False) -> DetectedMachine:
+    """Detect GPUs (nvidia-smi first, then torch.cuda) and total RAM; no GPU found gives an empty tuple.
+
+    `topology` also reads the links between the GPUs (`nvidia-smi topo -m`).
+    """
     gpus = _gpus_from_nvidia_smi()
     if gpus is None:
         gpus = _gpus_from_torch()
-    return DetectedMachine(gpus=gpus, cpu_memory=psutil.virtual_memory().total)
+    links = _links_from_nvidia_smi(len(gpus)) if topology and len(gpus) > 1 else None
+    return DetectedMachine(gpus=gpus, cpu_memory=psutil.virtual_memory().total, links=links)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_GPU_NAME = re.compile(r"^GPU(\d+)$")
+_LINK = re.compile(r"^(X|NV\d+|PIX|PXB|PHB|NODE|SYS|SOC)$")
+
+
+def parse_topology(text: str) -> tuple[tuple[str, ...], ...] | None:
+    """The GPU-to-GPU block of `nvidia-smi topo -m` output (NIC columns and rows, affinity columns and the
+    legend ignored); None when the text holds no readable matrix. SOC, the old name of SYS, reads as SYS."""
+    lines = [_ANSI.sub("", line).rstrip() for line in text.splitlines()]
+    start = next((i for i, line in enumerate(lines) if line.split()[:1] == ["GPU0"]), None)
+    if start is None:
+        return None
+    header = lines[start].split()
+    count = 0
+    while count < len(header) and _GPU_NAME.match(header[count]) and int(header[count][3:]) == count:
+        count += 1
+    rows: dict[int, tuple[str, ...]] = {}
+    for line in lines[start + 1 :]:
+        fields = line.split()
+        if not fields or not (match := _GPU_NAME.match(fields[0])) or fields[0] == line.strip():
+            continue
+        cells = fields[1 : count + 1]
+        if len(cells) != count or not all(_LINK.match(cell) for cell in cells):
+            return None
+        rows[int(match.group(1))] = tuple("SYS" if cell == "SOC" else cell for cell in cells)
+    if sorted(rows) != list(range(count)) or count == 0:
+        return None
+    matrix = tuple(rows[i] for i in range(count))
+    if any(matrix[i][i] != "X" or matrix[i][j] != matrix[j][i] for i in range(count) for j in range(count)):
+        return None
+    return matrix
+
+
+def _links_from_nvidia_smi(visible_count: int) -> tuple[tuple[str, ...], ...] | None:
+    try:
+        result = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True,
+                                timeout=NVIDIA_SMI_TIMEOUT_S, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    matrix = parse_topology(result.stdout) if result.returncode == 0 else None
+    if matrix is None:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        # nvidia-smi numbers every GPU; CUDA renumbers the visible ones from 0.
+        chosen = [int(token) for token in visible.split(",") if token.strip().isdigit()][:visible_count]
+        if len(chosen) != visible_count or max(chosen, default=0) >= len(matrix):
+            return None
+        matrix = tuple(tuple(matrix[i][j] for j in chosen) for i in chosen)
+    return matrix if len(matrix) == visible_count else None
 
 
 def match_catalogue(gpu: DetectedGpu) -> GpuModel | None:
@@ -77,6 +137,10 @@ def machine_as_spec_yaml(machine: DetectedMachine) -> str:
         for entry, group in groupby(entries):
             lines.extend(_entry_lines(entry, count=len(list(group))))
     lines.append(f"  cpu_memory: {machine.cpu_memory // GiB}GiB")
+    if machine.links is not None:
+        lines.append("  interconnect:  # nvidia-smi topo -m: NV<n> = n NVLinks; PIX/PXB/PHB/NODE/SYS = PCIe paths")
+        lines.append("    links:")
+        lines.extend(f"      - [{', '.join(row)}]" for row in machine.links)
     return "\n".join(lines) + "\n"
 
 

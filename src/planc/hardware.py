@@ -1,8 +1,9 @@
 """GPU catalogue (data/gpus.yaml) and the resolution of a spec's hardware into an inventory.
 
-The inventory is a flat list of GPUs in CUDA order. Several nodes would become a list of
-such inventories (`hardware.nodes`), each with its own CPU and disk; the solver already
-works on a device list, so a distributed runner adds an outer level rather than a rewrite.
+The inventory's `gpus`, `cpu_memory` and `disk` are the first node's: what one process (an
+accelerate device_map) can use, and what the single-node solver works on. `nodes` lists every
+node, the first included, with its links (`hardware.interconnect`); `network` joins them. The
+strategy layer (planc.parallel) reads those to plan ranks across GPUs and nodes.
 """
 
 from __future__ import annotations
@@ -57,10 +58,39 @@ class Gpu:
 
 
 @dataclass(frozen=True)
+class Node:
+    """One machine: its GPUs (CUDA order), RAM, offload folder and the links between its GPUs."""
+
+    index: int
+    gpus: tuple[Gpu, ...]
+    cpu_memory: int
+    disk: str | None
+    # Per-pair link codes as `nvidia-smi topo -m` writes them (X, NV18, PIX, SYS, ...); None when
+    # the spec does not say, which the strategy layer reads as PCIe.
+    links: tuple[tuple[str, ...], ...] | None = None
+    interconnect: str | None = None  # the spec's shorthand (nvswitch, nvlink, pcie), when it used one
+    cpu_ranks: int | None = None  # CPU-only node: ranks a distributed plan runs here
+
+
+@dataclass(frozen=True)
+class Network:
+    """Between nodes: bandwidth per node and direction (bytes/s), latency of one message (ns)."""
+
+    bandwidth: int
+    latency_ns: int
+
+
+@dataclass(frozen=True)
 class Inventory:
     gpus: tuple[Gpu, ...]
     cpu_memory: int
     disk: str | None
+    nodes: tuple[Node, ...] = ()  # every node, the first being gpus/cpu_memory/disk above
+    network: Network | None = None
+
+    def all_nodes(self) -> tuple[Node, ...]:
+        """The nodes; an inventory built without them is its own single node."""
+        return self.nodes or (Node(0, self.gpus, self.cpu_memory, self.disk),)
 
 
 def _normalise(text: str) -> str:
@@ -106,10 +136,9 @@ def lookup_gpu(text: str) -> GpuModel:
     raise SpecError(f"unknown GPU type {text!r}; closest: {hint}")
 
 
-def resolve_inventory(hardware) -> Inventory:
-    """Turn a spec's `hardware` into numbered GPUs (catalogue entries looked up, counts expanded)."""
+def _resolve_gpus(entries) -> tuple[Gpu, ...]:
     gpus: list[Gpu] = []
-    for entry in hardware.gpus:
+    for entry in entries:
         for _ in range(entry.count):
             if hasattr(entry, "type"):
                 model = lookup_gpu(entry.type)
@@ -117,4 +146,36 @@ def resolve_inventory(hardware) -> Inventory:
             else:
                 gpu = Gpu(len(gpus), entry.name, entry.memory, entry.compute_capability, entry.bandwidth, None)
             gpus.append(gpu)
-    return Inventory(gpus=tuple(gpus), cpu_memory=hardware.cpu_memory, disk=hardware.disk)
+    return tuple(gpus)
+
+
+def _resolve_node(index: int, node) -> Node:
+    gpus = _resolve_gpus(node.gpus)
+    where = "hardware" if index == 0 else f"hardware.nodes.{index}"
+    if node.cpu_ranks is not None and gpus:
+        raise SpecError(f"{where}.cpu_ranks: only for a CPU-only node (this one has {len(gpus)} GPUs: one rank each)")
+    links = None
+    shorthand = None
+    if isinstance(node.interconnect, str):
+        shorthand = node.interconnect
+    elif node.interconnect is not None:
+        links = tuple(tuple(row) for row in node.interconnect.links)
+        if len(links) != len(gpus):
+            raise SpecError(
+                f"{where}.interconnect.links: a {len(links)} x {len(links)} matrix for {len(gpus)} GPUs"
+            )
+    return Node(index, gpus, node.cpu_memory, node.disk, links, shorthand, node.cpu_ranks)
+
+
+def resolve_inventory(hardware) -> Inventory:
+    """Turn a spec's `hardware` into numbered GPUs per node (catalogue entries looked up, counts expanded)."""
+    nodes = tuple(_resolve_node(i, node) for i, node in enumerate(hardware.node_list()))
+    network = hardware.network
+    first = nodes[0]
+    return Inventory(
+        gpus=first.gpus,
+        cpu_memory=first.cpu_memory,
+        disk=first.disk,
+        nodes=nodes,
+        network=Network(network.bandwidth, network.latency) if network is not None else None,
+    )

@@ -40,6 +40,9 @@ DEFAULT_CUBLAS_WORKSPACE = 64 * MiB
 DEFAULT_ALLOCATOR_SLACK = 0.10
 # Python + torch + transformers resident in the process before any weight is loaded.
 CPU_PROCESS_RESERVE = 1 * GiB
+# NCCL communicator buffers of a rank in a distributed plan, outside torch's allocator: NCCL_BUFFSIZE
+# (4 MiB) per channel and protocol, a few channels per peer on NVLink; 2 x 4 MiB x 32 channels.
+NCCL_COMMUNICATOR = 256 * MiB
 
 # Bandwidths for the decode-time estimate of offloaded and CPU-executed units (bytes/s).
 PCIE_BANDWIDTH = 25 * 10**9  # PCIe Gen4 x16 host-to-device, effective

@@ -30,6 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from planc.errors import LockError, TamperedLockError
 
 FORMAT_VERSION = "1.1"
+# What a plan that uses no field added since is written as, so its bytes do not move (a 1.1 field
+# sets format_version to FORMAT_VERSION where the compiler fills it in).
+BASE_FORMAT_VERSION = "1.0"
 DeviceKey = Union[int, Literal["cpu", "disk"]]
 
 
@@ -101,6 +104,7 @@ class Device(_Lock):
     compute_capability: str
     bandwidth: int = Field(description="Memory bandwidth, bytes/s.")
     catalogue: str | None = Field(None, description="Catalogue key the entry came from, if any.")
+    node: int = optional("Node the GPU is on (index in hardware.nodes); 0, and omitted, on one node.", 0)
 
 
 class Host(_Lock):
@@ -145,12 +149,55 @@ class Ledger(_Lock):
     total: int = Field(description="reserve + weights + kv_cache + activations + staging, bytes.")
     free: int = Field(description="capacity - headroom - total, bytes.")
     modules: list[str] = Field(description="First and last module placed here, in execution order.")
+    communication: int = optional(
+        "Collective buffers of a distributed rank (NCCL communicator, all-reduce and all-gather outputs), bytes.", 0
+    )
+    rank: int | None = optional("The distributed rank this ledger is for (tensor/pipeline plans).")
+    node: int = optional("Node of the rank's device; 0, and omitted, on one node.", 0)
 
 
 class Objective(_Lock):
     name: Literal["latency", "balance"]
     decode_ms_per_token: float = Field(description="Predicted decode time per token (memory-bound estimate), ms.")
     peak_utilisation: float = Field(description="Highest (total + headroom) / capacity over GPUs.")
+
+
+class Rank(_Lock):
+    rank: int = Field(description="Global rank (torch.distributed RANK).")
+    node: int = Field(description="Node it runs on (index in hardware.nodes).")
+    device: DeviceKey = Field(description="CUDA index on its node (LOCAL_RANK), or cpu.")
+    stage: int = Field(description="Pipeline stage.")
+    layers: list[int] = Field(description="[first, last + 1) of the decoder layers its stage runs.")
+
+
+class StrategyOption(_Lock):
+    strategy: str = Field(description="device_map, tensor, pipeline or tensor x pipeline.")
+    engine: Literal["accelerate", "transformers", "vllm"]
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    fits: bool
+    decode_ms_per_token: float | None = Field(None, description="Predicted decode time per token, ms (when planned).")
+    detail: str = Field(description="The prediction by part, or why the strategy was not planned.")
+
+
+class NodeHost(_Lock):
+    index: int
+    gpus: int = Field(description="GPUs on the node (ranks on it: one per GPU, or cpu_ranks).")
+    cpu_memory: int = Field(description="CPU RAM the node's ranks may use, bytes.")
+    ranks: int = Field(description="Ranks the plan runs on this node.")
+
+
+class Parallel(_Lock):
+    """How the plan spreads over processes: the chosen strategy, its ranks, and what else was weighed."""
+
+    strategy: Literal["device_map", "tensor", "pipeline", "tensor x pipeline"]
+    engine: Literal["accelerate", "transformers", "vllm"]
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    backend: str | None = Field(None, description="torch.distributed backend of the ranks: nccl (GPUs) or gloo (CPU).")
+    ranks: list[Rank] = Field(default_factory=list)
+    nodes: list[NodeHost] = Field(default_factory=list)
+    considered: list[StrategyOption] = Field(description="Every strategy weighed, the chosen one included.")
 
 
 class Decision(_Lock):
@@ -163,7 +210,7 @@ class Decision(_Lock):
 class Plan(_Lock):
     """A compiled deployment plan (the contents of plan.lock)."""
 
-    format_version: str = FORMAT_VERSION
+    format_version: str = BASE_FORMAT_VERSION
     inputs: Inputs
     model: ModelInfo
     devices: list[Device]
@@ -184,26 +231,22 @@ class Plan(_Lock):
     memory: list[Ledger]
     objective: Objective
     decisions: list[Decision]
+    parallel: Parallel | None = optional(
+        "Strategy of a plan that weighed more than one way to spread the model (tensor, pipeline, several nodes)."
+    )
     plan_hash: str = ""
 
     def sealed(self) -> "Plan":
-        """A copy with format_version and plan_hash filled in: the lowest version whose fields the plan
-        uses (a plan without newer features reads in older planc and keeps its bytes), and the hash of
-        the document `dump_lock` writes."""
-        versioned = self.model_copy(update={"format_version": self.lowest_format_version()})
-        return versioned.model_copy(update={"plan_hash": document_sha256(versioned.model_dump(mode="json"))})
-
-    def lowest_format_version(self) -> str:
-        """1.1 added model.config_class and workload images; everything else is 1.0."""
-        uses_1_1 = (
-            self.model.config_class is not None
-            or self.workload.images_per_sequence != 0
-            or self.workload.image_size is not None
-        )
-        return "1.1" if uses_1_1 else "1.0"
+        """A copy with plan_hash filled in: the hash of the document `dump_lock` writes."""
+        return self.model_copy(update={"plan_hash": document_sha256(self.model_dump(mode="json"))})
 
     def gpu_indices(self) -> list[int]:
         return [device.index for device in self.devices]
+
+    @property
+    def distributed(self) -> bool:
+        """Runs as several processes (torch.distributed ranks) rather than one accelerate device_map."""
+        return self.parallel is not None and self.parallel.strategy != "device_map"
 
 
 class _LockDumper(yaml.SafeDumper):

@@ -13,7 +13,8 @@ from planc.plan import Plan
 from planc.units import GiB
 
 BAR_WIDTH = 30
-PARTS = (("weights", "blue"), ("kv_cache", "magenta"), ("activations", "yellow"), ("staging", "cyan"), ("reserve", "red"))
+PARTS = (("weights", "blue"), ("kv_cache", "magenta"), ("activations", "yellow"), ("staging", "cyan"), ("communication", "green"),
+         ("reserve", "red"))
 
 
 def _console() -> Console:
@@ -28,11 +29,14 @@ def _g(n: int) -> str:
     return f"{n / GiB:.2f}"
 
 
-def _device_label(plan: Plan, key) -> str:
+def _device_label(plan: Plan, key, ledger=None) -> str:
+    node = ledger.node if ledger is not None else 0
+    prefix = f"rank {ledger.rank} " if ledger is not None and ledger.rank is not None else ""
+    where = f" (node {node})" if node else ""
     if isinstance(key, int):
-        device = next(d for d in plan.devices if d.index == key)
-        return f"GPU {key} {device.name}"
-    return str(key)
+        device = next(d for d in plan.devices if d.index == key and d.node == node)
+        return f"{prefix}GPU {key} {device.name}{where}"
+    return f"{prefix}{key}{where}"
 
 
 def _bar(ledger) -> Text:
@@ -53,17 +57,39 @@ def _bar(ledger) -> Text:
 
 
 def ledger_table(plan: Plan) -> Table:
-    table = Table(title="Memory per device (GiB)", title_justify="left")
-    for column in ("device", "layers", "weights", "KV", "activ.", "staging", "reserve", "free", "capacity"):
+    distributed = plan.distributed
+    title = "Memory per rank (GiB)" if distributed else "Memory per device (GiB)"
+    table = Table(title=title, title_justify="left")
+    middle = ("comm.",) if distributed else ("staging",)
+    for column in ("device", "layers", "weights", "KV", "activ.", *middle, "reserve", "free", "capacity"):
         table.add_column(column, justify="left" if column in ("device", "layers") else "right")
     table.add_column("use", no_wrap=True)
     for ledger in plan.memory:
         layers = " .. ".join(ledger.modules) if ledger.modules else "-"
         free = Text(_g(ledger.free), style="red" if ledger.free < 0 else "")
         table.add_row(
-            _device_label(plan, ledger.device), layers, _g(ledger.weights), _g(ledger.kv_cache),
-            _g(ledger.activations), _g(ledger.staging), _g(ledger.reserve),
+            _device_label(plan, ledger.device, ledger), layers, _g(ledger.weights), _g(ledger.kv_cache),
+            _g(ledger.activations), _g(ledger.communication if distributed else ledger.staging), _g(ledger.reserve),
             free if ledger.device != "disk" else "-", _g(ledger.capacity) if ledger.capacity else "-", _bar(ledger),
+        )
+    return table
+
+
+def strategies_table(plan: Plan) -> Table:
+    """Every strategy the compiler weighed, its predicted decode time or why it was not planned."""
+    parallel = plan.parallel
+    table = Table(title="Strategies weighed (decode time per token, predicted)", title_justify="left")
+    for column in ("", "strategy", "engine", "TP", "PP", "ms/token", "detail"):
+        table.add_column(column, justify="right" if column in ("TP", "PP", "ms/token") else "left",
+                         overflow="fold" if column == "detail" else "ellipsis")
+    for option in parallel.considered:
+        chosen = (option.strategy, option.tensor_parallel_size, option.pipeline_parallel_size) == (
+            parallel.strategy, parallel.tensor_parallel_size, parallel.pipeline_parallel_size)
+        table.add_row(
+            "->" if chosen else "", option.strategy, option.engine, str(option.tensor_parallel_size),
+            str(option.pipeline_parallel_size),
+            f"{option.decode_ms_per_token:.2f}" if option.decode_ms_per_token is not None else "-",
+            Text(option.detail, style="" if option.fits else "dim"),
         )
     return table
 
@@ -88,6 +114,15 @@ def show_plan(plan: Plan, console: Console | None = None) -> None:
         f"{plan.objective.decode_ms_per_token:.2f} ms/token predicted, peak utilisation "
         f"{plan.objective.peak_utilisation:.0%}"
     )
+    if plan.parallel is not None:
+        console.print(strategies_table(plan))
+        parallel = plan.parallel
+        if plan.distributed:
+            nodes = len({rank.node for rank in parallel.ranks})
+            console.print(
+                f"strategy: {parallel.strategy} on {parallel.engine}, {len(parallel.ranks)} ranks"
+                + (f" on {nodes} nodes" if nodes > 1 else "") + f" ({parallel.backend})"
+            )
     console.print(ledger_table(plan))
     console.print(
         f"attention: {plan.attention.attn_implementation}, SDPA backends {', '.join(plan.attention.sdpa_backends)}"
@@ -163,8 +198,9 @@ def show_simulation(report, console: Console | None = None) -> None:
         planned = device.planned
         colour = {"fits": "green", "out of memory": "red"}.get(device.verdict, "yellow")
         parts = [planned["weights"], planned["kv_cache"], planned["activations"]] + ([planned["staging"]] if staging else [])
+        short = device.name.removeprefix("NVIDIA ").removeprefix("Tesla ")
         table.add_row(
-            f"GPU {device.index} {device.name.removeprefix('NVIDIA ').removeprefix('Tesla ')}",
+            short if device.name.startswith("rank ") else f"GPU {device.index} {short}",
             *(_g(part) for part in parts), _g(device.planned_tensors), _g(device.simulated_peak),
             f"{device.ledger_error:+.1%}", _g(device.simulated_total), _g(device.budget), _g(device.capacity),
             Text(device.verdict, style=colour),
@@ -182,3 +218,127 @@ def show_simulation(report, console: Console | None = None) -> None:
     if report.error:
         console.print(f"[red]execution failed:[/red] {report.error}")
     console.print("[green]ok[/green]: ran to the end, every GPU within its capacity" if report.ok else "[red]not ok[/red]")
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if value >= 1 else f"{value:.3f}"
+
+
+def _tokens(n: int, cap: int | None = None) -> str:
+    if not n:
+        return "none"
+    return f"{n:,}+" if cap is not None and n >= cap else f"{n:,}"  # the search stops at its cap
+
+
+def show_fit(report, console: Console | None = None) -> None:
+    """`planc fit`: the catalogue cards that fit, the spec's inventory's envelope, and what would fit."""
+    console = console or _console()
+    console.print(
+        f"[bold]{report.architecture}[/bold] {report.parameters / 1e9:.2f}B params, "
+        f"{report.weight_bytes / GiB:.1f} GiB in {report.dtype}; batch {report.batch_size} x "
+        f"{report.max_seq_len} tokens"
+    )
+    order = "cheapest first" if report.priced else "by total memory"
+    table = Table(title=f"Fewest cards that fit, on the GPUs alone (1 to {report.max_gpus} per node, {order})",
+                  title_justify="left")
+    columns = ["card", "count", "memory (GiB)", "dtype", "ms/token", "peak", "prefill chunk"]
+    if report.priced:
+        columns.append("price")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("card", "dtype") else "right")
+    for fit in report.cards:
+        if fit.count is None:
+            continue
+        row = [fit.card.key, str(fit.count), f"{fit.total_memory / GiB:.0f}", fit.dtype, _ms(fit.decode_ms_per_token),
+               f"{fit.peak_utilisation:.0%}", str(fit.prefill_chunk_size or "whole")]
+        if report.priced:
+            row.append("-" if fit.price is None else f"{fit.price:g}")
+        table.add_row(*row)
+    if table.row_count:
+        console.print(table)
+    else:
+        console.print(f"No catalogue card fits in {report.max_gpus} per node.")
+    misses = [fit for fit in report.cards if fit.count is None]
+    if misses:
+        console.print(f"[dim]do not fit in {report.max_gpus}:[/dim]")
+        need = [fit for fit in misses if fit.weights_need]
+        if need:
+            console.print(f"[dim]  the weights alone need more cards: "
+                          + ", ".join(f"{fit.card.key} {fit.weights_need}" for fit in need) + "[/dim]")
+        for fit in misses:
+            if not fit.weights_need:
+                console.print(f"[dim]  {fit.card.key}: {fit.reason}[/dim]")
+
+    own = report.inventory
+    where = ", ".join(f"{count} x {name}" for name, count in _counted(own.gpus)) or "CPU only"
+    if own.fits:
+        chunk = f", prefill chunk {own.prefill_chunk_size}" if own.prefill_chunk_size else ""
+        if own.gpus:
+            offload = f", {own.offloaded_units} units offloaded" if own.offloaded_units else ""
+            where_it_runs = f"peak utilisation {own.peak_utilisation:.0%}{chunk}{offload}"
+        else:
+            where_it_runs = f"on the CPU{chunk}"
+        console.print(
+            f"\nThis spec's inventory ({where}): [green]fits[/green], {_ms(own.decode_ms_per_token)} ms/token "
+            f"predicted, {where_it_runs}"
+        )
+    else:
+        console.print(f"\nThis spec's inventory ({where}): [red]does not fit[/red]")
+    by_batch = Table(title=f"Largest context (of {report.context_limit:,})", title_justify="left", min_width=34)
+    by_batch.add_column("batch", justify="right")
+    by_batch.add_column("max_seq_len", justify="right")
+    for batch, seq in own.largest_context:
+        by_batch.add_row(str(batch), _tokens(seq))
+    by_context = Table(title="Largest batch", title_justify="left", min_width=24)
+    by_context.add_column("max_seq_len", justify="right")
+    by_context.add_column("batch", justify="right")
+    for seq, batch in own.largest_batch:
+        by_context.add_row(f"{seq:,}", _tokens(batch, report.max_batch))
+    grid = Table.grid(padding=(0, 4))
+    grid.add_row(by_batch, by_context)
+    console.print(grid)
+    if report.remedies:
+        table = Table(title="Would fit", title_justify="left")
+        table.add_column("kind")
+        table.add_column("change in the spec", no_wrap=True)
+        table.add_column("", overflow="fold")
+        for remedy in report.remedies:
+            change = remedy.change or Text("not available", style="dim")
+            table.add_row(remedy.kind, change, Text(remedy.detail, style="dim"))
+        console.print(table)
+
+
+def _counted(names: list[str]) -> list[tuple[str, int]]:
+    """Consecutive equal names as (name, count), in order."""
+    out: list[tuple[str, int]] = []
+    for name in names:
+        if out and out[-1][0] == name:
+            out[-1] = (name, out[-1][1] + 1)
+        else:
+            out.append((name, 1))
+    return out
+
+
+def show_diff(diff, console: Console | None = None) -> None:
+    """`planc diff`: one table per section, removed in red, added in green."""
+    console = console or _console()
+    if diff.identical:
+        console.print(f"{diff.old} and {diff.new}: no differences (plan_hash {diff.new_hash})")
+        return
+    count = diff.change_count()
+    console.print(f"[bold]{diff.old}[/bold] -> [bold]{diff.new}[/bold]: {count} change{'s' if count != 1 else ''}")
+    for section in diff.sections:
+        table = Table(title=section.title, title_justify="left", title_style="bold")
+        table.add_column("")
+        table.add_column("before", overflow="fold")
+        table.add_column("after", overflow="fold")
+        notes = any(change.note for change in section.changes)
+        if notes:
+            table.add_column("", style="dim")
+        for change in section.changes:
+            before = Text("(none)", style="dim") if change.before is None else Text(change.before, style="red")
+            after = Text("(none)", style="dim") if change.after is None else Text(change.after, style="green")
+            table.add_row(change.subject, before, after, *([change.note] if notes else []))
+        console.print(table)

@@ -626,6 +626,8 @@ def simulate_plan(
     from accelerate.utils import find_tied_parameters, retie_parameters
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    if plan.distributed:
+        return _simulate_ranks(plan, lock_dir, batch_size, max_seq_len, decode_steps)
     started = time.perf_counter()
     _ensure_virtual_device()
     batch = batch_size or plan.workload.batch_size
@@ -709,4 +711,182 @@ def simulate_plan(
         elapsed_seconds=time.perf_counter() - started,
         error=error,
         notes=notes,
+    )
+
+
+# ---------------------------------------------------------------- tensor-parallel ranks
+
+
+def _shard_tensor_parallel(model, ranks: int, device: str) -> None:
+    """Give every parameter and buffer the shape one of `ranks` TP ranks holds, as fake tensors on `device`.
+
+    The split follows the model's own TP plan with the same dimension table the ledger uses
+    (planc.model.graph.TP_SHARD_DIM): ceil(dim / N) rows of a split dimension, the rest whole.
+    """
+    import torch
+
+    from planc.model.graph import TP_SHARD_DIM
+
+    expanded = model._expand_parallel_plan(dict(model.tp_plan))
+    made: dict[int, Any] = {}
+    for module_name, module in model.named_modules():
+        for registry in (module._parameters, module._buffers):
+            for local_name, tensor in list(registry.items()):
+                if tensor is None:
+                    continue
+                if id(tensor) not in made:
+                    full_name = f"{module_name}.{local_name}" if module_name else local_name
+                    style = expanded.get(full_name)
+                    shape = list(tensor.shape)
+                    rule = TP_SHARD_DIM.get(style) if registry is module._parameters else None
+                    dim = rule(full_name, tensor.dim()) if rule is not None else None
+                    if dim is not None:
+                        shape[dim] = -(-shape[dim] // ranks)
+                    fresh = torch.empty(shape, dtype=tensor.dtype, device=device)
+                    made[id(tensor)] = torch.nn.Parameter(fresh, requires_grad=False) if registry is module._parameters else fresh
+                registry[local_name] = made[id(tensor)]
+
+
+def _install_collectives(model, ranks: int) -> list:
+    """Forward hooks that allocate what the TP styles' collectives allocate.
+
+    In transformers' inference path a rowwise Linear and the experts all-reduce their output in
+    place (nothing new); a vocab-parallel embedding's redistribute returns a new tensor; a gathered
+    output (the head) is all-gathered into a tensor the full width of the output.
+    """
+    import torch
+
+    from planc.model.graph import TP_COLLECTIVE
+
+    expanded = model._expand_parallel_plan(dict(model.tp_plan))
+    modules = dict(model.named_modules())
+    handles = []
+    for name, style in expanded.items():
+        module = modules.get(name)
+        kind = TP_COLLECTIVE.get(style)
+        if module is None or kind is None:
+            continue
+        if kind == "all_gather":
+            def gather(module, args, output):
+                return torch.empty(*output.shape[:-1], output.shape[-1] * ranks, dtype=output.dtype, device=output.device)
+
+            handles.append(module.register_forward_hook(gather))
+        elif style.startswith("embedding"):
+            handles.append(module.register_forward_hook(lambda module, args, output: torch.empty_like(output)))
+    return handles
+
+
+def _simulate_one_rank(plan: Plan, lock_dir: Path, ranks: int, key: str, backends: list[str] | None, batch: int,
+                       seq: int, chunk: int | None, decode_steps: int, notes: list[str]):
+    """One rank's run on virtual device `key`: ((prefill, decode, cache, weights, overall) peaks, error)."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    model = _build_meta_model(plan, lock_dir)
+    tracker = _make_tracker()
+    stack = _ModuleStack(model)
+    handles = []
+    error = None
+    prefill_peak, decode_peak, cache_held, weights = {}, {}, {}, {}
+    try:
+        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True), tracker:
+            _shard_tensor_parallel(model, ranks, key)
+            if getattr(model.config, "_experts_implementation", None) == "eager" and _bound_eager_experts(model):
+                notes.append("eager MoE experts: each loop simulated at its worst iteration (one expert, every token)")
+            handles = _install_collectives(model, ranks)
+            tracker.start_phase()
+            weights = dict(tracker.current)
+            tracker.pinned = False
+            with _make_device_shims({key: backends} if backends else {}):
+                cache, prefill_peak, decode_peak = _run_generation(model, batch, seq, chunk, decode_steps, key, tracker)
+            cache_held = _cache_bytes(cache)
+            del cache
+    except Exception as exc:  # noqa: BLE001 - any failure of the run is the plan's finding
+        error = _execution_error(exc, stack.innermost())
+    finally:
+        for handle in handles:
+            handle.remove()
+        stack.remove()
+    peaks = (prefill_peak.get(key, 0), decode_peak.get(key, 0), cache_held.get(key, 0), weights.get(key, 0),
+             tracker.peak.get(key, 0))
+    return peaks, error
+
+
+def _rank_backends(plan: Plan, rank, key: str) -> dict[str, list[str]]:
+    """The SDPA backends a rank's calls may take: its GPU's as in a one-process plan; a CPU rank the enabled
+    ones (PyTorch's CPU flash kernel first), as a CPU-only plan."""
+    if plan.attention.attn_implementation != "sdpa":
+        return {}
+    enabled = list(plan.attention.sdpa_backends)
+    if not isinstance(rank.device, int):
+        return {key: enabled}
+    backend = plan.attention.per_device.get(str(rank.device), "math")
+    later = enabled[enabled.index(backend) + 1 :] if backend in enabled else []
+    return {key: [backend, *later]}
+
+
+def _simulate_ranks(plan: Plan, lock_dir: Path, batch_size, max_seq_len, decode_steps: int) -> SimulationReport:
+    """Each rank of a tensor-parallel plan on a virtual device of its own: its share of every tensor, the
+    collectives' outputs allocated, the same prefill and decode steps as a one-process simulation."""
+    from planc.memory import NCCL_COMMUNICATOR
+
+    parallel = plan.parallel
+    if parallel.strategy != "tensor":
+        raise ModelError(
+            f"planc simulate executes device_map and tensor-parallel plans; this one is {parallel.strategy} "
+            f"(its ranks' ledgers are in `planc show`)"
+        )
+    started = time.perf_counter()
+    _ensure_virtual_device()
+    batch = batch_size or plan.workload.batch_size
+    seq = max_seq_len or plan.workload.max_seq_len
+    chunk = plan.generation.prefill_chunk_size
+    notes = [f"{len(parallel.ranks)} tensor-parallel ranks, one virtual device each; collectives allocate their outputs"]
+    if (batch, seq) != (plan.workload.batch_size, plan.workload.max_seq_len):
+        notes.append(f"ran batch {batch} x {seq} tokens; the planned figures are the lock's")
+    ledgers = {ledger.rank: ledger for ledger in plan.memory}
+    devices = []
+    error = None
+    fake_logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_logger.level
+    fake_logger.setLevel(logging.CRITICAL)
+    try:
+        # Every rank is given ceil(dim / N) of each split dimension, so ranks on the same kind of device
+        # with the same attention backend run the same shapes: one run stands for all of them.
+        runs: dict[tuple, tuple] = {}
+        for rank in parallel.ranks:
+            ledger = ledgers[rank.rank]
+            key = _vgpu(rank.rank)
+            name = next((d.name for d in plan.devices if d.index == rank.device and d.node == rank.node), "CPU rank")
+            backends = _rank_backends(plan, rank, "device")
+            kind = (name, tuple(backends.get("device", ())))
+            if kind not in runs:
+                runs[kind] = _simulate_one_rank(plan, lock_dir, parallel.tensor_parallel_size, key, backends.get("device"),
+                                                batch, seq, chunk, decode_steps, notes)
+                if len(runs) == 1 and len(parallel.ranks) > 1:
+                    notes.append(f"rank {rank.rank}'s run stands for every rank on the same device kind (same shapes)")
+            peaks, error = runs[kind]
+            prefill_peak, decode_peak, cache_held, weights, peak = peaks
+            # NCCL's communicator lives outside torch's allocator, like the CUDA context: with the reserve.
+            nccl = NCCL_COMMUNICATOR if isinstance(rank.device, int) else 0
+            planned = {part: getattr(ledger, part) for part in LEDGER_PARTS}
+            planned["reserve"] += nccl
+            devices.append(
+                DeviceSimulation(
+                    index=rank.rank, name=f"rank {rank.rank} " + name, capacity=ledger.capacity,
+                    budget=ledger.capacity - ledger.headroom, planned=planned,
+                    simulated_peak=peak, simulated_prefill_peak=prefill_peak,
+                    simulated_decode_peak=decode_peak, simulated_weights=weights,
+                    simulated_kv_cache=cache_held,
+                )
+            )
+            if error:
+                error = f"rank {rank.rank}: {error}"
+                break
+    finally:
+        fake_logger.setLevel(level)
+    return SimulationReport(
+        architecture=plan.model.architecture, dtype=plan.dtype, batch_size=batch, max_seq_len=seq,
+        prefill_chunk_size=chunk, decode_steps=decode_steps, devices=devices, host_peak=0,
+        elapsed_seconds=time.perf_counter() - started, error=error, notes=list(dict.fromkeys(notes)),
     )

@@ -114,6 +114,7 @@ class _Problem:
     costs: dict  # backend -> unit -> UnitCost
     orders: list = field(init=False)  # GPU orders up to identical cards
     masks: dict = field(init=False)  # backend -> (main device, other devices) mask bytes
+    evaluators: dict = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.orders = _orders(self.gpus) if self.gpus else [()]
@@ -123,6 +124,15 @@ class _Problem:
 
     def cost(self, backend: str, name: str):
         return self.costs[backend][name]
+
+    def evaluator(self, main: Target, offloaded: list[str]) -> "_Evaluator":
+        """One evaluator per main card and offloaded suffix, kept for the whole solve (its segment
+        rows are what the cap bisection re-reads)."""
+        key = (main.capacity, main.headroom, main.bandwidth, main.backend, main.gpu, len(offloaded))
+        ev = self.evaluators.get(key)
+        if ev is None:
+            ev = self.evaluators[key] = _Evaluator(self, main, offloaded)
+        return ev
 
 
 def _split_chain(graph: ModelGraph) -> tuple[list[str], dict[str, str], int]:
@@ -164,6 +174,8 @@ class _Evaluator:
             extra.add(problem.cost(main.backend, name))
         extra.staging = max((problem.cost(main.backend, n).weights for n in offloaded), default=0)
         self.main_extra = extra
+        self.placeable = len(problem.chain) - len(offloaded)
+        self._rows: dict[tuple, list[tuple[int, int, float]]] = {}
 
     def ledger(self, target: Target, names: Sequence[str], is_main: bool) -> DeviceLedger:
         load = self.start(target, is_main)
@@ -198,6 +210,30 @@ class _Evaluator:
     def seg_cost(self, target: Target, name: str) -> int:
         """Decode time of one unit on a GPU, in picoseconds (integers add exactly)."""
         return -(-self.p.cost(target.backend, name).decode_bytes * PICO // target.bandwidth)
+
+    def row(self, target: Target, is_main: bool, start: int) -> list[tuple[int, int, float]]:
+        """(end, decode cost, utilisation) of the segment chain[start:end] on `target`, for every end
+        while it fits. The DP reads these for each cap of the bisection and each GPU order, and
+        identical cards share them, so each segment is costed once per solve."""
+        key = (target.capacity, target.headroom, target.bandwidth, target.backend, target.gpu, is_main, start)
+        row = self._rows.get(key)
+        if row is not None:
+            return row
+        row = []
+        load = self.start(target, is_main)
+        cost = 0
+        for end in range(start + 1, self.placeable + 1):
+            name = self.p.chain[end - 1]
+            self.add(load, target, name)
+            cost += self.seg_cost(target, name)
+            # Rounded so that placements equal up to float noise (sums in another order)
+            # tie on utilisation and are told apart by decode time.
+            util = round(self.total(load, target) / target.budget, 9)
+            if util > 1.0:
+                break  # a longer segment only holds more
+            row.append((end, cost, util))
+        self._rows[key] = row
+        return row
 
 
 def _offload_split(problem: _Problem, offloaded: list[str], main: Target | None):
@@ -290,7 +326,7 @@ def _solve_fixed(problem: _Problem, order: tuple[Target, ...], m: int, cap: floa
         return (0, offload_cost, 0.0, [], (on_cpu, on_disk)) if n == 0 else None
     if n < problem.head:
         return None  # the main GPU holds every unit before the first layer
-    ev = _Evaluator(problem, main, offloaded)
+    ev = problem.evaluator(main, offloaded)
     k = len(order)
     # best[i]: (cost, util) having placed chain[:i] on the devices so far; parents for the path.
     best: list[tuple[int, float] | None] = [None] * (n + 1)
@@ -303,18 +339,10 @@ def _solve_fixed(problem: _Problem, order: tuple[Target, ...], m: int, cap: floa
             if best[i] is None:
                 continue
             base_cost, base_util = best[i]
-            load = ev.start(target, j == 0)
-            seg_cost = 0
             if j > 0:
                 _relax(new, parent, i, i, base_cost, base_util)  # this GPU stays unused
-            for end in range(i + 1, n + 1):
-                name = chain[end - 1]
-                ev.add(load, target, name)
-                seg_cost += ev.seg_cost(target, name)
-                # Rounded so that placements equal up to float noise (sums in another order)
-                # tie on utilisation and are told apart by decode time.
-                util = round(ev.total(load, target) / target.budget, 9)
-                if util > cap or util > 1.0:
+            for end, seg_cost, util in ev.row(target, j == 0, i):
+                if util > cap:
                     break
                 if j == 0 and end < problem.head:
                     continue
@@ -362,14 +390,56 @@ def _best(problem: _Problem, m: int, cap: float):
     return best
 
 
+def _fits_fixed(problem: _Problem, order: tuple[Target, ...], m: int) -> bool:
+    """Whether some split of the chain prefix over `order` fits with the last m units offloaded.
+
+    Greedy is exact here: a segment that fits still fits without its first units (every ledger
+    term is a sum or a max over its units), so filling each card as far as it goes reaches at
+    least as far as any other split.
+    """
+    n = len(problem.chain) - m
+    offloaded = problem.chain[n:]
+    main = order[0] if order else None
+    if _offload_split(problem, offloaded, main) is None:
+        return False
+    if not order or n < problem.head:
+        return not order and n == 0  # without GPUs all is offloaded; with them the main GPU runs the pre-layer units
+    ev = problem.evaluator(main, offloaded)
+    reached = 0
+    for j, target in enumerate(order):
+        row = ev.row(target, j == 0, reached)
+        if row:
+            reached = row[-1][0]
+        if j == 0 and reached < problem.head:
+            return False
+        if reached == n:
+            return True
+    return False
+
+
 def _min_offload(problem: _Problem, allow_offload: bool) -> int | None:
+    """The fewest units offloaded for which some placement fits, or None."""
     n = len(problem.chain)
-    if not problem.gpus:
-        return n if _best(problem, n, INF) else None
-    for m in range(0, (n if allow_offload else 0) + 1):
-        if _best(problem, m, INF) is not None:
+    candidates = range(0, (n if allow_offload else 0) + 1) if problem.gpus else [n]
+    for m in candidates:
+        if any(_fits_fixed(problem, order, m) for order in problem.orders):
             return m
     return None
+
+
+def _problem(graph, gpus, cpu, disk, workload, reserve, objective) -> _Problem:
+    chain, pinned, head = _split_chain(graph)
+    backends = sorted({t.backend for t in gpus} | ({cpu.backend} if cpu else set()))
+    return _Problem(graph, gpus, cpu, disk, workload, reserve, objective, chain, pinned, head,
+                    unit_costs(graph, workload, backends))
+
+
+def feasible(
+    graph: ModelGraph, gpus: list[Target], cpu: Target | None, disk: Target | None, workload: Workload, reserve: Reserve
+) -> bool:
+    """Whether `solve` would find a placement: its first step alone, without choosing the best one."""
+    problem = _problem(graph, gpus, cpu, disk, workload, reserve, "latency")
+    return _min_offload(problem, allow_offload=cpu is not None) is not None
 
 
 def solve(
@@ -382,34 +452,48 @@ def solve(
     objective: str,
 ) -> Placement | Infeasible:
     """Place the graph's units; cpu/disk are None when the policy forbids them."""
-    chain, pinned, head = _split_chain(graph)
-    backends = sorted({t.backend for t in gpus} | ({cpu.backend} if cpu else set()))
-    problem = _Problem(graph, gpus, cpu, disk, workload, reserve, objective, chain, pinned, head,
-                       unit_costs(graph, workload, backends))
+    problem = _problem(graph, gpus, cpu, disk, workload, reserve, objective)
     m = _min_offload(problem, allow_offload=cpu is not None)
     if m is None:
         return _closest(problem)
     best = _best(problem, m, INF)
     if problem.gpus:
         # Tighten the utilisation cap while the primary objective holds (latency), or as far as
-        # it stays feasible (balance): the secondary objective of the lexicographic order.
+        # it stays feasible (balance): the secondary objective of the lexicographic order. A
+        # placement's peak is the utilisation of one of its segments, so the tightest cap is one
+        # of those values: a binary search over them (monotone: a looser cap only admits more).
         primary = best[0][0]
-        lo, hi = 0.0, best[0][1]
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            found = _best(problem, m, mid)
-            if found is not None and (objective == "balance" or found[0][0] == primary):
-                best, hi = found, found[0][1]
+
+        def holds(found) -> bool:
+            return found is not None and (objective == "balance" or found[0][0] == primary)
+
+        caps = sorted(u for u in _segment_utilisations(problem, m) if u <= best[0][1])
+        lo, hi = 0, len(caps) - 1  # caps[hi] is the peak of `best`: it holds
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if holds(_best(problem, m, caps[mid])):
+                hi = mid
             else:
-                lo = mid
-            if hi - lo < 1e-9:
-                break
-        # Re-solve at the tightest cap: among placements at the best peak utilisation, the DP
-        # returns the least decode time (a cap found on the way may have admitted a worse one).
-        final = _best(problem, m, hi)
-        if final is not None and (objective == "balance" or final[0][0] == primary):
+                lo = mid + 1
+        # At the tightest cap, among placements at the best peak utilisation, the DP returns the
+        # least decode time.
+        final = _best(problem, m, caps[hi])
+        if holds(final):
             best = final
     return _placement(problem, best, m)
+
+
+def _segment_utilisations(problem: _Problem, m: int) -> set[float]:
+    """Every utilisation a segment of a placement with m units offloaded can have."""
+    offloaded = problem.chain[len(problem.chain) - m:]
+    found: set[float] = set()
+    for main in {order[0] for order in problem.orders}:
+        ev = problem.evaluator(main, offloaded)
+        found.update(util for _, _, util in ev.row(main, True, 0))
+        for target in problem.gpus:
+            for start in range(ev.placeable):
+                found.update(util for _, _, util in ev.row(target, False, start))
+    return found
 
 
 def _placement(problem: _Problem, best, m: int) -> Placement:

@@ -16,16 +16,24 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from planc.errors import SpecError
-from planc.units import parse_bandwidth, parse_size
+from planc.units import parse_bandwidth, parse_duration, parse_size
 
 SPEC_FORMAT = 1
 
 Bytes = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
 BytesPerSecond = Annotated[int, BeforeValidator(parse_bandwidth), Field(gt=0)]
+Nanoseconds = Annotated[int, BeforeValidator(parse_duration), Field(ge=0)]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def added(default, description: str, **kwargs):
+    """A field added after spec format 1 shipped: left out of the canonical JSON while it holds its
+    default, so the spec_sha256 of every spec that does not use it (and every lock made from one)
+    stays what it was."""
+    return Field(default, description=description, exclude_if=lambda value: value == default, **kwargs)
 
 
 class ModelSource(_Strict):
@@ -80,12 +88,110 @@ GpuEntry = Annotated[
 ]
 
 
+LinkKind = Literal["nvswitch", "nvlink", "pcie"]
+LINK_CODE = r"^(X|NV[0-9]+|PIX|PXB|PHB|NODE|SYS|SOC)$"
+
+
+class Topology(_Strict):
+    """Per-pair links between one node's GPUs, as `nvidia-smi topo -m` prints them (`planc detect` writes this)."""
+
+    links: list[list[Annotated[str, Field(pattern=LINK_CODE)]]] = Field(
+        description="Square matrix in CUDA order: X on the diagonal; NV<n> = n bonded NVLinks; PIX, PXB, PHB, "
+        "NODE, SYS = PCIe paths (same switch, several switches, host bridge, within a NUMA node, across sockets)."
+    )
+
+    @model_validator(mode="after")
+    def _square(self) -> "Topology":
+        size = len(self.links)
+        for i, row in enumerate(self.links):
+            if len(row) != size:
+                raise ValueError(f"links: row {i} has {len(row)} entries for {size} GPUs")
+            if row[i] != "X":
+                raise ValueError(f"links: entry [{i}][{i}] must be X (a GPU to itself)")
+            for j, code in enumerate(row):
+                if j != i and code == "X":
+                    raise ValueError(f"links: X off the diagonal at [{i}][{j}]")
+                if code != self.links[j][i]:
+                    raise ValueError(f"links: [{i}][{j}] is {code} but [{j}][{i}] is {self.links[j][i]}")
+        return self
+
+
+def _interconnect_kind(value: Any) -> str:
+    return "topology" if isinstance(value, (dict, Topology)) else "kind"
+
+
+# Tagged by shape, so a malformed matrix reports its own error rather than "not one of nvswitch, ...".
+Interconnect = Annotated[
+    Union[Annotated[LinkKind, Tag("kind")], Annotated[Topology, Tag("topology")]],
+    Discriminator(_interconnect_kind),
+]
+INTERCONNECT_DESCRIPTION = (
+    "How this node's GPUs reach each other: nvswitch (every pair at the card's full NVLink bandwidth), nvlink "
+    "(directly bridged or meshed, links shared among the peers), pcie, or the per-pair {links: ...} topology "
+    "that `planc detect` reads from nvidia-smi. Unset: PCIe is assumed, and tensor parallelism is not planned."
+)
+
+
+class Node(_Strict):
+    """One machine of a multi-node inventory."""
+
+    gpus: list[GpuEntry] = Field(default_factory=list, description="This node's GPUs in PCI bus order.")
+    cpu_memory: Bytes = Field(description="CPU RAM the run may use on this node, in bytes (or e.g. 2TiB).")
+    disk: str | None = Field(None, description="Offload folder on this node, relative to the spec file.")
+    interconnect: Interconnect | None = added(None, INTERCONNECT_DESCRIPTION)
+    cpu_ranks: int | None = added(
+        None, "CPU-only node: how many ranks (processes) a tensor- or pipeline-parallel plan runs here, e.g. one "
+        "per socket; they share cpu_memory evenly.", ge=1
+    )
+
+
+class Network(_Strict):
+    """The links between nodes (InfiniBand, RoCE, Ethernet)."""
+
+    bandwidth: BytesPerSecond = Field(
+        description="Bandwidth per node and direction in bytes/s (e.g. 400GB/s for 8 x 400 Gb/s NICs, 50GB/s for one)."
+    )
+    latency: Nanoseconds = Field(description="One small message between two nodes, in ns (or e.g. 5us).")
+
+
 class Hardware(_Strict):
-    """The machine the plan is for. GPU order is CUDA order (CUDA_DEVICE_ORDER=PCI_BUS_ID)."""
+    """The machine the plan is for. GPU order is CUDA order (CUDA_DEVICE_ORDER=PCI_BUS_ID).
+
+    One node is written with gpus / cpu_memory / disk / interconnect here; several nodes as `nodes`.
+    """
 
     gpus: list[GpuEntry] = Field(default_factory=list, description="GPUs in PCI bus order; empty for a CPU-only plan.")
-    cpu_memory: Bytes = Field(description="CPU RAM the run may use, in bytes (or e.g. 64GiB).")
+    cpu_memory: Bytes | None = added(None, "CPU RAM the run may use, in bytes (or e.g. 64GiB); per node under `nodes`.")
     disk: str | None = Field(None, description="Offload folder for `offload: disk`, relative to the spec file.")
+    interconnect: Interconnect | None = added(None, INTERCONNECT_DESCRIPTION)
+    cpu_ranks: int | None = added(
+        None, "CPU-only plan: how many ranks (processes) a tensor- or pipeline-parallel plan runs, e.g. one per "
+        "socket; they share cpu_memory evenly.", ge=1
+    )
+    nodes: list[Node] | None = added(
+        None, "Several machines, each with its GPUs, CPU memory and disk (instead of gpus / cpu_memory here).",
+        min_length=1,
+    )
+    network: Network | None = added(None, "Links between the nodes; required with two or more nodes.")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "Hardware":
+        if self.nodes is not None:
+            flat = [key for key in ("gpus", "cpu_memory", "disk", "interconnect", "cpu_ranks") if getattr(self, key)]
+            if flat:
+                raise ValueError(f"give the nodes' {', '.join(flat)} inside `nodes`, not beside it")
+            if len(self.nodes) > 1 and self.network is None:
+                raise ValueError("network: required with several nodes (bandwidth per node, latency between nodes)")
+        elif self.cpu_memory is None:
+            raise ValueError("cpu_memory: field required")
+        return self
+
+    def node_list(self) -> list[Node]:
+        """The nodes of either form: `nodes`, or this block as the one node."""
+        if self.nodes is not None:
+            return list(self.nodes)
+        return [Node(gpus=self.gpus, cpu_memory=self.cpu_memory, disk=self.disk, interconnect=self.interconnect,
+                     cpu_ranks=self.cpu_ranks)]
 
 
 class Workload(_Strict):
@@ -141,6 +247,12 @@ class Policy(_Strict):
         description="How `planc run` compares torch/transformers/accelerate to the lock: exact version, "
         "or same major.minor.",
     )
+    parallelism: Literal["auto", "device_map", "tensor", "pipeline"] = added(
+        "auto",
+        "auto: the fastest predicted strategy that fits (accelerate's device_map in one process; transformers "
+        "tensor parallelism within an NVLink/NVSwitch island; transformers pipeline parallelism across nodes; "
+        "vLLM for tensor x pipeline); device_map, tensor or pipeline: only that strategy.",
+    )
 
 
 class Spec(_Strict):
@@ -162,7 +274,7 @@ class Spec(_Strict):
 
 def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
-    where = ".".join(str(part) for part in err["loc"] if part not in ("catalogue", "explicit"))
+    where = ".".join(str(part) for part in err["loc"] if part not in ("catalogue", "explicit", "kind", "topology"))
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         message = "unknown key"

@@ -52,6 +52,24 @@ def parse_bandwidth(value: int | float | str) -> int:
     return parse_size(value)
 
 
+_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ns|us|µs|ms|s)\s*$")
+_DURATION_UNITS = {"ns": 1, "us": 10**3, "µs": 10**3, "ms": 10**6, "s": 10**9}
+
+
+def parse_duration(value: int | float | str) -> int:
+    """Parse a duration as whole nanoseconds: a number of nanoseconds, or a number with ns/us/ms/s ("5us")."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0 or not float(value).is_integer():
+            raise ValueError(f"duration in nanoseconds must be a whole, non-negative number: {value!r}")
+        return int(value)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError(f"not a duration: {value!r} (write e.g. 5us, 0.02ms or a count of nanoseconds)")
+    return int(round(float(match.group(1)) * _DURATION_UNITS[match.group(2)]))
+
+
 def gib(n_bytes: int | float) -> float:
     """Bytes as GiB, for messages and tables."""
     return n_bytes / GiB

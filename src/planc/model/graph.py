@@ -37,6 +37,23 @@ class Unit:
     row_bytes: int = 0  # an untied embedding table: a decode step reads one row per sequence, not the table
     shapes: Shapes | None = None  # this layer's own numbers where the config varies them by layer; else the model's
     vision: bool = False  # the vision tower or its projector: runs once per prefill over the images
+    # Under the model's tensor-parallel plan: (size of the split dimension, bytes) per tensor the
+    # plan shards across ranks (the rest of the unit is replicated), and (kind, elements per
+    # token) per collective its forward makes ("all_reduce" of partial sums, "all_gather" of shards).
+    tp_shards: tuple[tuple[int, int], ...] = ()
+    tp_collectives: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class ParallelSupport:
+    """What transformers' tensor and pipeline parallelism can do with this model, read from the meta model."""
+
+    tp_plan: bool  # model.supports_tp_plan: a base_model_tp_plan or _tp_plan exists
+    tp_unsized_styles: tuple[str, ...]  # TP styles in the plan whose sharding planc does not know
+    heads_sharded: bool  # query projections are split by head (num_attention_heads must divide)
+    kv_heads_sharded: bool  # key/value projections are split by head: the KV cache is too
+    pp_refusal: str | None  # why transformers' pipeline split cannot run this model; None when it can
+    pp_units: tuple[str, str, str] = ("", "", "")  # the embedding, final norm and head units PP moves
 
 
 @dataclass(frozen=True)
@@ -63,6 +80,7 @@ class ModelGraph:
     def shapes_of(self, unit: Unit) -> Shapes:
         """The numbers a unit's formulas use: its own where the config varies them by layer."""
         return unit.shapes or self.shapes
+    parallel: ParallelSupport | None = None
 
     @property
     def weight_bytes(self) -> int:
@@ -358,7 +376,7 @@ def build_model_graph(config_dict: dict[str, Any], dtype: str, trust_remote_code
             experts = sum(_tensor_bytes(t) for t in unique if t.dim() == 3)
             layers.append(
                 Unit(name, weight, "layer", layer_index, caches[layer_index], experts > 0, experts,
-                     shapes=per_layer[layer_index] if per_layer[layer_index] is not shapes else None)
+                     shapes=per_layer[layer_index] if per_layer[layer_index] != shapes else None)
             )
             layer_index += 1
         elif is_post(name, module):
@@ -380,6 +398,7 @@ def build_model_graph(config_dict: dict[str, Any], dtype: str, trust_remote_code
     units = tuple(pre + layers + post)
     decoder_pre = [u.name for u in pre if not u.vision and not any(u.name.startswith(t + ".") for t in towers)]
     position_limit = _position_limit(model, decoder_pre, text_config(config))
+    units, parallel = _parallel_support(model, units, layer_prefix)
 
     import networkx as nx
 
@@ -420,4 +439,140 @@ def build_model_graph(config_dict: dict[str, Any], dtype: str, trust_remote_code
         config_class=None if known_model_type(config_dict["model_type"]) else type(config).__name__,
         vision=vision_of(config, vision_towers),
         position_limit=position_limit,
+        parallel=parallel,
     )
+
+
+# How each transformers TP style (transformers/distributed/tensor_parallel.py, the shard_param of
+# its class) splits a parameter: the dimension, given the parameter's name and number of
+# dimensions, or None for a replicated one. Styles absent here are refused, not guessed.
+def _colwise(name: str, ndim: int):
+    return ndim - 2 if ndim >= 2 else 0
+
+
+def _rowwise(name: str, ndim: int):
+    return None if name.endswith("bias") else ndim - 1
+
+
+def _packed_rowwise(name: str, ndim: int):
+    return None if ndim == 1 else ndim - 1
+
+
+def _replicated(name: str, ndim: int):
+    return None
+
+
+TP_SHARD_DIM = {
+    "colwise": _colwise,
+    "colwise_gather_output": _colwise,
+    "colwise_rep": _colwise,
+    "packed_colwise": _colwise,
+    "rowwise": _rowwise,
+    "rowwise_rep": _rowwise,
+    "rowwise_split_input": _rowwise,
+    "packed_rowwise": _packed_rowwise,
+    "embedding_rowwise": lambda name, ndim: 0,
+    "embedding_colwise": lambda name, ndim: 1,
+    "replicated_with_grad_allreduce": _replicated,
+    "replicate": _replicated,
+    "all_reduce": _replicated,
+    "moe_tp_experts": _replicated,
+    "moe_identity_expert": _replicated,
+    "mla_kv_a_proj": _replicated,
+    "local_params": _replicated,
+    "sequence_parallel": _replicated,
+}
+# The collective a module style's forward ends with (transform_output_post_forward): rowwise
+# outputs are partial sums all-reduced; gathered outputs are all-gathered; vocab-parallel
+# embeddings all-reduce their masked lookups.
+TP_COLLECTIVE = {
+    "rowwise": "all_reduce",
+    "rowwise_rep": "all_reduce",
+    "rowwise_split_input": "all_reduce",
+    "all_reduce": "all_reduce",
+    "moe_tp_experts": "all_reduce",
+    "embedding_rowwise": "all_reduce",
+    "embedding_colwise": "all_gather",
+    "colwise_gather_output": "all_gather",
+    "colwise_rep": "all_gather",
+}
+QUERY_PROJECTIONS = ("q_proj", "q_b_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn")
+KEY_PROJECTIONS = ("k_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn")
+
+
+def _parallel_support(model, units: tuple[Unit, ...], layer_prefix: str) -> tuple[tuple[Unit, ...], ParallelSupport]:
+    """Units with their TP shards and collectives, and what TP and PP can run (both read on the meta model)."""
+    from dataclasses import replace
+
+    tp_plan = bool(model.supports_tp_plan)
+    expanded: dict[str, str] = {}
+    if tp_plan and hasattr(model, "_expand_parallel_plan"):
+        expanded = model._expand_parallel_plan(dict(model.tp_plan))
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    modules = dict(model.named_modules())
+    hidden = getattr(model.config.get_text_config(decoder=True), "hidden_size", 0)
+    unsized = sorted({style for style in expanded.values() if style not in TP_SHARD_DIM})
+    shards: dict[str, list[tuple[int, int]]] = {}
+    collectives: dict[str, list[tuple[str, int]]] = {}
+    names = sorted((unit.name for unit in units), key=len, reverse=True)
+
+    def owner(name: str) -> str | None:
+        return next((u for u in names if u == "" or name == u or name.startswith(u + ".")), None)
+
+    seen: set[int] = set()
+    for name, style in expanded.items():
+        unit = owner(name)
+        if unit is None or style not in TP_SHARD_DIM:
+            continue
+        if name in parameters:
+            tensor = parameters[name]
+            dim = TP_SHARD_DIM[style](name, tensor.dim())
+            if dim is not None and id(tensor) not in seen:
+                seen.add(id(tensor))
+                shards.setdefault(unit, []).append((tensor.shape[dim], _tensor_bytes(tensor)))
+        elif name in modules and style in TP_COLLECTIVE:
+            module = modules[name]
+            width = getattr(module, "out_features", None) or getattr(module, "embedding_dim", None) or hidden
+            collectives.setdefault(unit, []).append((TP_COLLECTIVE[style], int(width)))
+    units = tuple(
+        replace(unit, tp_shards=tuple(shards.get(unit.name, ())), tp_collectives=tuple(collectives.get(unit.name, ())))
+        for unit in units
+    )
+    modules_with = lambda suffixes: any(  # noqa: E731
+        expanded.get(name) in ("colwise", "packed_colwise") and name.rsplit(".", 1)[-1] in suffixes
+        for name in expanded
+        if name in modules
+    )
+    return units, ParallelSupport(
+        tp_plan=tp_plan,
+        tp_unsized_styles=tuple(unsized),
+        heads_sharded=modules_with(QUERY_PROJECTIONS),
+        kv_heads_sharded=modules_with(KEY_PROJECTIONS),
+        pp_refusal=_pp_refusal(model, layer_prefix),
+        pp_units=_pp_units(model),
+    )
+
+
+def _pp_units(model) -> tuple[str, str, str]:
+    prefix = model.base_model_prefix
+    return (f"{prefix}.embed_tokens", f"{prefix}.norm", "lm_head")
+
+
+def _pp_refusal(model, layer_prefix: str) -> str | None:
+    """transformers' apply_pipeline_parallelism replaces `base_model.layers[i]`, `embed_tokens`, `norm` and
+    `lm_head` by name; a model laid out otherwise cannot be split by it."""
+    prefix = model.base_model_prefix
+    base = getattr(model, prefix, None)
+    missing = [
+        f"{prefix}.{name}" for name in ("embed_tokens", "layers", "norm") if base is None or not hasattr(base, name)
+    ]
+    if not hasattr(model, "lm_head"):
+        missing.append("lm_head")
+    if missing:
+        return (
+            f"transformers' pipeline parallelism splits {prefix}.layers and moves {prefix}.embed_tokens, "
+            f"{prefix}.norm and lm_head by name; {type(model).__name__} has no {', '.join(missing)}"
+        )
+    if layer_prefix != f"{prefix}.layers":
+        return f"its decoder layers are {layer_prefix}.*, not {prefix}.layers.* where transformers' pipeline split looks"
+    return None

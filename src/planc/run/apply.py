@@ -1,7 +1,9 @@
 """Put the plan's settings in force: environment first (before CUDA initialises), then torch's switches.
 
 Both are context managers that restore what they changed, so a Python caller (a test, a notebook)
-gets its process back as it was; the CLI exits anyway.
+gets its process back as it was; the CLI exits anyway. With `keep=True` (planc.load, which hands
+the model to the caller's code) they stay in force after a successful block, and are restored
+only when the block fails: a refused load leaves the process as it found it.
 """
 
 from __future__ import annotations
@@ -25,17 +27,20 @@ SDPA_BACKENDS = {
 CUBLAS_WORKSPACE = ":4096:8"
 
 
-def plan_environment(plan: Plan) -> dict[str, str]:
-    """The variables the run sets: the lock's env, plus the cuBLAS workspace on GPU plans."""
+def plan_environment(plan: Plan, inherited: dict[str, str] | None = None) -> dict[str, str]:
+    """The variables the run sets: the lock's env, plus the cuBLAS workspace on GPU plans (a
+    workspace setting the process already has is kept). `inherited` defaults to os.environ; an
+    export passes {} to write the plan's own values."""
+    inherited = os.environ if inherited is None else inherited
     env = dict(plan.env)
     if plan.devices:
-        env.setdefault("CUBLAS_WORKSPACE_CONFIG", os.environ.get("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE))
+        env.setdefault("CUBLAS_WORKSPACE_CONFIG", inherited.get("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE))
     return env
 
 
 @contextmanager
-def applied_environment(plan: Plan) -> Iterator[dict[str, str]]:
-    """Set the plan's environment variables for the duration of the run.
+def applied_environment(plan: Plan, keep: bool = False) -> Iterator[dict[str, str]]:
+    """Set the plan's environment variables for the duration of the run (for good with `keep`).
 
     They must be in place before anything initialises CUDA, GPU detection included (the driver reads
     CUDA_DEVICE_ORDER and CUDA_VISIBLE_DEVICES once); a process that already did is refused rather
@@ -52,18 +57,25 @@ def applied_environment(plan: Plan) -> Iterator[dict[str, str]]:
             )
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
-    try:
-        yield env
-    finally:
+
+    def restore() -> None:
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
 
+    try:
+        yield env
+    except BaseException:
+        restore()
+        raise
+    if not keep:
+        restore()
+
 
 @contextmanager
-def torch_settings(plan: Plan) -> Iterator[None]:
+def torch_settings(plan: Plan, keep: bool = False) -> Iterator[None]:
     """Seed and deterministic algorithms (warn-only: an op without a deterministic kernel still runs)."""
     import torch
 
@@ -73,11 +85,18 @@ def torch_settings(plan: Plan) -> Iterator[None]:
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     torch.manual_seed(plan.generation.seed)
-    try:
-        yield
-    finally:
+
+    def restore() -> None:
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
+
+    try:
+        yield
+    except BaseException:
+        restore()
+        raise
+    if not keep:
+        restore()
 
 
 def sdpa_backends(plan: Plan) -> list:
@@ -101,3 +120,32 @@ def pinned_attention(plan: Plan) -> Iterator[None]:
         return
     with sdpa_kernel(backends, set_priority=True):
         yield
+
+
+def attach_plan(model, tokenizer, plan: Plan) -> None:
+    """Make a model handed to the caller carry the plan by itself: its generation_config holds the
+    plan's decoding settings (prefill chunk included), and each forward runs with only the plan's
+    SDPA backends (hooks on the model, so other models in the process keep torch's defaults)."""
+    from torch.nn.attention import sdpa_kernel
+
+    from planc.run.generate import generation_settings
+
+    for name, value in generation_settings(plan).items():
+        setattr(model.generation_config, name, value)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    backends = sdpa_backends(plan)
+    if not backends:
+        return
+    active: list = []
+
+    def pin(module, args):
+        context = sdpa_kernel(backends, set_priority=True)
+        context.__enter__()
+        active.append(context)
+
+    def unpin(module, args, output):
+        if active:
+            active.pop().__exit__(None, None, None)
+
+    model.register_forward_pre_hook(pin)
+    model.register_forward_hook(unpin, always_call=True)  # also when the forward raises

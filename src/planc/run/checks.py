@@ -40,20 +40,28 @@ class ModelCheck:
 
 
 def check_machine(
-    plan: Plan, lock_dir: Path, progress: Callable[[str, int, int], None] | None = None
+    plan: Plan,
+    lock_dir: Path,
+    progress: Callable[[str, int, int], None] | None = None,
+    node: int = 0,
+    rank=None,
 ) -> MachineCheck:
     """Every check against the plan; raises DriftError listing all mismatches at once.
 
     Call it with the plan's environment applied: GPU detection may initialise the CUDA driver.
-    `progress(name, done, total)` is told about weight hashing.
+    `progress(name, done, total)` is told about weight hashing. A distributed plan is checked for
+    one node (`node`), or for one rank's part of it (`rank`, a planc.run.distributed.RankContext):
+    its GPU, its node's RAM, the files.
     """
     from planc.compile import installed_packages
     from planc.detect import detect_machine
 
+    if rank is not None:
+        node = rank.node
     installed = installed_packages()
     machine = detect_machine()
     packages = package_mismatches(plan, installed)
-    mismatches = packages + gpu_mismatches(plan, machine) + cpu_mismatches(plan, machine)
+    mismatches = packages + gpu_mismatches(plan, machine, node, rank) + cpu_mismatches(plan, machine, node)
     files = model_file_check(plan, lock_dir, progress)
     mismatches += files.mismatches
     # The lock's placement against the model's structure: only meaningful for the config and the
@@ -61,12 +69,18 @@ def check_machine(
     if files.config_matches and not packages:
         mismatches += _structure_mismatches(plan, files.config)
     if mismatches:
-        raise DriftError(mismatches)
+        where = f"rank {rank.rank}: " if rank is not None else (f"node {node}: " if node else "")
+        raise DriftError([where + line for line in mismatches] if where else mismatches)
     return MachineCheck(files.folder, installed, [gpu.name for gpu in machine.gpus])
 
 
 def _structure_mismatches(plan: Plan, config: dict) -> list[str]:
     from planc.run.load import build_meta_model, structure_mismatches
+
+    if plan.distributed:
+        from planc.run.distributed import structure_mismatches as rank_structure
+
+        return rank_structure(plan, config)
 
     try:
         return structure_mismatches(plan, build_meta_model(plan, config))
@@ -93,12 +107,16 @@ def _major_minor(version: str) -> tuple[str, ...]:
     return tuple(version.split(".")[:2])
 
 
-def gpu_mismatches(plan: Plan, machine: DetectedMachine) -> list[str]:
-    """Count, name, compute capability and memory of each GPU the plan uses.
+def gpu_mismatches(plan: Plan, machine: DetectedMachine, node: int = 0, rank=None) -> list[str]:
+    """Count, name, compute capability and memory of each GPU the plan uses (on `node`; only the rank's own
+    GPU for a rank).
 
     Extra GPUs on the machine are fine: the plan addresses devices by index from 0.
     """
-    needed, present = plan.devices, machine.gpus
+    needed, present = [device for device in plan.devices if device.node == node], machine.gpus
+    if rank is not None:
+        own = plan.parallel.ranks[rank.rank].device
+        needed = [device for device in needed if device.index == own]
     if not needed:
         return []
     if not present:
@@ -110,8 +128,17 @@ def gpu_mismatches(plan: Plan, machine: DetectedMachine) -> list[str]:
             f"GPUs: plan {len(needed)} ({_names(d.name for d in needed)}), "
             f"machine {len(present)} ({_names(g.name for g in present)})"
         )
-    ledgers = {ledger.device: ledger for ledger in plan.memory if isinstance(ledger.device, int)}
-    for device, gpu in zip(needed, present):
+    ledgers: dict = {}
+    for ledger in plan.memory:
+        if isinstance(ledger.device, int) and ledger.node == node:
+            ledgers[ledger.device] = ledger
+    by_index = {gpu.index: gpu for gpu in present}
+    for device in needed:
+        gpu = by_index.get(device.index)
+        if gpu is None:
+            if rank is not None:  # the count line above only speaks for a whole node
+                mismatches.append(f"GPU {device.index}: plan {device.name}, machine has no GPU {device.index}")
+            continue
         where = f"GPU {device.index}"
         if not _same_card(device, gpu):
             mismatches.append(f"{where} model: plan {device.name}, machine {gpu.name}")
@@ -146,7 +173,7 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
-def cpu_mismatches(plan: Plan, machine: DetectedMachine) -> list[str]:
+def cpu_mismatches(plan: Plan, machine: DetectedMachine, node: int = 0) -> list[str]:
     """RAM against the CPU ledger's total.
 
     The spec's cpu_memory is a ceiling the user allowed the plan (often the whole machine, as
@@ -155,7 +182,7 @@ def cpu_mismatches(plan: Plan, machine: DetectedMachine) -> list[str]:
     CPU. Demanding the ceiling would refuse a machine with a few MiB less than the one the plan was
     written on, though the plan uses a fraction of it.
     """
-    needed = sum(ledger.total for ledger in plan.memory if ledger.device == "cpu")
+    needed = sum(ledger.total for ledger in plan.memory if ledger.device == "cpu" and ledger.node == node)
     if needed and machine.cpu_memory < needed:
         return [
             f"CPU memory: plan needs {fmt_gib(needed, 2)} (CPU ledger total), "

@@ -14,7 +14,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from planc.errors import SpecError
+from planc.errors import SpecError, UsageError
 from planc.plan import Plan, load_lock
 from planc.run.generate import Completion
 from planc.run.session import Session, open_session
@@ -56,12 +56,16 @@ def run_plan(
     check_only: bool = False,
     quiet: bool = False,
     images: list[Path] = (),
+    node_rank: int | None = None,
+    master_addr: str | None = None,
+    master_port: int | None = None,
 ) -> RunOutcome:
     """Execute the plan in `lock_path` exactly, or raise DriftError/RunError/LockError naming why not.
 
     max_new_tokens None means 32, or the record's with `expect`; with `expect` and no prompts, the
     record's prompts are replayed. `images` (files) are shown with every prompt, through the model
-    folder's processor.
+    folder's processor. A tensor- or pipeline-parallel plan starts its ranks with torch's launcher
+    (planc.run.distributed); node_rank / master_addr / master_port place this node in a multi-node one.
     """
     from planc.run import record as records
     from planc.run.generate import check_batch, read_images, read_prompts
@@ -80,6 +84,20 @@ def run_plan(
     pictures = read_images(list(images), plan) if not check_only else []
     request = _Request(prompt_list, max_new_tokens or DEFAULT_MAX_NEW_TOKENS, as_json, record, expected, quiet, pictures)
     console = make_console()
+    rank = None
+    if plan.distributed and pictures:
+        raise UsageError("image prompts run on device_map plans only; this plan is tensor/pipeline parallel")
+    if plan.distributed:
+        from planc.run import distributed
+
+        rank = distributed.rank_context(plan)
+        if rank is None:
+            distributed.refuse_unrunnable(plan, lock_path)
+            if check_only:
+                return _check_only(plan, lock_path, request, console, node_rank or 0)
+            arguments = distributed.run_arguments(list(prompts), prompt_file, max_new_tokens, as_json, record, expect)
+            code = distributed.launch(plan, lock_path, arguments, node_rank, master_addr, master_port, quiet)
+            return RunOutcome(code)
     if check_only:
         return _check_only(plan, lock_path, request, console)
     from planc.run.generate import encode
@@ -89,11 +107,23 @@ def run_plan(
         if not request.images:
             encode(tokenizer, request.prompts, plan, request.max_new_tokens)
 
-    with open_session(plan, lock_path.parent, None if quiet else console, within_plan) as session:
-        return _execute(session, request, console)
+    leader = rank is None or rank.leader
+    with open_session(plan, lock_path.parent, None if quiet or not leader else console, within_plan, rank=rank) as session:
+        try:
+            return _execute(session, request, console) if leader else _follow(session, request)
+        finally:
+            if rank is not None:
+                from planc.run.distributed import finish
+
+                finish()
 
 
-def _check_only(plan: Plan, lock_path: Path, request: _Request, console) -> RunOutcome:
+def _follow(session: Session, request: _Request) -> RunOutcome:
+    """A rank other than 0: generate on the same inputs (SPMD), report nothing."""
+    return RunOutcome(0, session.generate(request.prompts, request.max_new_tokens))
+
+
+def _check_only(plan: Plan, lock_path: Path, request: _Request, console, node: int = 0) -> RunOutcome:
     from planc.run.apply import applied_environment
     from planc.run.checks import check_machine
     from planc.run.report import hashing_progress
@@ -102,12 +132,13 @@ def _check_only(plan: Plan, lock_path: Path, request: _Request, console) -> RunO
     with applied_environment(plan):
         progress, on_hash = (None, None) if request.quiet else hashing_progress(console)
         with progress or nullcontext():
-            check_machine(plan, lock_path.parent, on_hash)
-    return _report_check(plan, lock_path, time.perf_counter() - started, request)
+            check_machine(plan, lock_path.parent, on_hash, node=node)
+    return _report_check(plan, lock_path, time.perf_counter() - started, request, node)
 
 
-def _report_check(plan: Plan, lock_path: Path, check_s: float, request: _Request) -> RunOutcome:
-    gpus = f"{len(plan.devices)} GPU" + ("" if len(plan.devices) == 1 else "s")
+def _report_check(plan: Plan, lock_path: Path, check_s: float, request: _Request, node: int = 0) -> RunOutcome:
+    devices = [device for device in plan.devices if device.node == node]
+    gpus = f"{len(devices)} GPU" + ("" if len(devices) == 1 else "s")
     files = len(plan.inputs.weights)
     summary = f"packages, {gpus}, CPU memory, config and {files} weight file{'' if files == 1 else 's'}"
     report = {"ok": True, "plan_hash": plan.plan_hash, "checked": summary, "check_s": round(check_s, 3)}
@@ -129,7 +160,7 @@ def _execute(session: Session, request: _Request, console) -> RunOutcome:
     completions = session.generate(request.prompts, request.max_new_tokens, stream, request.images)
     timings.generate_s = time.perf_counter() - started
     timings.new_tokens = sum(len(c.token_ids) for c in completions)
-    rows = memory_rows(plan, session.measured_peaks())
+    rows = memory_rows(plan, session.measured_peaks(), None if session.rank is None else session.rank.rank)
     fingerprint = records.fingerprint(plan, session.machine.installed, session.machine.gpu_names)
 
     failure = None

@@ -162,20 +162,31 @@ def _check_length(batch, plan: Plan, max_new_tokens: int, what: str = "") -> Non
         )
 
 
+def generation_settings(plan: Plan) -> dict:
+    """The plan's decoding settings as GenerationConfig fields (exports write them out as they are)."""
+    settings: dict = {"do_sample": plan.generation.do_sample}
+    if not plan.generation.do_sample:
+        settings.update(temperature=None, top_p=None, top_k=None)  # unused by greedy search
+    settings["prefill_chunk_size"] = plan.generation.prefill_chunk_size
+    return settings
+
+
 def generation_config(model, tokenizer, plan: Plan, max_new_tokens: int):
     """The model's own generation defaults with the plan's decoding settings on top."""
     config = copy.deepcopy(model.generation_config)
-    config.do_sample = plan.generation.do_sample
-    if not plan.generation.do_sample:
-        config.temperature = config.top_p = config.top_k = None  # unused by greedy search
+    for name, value in generation_settings(plan).items():
+        setattr(config, name, value)
     config.max_new_tokens = max_new_tokens
-    config.prefill_chunk_size = plan.generation.prefill_chunk_size
     config.pad_token_id = tokenizer.pad_token_id
     return config
 
 
-def generate(model, tokenizer, batch, prompts: list[str], config, input_device: str, stream: bool) -> list[Completion]:
-    """Run generate on the batch; one prompt can stream its text to stdout as it is produced."""
+def generate(
+    model, tokenizer, batch, prompts: list[str], config, input_device: str, stream: bool, extra: dict | None = None
+) -> list[Completion]:
+    """Run generate on the batch; one prompt can stream its text to stdout as it is produced.
+
+    `extra` goes to generate as well (a pipeline stage's cache)."""
     import torch
     from transformers import TextStreamer
 
@@ -188,7 +199,7 @@ def generate(model, tokenizer, batch, prompts: list[str], config, input_device: 
         inputs[name] = tensor
     try:
         with torch.inference_mode():
-            output = model.generate(**inputs, generation_config=config, streamer=streamer)
+            output = model.generate(**inputs, generation_config=config, streamer=streamer, **(extra or {}))
     except RuntimeError as exc:  # out of memory included: the plan's prediction was wrong here
         raise RunError(f"generate failed: {exc}") from None
     new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
@@ -217,21 +228,24 @@ def input_device(plan: Plan) -> str:
     return f"cuda:{device}" if isinstance(device, int) else "cpu"
 
 
-def reset_peaks(plan: Plan) -> None:
+def reset_peaks(plan: Plan, devices: list[int] | None = None) -> None:
+    """Reset torch's peak counters of the plan's GPUs (or only `devices`, a rank's own)."""
     import torch
 
-    for device in plan.devices:
-        torch.cuda.reset_peak_memory_stats(device.index)
+    for index in [device.index for device in plan.devices] if devices is None else devices:
+        torch.cuda.reset_peak_memory_stats(index)
 
 
-def measured_peaks(plan: Plan) -> dict[str, int]:
-    """Peak bytes per device: torch's allocator peak on each GPU, the process's peak RSS on the CPU."""
+def measured_peaks(plan: Plan, devices: list[int] | None = None) -> dict[str, int]:
+    """Peak bytes per device: torch's allocator peak on each GPU (or only `devices`), the process's peak RSS
+    on the CPU."""
     peaks: dict[str, int] = {}
-    if plan.devices:
+    indices = [device.index for device in plan.devices] if devices is None else devices
+    if indices:
         import torch
 
-        for device in plan.devices:
-            peaks[str(device.index)] = torch.cuda.max_memory_allocated(device.index)
+        for index in indices:
+            peaks[str(index)] = torch.cuda.max_memory_allocated(index)
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
     peaks["cpu"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
     return peaks

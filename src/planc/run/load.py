@@ -111,24 +111,37 @@ def _as_set(value) -> set[str]:
     return {value} if isinstance(value, str) else set(value)
 
 
-def from_pretrained_arguments(plan: Plan, lock_dir: Path) -> dict[str, Any]:
-    """Keyword arguments for the lock's model class's from_pretrained that enact the lock."""
-    import torch
+def max_memory_argument(plan: Plan) -> dict[int | str, int]:
+    """The lock's max_memory as accelerate takes it: GPU indices as ints, "cpu" as a name."""
+    return {int(key) if key.isdigit() else key: value for key, value in plan.max_memory.items()}
 
+
+def from_pretrained_settings(plan: Plan, offload_folder: str | None) -> dict[str, Any]:
+    """from_pretrained's keyword arguments for the lock with the dtype as its name: no torch needed
+    (exports write them out). `offload_folder` is the plan's host.disk as the caller resolves it."""
     arguments: dict[str, Any] = {
         "device_map": dict(plan.device_map),  # execution order kept: accelerate reads it in order
-        # The lock's keys are strings; accelerate wants GPU indices as ints and "cpu" as a name.
-        "max_memory": {int(key) if key.isdigit() else key: value for key, value in plan.max_memory.items()},
-        "dtype": getattr(torch, plan.dtype),
+        "max_memory": max_memory_argument(plan),
+        "dtype": plan.dtype,
         "attn_implementation": plan.attention.attn_implementation,
         "trust_remote_code": plan.model.trust_remote_code,
     }
     if "disk" in plan.device_map.values():
-        if not plan.host.disk:
+        if not plan.host.disk or offload_folder is None:
             raise RunError("the plan offloads to disk but names no host.disk folder")
-        arguments["offload_folder"] = str((lock_dir / plan.host.disk).resolve())
+        arguments["offload_folder"] = offload_folder
     if plan.generation.experts_implementation:
         arguments["experts_implementation"] = plan.generation.experts_implementation
+    return arguments
+
+
+def from_pretrained_arguments(plan: Plan, lock_dir: Path) -> dict[str, Any]:
+    """Keyword arguments for the lock's model class's from_pretrained that enact the lock."""
+    import torch
+
+    folder = str((lock_dir / plan.host.disk).resolve()) if plan.host.disk else None
+    arguments = from_pretrained_settings(plan, folder)
+    arguments["dtype"] = getattr(torch, plan.dtype)
     return arguments
 
 

@@ -39,9 +39,16 @@ class MemoryRow:
         return {"device": self.device, "predicted": self.predicted, "peak": self.peak, "measure": self.measure}
 
 
-def memory_rows(plan: Plan, peaks: dict[str, int]) -> list[MemoryRow]:
-    """Predicted (ledger total) against measured, per device of the plan, and the CPU always."""
+def memory_rows(plan: Plan, peaks: dict[str, int], rank: int | None = None) -> list[MemoryRow]:
+    """Predicted (ledger total) against measured, per device of the plan, and the CPU always; for a rank of a
+    distributed plan, its own device (and the CPU of its process)."""
     rows = []
+    if rank is not None:
+        ledger = next(ledger for ledger in plan.memory if ledger.rank == rank)
+        device = str(ledger.device)
+        measure = "peak RSS of the rank's process" if device == "cpu" else "torch.cuda.max_memory_allocated"
+        rows.append(MemoryRow(f"rank {rank} " + device, ledger.total, peaks.get(device), measure))
+        return rows
     ledgers = {str(ledger.device): ledger for ledger in plan.memory}
     for device in [str(d.index) for d in plan.devices] + ["cpu", "disk"]:
         ledger = ledgers.get(device)

@@ -32,6 +32,7 @@ class Session:
     tokenizer: Any
     check_s: float
     load_s: float
+    rank: Any = None  # planc.run.distributed.RankContext of a tensor/pipeline rank; None in one process
     processor: Any = None  # loaded on the first image prompt
 
     def generate(
@@ -52,38 +53,63 @@ class Session:
         else:
             batch = encode(self.tokenizer, prompts, self.plan, max_new_tokens)
         config = generation_config(self.model, self.tokenizer, self.plan, max_new_tokens)
+        device, extra = input_device(self.plan), {}
+        if self.rank is not None:
+            from planc.run.distributed import generate_kwargs, rank_device
+
+            device, extra = rank_device(self.plan, self.rank), generate_kwargs(self.plan, self.model, self.rank)
         with pinned_attention(self.plan):
-            return generate(self.model, self.tokenizer, batch, prompts, config, input_device(self.plan), stream)
+            return generate(self.model, self.tokenizer, batch, prompts, config, device, stream, extra)
 
     def measured_peaks(self) -> dict[str, int]:
         """Peak bytes per device since the session opened (torch's allocator per GPU, RSS on CPU)."""
         from planc.run.generate import measured_peaks
 
-        return measured_peaks(self.plan)
+        return measured_peaks(self.plan, self._own_devices())
+
+    def _own_devices(self) -> list[int] | None:
+        if self.rank is None:
+            return None
+        device = self.plan.parallel.ranks[self.rank.rank].device
+        return [device] if isinstance(device, int) else []
 
 
 @contextmanager
 def open_session(
-    plan: Plan, lock_dir: Path, console=None, before_load: Callable[[Any], None] | None = None
+    plan: Plan,
+    lock_dir: Path,
+    console=None,
+    before_load: Callable[[Any], None] | None = None,
+    keep: bool = False,
+    rank=None,
 ) -> Iterator[Session]:
     """Check the machine against `plan`, apply it and load the model; refuse (raise) naming why not.
 
     `console` (rich) shows hashing and loading progress; None is silent. `before_load(tokenizer)`
     may refuse the request before the weights are read (a prompt longer than the plan allows should
     not wait for a 100 GiB load). The environment and torch settings stay in force until the block
-    exits.
+    exits. With `keep` (planc.load: the model outlives the block) they stay in force for the rest
+    of the process once the block ends well, and the model carries the plan's SDPA backends and
+    decoding settings itself (`apply.attach_plan`); a failure still restores everything.
+    `rank` (a planc.run.distributed.RankContext) opens one rank of a tensor- or pipeline-parallel
+    plan: its part of the machine is checked and its share loaded.
     """
-    from planc.run.apply import applied_environment, torch_settings
+    from planc.run.apply import applied_environment, attach_plan, torch_settings
     from planc.run.checks import check_machine
     from planc.run.generate import load_tokenizer, reset_peaks
     from planc.run.load import load_model, placement_mismatches
     from planc.run.report import hashing_progress, loading_progress
 
+    if plan.distributed and rank is None:
+        raise RunError(
+            f"this plan is {plan.parallel.strategy} over {len(plan.parallel.ranks)} ranks: each process loads one "
+            "share, started by torch's launcher; run it with planc run (or export it with planc export --to vllm)"
+        )
     started = time.perf_counter()
-    with applied_environment(plan):
+    with applied_environment(plan, keep=keep):
         progress, on_hash = (None, None) if console is None else hashing_progress(console)
         with progress or nullcontext():
-            machine = check_machine(plan, lock_dir, on_hash)
+            machine = check_machine(plan, lock_dir, on_hash, rank=rank)
         check_s = time.perf_counter() - started
         if machine.folder is None or not plan.inputs.weights:
             raise RunError(
@@ -93,16 +119,29 @@ def open_session(
         tokenizer = load_tokenizer(machine.folder, plan)
         if before_load is not None:
             before_load(tokenizer)
-        with torch_settings(plan):
-            reset_peaks(plan)
+        with torch_settings(plan, keep=keep):
+            own = None if rank is None else ([d] if isinstance(d := plan.parallel.ranks[rank.rank].device, int) else [])
+            reset_peaks(plan, own)
             started = time.perf_counter()
             bar = None if console is None else loading_progress(console)
             with bar or nullcontext():
                 if bar is not None:
                     bar.console.print(f"loading {plan.model.architecture} from {machine.folder}", style="dim")
-                model = load_model(plan, machine.folder, lock_dir, bar)
+                if rank is None:
+                    model = load_model(plan, machine.folder, lock_dir, bar)
+                else:
+                    from planc.run.distributed import load_rank_model
+
+                    model = load_rank_model(plan, machine.folder, bar)
             load_s = time.perf_counter() - started
-            wrong = placement_mismatches(plan, model)
+            if rank is None:
+                wrong = placement_mismatches(plan, model)
+            else:
+                from planc.run.distributed import rank_placement_mismatches
+
+                wrong = rank_placement_mismatches(plan, model, rank)
             if wrong:
                 raise RunError("the loaded model does not match the plan: " + "; ".join(wrong))
-            yield Session(plan, lock_dir, machine, model, tokenizer, check_s, load_s)
+            if keep:
+                attach_plan(model, tokenizer, plan)
+            yield Session(plan, lock_dir, machine, model, tokenizer, check_s, load_s, rank)
