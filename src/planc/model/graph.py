@@ -231,12 +231,15 @@ def _position_limit(model, pre_units: list[str], text) -> int | None:
     import torch
 
     modules = dict(model.named_modules())
-    for name in pre_units:
-        module = modules.get(name)  # None for a module's own tensor (gpt_bigcode's transformer.bias)
-        leaf = name.rsplit(".", 1)[-1]
-        if isinstance(module, torch.nn.Embedding) and ("pos" in leaf or leaf == "wpe"):
-            limit = config_value(text, "max_position_embeddings", "n_positions", default=None)
-            return min(limit, module.num_embeddings) if isinstance(limit, int) else module.num_embeddings
+    for unit in pre_units:
+        if unit not in modules:
+            continue  # a module's own tensor (gpt_bigcode's transformer.bias)
+        # The table may be the unit, or inside it (BertEmbeddings is one no-split block).
+        for name, module in modules[unit].named_modules(prefix=unit):
+            leaf = name.rsplit(".", 1)[-1]
+            if isinstance(module, torch.nn.Embedding) and ("pos" in leaf or leaf == "wpe"):
+                limit = config_value(text, "max_position_embeddings", "n_positions", default=None)
+                return min(limit, module.num_embeddings) if isinstance(limit, int) else module.num_embeddings
     return None
 
 
