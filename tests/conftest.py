@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -22,6 +23,46 @@ SENTENCES = [
 ]
 
 
+# ChatML-like turns between the tokenizer's own <s> and </s>, for `planc serve`'s /v1/chat/completions.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<s>{{ message['role'] }}\n{{ message['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
+# One real config per architecture family in the corpus, and their tiny versions.
+FAMILIES = ["qwen3-8b", "gpt2", "gemma-2-2b-it", "mistral-7b-v0.1", "deepseek-v3", "qwen3-30b-a3b",
+            "gpt-oss-20b", "phi-3-mini-4k-instruct", "mixtral-8x7b", "gemma-3-1b-it"]
+WINDOW = 8
+
+
+def shrink(name: str) -> dict:
+    """The corpus config `name` with tiny dimensions: same architecture, runs on a CPU in milliseconds."""
+    config = json.loads((CORPUS / name / "config.json").read_text())
+    config.pop("quantization_config", None)
+    small = {
+        "hidden_size": 64, "n_embd": 64, "intermediate_size": 128, "num_hidden_layers": 4, "n_layer": 4,
+        "num_attention_heads": 4, "n_head": 4, "head_dim": 16, "vocab_size": 128, "moe_intermediate_size": 32,
+        "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
+        "kv_lora_rank": 32, "q_lora_rank": 48, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16,
+        "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "max_position_embeddings": 256,
+        "n_positions": 256, "sliding_window": WINDOW, "n_inner": None, "shared_expert_intermediate_size": 32,
+    }
+    grouped = config.get("num_key_value_heads", 0) < config.get("num_attention_heads", 0)
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        config[key] = None  # real ids point past the tiny vocabulary
+    for key, value in small.items():
+        if key in config:
+            config[key] = value
+    if config.get("num_key_value_heads"):
+        config["num_key_value_heads"] = 2 if grouped else 4
+    if "layer_types" in config:
+        config["layer_types"] = (config["layer_types"] * 4)[:4]
+    if config.get("model_type") == "gemma3_text":
+        config["layer_types"] = ["sliding_attention", "full_attention"] * 2
+    return config
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Keep the weight-hash cache out of the user's home."""
@@ -29,11 +70,10 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-def build_tiny_model(folder: Path, num_layers: int = 4, tie: bool = False, seed: int = 0, head_dim: int = 16) -> Path:
-    """Save a tiny Qwen3 model with random weights and a BPE tokenizer trained on SENTENCES."""
-    import torch
+def save_tiny_tokenizer(folder: Path):
+    """Save a BPE tokenizer trained on SENTENCES into `folder`; returns it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+    from transformers import PreTrainedTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -44,7 +84,17 @@ def build_tiny_model(folder: Path, num_layers: int = 4, tie: bool = False, seed:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(folder)
+    return fast
+
+
+def build_tiny_model(folder: Path, num_layers: int = 4, tie: bool = False, seed: int = 0, head_dim: int = 16) -> Path:
+    """Save a tiny Qwen3 model with random weights and a BPE tokenizer trained on SENTENCES."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    fast = save_tiny_tokenizer(folder)
     config = Qwen3Config(
         vocab_size=len(fast),
         hidden_size=64,

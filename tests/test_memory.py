@@ -6,43 +6,11 @@ for real on the CPU; the bytes the cache actually holds must equal what the ledg
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from conftest import CORPUS
+from conftest import FAMILIES, WINDOW, shrink
 from planc.memory import Workload, unit_kv_bytes
 from planc.model import build_model_graph
-
-FAMILIES = ["qwen3-8b", "gpt2", "gemma-2-2b-it", "mistral-7b-v0.1", "deepseek-v3", "qwen3-30b-a3b",
-            "gpt-oss-20b", "phi-3-mini-4k-instruct", "mixtral-8x7b", "gemma-3-1b-it"]
-WINDOW = 8
-
-
-def shrink(name: str) -> dict:
-    config = json.loads((CORPUS / name / "config.json").read_text())
-    config.pop("quantization_config", None)
-    small = {
-        "hidden_size": 64, "n_embd": 64, "intermediate_size": 128, "num_hidden_layers": 4, "n_layer": 4,
-        "num_attention_heads": 4, "n_head": 4, "head_dim": 16, "vocab_size": 128, "moe_intermediate_size": 32,
-        "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
-        "kv_lora_rank": 32, "q_lora_rank": 48, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16,
-        "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "max_position_embeddings": 256,
-        "n_positions": 256, "sliding_window": WINDOW, "n_inner": None, "shared_expert_intermediate_size": 32,
-    }
-    grouped = config.get("num_key_value_heads", 0) < config.get("num_attention_heads", 0)
-    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        config[key] = None  # real ids point past the tiny vocabulary
-    for key, value in small.items():
-        if key in config:
-            config[key] = value
-    if config.get("num_key_value_heads"):
-        config["num_key_value_heads"] = 2 if grouped else 4
-    if "layer_types" in config:
-        config["layer_types"] = (config["layer_types"] * 4)[:4]
-    if config.get("model_type") == "gemma3_text":
-        config["layer_types"] = ["sliding_attention", "full_attention"] * 2
-    return config
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -142,6 +142,40 @@ def test_moe_in_float16_runs_experts_eagerly_and_bfloat16_keeps_the_default():
     assert decide_runtime([v100(0)], facts(), "auto").experts_implementation is None
 
 
+def test_models_without_mixers_get_no_mixer_decision():
+    runtime = decide_runtime([a100(0)], facts(), "auto", "kernels")
+    assert runtime.mixer_path is None and runtime.mixer_requires == {}
+    assert not [i for i in ids(runtime) if i.startswith("mixers.")]
+
+
+def test_mixers_default_to_the_torch_fallback():
+    runtime = decide_runtime([a100(0)], facts(model_type="qwen3_next", mixer_families=("gated_deltanet",)), "auto")
+    assert runtime.mixer_path == "fallback" and runtime.mixer_requires == {}
+    assert decision(runtime, "mixers.fallback").decision == "gated_deltanet layers on the fallback path"
+
+
+@pytest.mark.parametrize(
+    ("families", "requires"),
+    [
+        (("gated_deltanet",), {"causal_conv1d": "causal-conv1d", "fla": "flash-linear-attention"}),
+        (("kimi_delta",), {"causal_conv1d": "causal-conv1d", "fla": "flash-linear-attention"}),
+        (("mamba2",), {"causal_conv1d": "causal-conv1d", "mamba_ssm": "mamba-ssm"}),
+        (("mamba",), {"causal_conv1d": "causal-conv1d", "mamba_ssm": "mamba-ssm"}),
+        (("short_conv",), {"causal_conv1d": "causal-conv1d"}),
+        (("lightning",), {}),
+    ],
+)
+def test_the_kernels_path_requires_each_familys_packages(families, requires):
+    runtime = decide_runtime([h100(0)], facts(mixer_families=families), "auto", "kernels")
+    assert runtime.mixer_path == "kernels"
+    assert runtime.mixer_requires == requires
+
+
+def test_the_kernels_path_needs_gpus():
+    with pytest.raises(SpecError, match=r"a CPU-only plan has no GPU to run them.*\(rule mixers.kernels-need-gpus\)"):
+        decide_runtime([], facts(mixer_families=("mamba2",)), "auto", "kernels")
+
+
 def test_cpu_only_auto_is_float32_without_cuda_environment():
     runtime = decide_runtime([], facts(), "auto")
     assert runtime.dtype == "float32"

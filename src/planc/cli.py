@@ -36,6 +36,8 @@ def _fail(exc: BaseException) -> None:
 
 # What `pip install "planc[torch]"` adds to the light install (check, show, diff, export, gpus, schema).
 HEAVY_PACKAGES = {"torch", "transformers", "accelerate", "networkx", "huggingface_hub", "psutil", "safetensors"}
+# What `planc[serve]` adds for `planc serve`.
+SERVE_PACKAGES = {"starlette", "uvicorn", "prometheus_client", "jinja2"}
 
 
 class _Group(click.Group):
@@ -47,11 +49,12 @@ class _Group(click.Group):
         except PlancError as exc:
             _fail(exc)
         except ModuleNotFoundError as exc:
-            if (exc.name or "").split(".")[0] not in HEAVY_PACKAGES:
+            package = (exc.name or "").split(".")[0]
+            if package not in HEAVY_PACKAGES | SERVE_PACKAGES:
                 raise
             command = ctx.invoked_subcommand or "this command"
-            _fail(SpecError(f"planc {command} needs {exc.name.split('.')[0]}, which is not installed: "
-                            "pip install 'planc[torch]'"))
+            extras = "torch,serve" if command == "serve" else "torch"
+            _fail(SpecError(f"planc {command} needs {package}, which is not installed: pip install 'planc[{extras}]'"))
 
 
 @click.group(cls=_Group, context_settings=CONTEXT)
@@ -281,6 +284,27 @@ def run_command(lock: Path, prompts, prompt_file, max_new_tokens, as_json, recor
         master_port=master_port,
     )
     sys.exit(outcome.exit_code)
+
+
+@main.command("serve", context_settings=CONTEXT)
+@click.argument("lock", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="Port to listen on (0: any free port; the ready line names it).")
+@click.option("--max-queue", type=click.IntRange(min=0),
+              help="Requests that may wait for a slot before 429  [default: 4 x the plan's batch_size].")
+@click.option("--model-name", help="The model's name in the API  [default: hub id or folder name].")
+@click.option("--batching", type=click.Choice(["exact", "fast"]), default="exact", show_default=True,
+              help="exact: each request's tokens equal planc run's whatever else is in flight; "
+                   "fast: plain batched matrix products (greedy may differ where logits nearly tie).")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+              default="warning", show_default=True, help="Server log level; info adds an access log.")
+def serve_command(lock: Path, host, port, max_queue, model_name, batching, log_level) -> None:
+    """Check the machine against LOCK, load it as planned and serve an OpenAI-compatible API."""
+    from planc.serve import serve_plan
+
+    sys.exit(serve_plan(lock, host=host, port=port, max_queue=max_queue, model_name=model_name,
+                        batching=batching, log_level=log_level, quiet=_State.quiet))
 
 
 def _progress():

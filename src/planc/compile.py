@@ -28,6 +28,7 @@ from planc.plan import (
     Host,
     Inputs,
     Ledger,
+    Mixers,
     ModelInfo,
     NodeHost,
     Objective,
@@ -102,21 +103,29 @@ def _levels(policy_offload: str, has_gpus: bool) -> list[str]:
 
 
 def _solve(graph, inventory, runtime, spec: Spec, workload: Workload, level: str):
+    from planc.model.cache import FALLBACK
     from planc.solver import solve
 
     gpus, cpu, disk = _targets(inventory, runtime, spec.policy.headroom, level)
-    return solve(graph, gpus, cpu, disk, workload, Reserve.from_policy(spec.policy.reserve), spec.policy.objective)
+    return solve(
+        graph, gpus, cpu, disk, workload, Reserve.from_policy(spec.policy.reserve), spec.policy.objective,
+        runtime.mixer_path or FALLBACK,
+    )
 
 
 def _fits(graph, inventory, runtime, spec, batch: int, seq: int) -> bool:
     """Whether batch x seq fits at the policy's deepest offload level and the smallest prefill chunk."""
+    from planc.model.cache import FALLBACK
     from planc.solver import feasible
 
     levels = _levels(spec.policy.offload, bool(inventory.gpus))
     chunk = spec.workload.prefill_chunk_size
     chunks = [chunk] if chunk else _chunk_candidates(seq)[-1:]
     gpus, cpu, disk = _targets(inventory, runtime, spec.policy.headroom, levels[-1])
-    return feasible(graph, gpus, cpu, disk, _workload(spec, batch, seq, chunks[0]), Reserve.from_policy(spec.policy.reserve))
+    return feasible(
+        graph, gpus, cpu, disk, _workload(spec, batch, seq, chunks[0]), Reserve.from_policy(spec.policy.reserve),
+        runtime.mixer_path or FALLBACK,
+    )
 
 
 def _workload(spec: Spec, batch: int, seq: int, chunk: int | None = None) -> Workload:
@@ -192,6 +201,7 @@ def _model_facts(graph):
         head_dim=max(max(s.head_dim, s.v_head_dim) for s in [graph.shapes, *(u.shapes for u in graph.units if u.shapes)]),
         forced_attn_implementation=graph.forced_attn_implementation,
         skip_keys=graph.skip_keys,
+        mixer_families=graph.mixer_families,
     )
 
 
@@ -231,7 +241,7 @@ def compile_plan(
             f"{graph.architecture}'s learned position table: tokens past {limit} have no position embedding "
             f"(generate fails there); plan at most {limit} tokens"
         )
-    runtime = decide_runtime(inventory.gpus, _model_facts(graph), spec.model.dtype)
+    runtime = decide_runtime(inventory.gpus, _model_facts(graph), spec.model.dtype, spec.policy.mixer_kernels)
     if runtime.dtype != graph.dtype:
         graph = build_graph(model.config, runtime.dtype, trust)
 
@@ -254,7 +264,9 @@ def _device_map_plan(spec, inventory, model, packages, disk, build_graph, graph,
     if spec.model.dtype == "auto":
         used = sorted({k for k in placement.device_of.values() if isinstance(k, int)})
         used_gpus = tuple(gpu for gpu in inventory.gpus if gpu.index in used)
-        narrowed = decide_runtime(used_gpus, _model_facts(graph), "auto") if used_gpus else runtime
+        narrowed = (
+            decide_runtime(used_gpus, _model_facts(graph), "auto", spec.policy.mixer_kernels) if used_gpus else runtime
+        )
         if narrowed.dtype != runtime.dtype:
             # The placement leaves the cards that forced the dtype idle: plan the used ones alone,
             # in the dtype they support (same bytes per element, so the same split still fits).
@@ -444,6 +456,7 @@ def _assemble_distributed(spec, inventory, model, packages, disk, graph, runtime
                             per_device={str(k): v for k, v in sorted(runtime.backend_per_gpu.items())}),
         env=dict(sorted(runtime.env.items())),
         generation=Generation(prefill_chunk_size=chunk, experts_implementation=runtime.experts_implementation),
+        mixers=_mixers_section(graph, runtime),
         memory=ledgers,
         objective=Objective(
             name=spec.policy.objective,
@@ -461,8 +474,9 @@ def _lock_workload(spec: Spec) -> LockWorkload:
                         images_per_sequence=wl.images_per_sequence, image_size=wl.image_size)
 
 
-def _uses_1_1_fields(spec: Spec, graph) -> bool:
-    return bool(graph.config_class or spec.workload.images_per_sequence or spec.workload.image_size)
+def _uses_1_1_fields(spec: Spec, graph, mixers: Mixers | None) -> bool:
+    """Whether the plan writes a 1.1 field (model.config_class, workload images, the mixers section)."""
+    return bool(graph.config_class or spec.workload.images_per_sequence or spec.workload.image_size or mixers)
 
 
 def _check_images(spec: Spec, graph) -> None:
@@ -582,6 +596,13 @@ def _planner_decisions(spec, graph, placement, chunk, inventory) -> list[Decisio
     return out
 
 
+def _mixers_section(graph, runtime) -> Mixers | None:
+    """How the plan runs its linear-attention / SSM / short-conv layers (None for models without them)."""
+    if not runtime.mixer_path:
+        return None
+    return Mixers(path=runtime.mixer_path, families=list(graph.mixer_families), requires=runtime.mixer_requires)
+
+
 def _assemble(spec, inventory, model: ModelInput, packages, disk, graph, runtime, placement, chunk, decisions) -> Plan:
     ledgers = []
     max_memory = {}
@@ -608,9 +629,11 @@ def _assemble(spec, inventory, model: ModelInput, packages, disk, graph, runtime
     if "cpu" in used and "cpu" not in max_memory:
         max_memory["cpu"] = inventory.cpu_memory
     gpu_ledgers = [l for l in ledgers if isinstance(l.device, int)]
+    mixers = _mixers_section(graph, runtime)
     return Plan(
-        # model.config_class and the workload's images are 1.1 fields; a plan without them stays 1.0.
-        format_version=FORMAT_VERSION if _uses_1_1_fields(spec, graph) else BASE_FORMAT_VERSION,
+        # model.config_class, the workload's images and the mixers section are 1.1 fields; a plan
+        # without them keeps the 1.0 bytes.
+        format_version=FORMAT_VERSION if _uses_1_1_fields(spec, graph, mixers) else BASE_FORMAT_VERSION,
         inputs=Inputs(
             spec_sha256=spec.sha256(),
             config_sha256=model.config_sha256,
@@ -650,6 +673,7 @@ def _assemble(spec, inventory, model: ModelInput, packages, disk, graph, runtime
         ),
         env=dict(sorted(runtime.env.items())),
         generation=Generation(prefill_chunk_size=chunk, experts_implementation=runtime.experts_implementation),
+        mixers=mixers,
         memory=ledgers,
         objective=Objective(
             name=spec.policy.objective,

@@ -28,7 +28,7 @@ from planc.units import GiB
 _PRESENTED = {
     "format_version", "inputs", "model", "devices", "host", "workload", "dtype", "device_map", "max_memory",
     "no_split_module_classes", "skip_keys", "tied_parameters", "attention", "env", "generation", "memory",
-    "objective", "decisions", "plan_hash",
+    "objective", "decisions", "plan_hash", "mixers",
 }
 
 
@@ -125,6 +125,14 @@ def _compare(changes: list[Change], subject: str, before: Any, after: Any, note:
         changes.append(Change(subject, _scalar(before), _scalar(after), note))
 
 
+def _mixers(plan: Plan) -> str | None:
+    """How the plan runs its linear-attention / SSM layers, with the packages that path needs."""
+    if plan.mixers is None:
+        return None
+    needs = f" (needs {', '.join(plan.mixers.requires.values())})" if plan.mixers.requires else ""
+    return f"{', '.join(plan.mixers.families)} on {plan.mixers.path}{needs}"
+
+
 def _plan_section(old: Plan, new: Plan) -> list[Change]:
     out: list[Change] = []
     _compare(out, "strategy", _strategy(old), _strategy(new))
@@ -140,6 +148,7 @@ def _plan_section(old: Plan, new: Plan) -> list[Change]:
              new.generation.prefill_chunk_size or "whole prompt")
     _compare(out, "experts_implementation", old.generation.experts_implementation,
              new.generation.experts_implementation)
+    _compare(out, "mixer path", _mixers(old), _mixers(new))
     _compare(out, "sampling", "sampled" if old.generation.do_sample else "greedy",
              "sampled" if new.generation.do_sample else "greedy")
     _compare(out, "seed", old.generation.seed, new.generation.seed)

@@ -165,7 +165,7 @@ class _Planner:
 
         requested = requested_dtype or self.spec.model.dtype
         probe = self.build(self.config, "bfloat16" if requested == "auto" else requested, self.spec.model.trust_remote_code)
-        runtime = decide_runtime(gpus, _model_facts(probe), requested)
+        runtime = decide_runtime(gpus, _model_facts(probe), requested, self.spec.policy.mixer_kernels)
         return self.build(self.config, runtime.dtype, self.spec.model.trust_remote_code), runtime
 
     def place(self, inventory: Inventory, spec: Spec):

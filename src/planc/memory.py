@@ -6,14 +6,16 @@ backend, so the solver can evaluate a candidate segment in O(1) from running sum
 Terms (per device):
 - weights: parameters and buffers resident there.
 - kv_cache: for each layer executing there, the cache its layer kind keeps at batch x
-  max_seq_len (`planc.model.cache.LayerCache`: KV per token, capped for sliding windows, plus any
-  fixed per-sequence state).
-- activations: the largest transient of one layer's forward (hidden-state copies, q/k/v, the
-  attention scores when the backend materialises them, the MLP or routed-expert intermediates;
-  a vision block's over all images of the batch, `planc.model.vision`),
-  plus one layer's KV (torch.cat in DynamicCache.update copies it each step), plus the logits of
-  the last position on the device holding lm_head (generate keeps only the last position and
-  upcasts it to fp32).
+  max_seq_len (`planc.model.cache.LayerCache`: KV per token, capped for sliding windows, plus the
+  fixed per-sequence state of linear-attention, state-space and short-conv layers).
+- activations: the largest transient of one layer's forward (hidden-state copies, then the
+  larger of its sequence mixer's transient and its feed-forward's: q/k/v and the attention scores
+  when the backend materialises them, an indexer's scores, a linear-attention or SSM mixer's on
+  the path the plan assumes (`model/cache.py: MIXER_PATHS`), the MLP or routed-expert
+  intermediates; a vision block's over all images of the batch, `planc.model.vision`), plus one
+  layer's KV (torch.cat in DynamicCache.update copies the part that grows with tokens each step;
+  states are updated in place), plus the logits of the last position on the device holding
+  lm_head (generate keeps only the last position and upcasts it to fp32).
 - staging: weights of offloaded (cpu/disk) units are copied to their execution device one unit
   at a time (accelerate's AlignDevicesHook); the largest such unit.
 - reserve: CUDA context + cuBLAS workspace + allocator slack on (kv + activations + staging).
@@ -23,7 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planc.model import attention, mlp, vision
+from planc.model import attention, indexed, mlp, vision
+from planc.model.cache import FALLBACK
 from planc.model.config import DTYPE_BYTES, Shapes
 from planc.model.graph import ModelGraph, Unit
 from planc.workload import Workload
@@ -70,22 +73,56 @@ def unit_kv_bytes(unit: Unit, workload: Workload) -> int:
     return unit.cache.bytes(workload) if unit.cache is not None else 0
 
 
+def unit_kv_copy_bytes(unit: Unit, workload: Workload) -> int:
+    """Bytes the cache update of a layer copies (torch.cat of the part that grows with tokens)."""
+    return unit.cache.token_bytes(workload) if unit.cache is not None else 0
+
+
+def mixer_activation_bytes(
+    shapes: Shapes, unit: Unit, workload: Workload, dtype: str, backend: str, mixer_path: str = FALLBACK
+) -> int:
+    """Peak transient bytes of a layer's sequence mixing over the largest step, by layer kind.
+
+    Attention (with an indexer's scoring for indexed layers), a linear-attention / SSM / conv
+    mixer on `mixer_path`, or both for hybrid layers, which run them one after the other and keep
+    the first's output (one hidden-wide row per token) while the second runs.
+    """
+    cache = unit.cache
+    attends = cache is None or cache.attention
+    mixing = attention.transient_bytes(shapes, cache, workload, dtype, backend) if attends else 0
+    if cache is not None and cache.indexer_heads:
+        mixing += indexed.indexer_transient_bytes(cache, shapes, workload, dtype)
+    if cache is not None and cache.mixer is not None:
+        recurrent = cache.mixer.transient_bytes(workload, dtype, mixer_path)
+        if attends:
+            held = workload.batch_size * workload.step_tokens * shapes.hidden_size * DTYPE_BYTES[dtype]
+            return max(mixing, recurrent) + held
+        return recurrent
+    return mixing
+
+
 def layer_activation_bytes(
-    shapes: Shapes, unit: Unit, workload: Workload, dtype: str, backend: str, model_type: str = ""
+    shapes: Shapes,
+    unit: Unit,
+    workload: Workload,
+    dtype: str,
+    backend: str,
+    model_type: str = "",
+    mixer_path: str = FALLBACK,
 ) -> int:
     """Peak transient bytes of one layer's forward over the largest step (no KV cache, no mask).
 
     The residual stream and its copies, plus the larger of the mixer's and the feed-forward's
     transients (they do not overlap). Checked against the fake-tensor simulation (planc simulate)
     on dense, GQA, MoE, MLA, sliding window and eager models: within a few per cent on the
-    committed plans.
+    committed plans; linear-attention and SSM layers in tests/test_hybrid.py.
     """
     e = DTYPE_BYTES[dtype]
     b, t, h = workload.batch_size, workload.step_tokens, shapes.hidden_size
     # Residual stream, its normed copy, the incoming copy a device hop makes, the block output,
     # and the rotary cos/sin tables.
     hidden = 4 * b * t * h * e + 2 * b * t * shapes.head_dim * e
-    mixer = attention.transient_bytes(shapes, unit.cache, workload, dtype, backend)
+    mixer = mixer_activation_bytes(shapes, unit, workload, dtype, backend, mixer_path)
     return hidden + max(mixer, mlp.transient_bytes(shapes, unit.moe, workload, dtype, model_type))
 
 
@@ -127,7 +164,7 @@ class Load:
             self.weights += cost.weights
         self.kv_cache += cost.kv
         self.layer_activation = max(self.layer_activation, cost.activation)
-        self.layer_kv = max(self.layer_kv, cost.kv)
+        self.layer_kv = max(self.layer_kv, cost.kv_copy)
         self.logits = max(self.logits, cost.logits)
         self.executes = True
 
@@ -163,10 +200,14 @@ class UnitCost:
     activation: int
     logits: int
     decode_bytes: int
+    kv_copy: int = 0  # what one cache update copies (the token-growing part of kv)
 
 
-def unit_costs(graph: ModelGraph, workload: Workload, backend_of) -> dict[str, dict[str, UnitCost]]:
-    """UnitCost per unit and backend (backend_of lists the backends that occur)."""
+def unit_costs(
+    graph: ModelGraph, workload: Workload, backend_of, mixer_path: str = FALLBACK
+) -> dict[str, dict[str, UnitCost]]:
+    """UnitCost per unit and backend (backend_of lists the backends that occur); sequence mixers
+    of linear-attention / SSM / conv layers run on `mixer_path`."""
     shapes = graph.shapes
     output = {}
     for backend in backend_of:
@@ -178,7 +219,7 @@ def unit_costs(graph: ModelGraph, workload: Workload, backend_of) -> dict[str, d
             is_layer = unit.kind == "layer"
             if is_layer:
                 activation = layer_activation_bytes(
-                    graph.shapes_of(unit), unit, workload, graph.dtype, backend, graph.model_type
+                    graph.shapes_of(unit), unit, workload, graph.dtype, backend, graph.model_type, mixer_path
                 )
             else:
                 activation = vision_peak if unit.vision else 0
@@ -188,6 +229,7 @@ def unit_costs(graph: ModelGraph, workload: Workload, backend_of) -> dict[str, d
                 activation=activation,
                 logits=logits_bytes(shapes, workload, graph.dtype) if unit.kind == "post" and unit.name == graph.units[-1].name else 0,
                 decode_bytes=decode_read_bytes(unit, graph.shapes_of(unit), workload),
+                kv_copy=unit_kv_copy_bytes(unit, workload) if is_layer else 0,
             )
         output[backend] = per_unit
     return output

@@ -137,6 +137,20 @@ class Generation(_Lock):
     seed: int = 0
 
 
+class Mixers(_Lock):
+    """How the model's linear-attention, state-space and short-conv layers run (format 1.1)."""
+
+    path: Literal["fallback", "kernels"] = Field(
+        description="fallback: transformers' pure-torch implementations (any machine); kernels: the CUDA "
+        "kernel packages, which `planc run` requires."
+    )
+    families: list[str] = Field(description="Mixer families of the model's layers (gated_deltanet, mamba2, ...).")
+    requires: dict[str, str] = Field(
+        default_factory=dict,
+        description="For the kernels path: the packages transformers must import, import name -> distribution.",
+    )
+
+
 class Ledger(_Lock):
     device: DeviceKey
     capacity: int = Field(description="Memory the device has (driver total; policy for CPU), bytes.")
@@ -228,6 +242,9 @@ class Plan(_Lock):
     attention: Attention
     env: dict[str, str] = Field(description="Environment set before CUDA initialises.")
     generation: Generation
+    mixers: Mixers | None = optional(
+        "How linear-attention / state-space / short-conv layers run; absent for models without them (1.1)."
+    )
     memory: list[Ledger]
     objective: Objective
     decisions: list[Decision]

@@ -128,6 +128,11 @@ def show_plan(plan: Plan, console: Console | None = None) -> None:
         f"attention: {plan.attention.attn_implementation}, SDPA backends {', '.join(plan.attention.sdpa_backends)}"
         + (f"; prefill chunk {plan.generation.prefill_chunk_size}" if plan.generation.prefill_chunk_size else "")
     )
+    if plan.mixers is not None:
+        needs = ", ".join(plan.mixers.requires.values())
+        console.print(
+            f"mixers: {', '.join(plan.mixers.families)} on the {plan.mixers.path} path" + (f" (needs {needs})" if needs else "")
+        )
     for key, value in plan.env.items():
         console.print(f"env {key}={value}")
     console.print(decisions_table(plan))

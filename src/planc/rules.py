@@ -36,7 +36,8 @@ from planc.hardware import Gpu
 DTYPES = ("bfloat16", "float16", "float32")
 BACKENDS = ("flash", "efficient", "cudnn", "math")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
-STAGES = ("dtype", "attention", "kernels", "sdpa", "env", "experts", "dispatch")
+STAGES = ("dtype", "attention", "kernels", "sdpa", "env", "experts", "mixers", "dispatch")
+MIXER_PATHS = ("fallback", "kernels")
 PER_GPU_STAGE = "kernels"
 
 _RULE_KEYS = ("id", "when", "effect", "reason", "source")
@@ -54,6 +55,8 @@ _PLACEHOLDERS = frozenset(
         "attn_implementation",
         "arch_list",
         "skip_keys",
+        "mixer_families",
+        "requested_mixer_kernels",
     }
 )
 
@@ -68,6 +71,8 @@ class ModelFacts:
     head_dim: int
     forced_attn_implementation: str | None
     skip_keys: tuple[str, ...]
+    # Families of the model's state-keeping sequence mixers (gated_deltanet, mamba2, ...), sorted.
+    mixer_families: tuple[str, ...] = ()
 
     def __post_init__(self):
         # The caller normalises config.dtype; anything else here is a bug in the caller.
@@ -96,6 +101,10 @@ class Runtime:
     env: dict[str, str]
     experts_implementation: str | None
     decisions: tuple[RuleDecision, ...]
+    # How linear-attention / SSM / conv layers run (None for models without them), and the
+    # kernel packages that path needs: import name -> distribution.
+    mixer_path: str | None = None
+    mixer_requires: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -129,6 +138,7 @@ class _State:
     gpus: tuple[Gpu, ...]
     facts: ModelFacts
     requested_dtype: str
+    requested_mixer_kernels: str = "fallback"
     dtype: str | None = None
     attn_implementation: str | None = None
     prefill_backend: str | None = None
@@ -138,6 +148,8 @@ class _State:
     disabled: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     experts_implementation: str | None = None
+    mixer_path: str | None = None
+    mixer_requires: dict[str, str] = field(default_factory=dict)
     setters: dict[str, str] = field(default_factory=dict)
     decisions: list[RuleDecision] = field(default_factory=list)
     gpu: Gpu | None = None  # the GPU a per-GPU rule is being evaluated for
@@ -225,6 +237,13 @@ _CONDITIONS: dict[str, _Condition] = {
         _parse_names, lambda s, v: _holds(s.facts.forced_attn_implementation in v)
     ),
     "has_skip_keys": _Condition(_parse_bool, lambda s, v: _holds(bool(s.facts.skip_keys) == v)),
+    "has_mixers": _Condition(_parse_bool, lambda s, v: _holds(bool(s.facts.mixer_families) == v)),
+    # Some layer of the model has a sequence mixer of one of these families.
+    "mixer_family": _Condition(_parse_names, lambda s, v: _holds(bool(v.intersection(s.facts.mixer_families)))),
+    "requested_mixer_kernels": _Condition(
+        _parse_choice(*MIXER_PATHS), lambda s, v: _holds(s.requested_mixer_kernels in v)
+    ),
+    "mixer_path": _Condition(_parse_choice(*MIXER_PATHS), lambda s, v: _holds(s.mixer_path in v), "mixers"),
     "has_gpus": _Condition(_parse_bool, lambda s, v: _holds(bool(s.gpus) == v)),
     "multi_gpu": _Condition(_parse_bool, lambda s, v: _holds((len(s.gpus) > 1) == v)),
     # Each any_gpu_* key needs some GPU of its own; they are not required to be the same GPU.
@@ -291,6 +310,14 @@ def _parse_true(value: object) -> bool:
     return True
 
 
+def _parse_requires(value: object) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict) or not value or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ValueError(f"expected a mapping of import names to distributions, got {value!r}")
+    return tuple(value.items())
+
+
 def _parse_one(*allowed: str) -> Callable[[object], str]:
     def parse(value: object) -> str:
         if value not in allowed:
@@ -318,6 +345,8 @@ _EFFECTS: dict[str, _Effect] = {
     "disable_backend": _Effect(_parse_backends, ("sdpa",)),
     "env": _Effect(_parse_env, ("sdpa", "env")),
     "experts_implementation": _Effect(_parse_one("eager", "grouped_mm", "batched_mm"), ("experts",)),
+    "mixer_path": _Effect(_parse_one(*MIXER_PATHS), ("mixers",)),
+    "requires": _Effect(_parse_requires, ("mixers",)),
     "note": _Effect(_parse_text, _PLAN_STAGES),
     "warn": _Effect(_parse_text, _PLAN_STAGES),
 }
@@ -355,6 +384,13 @@ def _apply(rule: Rule, about: tuple[Gpu, ...], state: _State) -> None:
         elif key in ("attn_implementation", "experts_implementation"):
             _set_once(state, rule, key, value)
             phrases.append(f"{key} {value}")
+        elif key == "mixer_path":
+            _set_once(state, rule, key, value)
+            phrases.append(f"{text['mixer_families']} layers on the {value} path")
+        elif key == "requires":
+            for module, distribution in value:
+                state.mixer_requires.setdefault(module, distribution)
+            phrases.append("requires " + ", ".join(f"{distribution} ({module})" for module, distribution in value))
         elif key == "prefill_backend":
             _set_once(state, rule, key, value)
             phrases.append(f"prefill attention on {value} on every GPU")
@@ -448,6 +484,8 @@ def _placeholders(state: _State, about: tuple[Gpu, ...]) -> dict[str, str]:
         "attn_implementation": state.attn_implementation or "undecided",
         "arch_list": arch_list(state.gpus),
         "skip_keys": ", ".join(facts.skip_keys) or "none",
+        "mixer_families": ", ".join(facts.mixer_families) or "no",
+        "requested_mixer_kernels": state.requested_mixer_kernels,
     }
 
 
@@ -583,15 +621,26 @@ def load_rulebook() -> RuleBook:
 # --- the engine -------------------------------------------------------------------------------
 
 
-def decide_runtime(gpus: Sequence[Gpu], facts: ModelFacts, requested_dtype: str) -> Runtime:
-    """Apply the knowledge base. requested_dtype is "auto" | "bfloat16" | "float16" | "float32".
+def decide_runtime(
+    gpus: Sequence[Gpu], facts: ModelFacts, requested_dtype: str, mixer_kernels: str = "fallback"
+) -> Runtime:
+    """Apply the knowledge base. requested_dtype is "auto" | "bfloat16" | "float16" | "float32";
+    mixer_kernels ("fallback" | "kernels") is how the policy asks linear-attention / SSM layers to run.
 
-    Raises SpecError when the request cannot work on the inventory (bfloat16 below sm80).
+    Raises SpecError when the request cannot work on the inventory (bfloat16 below sm80, CUDA
+    kernels without a GPU).
     """
     if requested_dtype not in ("auto", *DTYPES):
         raise SpecError(f"dtype must be auto, {', '.join(DTYPES)}; got {requested_dtype!r}")
+    if mixer_kernels not in MIXER_PATHS:
+        raise SpecError(f"mixer_kernels must be one of {', '.join(MIXER_PATHS)}; got {mixer_kernels!r}")
     book = load_rulebook()
-    state = _State(gpus=tuple(sorted(gpus, key=lambda g: g.index)), facts=facts, requested_dtype=requested_dtype)
+    state = _State(
+        gpus=tuple(sorted(gpus, key=lambda g: g.index)),
+        facts=facts,
+        requested_dtype=requested_dtype,
+        requested_mixer_kernels=mixer_kernels,
+    )
     for stage in STAGES:
         for rule in book.stage(stage):
             if stage == PER_GPU_STAGE:
@@ -604,6 +653,8 @@ def decide_runtime(gpus: Sequence[Gpu], facts: ModelFacts, requested_dtype: str)
                 _apply(rule, about or state.gpus, state)
         if stage == "dtype" and state.dtype is None:
             raise RuntimeError(f"no dtype rule matched requested {requested_dtype!r} on {_describe_gpus(state.gpus)}")
+        if stage == "mixers" and facts.mixer_families and state.mixer_path is None:
+            raise RuntimeError(f"no mixers rule chose a path for {', '.join(facts.mixer_families)} layers")
     return _runtime(state)
 
 
@@ -637,4 +688,6 @@ def _runtime(state: _State) -> Runtime:
         env=dict(sorted(state.env.items())),
         experts_implementation=state.experts_implementation,
         decisions=tuple(state.decisions),
+        mixer_path=state.mixer_path,
+        mixer_requires=dict(sorted(state.mixer_requires.items())),
     )

@@ -21,6 +21,9 @@ Modelled rather than executed, and why:
   first backend that can serve it, from the plan's backend for the GPU on through the enabled
   ones after it (flash takes no mask and no value head dim unlike the query's, so a masked call
   on a flash GPU runs efficient); "math" keeps the decomposition.
+- Linear-attention / SSM / short-conv layers on a plan that assumes their CUDA kernels: each
+  kernel function transformers calls allocates the outputs the kernel returns, without its
+  per-chunk workspace (the kernels need CUDA). On the fallback path the torch code runs as is.
 - MoE experts run with experts_implementation "eager": the per-expert loop depends on the
   routing, which fake tensors do not have; one iteration runs with one expert receiving every
   token, which bounds every iteration of the real loop.
@@ -42,11 +45,13 @@ import threading
 import time
 import types
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from planc.errors import ModelError
+from planc.model.cache import cache_keyword, layer_tensors
 from planc.plan import Plan
 
 VIRTUAL_DEVICE = "vgpu"
@@ -216,6 +221,7 @@ def _make_tracker():
         def __init__(self) -> None:
             super().__init__()
             self.pinned = True
+            self.paused = 0  # > 0 while a modelled kernel runs its torch stand-in (see _kernel_stand_ins)
             self._pinned: dict[int, tuple[Any, str, int]] = {}
             self._transient: dict[int, tuple[Any, str, int]] = {}
             self.current: dict[str, int] = defaultdict(int)  # an upper bound between sweeps
@@ -247,12 +253,38 @@ def _make_tracker():
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
+            if self.paused:
+                return out
             for leaf in tree_leaves(out):
                 if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
                     self._record(leaf)
             return out
 
     return MemoryTracker()
+
+
+def forward_peak(module, make_inputs) -> int:
+    """Peak bytes one module's forward allocates, under fake tensors on the CPU: what the ledger's
+    per-module transients are held to (its weights and the inputs `make_inputs()` builds excluded).
+
+    `make_inputs()` runs inside the fake mode and returns (args, kwargs) for the forward.
+    """
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    tracker = _make_tracker()
+    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True), tracker:
+        for child in module.modules():
+            for registry in (child._parameters, child._buffers):
+                for name, tensor in list(registry.items()):
+                    if tensor is not None:
+                        registry[name] = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
+        args, kwargs = make_inputs()
+        tracker.start_phase()
+        before = tracker.current["cpu"]
+        tracker.pinned = False
+        module(*args, **kwargs)
+        return tracker.peak["cpu"] - before
 
 
 def _sdpa_backends_by_device(plan: Plan) -> dict[str, list[str]]:
@@ -315,6 +347,116 @@ def _make_device_shims(backends_by_device: dict[str, list[str]]):
             return func(*args, **kwargs)
 
     return DeviceShims()
+
+
+def _delta_rule_outputs(query, key, value, initial_state=None, output_final_state=False, **_):
+    """fla's chunk / recurrent delta-rule kernels: the output per value head, the fp32 final state."""
+    import torch
+
+    out = torch.empty(value.shape, dtype=query.dtype, device=value.device)
+    if not output_final_state:
+        return out, None
+    batch, _, heads, v_dim = value.shape
+    return out, torch.empty(batch, heads, key.shape[-1], v_dim, dtype=torch.float32, device=value.device)
+
+
+def _mamba2_scan_outputs(hidden_states, B, return_final_states=False, **_):
+    """mamba-ssm's mamba_chunk_scan_combined: y in x's dtype and the fp32 final state."""
+    import torch
+
+    out = torch.empty_like(hidden_states)
+    if not return_final_states:
+        return out
+    batch, _, heads, head_dim = hidden_states.shape
+    return out, torch.empty(batch, heads, head_dim, B.shape[-1], dtype=torch.float32, device=out.device)
+
+
+def _selective_scan_outputs(hidden_states, A, return_last_state=False, **_):
+    """mamba-ssm's selective_scan_fn: y like its input and the fp32 last state (d_inner x d_state)."""
+    import torch
+
+    out = torch.empty_like(hidden_states)
+    if not return_last_state:
+        return out
+    batch, inner = hidden_states.shape[:2]
+    return out, torch.empty(batch, inner, A.shape[-1], dtype=torch.float32, device=out.device)
+
+
+def _like_first(hidden_states=None, x=None, **_):
+    """causal-conv1d's convolutions and the single-step state updates: an output like the input
+    (the conv / SSM state is updated in place)."""
+    import torch
+
+    return torch.empty_like(hidden_states if hidden_states is not None else x)
+
+
+# What each kernel allocates, by the name transformers gives its fallback (modeling_*.py). Kernels
+# not listed run their fallback untracked and return copies of its outputs.
+_KERNEL_OUTPUTS = {
+    "torch_chunk_gated_delta_rule": _delta_rule_outputs,
+    "torch_recurrent_gated_delta_rule": _delta_rule_outputs,
+    "chunk_kimi_delta_attention": _delta_rule_outputs,
+    "recurrent_kimi_delta_attention": _delta_rule_outputs,
+    "mamba2_chunk_scan": _mamba2_scan_outputs,
+    "mamba_selective_scan": _selective_scan_outputs,
+    "causal_conv1d_fn": _like_first,
+    "causal_conv1d_update": _like_first,
+    "mamba2_selective_state_update": _like_first,
+    "mamba_selective_state_update": _like_first,
+}
+
+
+@contextmanager
+def _kernel_stand_ins(model, plan: Plan, tracker):
+    """On a plan whose linear-attention / SSM layers run their CUDA kernels, model those kernels:
+    each kernel function transformers calls allocates the outputs the kernel returns (shapes and
+    dtypes from its arguments; unknown ones run their torch fallback untracked and return copies).
+    Its per-chunk workspace is not simulated, so the simulated peak is a lower bound there, as for
+    a fused SDPA call."""
+    import inspect
+    import sys
+
+    import torch
+    from torch.utils._pytree import tree_map
+
+    from planc.model import cache as cache_kinds
+
+    if plan.mixers is None or plan.mixers.path != cache_kinds.KERNELS:
+        yield 0
+        return
+    names = set()
+    for family in plan.mixers.families:
+        names.update(cache_kinds.kernel_functions(family))
+    modules = {sys.modules[type(m).__module__] for m in model.modules() if type(m).__module__ in sys.modules}
+
+    def stand_in(name, function):
+        signature = inspect.signature(function)
+        outputs = _KERNEL_OUTPUTS.get(name)
+
+        def kernel(*args, **kwargs):
+            if outputs is not None:
+                bound = signature.bind(*args, **kwargs)
+                bound.apply_defaults()
+                return outputs(**bound.arguments)
+            tracker.paused += 1
+            try:
+                out = function(*args, **kwargs)
+            finally:
+                tracker.paused -= 1
+            return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)
+
+        return kernel
+
+    patched = []
+    for module in modules:
+        for name in names & set(vars(module)):
+            patched.append((module, name, getattr(module, name)))
+            setattr(module, name, stand_in(name, getattr(module, name)))
+    try:
+        yield len(patched)
+    finally:
+        for module, name, original in patched:
+            setattr(module, name, original)
 
 
 def _fused_attention_output(query, value):
@@ -558,12 +700,14 @@ def _run_generation(model, batch: int, seq: int, chunk: int | None, decode_steps
     input_ids = torch.empty(batch, seq, dtype=torch.long, device=input_device)
     mask = torch.ones(batch, seq + decode_steps, dtype=torch.long, device=input_device) if batch > 1 else None
 
+    keyword = cache_keyword(model)
+
     def step(ids, cache, length: int):
         extra = {"attention_mask": mask[:, :length]} if mask is not None else {}
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{keyword: cache}, **extra)
         # generate keeps an fp32 copy of the last position's logits to pick the next token.
         next_tokens = torch.argmax(out.logits[:, -1, :].to(copy=True, dtype=torch.float32), dim=-1)
-        return next_tokens, out.past_key_values
+        return next_tokens, getattr(out, keyword)
 
     cache = None
     tracker.start_phase()
@@ -600,13 +744,11 @@ def _run_vision(model, plan: Plan, input_device: str, tracker) -> str | None:
 
 
 def _cache_bytes(cache) -> dict[str, int]:
-    import torch
-
+    """Bytes of cache tensors (KV, states, indexer keys, compressed entries) per device."""
     held: dict[str, int] = defaultdict(int)
-    for layer in getattr(cache, "layers", ()):
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(tensor, torch.Tensor):
-                held[str(tensor.device)] += tensor.untyped_storage().nbytes()
+    for tensors in layer_tensors(cache):
+        for tensor in tensors:
+            held[str(tensor.device)] += tensor.untyped_storage().nbytes()
     return held
 
 
@@ -666,13 +808,19 @@ def simulate_plan(
             weights = dict(tracker.current)
             tracker.pinned = False
             try:
-                tracker.start_phase()
-                vision_note = _run_vision(model, plan, main_device, tracker)
-                if vision_note:
-                    notes.append(vision_note)
-                cache, prefill_peak, decode_peak = _run_generation(
-                    model, batch, seq, chunk, decode_steps, main_device, tracker
-                )
+                with _kernel_stand_ins(model, plan, tracker) as modelled:
+                    if modelled:
+                        notes.append(
+                            f"{', '.join(plan.mixers.families)} kernels modelled by the outputs they allocate "
+                            "(their per-chunk workspace is not simulated)"
+                        )
+                    tracker.start_phase()
+                    vision_note = _run_vision(model, plan, main_device, tracker)
+                    if vision_note:
+                        notes.append(vision_note)
+                    cache, prefill_peak, decode_peak = _run_generation(
+                        model, batch, seq, chunk, decode_steps, main_device, tracker
+                    )
                 cache_held = _cache_bytes(cache)
                 del cache
             except Exception as exc:  # noqa: BLE001 - any failure of the run is the plan's finding

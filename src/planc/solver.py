@@ -37,6 +37,7 @@ from planc.memory import (
 )
 from planc.errors import ModelError
 from planc.model import ModelGraph
+from planc.model.cache import FALLBACK
 
 INF = float("inf")
 PICO = 10**12
@@ -427,18 +428,24 @@ def _min_offload(problem: _Problem, allow_offload: bool) -> int | None:
     return None
 
 
-def _problem(graph, gpus, cpu, disk, workload, reserve, objective) -> _Problem:
+def _problem(graph, gpus, cpu, disk, workload, reserve, objective, mixer_path: str = FALLBACK) -> _Problem:
     chain, pinned, head = _split_chain(graph)
     backends = sorted({t.backend for t in gpus} | ({cpu.backend} if cpu else set()))
     return _Problem(graph, gpus, cpu, disk, workload, reserve, objective, chain, pinned, head,
-                    unit_costs(graph, workload, backends))
+                    unit_costs(graph, workload, backends, mixer_path))
 
 
 def feasible(
-    graph: ModelGraph, gpus: list[Target], cpu: Target | None, disk: Target | None, workload: Workload, reserve: Reserve
+    graph: ModelGraph,
+    gpus: list[Target],
+    cpu: Target | None,
+    disk: Target | None,
+    workload: Workload,
+    reserve: Reserve,
+    mixer_path: str = FALLBACK,
 ) -> bool:
     """Whether `solve` would find a placement: its first step alone, without choosing the best one."""
-    problem = _problem(graph, gpus, cpu, disk, workload, reserve, "latency")
+    problem = _problem(graph, gpus, cpu, disk, workload, reserve, "latency", mixer_path)
     return _min_offload(problem, allow_offload=cpu is not None) is not None
 
 
@@ -450,9 +457,11 @@ def solve(
     workload: Workload,
     reserve: Reserve,
     objective: str,
+    mixer_path: str = FALLBACK,
 ) -> Placement | Infeasible:
-    """Place the graph's units; cpu/disk are None when the policy forbids them."""
-    problem = _problem(graph, gpus, cpu, disk, workload, reserve, objective)
+    """Place the graph's units; cpu/disk are None when the policy forbids them. Linear-attention
+    and SSM mixers run on `mixer_path` (fallback or kernels) wherever they execute."""
+    problem = _problem(graph, gpus, cpu, disk, workload, reserve, objective, mixer_path)
     m = _min_offload(problem, allow_offload=cpu is not None)
     if m is None:
         return _closest(problem)

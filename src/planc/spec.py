@@ -253,6 +253,13 @@ class Policy(_Strict):
         "tensor parallelism within an NVLink/NVSwitch island; transformers pipeline parallelism across nodes; "
         "vLLM for tensor x pipeline); device_map, tensor or pipeline: only that strategy.",
     )
+    mixer_kernels: Literal["fallback", "kernels"] = added(
+        "fallback",
+        "How linear-attention, state-space and short-convolution layers run (models that have them): "
+        "fallback = transformers' pure-torch implementations, any machine, prefill transients of up to ~3 MiB "
+        "per token per layer; kernels = the CUDA kernel packages transformers uses when they import "
+        "(flash-linear-attention, causal-conv1d, mamba-ssm), which `planc run` then requires.",
+    )
 
 
 class Spec(_Strict):

@@ -83,7 +83,7 @@ def common_settings(context: ExportContext) -> dict[str, Any]:
     from planc.run.generate import generation_settings, input_device
 
     plan = context.plan
-    return {
+    settings = {
         "plan_hash": plan.plan_hash,
         "model": model_reference(context),
         # Before anything initialises CUDA: the driver reads device order and visibility once.
@@ -94,6 +94,11 @@ def common_settings(context: ExportContext) -> dict[str, Any]:
         "input_device": input_device(plan),
         "workload": {"batch_size": plan.workload.batch_size, "max_seq_len": plan.workload.max_seq_len},
     }
+    if plan.mixers is not None and plan.mixers.path == "kernels":
+        # Sized for the CUDA kernels: without them transformers silently runs the torch fallback,
+        # whose prefill needs more memory than the plan holds.
+        settings["kernel_packages"] = dict(plan.mixers.requires)
+    return settings
 
 
 def offload_folder(context: ExportContext) -> str | None:
@@ -188,7 +193,7 @@ os.environ.update({literal(settings["env"], 0)})
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 {imports}
-HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
+{_kernel_check(settings.get("kernel_packages"))}HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
 MODEL = {model_expression(settings["model"])}
 SOURCE = {literal(source_arguments(context.plan, settings["model"]), 0)}  # for every from_pretrained
 SDPA_BACKENDS = {sdpa_expression(settings["sdpa_backends"])}  # only these, in this order of priority
@@ -196,6 +201,22 @@ GENERATION = {literal(settings["generation"], 0)}
 INPUT_DEVICE = {settings["input_device"]!r}
 MAX_BATCH_SIZE, MAX_SEQ_LEN = {plan.workload.batch_size}, {plan.workload.max_seq_len}
 SEED = {settings["seed"]}
+'''
+
+
+def _kernel_check(packages: dict[str, str] | None) -> str:
+    """For a plan sized on the CUDA kernels: refuse to start where one does not import, as planc run does."""
+    if not packages:
+        return ""
+    return f'''
+# The plan sized its linear-attention / SSM layers for these kernels (import name: distribution);
+# transformers would run the torch fallback without them, which needs more memory than planned.
+for _module, _distribution in {literal(packages, 0)}.items():
+    try:
+        __import__(_module)
+    except Exception as _exc:
+        sys.exit(f"this plan needs {{_distribution}} (import {{_module}} failed: {{_exc}}); install it or recompile with policy.mixer_kernels: fallback")
+
 '''
 
 

@@ -28,6 +28,25 @@ def layer_cache(layer_type: str, layer_kwargs: dict, shapes: Shapes, dtype: str)
     return LayerCache(layer_type, kv_bytes_per_token(shapes, dtype), window)
 
 
+def hybrid_layer_cache(layer_type: str, layer_kwargs: dict, shapes: Shapes, dtype: str, layer_module) -> LayerCache:
+    """The attention half of a `hybrid` layer (Falcon-H1, Zamba): its KV per token and window.
+
+    Hybrid layers run an attention block of their own beside (or shared over) the state-space
+    mixer, whose heads need not be the config's top-level ones (Zamba's shared block attends over
+    the concatenated 2 x hidden): the KV per token is what its k_proj and v_proj produce.
+    """
+    import torch
+
+    window = int(layer_kwargs["sliding_window"]) if layer_type == "hybrid_sliding" else None
+    per_token = kv_bytes_per_token(shapes, dtype)
+    for module in layer_module.modules() if layer_module is not None else ():
+        k_proj, v_proj = getattr(module, "k_proj", None), getattr(module, "v_proj", None)
+        if isinstance(k_proj, torch.nn.Linear) and isinstance(v_proj, torch.nn.Linear):
+            per_token = (k_proj.out_features + v_proj.out_features) * DTYPE_BYTES[dtype]
+            break
+    return LayerCache(layer_type, per_token, window)
+
+
 def materialises_scores(backend: str) -> bool:
     """The math SDPA path and eager attention build the B x H x T x S score matrix."""
     return backend in ("math", "eager")
@@ -38,6 +57,8 @@ def context_tokens(cache: LayerCache | None, workload: Workload) -> int:
     s = workload.max_seq_len
     if cache is not None and cache.window is not None:
         s = min(s, cache.window - 1 + workload.step_tokens)
+    if cache is not None:
+        s += cache.compressed_entries(workload)  # DeepSeek-V4 attends over its compressed entries too
     return s
 
 
@@ -81,13 +102,16 @@ def mask_bytes(units, workload: Workload, backend: str, dtype: str) -> tuple[int
     """
     b, t, full = workload.batch_size, workload.step_tokens, workload.max_seq_len
     eager = backend == "eager"
-    windows = {unit.cache.window for unit in units if unit.kind == "layer" and unit.cache.kind in LAYER_TYPES}
+    attending = [unit.cache for unit in units if unit.kind == "layer" and unit.cache.attention]
+    windows = {cache.window for cache in attending}
+    # Indexed (sparse) attention always builds its mask: the indexer needs it for causality.
+    forced = any(cache.kind == "indexed_attention" for cache in attending)
     chunked = t < full
     sizes = []
     for window in windows:
         s = full if window is None else min(full, window - 1 + t)
         sliding_cut = window is not None and window <= full
-        if eager or b > 1 or chunked or sliding_cut:
+        if eager or b > 1 or chunked or sliding_cut or forced:
             sizes.append(b * t * s)
     element = DTYPE_BYTES[dtype] if eager else 1
     return sum(sizes) * element, max(sizes, default=0) * element

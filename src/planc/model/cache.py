@@ -1,26 +1,94 @@
 """What each decoder layer keeps between forward steps, per sequence: one entry per cache layer kind.
 
 Mirrors transformers' `cache_utils.py`, where `DynamicCache(config=...)` builds one layer object
-per `config.layer_types` entry. Each kind's byte formula lives in the module of its mixer
-(`attention.py` for full / sliding / chunked attention); this module maps layer types to them.
+per `config.layer_types` entry (after `remap_legacy_layer_types`: `mamba` -> `linear_attention`,
+`*_sparse_attention` -> `indexed_attention`). Each kind's byte formula lives in the module of its
+mixer; this module maps layer types to them:
+
+- full / sliding / chunked attention: `attention.py` (KV per token, capped by a window);
+- indexed attention (DeepSeek sparse attention): `indexed.py` (KV plus the indexer's keys);
+- compressed attention (DeepSeek-V4's heavily compressed / compressed sparse attention):
+  `compressed.py` (a sliding window plus one compressed entry per few tokens);
+- linear attention, conv and hybrid layers: a fixed-size state per sequence from the layer's
+  sequence mixer, one module per family (`delta_rule.py`: gated DeltaNet and Kimi delta
+  attention; `mamba.py`: Mamba1 and Mamba2; `short_conv.py`: LFM2's gated convolution;
+  `lightning.py`: MiniMax's lightning attention), plus the attention KV for `hybrid` layers;
+- mlp / moe / dummy layers: nothing.
+
+Families whose state transformers keeps outside the cache, or in cache classes planc does not
+size, are refused with the reason (`UNSIZED`): planning them as attention would be wrong.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 from planc.errors import ModelError
 from planc.workload import Workload
+
+if TYPE_CHECKING:
+    from planc.model.config import Shapes
+
+# The two ways transformers runs a sequence mixer's prefill and decode (chosen when its modeling
+# module is imported: transformers/integrations/hub_kernels.py use_kernel_func_from_hub_with_fallback).
+FALLBACK = "fallback"  # pure-torch reference implementations: any device
+KERNELS = "kernels"  # the CUDA kernel packages (flash-linear-attention, causal-conv1d, mamba-ssm)
+MIXER_PATHS = (FALLBACK, KERNELS)
+
+STATE_LAYER_TYPES = ("linear_attention", "conv")
+HYBRID_LAYER_TYPES = ("hybrid", "hybrid_sliding")
+
+
+@dataclass(frozen=True)
+class Mixer:
+    """A layer's sequence mixer that keeps a fixed-size state per sequence (no per-token cache).
+
+    Subclasses (one per family, in the family's module) hold the dimensions the formulas need,
+    read from the mixer module transformers built, and give the state it keeps and the transient
+    bytes of its forward on each path.
+    """
+
+    family: ClassVar[str]
+    # Attributes that identify the family's mixer module inside a decoder layer (transformers'
+    # modular copies keep them across the models of a family).
+    signature: ClassVar[tuple[str, ...]] = ()
+    # transformers' modeling functions that run this family through its kernel packages (and
+    # fall back to torch without them): what `planc simulate` stands in for on a kernels plan.
+    kernel_functions: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def module_of(cls, layer_module, index: int):
+        """The family's mixer module inside a decoder layer."""
+        return find_mixer(layer_module, index, *cls.signature)
+
+    def state_bytes(self, dtype: str) -> int:
+        """Bytes of state one sequence keeps between steps (conv window and recurrent state)."""
+        raise NotImplementedError
+
+    def transient_bytes(self, workload: Workload, dtype: str, path: str) -> int:
+        """Peak transient bytes inside the mixer over the largest step (its input excluded)."""
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
 class LayerCache:
     """One layer's cache, per sequence: a part that grows with tokens and a part that does not."""
 
-    kind: str  # the transformers layer type (full_attention, sliding_attention, ...)
+    kind: str  # the transformers layer type (full_attention, sliding_attention, linear_attention, ...)
     bytes_per_token: int = 0
     window: int | None = None  # keeps at most this many tokens between steps
     state_bytes: int = 0  # fixed per sequence whatever the context (recurrent / convolution states)
+    mixer: Mixer | None = None  # the state-keeping sequence mixer, for linear / conv / hybrid layers
+    attention: bool = True  # runs softmax attention over its cached tokens (its transients, its masks)
+    indexer_heads: int = 0  # indexed attention: heads of the indexer that scores every cached token
+    indexer_head_dim: int = 0
+    # Compressed attention (DeepSeek-V4): one entry of `compressed_bytes` per `compress_rate`
+    # tokens, and the projections awaiting compression, which the cache keeps as views of the
+    # last step's storage (`buffer_bytes_per_token`).
+    compress_rate: int = 0
+    compressed_bytes: int = 0
+    buffer_bytes_per_token: int = 0
 
     def tokens_held(self, workload: Workload) -> int:
         """Tokens of cache the layer holds at its peak.
@@ -32,30 +100,204 @@ class LayerCache:
             return workload.max_seq_len
         return min(workload.max_seq_len, self.window - 1 + workload.step_tokens)
 
+    def compressed_entries(self, workload: Workload) -> int:
+        """Compressed entries held after max_seq_len tokens (one per whole window of compress_rate)."""
+        return workload.max_seq_len // self.compress_rate if self.compress_rate else 0
+
+    def buffered_tokens(self, workload: Workload) -> int:
+        """Tokens whose projections the compressor's buffer keeps alive: the step's whole storage
+        (a view of it holds the leftover), plus up to compress_rate - 1 carried from the last step."""
+        if not self.buffer_bytes_per_token:
+            return 0
+        carried = self.compress_rate - 1 if workload.step_tokens < workload.max_seq_len else 0
+        return workload.step_tokens + carried
+
+    def token_bytes(self, workload: Workload) -> int:
+        """Peak bytes of the part that grows with tokens, whole batch (what torch.cat copies on update)."""
+        per_sequence = self.tokens_held(workload) * self.bytes_per_token
+        per_sequence += self.compressed_entries(workload) * self.compressed_bytes
+        return workload.batch_size * per_sequence
+
     def bytes(self, workload: Workload) -> int:
         """Peak cache bytes of this layer for the whole batch."""
-        return workload.batch_size * (self.tokens_held(workload) * self.bytes_per_token + self.state_bytes)
+        buffers = self.buffered_tokens(workload) * self.buffer_bytes_per_token
+        return self.token_bytes(workload) + workload.batch_size * (self.state_bytes + buffers)
 
 
-def layer_caches(config, shapes, dtype: str, per_layer=None) -> list[LayerCache]:
+# model_type -> why planc does not size it. Each keeps its recurrent state where the cache
+# formulas cannot see it, or in a cache class no formula here describes yet.
+UNSIZED = {
+    "xlstm": "xLSTM keeps its mLSTM matrix states in its own xLSTMCache (not DynamicCache layers), which planc does not size",
+    "rwkv": "RWKV keeps its recurrent state in a tensor list the model returns (`state`), outside any cache planc sizes",
+    "recurrent_gemma": "RecurrentGemma keeps its RG-LRU and convolution states on the modules, allocated on the input "
+    "device at setup, outside the cache planc sizes",
+    "zaya": "ZAYA's hybrid layers keep convolution states of its CCA projection that planc does not size yet",
+    "inkling": "Inkling's hybrid layers keep four fp32 short-convolution states per layer that planc does not size yet",
+    "qwen4_exp": "Qwen4-Exp's indexed layers keep block-compressed indexer keys that planc does not size yet",
+}
+
+
+def refuse_unsized(model_type: str) -> None:
+    """ModelError with the reason when planc does not size this family's state (UNSIZED)."""
+    base_type = model_type.removesuffix("_text")
+    if base_type in UNSIZED:
+        raise ModelError(f"{model_type}: {UNSIZED[base_type]}")
+
+
+def layer_caches(config, shapes: "Shapes", dtype: str, layer_modules=None, per_layer=None) -> list[LayerCache]:
     """Per cache layer, the cache transformers builds for it (after its remap of legacy names).
 
-    `per_layer` gives each layer's shapes where the config varies them (Gemma 4's full-attention
-    layers have their own head_dim and KV heads); else `shapes` serves every layer.
+    `layer_modules` are the decoder layers of the model built on meta, in order: the state-keeping
+    layers read their mixer's dimensions from them.
+    `per_layer` gives each cache layer's shapes where the config varies them (Gemma 4's
+    full-attention layers have their own head_dim and KV heads); else `shapes` serves every layer.
     """
     from transformers.cache_utils import get_layer_types_and_kwargs
 
-    from planc.model import attention
+    from planc.model import attention, compressed, indexed
     from planc.model.config import text_config
 
-    layer_types, kwargs = get_layer_types_and_kwargs(text_config(config))
+    text = text_config(config)
+    model_type = getattr(text, "model_type", "")
+    refuse_unsized(model_type)
+    layer_types, kwargs = get_layer_types_and_kwargs(text)
+    declared = list(getattr(text, "layer_types", None) or [])
+    modules = list(layer_modules or ())
+    # Only the state-keeping and indexed kinds read their module; an attention-only config may list
+    # several cache layers per decoder layer (build_model_graph groups them).
+    reads_module = STATE_LAYER_TYPES + HYBRID_LAYER_TYPES + ("indexed_attention",)
+    if modules and len(modules) != len(layer_types) and any(t in reads_module for t in layer_types):
+        raise ModelError(f"config describes {len(layer_types)} cache layers for {len(modules)} decoder layers")
     caches = []
     for index, (layer_type, layer_kwargs) in enumerate(zip(layer_types, kwargs)):
         own = per_layer[index] if per_layer and index < len(per_layer) else shapes
+        module = modules[index] if len(modules) == len(layer_types) else None
         if layer_type in attention.LAYER_TYPES:
             caches.append(attention.layer_cache(layer_type, layer_kwargs, own, dtype))
+        elif layer_type == "indexed_attention":
+            caches.append(indexed.layer_cache(model_type, own, dtype, module, index))
+        elif layer_type in compressed.LAYER_TYPES:
+            caches.append(compressed.layer_cache(layer_type, layer_kwargs["config"], dtype))
+        elif layer_type in STATE_LAYER_TYPES + HYBRID_LAYER_TYPES:
+            mixer = mixer_of(model_type, layer_type, module, index)
+            cache = LayerCache(layer_type, state_bytes=mixer.state_bytes(dtype), mixer=mixer, attention=False)
+            if layer_type in HYBRID_LAYER_TYPES:
+                kv = attention.hybrid_layer_cache(layer_type, layer_kwargs, own, dtype, module)
+                cache = LayerCache(layer_type, kv.bytes_per_token, kv.window, cache.state_bytes, mixer)
+            caches.append(cache)
         elif layer_type == "dummy":
-            caches.append(LayerCache("dummy"))
+            # No cache of its own: a feed-forward-only layer (Nemotron-H's mlp / moe blocks), or
+            # one that attends over another layer's KV (Gemma 3n's KV sharing).
+            feed_forward_only = declared[index] in ("mlp", "moe") if declared else False
+            caches.append(LayerCache("dummy", attention=not feed_forward_only))
         else:
-            raise ModelError(f"layer type {layer_type!r} (linear/recurrent attention) is not sized by planc yet")
+            raise ModelError(f"{model_type}: layer type {layer_type!r} is not sized by planc yet")
     return caches
+
+
+# Modules with the state formulas of each sequence-mixer family; each maps the model types whose
+# layers it describes to its Mixer class (`MIXERS`).
+MIXER_MODULES = ("delta_rule", "mamba", "short_conv", "lightning")
+
+
+def mixer_of(model_type: str, layer_type: str, layer_module, index: int) -> Mixer:
+    """The sequence mixer of one state-keeping layer, with its dimensions read from the module."""
+    import importlib
+
+    for name in MIXER_MODULES:
+        family = importlib.import_module(f"planc.model.{name}")
+        if model_type in family.MIXERS:
+            if layer_module is None:
+                raise ModelError(f"{model_type}: layer {index} ({layer_type}) needs its module to be sized")
+            return family.MIXERS[model_type].from_layer(layer_module, index)
+    raise ModelError(
+        f"{model_type}: its {layer_type} layers keep a recurrent state whose layout planc does not know yet"
+    )
+
+
+def find_mixer(layer_module, index: int, *attributes: str):
+    """The submodule of a decoder layer that carries all of `attributes` (a family's mixer)."""
+    for module in layer_module.modules():
+        if all(hasattr(module, name) for name in attributes):
+            return module
+    raise ModelError(
+        f"decoder layer {index} ({type(layer_module).__name__}) has no submodule with {', '.join(attributes)}: "
+        "its mixer is not the one planc's formulas describe"
+    )
+
+
+def conv_window(mixer_module, index: int) -> tuple[int, int]:
+    """(channels, kernel) of the mixer's depthwise causal convolution: the conv state's shape per
+    sequence (transformers keeps the whole kernel width, zero-padded for short prompts)."""
+    import torch
+
+    for child in mixer_module.children():
+        if isinstance(child, torch.nn.Conv1d) and child.groups == child.in_channels:
+            return child.in_channels, child.kernel_size[0]
+    raise ModelError(f"decoder layer {index}: {type(mixer_module).__name__} has no depthwise Conv1d")
+
+
+def kernel_functions(family: str) -> tuple[str, ...]:
+    """transformers' modeling functions that a mixer family runs on its kernel packages."""
+    import importlib
+
+    for name in MIXER_MODULES:
+        for mixer in importlib.import_module(f"planc.model.{name}").MIXERS.values():
+            if mixer.family == family:
+                return mixer.kernel_functions
+    return ()
+
+
+def layer_tensors(cache) -> list[list]:
+    """Per decoder layer, the tensors a transformers cache object holds for it right now (KV, conv
+    and recurrent states, indexer keys, compressed KV), each storage once: what the ledger's cache
+    terms are held to, in the tests and in `planc simulate`."""
+    import torch
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    per_layer: list[list] = []
+
+    def collect(value, into: list, seen: set) -> None:
+        if isinstance(value, torch.Tensor):
+            # An empty view still keeps its storage alive (DeepSeek-V4's drained buffers).
+            key = StorageWeakRef(value.untyped_storage()).cdata
+            if key not in seen:
+                seen.add(key)
+                into.append(value)
+        elif isinstance(value, dict):
+            for item in value.values():
+                collect(item, into, seen)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                collect(item, into, seen)
+        elif hasattr(value, "__dict__") and not isinstance(value, (torch.nn.Module, type)):
+            for name, item in vars(value).items():
+                if name != "_sliding_window_tensor":  # a 0-d bookkeeping scalar, not cache
+                    collect(item, into, seen)
+
+    layers = list(getattr(cache, "layers", ()) or ())
+    # MiniMaxCache keeps lightning-attention states beside its (attention-only) layers.
+    side = list(getattr(cache, "linear_cache", ()) or ())
+    for index in range(max(len(layers), len(side))):
+        tensors: list = []
+        seen: set = set()
+        if index < len(layers):
+            collect(layers[index], tensors, seen)
+        if index < len(side):
+            collect(side[index], tensors, seen)
+        per_layer.append(tensors)
+    return per_layer
+
+
+def held_bytes(tensors) -> int:
+    """Bytes of the storages behind `tensors`."""
+    return sum(tensor.untyped_storage().nbytes() for tensor in tensors)
+
+
+def cache_keyword(model) -> str:
+    """The forward argument (and output attribute) a causal LM passes its cache in: Mamba, Mamba2
+    and Falcon-Mamba call it `cache_params`, every other model `past_key_values`."""
+    import inspect
+
+    parameters = inspect.signature(model.forward).parameters
+    return "past_key_values" if "past_key_values" in parameters else "cache_params"

@@ -38,6 +38,20 @@ def checkpoint_dtype(config: dict[str, Any]) -> str | None:
     return None
 
 
+def decode_special_floats(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """The config with transformers' tagged floats (`{"__float__": "Infinity"}`) turned back into floats.
+
+    JSON has no Infinity or NaN, so transformers 5 writes them as tagged objects (Mamba2-family
+    configs carry `time_step_limit: [0.0, Infinity]`) and decodes them when it reads a config.json
+    (`PreTrainedConfig._dict_from_json_file`); a dict handed to `AutoConfig.for_model` skips that
+    step, so planc takes it here with transformers' own decoder. Older writers emitted a bare
+    `Infinity`, which Python's json reads as a float already.
+    """
+    from transformers import PretrainedConfig
+
+    return PretrainedConfig._decode_special_floats(config_dict)
+
+
 def shipped_class(name: str | None):
     """The transformers model class called `name`, when transformers ships one (no remote code)."""
     import transformers
@@ -77,7 +91,7 @@ def make_config(config_dict: dict[str, Any], trust_remote_code: bool = False):
             "if they were dense; plan a dense (bf16/fp16) release of this model instead"
         )
     model_type = config_dict["model_type"]
-    data = {k: v for k, v in config_dict.items() if k not in ("transformers_version",)}
+    data = {k: v for k, v in decode_special_floats(config_dict).items() if k not in ("transformers_version",)}
     if model_type not in CONFIG_MAPPING:
         architectures = config_dict.get("architectures") or []
         cls = shipped_class(architectures[0] if architectures else None)
@@ -185,6 +199,7 @@ def _shapes(text, index: int | None = None) -> Shapes:
         v_head_dim = get("v_head_dim", default=head_dim)
         mla_latent = mla_rank + get("qk_rope_head_dim")
     else:
+        # Pure state-space models (Mamba, Mamba2) have no attention heads at all.
         head_dim = get("head_dim", default=hidden // heads if heads else 0)
         v_head_dim = head_dim
         mla_latent = 0

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from planc.errors import ModelError
 from planc.model.build import meta_model
-from planc.model.cache import LayerCache, layer_caches
+from planc.model.cache import LayerCache, layer_caches, refuse_unsized
 from planc.model.config import Shapes, config_value, checkpoint_dtype, known_model_type, layer_shapes, shapes_of, text_config
 from planc.model.vision import Vision, vision_of
 
@@ -89,6 +89,11 @@ class ModelGraph:
     @property
     def is_moe(self) -> bool:
         return any(unit.moe for unit in self.units)
+
+    @property
+    def mixer_families(self) -> tuple[str, ...]:
+        """Families of the state-keeping sequence mixers in its layers (gated_deltanet, mamba2, ...)."""
+        return tuple(sorted({u.cache.mixer.family for u in self.units if u.cache is not None and u.cache.mixer}))
 
     def tied_unit_groups(self) -> list[set[str]]:
         """Sets of unit names that must share a device (connected by tied edges)."""
@@ -250,14 +255,20 @@ def _group_caches(caches: list[LayerCache], layers: int) -> list[LayerCache]:
         return caches
     if len(caches) % layers:
         return caches
+    from dataclasses import replace
+
     k = len(caches) // layers
     grouped = []
     for i in range(layers):
         part = caches[k * i : k * i + k]
-        if len({(c.kind, c.window) for c in part}) != 1:
+        # Only plain attention caches add up; a mixer's state or a compressed / indexed cache
+        # has a layout of its own (such configs are refused by the caller's count check).
+        if len({(c.kind, c.window) for c in part}) != 1 or any(
+            c.mixer or c.indexer_heads or c.compress_rate for c in part
+        ):
             return caches
-        grouped.append(LayerCache(part[0].kind, sum(c.bytes_per_token for c in part), part[0].window,
-                                  sum(c.state_bytes for c in part)))
+        grouped.append(replace(part[0], bytes_per_token=sum(c.bytes_per_token for c in part),
+                               state_bytes=sum(c.state_bytes for c in part)))
     return grouped
 
 
@@ -266,6 +277,8 @@ def build_model_graph(config_dict: dict[str, Any], dtype: str, trust_remote_code
     import torch
     from accelerate.utils import find_tied_parameters
 
+    # Refused before building: some of these do not even build at their default sizes.
+    refuse_unsized(str(config_dict.get("model_type", "")))
     model = meta_model(config_dict, dtype, trust_remote_code)
     config = model.config
     architecture = type(model).__name__
@@ -291,13 +304,9 @@ def build_model_graph(config_dict: dict[str, Any], dtype: str, trust_remote_code
     # Where no declared no-split block is a decoder layer, each decoder layer is kept whole (as one would be).
     inferred = tuple(sorted({type(model.get_submodule(n)).__name__ for n in layer_names})) if guessed else ()
     no_split = set(declared) | set(inferred)
-    if not shapes.num_attention_heads:
-        raise ModelError(
-            f"{architecture}: its config has no attention heads: a recurrent (SSM / RNN) model, whose states "
-            "planc does not size yet"
-        )
     config_layers = layer_shapes(config)
-    caches = _group_caches(layer_caches(config, shapes, dtype, config_layers), len(layer_names))
+    layer_modules = [model.get_submodule(name) for name in layer_names]
+    caches = _group_caches(layer_caches(config, shapes, dtype, layer_modules, config_layers), len(layer_names))
     per_layer = config_layers if len(config_layers) == len(layer_names) else [shapes] * len(layer_names)
     if len(caches) != len(layer_names):
         raise ModelError(
@@ -346,8 +355,26 @@ def build_model_graph(config_dict: dict[str, Any], dtype: str, trust_remote_code
         and not isinstance(module, torch.nn.Embedding) and "rotary" not in type(module).__name__.lower()
         and "norm" not in type(module).__name__.lower() and not any(name == t or name.startswith(t + ".") for t in towers)
     ]
-    calls = _call_order(model, layer_names) if suspicious or unusual else None
+    # And so do a module's own tensors where that module is not one the layers run inside
+    # (DeepSeek-V4's hc_head holds hc_fn / hc_base / hc_scale and collapses the streams after the
+    # layers); a tensor of the model or the decoder itself (gpt_bigcode's transformer.bias) is pre.
+    def owner_of(name: str) -> str:
+        return name.rsplit(".", 1)[0] if "." in name else ""
+
+    detached = [
+        name for name, module, _ in raw_units
+        if module is None and owner_of(name) and not layer_prefix.startswith(owner_of(name) + ".")
+        and not name.startswith(layer_prefix) and not any(name.startswith(t + ".") for t in towers)
+    ]
+    calls = _call_order(model, layer_names) if suspicious or unusual or detached else None
     last_layer_call = max((calls.get(n, -1) for n in layer_names), default=-1) if calls else -1
+    detached_set = set(detached)
+
+    def call_of(name: str) -> int | None:
+        """When a unit first runs in the traced forward: a module's own tensor when its module does."""
+        if calls is None:
+            return None
+        return calls.get(owner_of(name) if name in detached_set else name)
 
     def is_post(name: str, module) -> bool:
         # After the layers run only the final norm and the output head; rotary tables, position
@@ -357,11 +384,12 @@ def build_model_graph(config_dict: dict[str, Any], dtype: str, trust_remote_code
         if module is not None and module is output_embeddings:
             return True
         in_tower = any(name.startswith(t + ".") or name == t for t in towers)
-        if module is None or in_tower or name.startswith(layer_prefix):
+        if in_tower or name.startswith(layer_prefix) or (module is None and name not in detached_set):
             return False
-        if calls is not None and name in calls and last_layer_call >= 0:
-            return calls[name] > last_layer_call
-        return "norm" in type(module).__name__.lower()
+        call = call_of(name)
+        if call is not None and last_layer_call >= 0:
+            return call > last_layer_call
+        return module is not None and "norm" in type(module).__name__.lower()
 
     tied_groups = tuple(tuple(sorted(group)) for group in find_tied_parameters(model))
     tied_names = {name for group in tied_groups for name in group}
@@ -397,7 +425,7 @@ def build_model_graph(config_dict: dict[str, Any], dtype: str, trust_remote_code
             pre.append(Unit(name, weight, "pre", row_bytes=row, vision=vision))
     if calls is not None:
         # After the layers, in the order they run (Gemma 3n unembeds its altup streams, then norms).
-        post.sort(key=lambda unit: calls.get(unit.name, len(calls)))
+        post.sort(key=lambda unit: len(calls) if call_of(unit.name) is None else call_of(unit.name))
     units = tuple(pre + layers + post)
     decoder_pre = [u.name for u in pre if not u.vision and not any(u.name.startswith(t + ".") for t in towers)]
     position_limit = _position_limit(model, decoder_pre, text_config(config))

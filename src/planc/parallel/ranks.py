@@ -21,6 +21,7 @@ from planc.memory import (
 )
 from planc.model import DTYPE_BYTES, ModelGraph
 from planc.model.attention import mask_bytes
+from planc.model.cache import FALLBACK
 from planc.parallel.pipeline import stage_ranges, stage_units
 from planc.parallel.tensor import rank_graph
 from planc.workload import Workload
@@ -125,13 +126,19 @@ def communication_bytes(graph: ModelGraph, names: list[str], layout: Layout, wor
     return largest + (NCCL_COMMUNICATOR if gpu else 0)
 
 
-def rank_ledgers(graph: ModelGraph, layout: Layout, workload: Workload, reserve: Reserve) -> list[RankLedger]:
-    """The ledger of every rank of the layout (ranks of one stage are identical up to their device)."""
+def rank_ledgers(
+    graph: ModelGraph, layout: Layout, workload: Workload, reserve: Reserve, mixer_path: str = FALLBACK
+) -> list[RankLedger]:
+    """The ledger of every rank of the layout (ranks of one stage are identical up to their device).
+
+    Linear-attention / SSM mixers run on `mixer_path`; their states and transients are not divided
+    by the TP size (transformers' TP plans gather those projections' outputs, e.g. Qwen3-Next's
+    `colwise_gather_output`, so each rank runs the whole mixer)."""
     ledgers = []
     for stage in range(layout.pp):
         view, names = rank_view(graph, layout, stage)
         for slot in layout.stage_ranks(stage):
-            costs = unit_costs(view, workload, [slot.backend])[slot.backend]
+            costs = unit_costs(view, workload, [slot.backend], mixer_path)[slot.backend]
             # Every rank runs the model's forward itself, so each builds its own attention masks.
             stage_layers = [unit for unit in view.units if unit.name in set(names)]
             load = Load(executes=True, mask=mask_bytes(stage_layers, workload, slot.backend, view.dtype)[0], main=True)

@@ -21,6 +21,7 @@ from planc.errors import InfeasibleError
 from planc.hardware import Inventory
 from planc.memory import CPU_BANDWIDTH, Reserve
 from planc.model import ModelGraph
+from planc.model.cache import FALLBACK
 from planc.parallel.cost import DecodeCost, layout_decode_cost
 from planc.parallel.pipeline import pp_refusal
 from planc.parallel.ranks import Layout, RankLedger, RankSlot, make_layout, rank_ledgers
@@ -99,12 +100,12 @@ def _describe(ledger: RankLedger) -> str:
 
 
 def evaluate_layout(strategy: str, graph: ModelGraph, layout: Layout, inventory: Inventory,
-                    workloads: list[Workload], reserve: Reserve) -> Candidate:
+                    workloads: list[Workload], reserve: Reserve, mixer_path: str = FALLBACK) -> Candidate:
     """Ledger every rank at each prefill chunking in turn (whole prompt first); the first that fits
     wins, else the layout is refused naming its worst rank."""
     candidate = None
     for workload in workloads:
-        ledgers = tuple(rank_ledgers(graph, layout, workload, reserve))
+        ledgers = tuple(rank_ledgers(graph, layout, workload, reserve, mixer_path))
         cost = layout_decode_cost(graph, layout, inventory, workload)
         over = [ledger for ledger in ledgers if ledger.free < 0]
         refusal = None
@@ -120,7 +121,7 @@ def evaluate_layout(strategy: str, graph: ModelGraph, layout: Layout, inventory:
     return candidate
 
 
-def _tensor_candidates(graph, inventory, slots, spec, workloads, reserve) -> list[Candidate]:
+def _tensor_candidates(graph, inventory, slots, spec, workloads, reserve, mixer_path) -> list[Candidate]:
     policy = spec.policy.parallelism
     node = inventory.all_nodes()[0]
     node_slots = [slot for slot in slots if slot.node == 0]
@@ -144,20 +145,20 @@ def _tensor_candidates(graph, inventory, slots, spec, workloads, reserve) -> lis
                 out.append(Candidate("tensor", "transformers", size, 1, refusal=refusal))
             continue
         layout = make_layout(graph, "transformers", size, 1, members[:size])
-        out.append(evaluate_layout("tensor", graph, layout, inventory, workloads, reserve))
+        out.append(evaluate_layout("tensor", graph, layout, inventory, workloads, reserve, mixer_path))
     return out
 
 
-def _pipeline_candidate(graph, inventory, slots, workloads, reserve) -> Candidate:
+def _pipeline_candidate(graph, inventory, slots, workloads, reserve, mixer_path) -> Candidate:
     size = len(slots)
     refusal = pp_refusal(graph, size) if size > 1 else "one rank: nothing to pipeline"
     if refusal is not None:
         return Candidate("pipeline", "transformers", 1, size, refusal=refusal)
     layout = make_layout(graph, "transformers", 1, size, slots)
-    return evaluate_layout("pipeline", graph, layout, inventory, workloads, reserve)
+    return evaluate_layout("pipeline", graph, layout, inventory, workloads, reserve, mixer_path)
 
 
-def _vllm_candidate(graph, inventory, slots, workloads, reserve) -> Candidate:
+def _vllm_candidate(graph, inventory, slots, workloads, reserve, mixer_path) -> Candidate:
     nodes = inventory.all_nodes()
     per_node = len(nodes[0].gpus)
     pp = len(nodes)
@@ -173,7 +174,7 @@ def _vllm_candidate(graph, inventory, slots, workloads, reserve) -> Candidate:
     if refusal is not None:
         return Candidate("tensor x pipeline", "vllm", per_node, pp, refusal=refusal)
     layout = make_layout(graph, "vllm", per_node, pp, slots)
-    return evaluate_layout("tensor x pipeline", graph, layout, inventory, workloads, reserve)
+    return evaluate_layout("tensor x pipeline", graph, layout, inventory, workloads, reserve, mixer_path)
 
 
 def considered_strategies(spec, inventory: Inventory) -> set[str]:
@@ -203,15 +204,16 @@ def plan_strategies(graph: ModelGraph, inventory: Inventory, runtime, spec, work
     """Every candidate the policy allows, evaluated (device_map through the solver, via `device_map()`)."""
     wanted = considered_strategies(spec, inventory)
     slots = rank_slots(inventory, runtime, spec.policy.headroom)
+    mixer_path = runtime.mixer_path or FALLBACK  # how linear-attention / SSM layers run, on every rank
     candidates: list[Candidate] = []
     if "device_map" in wanted:
         candidates.append(device_map())
     if "tensor" in wanted:
-        candidates += _tensor_candidates(graph, inventory, slots, spec, workloads, reserve)
+        candidates += _tensor_candidates(graph, inventory, slots, spec, workloads, reserve, mixer_path)
     if "pipeline" in wanted:
-        candidates.append(_pipeline_candidate(graph, inventory, slots, workloads, reserve))
+        candidates.append(_pipeline_candidate(graph, inventory, slots, workloads, reserve, mixer_path))
     if "tensor x pipeline" in wanted and len(inventory.all_nodes()) > 1:
-        candidates.append(_vllm_candidate(graph, inventory, slots, workloads, reserve))
+        candidates.append(_vllm_candidate(graph, inventory, slots, workloads, reserve, mixer_path))
     return candidates
 
 

@@ -62,6 +62,7 @@ def check_machine(
     machine = detect_machine()
     packages = package_mismatches(plan, installed)
     mismatches = packages + gpu_mismatches(plan, machine, node, rank) + cpu_mismatches(plan, machine, node)
+    mismatches += mixer_mismatches(plan)
     files = model_file_check(plan, lock_dir, progress)
     mismatches += files.mismatches
     # The lock's placement against the model's structure: only meaningful for the config and the
@@ -100,6 +101,34 @@ def package_mismatches(plan: Plan, installed: Packages) -> list[str]:
             same, rule = _major_minor(locked) == _major_minor(now), "compatible: same major.minor"
         if not same:
             mismatches.append(f"{name} version (policy {rule}): plan {locked}, machine {now}")
+    return mismatches
+
+
+def mixer_mismatches(plan: Plan) -> list[str]:
+    """The kernel packages a kernels-path plan sized its linear-attention / SSM layers for.
+
+    transformers binds each mixer function when its modeling module is imported, to the package's
+    kernel if `importlib.import_module(package)` succeeds and to the torch fallback otherwise; the
+    fallback's prefill needs far more memory than such a plan holds, so a package that does not
+    import is refused here, the same test transformers makes. A fallback plan runs anywhere (with
+    the kernels present it only needs less).
+    """
+    import importlib
+
+    mixers = plan.mixers
+    if mixers is None or mixers.path != "kernels":
+        return []
+    families = ", ".join(mixers.families)
+    mismatches = []
+    for module, distribution in mixers.requires.items():
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001 - any import failure makes transformers fall back
+            reason = type(exc).__name__ + (f": {str(exc).splitlines()[0]}" if str(exc) else "")
+            mismatches.append(
+                f"mixer kernels: plan runs its {families} layers on {distribution} (import {module}), machine "
+                f"cannot import it ({reason}); install {distribution} or recompile with policy.mixer_kernels: fallback"
+            )
     return mismatches
 
 

@@ -1,0 +1,200 @@
+"""Hybrid models: linear-attention, state-space, short-conv and indexed-attention layers.
+
+Tiny random models of every family (tests/hybrid_models.py) run for real on the CPU; the bytes
+their cache objects hold after a prefill and after decode steps must equal the ledger's, to the
+byte, in bfloat16 and float32. Each mixer family's prefill transient on the torch fallback, at
+its real size, is held to a fake-tensor execution of the real module.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hybrid_models import AT_SCALE, FAMILIES, mixer_prefill_peak, tiny_config
+from planc.memory import Workload, unit_kv_bytes
+from planc.model import build_model_graph, make_config
+from planc.model.cache import FALLBACK, cache_keyword, held_bytes, layer_tensors
+
+BATCH, PROMPT, DECODE = 2, 37, 2
+
+
+def _run_cache(config_dict: dict, dtype: str):
+    """Prefill BATCH x PROMPT tokens, then DECODE single-token steps; the cache after each phase."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(make_config(config_dict), dtype=getattr(torch, dtype)).eval()
+    ids = torch.randint(0, 100, (BATCH, PROMPT))
+    keyword = cache_keyword(model)
+    phases = []
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+        cache = getattr(out, keyword)
+        phases.append([held_bytes(t) for t in layer_tensors(cache)])
+        for _ in range(DECODE):
+            out = model(input_ids=out.logits[:, -1:].argmax(-1), use_cache=True, **{keyword: cache})
+        phases.append([held_bytes(t) for t in layer_tensors(cache)])
+    return phases
+
+
+# bfloat16 tells the model-dtype conv window from the fp32 recurrent state; float32 once per family.
+CASES = [(model_type, "bfloat16") for model_type in sorted(FAMILIES)] + [
+    (model_type, "float32")
+    for model_type in ("qwen3_next", "kimi_linear", "bamba", "jamba", "lfm2", "minimax", "deepseek_v32", "deepseek_v4")
+]
+
+
+@pytest.mark.parametrize(("model_type", "dtype"), CASES)
+def test_ledger_cache_equals_real_cache(model_type, dtype):
+    config = tiny_config(model_type)
+    graph = build_model_graph(config, dtype)
+    layers = [unit for unit in graph.units if unit.kind == "layer"]
+    after_prefill, after_decode = _run_cache(config, dtype)
+
+    # Right after the prefill a sliding layer still holds the whole prompt (the ledger's window - 1
+    # + step); after decode steps it holds its window.
+    for workload, held in ((Workload(BATCH, PROMPT), after_prefill), (Workload(BATCH, PROMPT + DECODE, 1), after_decode)):
+        held = held + [0] * (len(layers) - len(held))  # caches may stop at their last stateful layer
+        planned = [unit_kv_bytes(unit, workload) for unit in layers]
+        tokens = workload.max_seq_len
+        assert held == planned, f"after {tokens} tokens: cache holds {held}, ledger plans {planned}"
+
+
+TRANSIENT_TOLERANCE = 0.05
+
+
+@pytest.mark.parametrize("model_type", sorted(AT_SCALE))
+def test_fallback_transient_equals_fake_execution(model_type):
+    """Each family's torch-fallback prefill transient, at its real size, against the fake-tensor
+    execution of the real mixer module (padded and unpadded chunks, batch 2)."""
+    tokens = 300 if model_type == "jamba" else 1000  # Jamba's scan is a Python loop per token
+    measured, mixer = mixer_prefill_peak(model_type, tokens, batch=2)
+    planned = mixer.transient_bytes(Workload(2, tokens), "bfloat16", FALLBACK)
+
+    assert abs(planned - measured) <= TRANSIENT_TOLERANCE * measured, (planned, measured)
+
+
+# Whole models at their real sizes (class default configs, a few layers of each kind) compiled for
+# two A100-80GB and executed on virtual GPUs.
+_LINEAR = ["linear_attention", "full_attention", "linear_attention", "linear_attention"]
+SIMULATED = [
+    pytest.param("qwen3_next", dict(layer_types=["linear_attention"] * 3 + ["full_attention"]), 2, 1024, "fallback",
+                 id="gated-deltanet-qwen3-next"),
+    pytest.param("qwen3_next", dict(layer_types=["linear_attention"] * 3 + ["full_attention"]), 2, 2048, "kernels",
+                 id="gated-deltanet-qwen3-next-kernels"),
+    pytest.param("kimi_linear", dict(layer_types=_LINEAR, mlp_layer_types=["dense"] + ["sparse"] * 3), 2, 1024,
+                 "fallback", id="kimi-delta-kimi-linear"),
+    pytest.param("bamba", dict(attn_layer_indices=[1]), 2, 2048, "fallback", id="mamba2-bamba"),
+    pytest.param("nemotron_h", dict(layers_block_type=["mamba", "attention", "mamba", "moe"]), 2, 2048, "fallback",
+                 id="mamba2-nemotron-h-moe"),
+    pytest.param("falcon_h1", dict(), 2, 2048, "fallback", id="hybrid-layers-falcon-h1"),
+    pytest.param("jamba", dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
+                 2, 128, "fallback", id="mamba1-jamba"),
+    pytest.param("lfm2", dict(layer_types=["conv", "full_attention", "conv", "conv"]), 2, 2048, "fallback",
+                 id="short-conv-lfm2"),
+    pytest.param("minimax", dict(layer_types=_LINEAR), 2, 2048, "fallback", id="lightning-minimax"),
+    pytest.param("deepseek_v32", dict(num_hidden_layers=2, layer_types=["indexed_attention"] * 2,
+                                      mlp_layer_types=["dense", "sparse"], first_k_dense_replace=1),
+                 2, 4096, "fallback", id="indexed-deepseek-v3.2"),
+    # DeepSeek-V4's hyper-connection head (model.hc_head's own tensors) runs after the layers: it
+    # goes with the final norm on the last GPU.
+    pytest.param("deepseek_v4", dict(), 2, 1024, "fallback", id="compressed-deepseek-v4"),
+]
+
+
+@pytest.mark.parametrize(("model_type", "overrides", "gpus", "seq", "kernels"), SIMULATED)
+def test_simulated_hybrid_plans_agree_with_the_ledger(tmp_path, model_type, overrides, gpus, seq, kernels):
+    from transformers import AutoConfig, PretrainedConfig
+
+    from planc.compile import compile_spec
+    from planc.plan import load_lock, write_if_changed
+    from planc.simulate import simulate_plan
+    from test_simulate import LEDGER_TOLERANCE
+
+    config = AutoConfig.for_model(model_type).to_dict()
+    config.update({"num_hidden_layers": 4, **overrides})
+    config.pop("transformers_version", None)
+    (tmp_path / "config.json").write_text(json.dumps(PretrainedConfig._encode_special_floats(config)))
+    (tmp_path / "spec.yaml").write_text(
+        f"planc: 1\nmodel: {{config: config.json}}\nhardware: {{gpus: [{{type: a100-sxm4-80gb, count: {gpus}}}], "
+        f"cpu_memory: 64GiB}}\nworkload: {{batch_size: 1, max_seq_len: {seq}}}\npolicy: {{mixer_kernels: {kernels}}}\n"
+    )
+    plan, text = compile_spec(tmp_path / "spec.yaml", tmp_path / "plan.lock")
+    write_if_changed(tmp_path / "plan.lock", text)
+    assert plan.mixers is None or plan.mixers.path == kernels
+    assert len({str(device) for device in plan.device_map.values()}) == gpus  # split, so the ledger is per GPU
+
+    report = simulate_plan(load_lock(tmp_path / "plan.lock"), tmp_path, decode_steps=1)
+
+    assert report.ok, report.error
+    errors = {device.index: round(device.ledger_error, 3) for device in report.devices}
+    assert all(abs(error) <= LEDGER_TOLERANCE for error in errors.values()), errors
+    # Every cache tensor lands on its layer's GPU: after the decode step, the ledger's cache for
+    # max_seq_len tokens and one token more (DeepSeek-V4's window and buffers shrink after the
+    # prefill, where the ledger holds their peak).
+    for device in report.devices:
+        held, planned = device.simulated_kv_cache, device.planned["kv_cache"]
+        assert held <= planned * (seq + 1) / seq + 2**20, device
+        if model_type != "deepseek_v4":
+            assert planned <= held, device
+
+
+@pytest.mark.parametrize("model_type", ["xlstm", "rwkv", "recurrent_gemma", "zaya", "inkling_text", "qwen4_exp_text"])
+def test_families_planc_does_not_size_are_refused_with_the_reason(model_type):
+    """Planning their recurrent state as attention KV would be wrong; each says why, in one line."""
+    from transformers import AutoConfig
+
+    from planc.errors import ModelError
+    from planc.model.cache import UNSIZED
+
+    config = AutoConfig.for_model(model_type).to_dict()
+    config.pop("transformers_version", None)
+    with pytest.raises(ModelError) as refused:
+        build_model_graph(config, "bfloat16")
+
+    message = str(refused.value)
+    assert UNSIZED[model_type.removesuffix("_text")] in message and "\n" not in message
+
+
+def test_a_linear_layer_of_an_unknown_family_is_refused():
+    """A model type whose linear_attention layers no family module describes is refused, not
+    sized with another family's formula."""
+    from planc.errors import ModelError
+    from planc.model.cache import mixer_of
+
+    with pytest.raises(ModelError, match="^mistral: its linear_attention layers keep a recurrent state whose layout"):
+        mixer_of("mistral", "linear_attention", object(), 0)
+
+
+@pytest.mark.parametrize(("kernels", "chunk"), [("kernels", None), ("fallback", 16384)])
+def test_the_prefill_chunk_search_covers_the_mixer_path(tmp_path, kernels, chunk):
+    """Qwen3-Next-80B-A3B on four A100-80GB at 4 x 32k: on the CUDA kernels the whole prompt fits;
+    the torch fallback's DeltaNet intermediates (~233 KiB per token per layer) need 16k chunks,
+    and the lock says which path it sized and why."""
+    from conftest import CORPUS
+    from planc.compile import compile_spec
+
+    (tmp_path / "spec.yaml").write_text(
+        f"planc: 1\nmodel: {{config: {CORPUS / 'qwen3-next-80b-a3b' / 'config.json'}}}\n"
+        "hardware: {gpus: [{type: a100-sxm4-80gb, count: 4}], cpu_memory: 512GiB}\n"
+        f"workload: {{batch_size: 4, max_seq_len: 32768}}\npolicy: {{mixer_kernels: {kernels}}}\n"
+    )
+    plan, _ = compile_spec(tmp_path / "spec.yaml", tmp_path / "plan.lock")
+
+    assert plan.generation.prefill_chunk_size == chunk
+    assert plan.mixers.path == kernels and plan.mixers.families == ["gated_deltanet"]
+    decisions = {d.id: d for d in plan.decisions}
+    assert f"mixers.{kernels}" in decisions
+    assert ("generation.prefill-chunk" in decisions) == (chunk is not None)
+    if kernels == "kernels":
+        assert decisions["mixers.kernels-delta-rule"].decision == (
+            "requires flash-linear-attention (fla), causal-conv1d (causal_conv1d)"
+        )
+    # 36 DeltaNet layers keep 2.06 MiB per sequence each (conv window bf16 + fp32 state), the 12
+    # attention layers 2 KV heads x 256 x 2 x bf16 per token.
+    state = 36 * (8192 * 4 * 2 + 32 * 128 * 128 * 4)
+    kv = 12 * 2 * 256 * 2 * 2 * 32768
+    assert sum(ledger.kv_cache for ledger in plan.memory) == 4 * (state + kv)
