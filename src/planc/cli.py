@@ -289,13 +289,15 @@ def fit_command(spec: Path, max_gpus: int, prices: Path | None, as_json: bool) -
 @click.option("--record", type=click.Path(dir_okay=False, path_type=Path), help="Write output token ids and fingerprint.")
 @click.option("--expect", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Replay this record's prompts; fail (exit 1) unless every token equals it.")
+@click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Image file every prompt shows (repeatable; at most the plan's images_per_sequence).")
 @click.option("--check-only", is_flag=True, help="Only check the machine against the plan.")
 @click.option("--trust-remote-code", is_flag=True,
               help="Allow code shipped with the checkpoint, for a lock with model.trust_remote_code: true.")
 @click.option("--node-rank", type=click.IntRange(min=0), help="Multi-node plan: this node's index in hardware.nodes.")
 @click.option("--master-addr", help="Multi-node plan: address of node 0 (torch.distributed rendezvous).")
 @click.option("--master-port", type=click.IntRange(min=1, max=65535), help="Multi-node plan: rendezvous port [29500].")
-def run_command(lock: Path, prompts, prompt_file, max_new_tokens, as_json, record, expect, check_only,
+def run_command(lock: Path, prompts, prompt_file, max_new_tokens, as_json, record, expect, images, check_only,
                 trust_remote_code, node_rank, master_addr, master_port) -> None:
     """Check the machine against LOCK, apply it, load the weights and generate.
 
@@ -315,6 +317,7 @@ def run_command(lock: Path, prompts, prompt_file, max_new_tokens, as_json, recor
         check_only=check_only,
         quiet=_State.quiet,
         trust_remote_code=trust_remote_code,
+        images=list(images),
         node_rank=node_rank,
         master_addr=master_addr,
         master_port=master_port,

@@ -125,9 +125,15 @@ def _fits(graph, inventory, runtime, spec, batch: int, seq: int) -> bool:
     chunks = [chunk] if chunk else _chunk_candidates(seq)[-1:]
     gpus, cpu, disk = _targets(inventory, runtime, spec.policy.headroom, levels[-1])
     return feasible(
-        graph, gpus, cpu, disk, Workload(batch, seq, chunks[0]), Reserve.from_policy(spec.policy.reserve),
+        graph, gpus, cpu, disk, _workload(spec, batch, seq, chunks[0]), Reserve.from_policy(spec.policy.reserve),
         runtime.mixer_path or FALLBACK,
     )
+
+
+def _workload(spec: Spec, batch: int, seq: int, chunk: int | None = None) -> Workload:
+    """The ledger's workload: the spec's images with the given batch, context and prefill chunk."""
+    wl = spec.workload
+    return Workload(batch, seq, chunk, wl.images_per_sequence, wl.image_size)
 
 
 def largest_below(predicate: Callable[[int], bool], upper: int) -> int:
@@ -194,7 +200,7 @@ def _model_facts(graph):
         model_type=graph.model_type,
         checkpoint_dtype=graph.checkpoint_dtype,
         is_moe=graph.is_moe,
-        head_dim=max(graph.shapes.head_dim, graph.shapes.v_head_dim),
+        head_dim=max(max(s.head_dim, s.v_head_dim) for s in [graph.shapes, *(u.shapes for u in graph.units if u.shapes)]),
         forced_attn_implementation=graph.forced_attn_implementation,
         skip_keys=graph.skip_keys,
         mixer_families=graph.mixer_families,
@@ -235,8 +241,15 @@ def compile_plan(
     build_graph = _guarded(build_graph)
     probe_dtype = "bfloat16" if spec.model.dtype == "auto" else spec.model.dtype
     graph = build_graph(model.config, probe_dtype, trust)
-    mixer_kernels = spec.policy.mixer_kernels
-    runtime = decide_runtime(inventory.gpus, _model_facts(graph), spec.model.dtype, mixer_kernels)
+    _check_images(spec, graph)
+    limit = getattr(graph, "position_limit", None)
+    if limit and spec.workload.max_seq_len > limit:
+        raise SpecError(
+            f"workload.max_seq_len {spec.workload.max_seq_len} exceeds the {limit} positions of "
+            f"{graph.architecture}'s learned position table: tokens past {limit} have no position embedding "
+            f"(generate fails there); plan at most {limit} tokens"
+        )
+    runtime = decide_runtime(inventory.gpus, _model_facts(graph), spec.model.dtype, spec.policy.mixer_kernels)
     if runtime.dtype != graph.dtype:
         graph = build_graph(model.config, runtime.dtype, trust)
 
@@ -297,7 +310,12 @@ def _device_map_plan(spec, inventory, model, packages, disk, build_graph, graph,
                 )
 
     decisions = [Decision(id=d.id, decision=d.decision, reason=d.reason, source=d.source) for d in runtime.decisions]
-    decisions += ([strategy_decision] if strategy_decision else []) + _planner_decisions(spec, graph, placement, chunk, inventory) + extra
+    decisions += (
+        _model_decisions(graph)
+        + ([strategy_decision] if strategy_decision else [])
+        + _planner_decisions(spec, graph, placement, chunk, inventory)
+        + extra
+    )
     plan = _assemble(spec, inventory, model, packages, disk, graph, runtime, placement, chunk, decisions)
     if parallel is not None:
         plan = plan.model_copy(update={"parallel": parallel, "format_version": FORMAT_VERSION}).sealed()
@@ -327,10 +345,10 @@ def _strategy_plan(spec, inventory, model, packages, disk, build_graph, graph, r
     reserve = Reserve.from_policy(spec.policy.reserve)
     chunks = [wl.prefill_chunk_size] if wl.prefill_chunk_size else _chunk_candidates(wl.max_seq_len)
     candidates = plan_strategies(
-        graph, inventory, runtime, spec, [Workload(wl.batch_size, wl.max_seq_len, chunk) for chunk in chunks],
+        graph, inventory, runtime, spec, [_workload(spec, wl.batch_size, wl.max_seq_len, chunk) for chunk in chunks],
         reserve, lambda: _device_map_candidate(graph, inventory, runtime, spec),
     )
-    chosen = choose(candidates, graph, Workload(wl.batch_size, wl.max_seq_len))
+    chosen = choose(candidates, graph, _workload(spec, wl.batch_size, wl.max_seq_len))
     decision = Decision(
         id="parallel.strategy",
         decision=f"{chosen.label}",
@@ -445,10 +463,11 @@ def _assemble_distributed(spec, inventory, model, packages, disk, graph, runtime
                       packages=packages, versions=spec.policy.versions),
         model=ModelInfo(id=model.id, path=model.path, config=model.config_path, revision=spec.model.revision,
                         trust_remote_code=spec.model.trust_remote_code, architecture=graph.architecture,
-                        model_type=graph.model_type, parameters=graph.parameters, weight_bytes=graph.weight_bytes),
+                        model_type=graph.model_type, config_class=graph.config_class, parameters=graph.parameters,
+                        weight_bytes=graph.weight_bytes),
         devices=devices,
         host=Host(cpu_memory=inventory.cpu_memory, disk=disk),
-        workload=LockWorkload(batch_size=spec.workload.batch_size, max_seq_len=spec.workload.max_seq_len),
+        workload=_lock_workload(spec),
         dtype=runtime.dtype,
         device_map={},
         max_memory={},
@@ -471,6 +490,67 @@ def _assemble_distributed(spec, inventory, model, packages, disk, graph, runtime
     ).sealed()
 
 
+def _lock_workload(spec: Spec) -> LockWorkload:
+    wl = spec.workload
+    return LockWorkload(batch_size=wl.batch_size, max_seq_len=wl.max_seq_len,
+                        images_per_sequence=wl.images_per_sequence, image_size=wl.image_size)
+
+
+def _uses_1_1_fields(spec: Spec, graph, mixers: Mixers | None) -> bool:
+    """Whether the plan writes a 1.1 field (model.config_class, workload images, the mixers section)."""
+    return bool(graph.config_class or spec.workload.images_per_sequence or spec.workload.image_size or mixers)
+
+
+def _check_images(spec: Spec, graph) -> None:
+    """Images need a vision tower, and a size where the tower takes any resolution."""
+    wl = spec.workload
+    if not wl.images_per_sequence:
+        if wl.image_size is not None:
+            raise SpecError("workload.image_size is set but images_per_sequence is 0")
+        return
+    if graph.vision is None:
+        raise SpecError(
+            f"workload.images_per_sequence is {wl.images_per_sequence} but {graph.architecture} has no vision tower"
+        )
+    graph.vision.patches_per_image(_workload(spec, wl.batch_size, wl.max_seq_len))
+
+
+def _model_decisions(graph) -> list[Decision]:
+    """How the model was read: a class resolved by `architectures`, layers kept whole without no-split classes."""
+    out = []
+    if graph.config_class:
+        out.append(
+            Decision(
+                id="model.architecture",
+                decision=f"{graph.architecture} with {graph.config_class}",
+                reason=f"model_type {graph.model_type!r} is unknown to transformers and config.architectures names "
+                f"{graph.architecture}, which it ships; the checkpoint's own code (auto_map) is not run",
+                source="config.json architectures (as vLLM resolves models); planc.model.build",
+            )
+        )
+    if graph.inferred_no_split:
+        out.append(
+            Decision(
+                id="model.no-split",
+                decision=f"each {', '.join(graph.inferred_no_split)} kept on one device",
+                reason=f"{graph.architecture} declares no _no_split_modules; planc cuts only between decoder layers "
+                "(accelerate would otherwise split a layer's modules across devices)",
+                source="planc.model.graph",
+            )
+        )
+    if graph.vision is not None:
+        out.append(
+            Decision(
+                id="model.vision",
+                decision=f"vision tower ({', '.join(graph.vision.towers)}) placed as units ahead of the decoder layers",
+                reason="the tower runs once per prefill over the prompt's images; its blocks are placement units "
+                "like decoder layers, and the ledger holds its activations for every image of the batch",
+                source="planc.model.vision",
+            )
+        )
+    return out
+
+
 def _place(graph, inventory: Inventory, runtime, spec: Spec):
     """First placement found over offload levels (none first) and prefill chunks (whole first).
 
@@ -483,7 +563,7 @@ def _place(graph, inventory: Inventory, runtime, spec: Spec):
     result = None
     for level in _levels(spec.policy.offload, bool(inventory.gpus)):
         for chunk in chunks:
-            result = _solve(graph, inventory, runtime, spec, Workload(wl.batch_size, wl.max_seq_len, chunk), level)
+            result = _solve(graph, inventory, runtime, spec, _workload(spec, wl.batch_size, wl.max_seq_len, chunk), level)
             if isinstance(result, Placement):
                 return result, chunk, None
     return None, None, result
@@ -573,8 +653,9 @@ def _assemble(spec, inventory, model: ModelInput, packages, disk, graph, runtime
     gpu_ledgers = [l for l in ledgers if isinstance(l.device, int)]
     mixers = _mixers_section(graph, runtime)
     return Plan(
-        # The mixers section is a 1.1 field; plans without it keep the 1.0 bytes.
-        format_version=FORMAT_VERSION if mixers else BASE_FORMAT_VERSION,
+        # model.config_class, the workload's images and the mixers section are 1.1 fields; a plan
+        # without them keeps the 1.0 bytes.
+        format_version=FORMAT_VERSION if _uses_1_1_fields(spec, graph, mixers) else BASE_FORMAT_VERSION,
         inputs=Inputs(
             spec_sha256=spec.sha256(),
             config_sha256=model.config_sha256,
@@ -590,6 +671,7 @@ def _assemble(spec, inventory, model: ModelInput, packages, disk, graph, runtime
             trust_remote_code=spec.model.trust_remote_code,
             architecture=graph.architecture,
             model_type=graph.model_type,
+            config_class=graph.config_class,
             parameters=graph.parameters,
             weight_bytes=graph.weight_bytes,
         ),
@@ -599,7 +681,7 @@ def _assemble(spec, inventory, model: ModelInput, packages, disk, graph, runtime
             for g in inventory.gpus
         ],
         host=Host(cpu_memory=inventory.cpu_memory, disk=disk),
-        workload=LockWorkload(batch_size=spec.workload.batch_size, max_seq_len=spec.workload.max_seq_len),
+        workload=_lock_workload(spec),
         dtype=runtime.dtype,
         device_map=dict(placement.device_of),
         max_memory=max_memory,
@@ -733,6 +815,10 @@ def _spec_changes(spec: Spec, plan: Plan) -> list[str]:
         changes.append(f"workload.batch_size {plan.workload.batch_size} -> {spec.workload.batch_size}")
     if spec.workload.max_seq_len != plan.workload.max_seq_len:
         changes.append(f"workload.max_seq_len {plan.workload.max_seq_len} -> {spec.workload.max_seq_len}")
+    for field in ("images_per_sequence", "image_size"):
+        before, after = getattr(plan.workload, field), getattr(spec.workload, field)
+        if before != after:
+            changes.append(f"workload.{field} {before} -> {after}")
     try:
         inventory = resolve_inventory(spec.hardware)
     except SpecError:

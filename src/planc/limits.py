@@ -16,6 +16,13 @@ MAX_BATCH_SIZE = 4096
 # The longest context a released model is configured for: Llama 4 Scout's 10M tokens
 # (text_config.max_position_embeddings 10485760).
 MAX_SEQ_LEN = 10_485_760
+# Images in one prompt: multi-image chat models are configured for a few dozen at most (Llama 4's
+# processor tiles up to 16 chunks per image; Qwen2.5-VL demos show 10-20 frames); 256 leaves room
+# for video frames sent as images.
+MAX_IMAGES_PER_SEQUENCE = 256
+# Side of an image as the vision tower sees it: native-resolution towers (Qwen2.5-VL, Pixtral)
+# accept up to a few thousand pixels (Pixtral 1024, Qwen2.5-VL's max_pixels about 3584 x 3584).
+MAX_IMAGE_SIZE = 16384
 # Counts in a config.json that transformers turns into that many modules before planc can look:
 # the deepest released models have about 130 decoder layers (Llama 3.1 405B: 126); routed experts
 # are mostly fused into one tensor (cheap at any count), but Doge's default config has 16384 tiny

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from planc.errors import LockError, TamperedLockError
 from planc.files import YAML_LIMIT, parse_yaml, read_text
-from planc.limits import MAX_BATCH_SIZE, MAX_SEQ_LEN
+from planc.limits import MAX_BATCH_SIZE, MAX_IMAGE_SIZE, MAX_IMAGES_PER_SEQUENCE, MAX_SEQ_LEN
 from planc.rules import ATTN_IMPLEMENTATIONS, BACKENDS, DTYPES, EXPERTS_IMPLEMENTATIONS
 from planc.spec import PathText
 
@@ -51,13 +51,13 @@ class _Lock(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def optional(description: str, default=None):
+def optional(description: str, default=None, **constraints):
     """A field added in a MINOR version: omitted from the lock's bytes while it holds its default.
 
     So a plan that uses no newer feature is written as before, and older locks (which lack the
     key) read back with the default.
     """
-    return Field(default, description=description, exclude_if=lambda value: value == default)
+    return Field(default, description=description, exclude_if=lambda value: value == default, **constraints)
 
 
 def document_sha256(document: dict) -> str:
@@ -95,8 +95,15 @@ class ModelInfo(_Lock):
     config: PathText | None = Field(None, description="config.json, relative to the lock file (compile-only source).")
     revision: PathText | None = Field(None, description="Pinned revision for `id`.")
     trust_remote_code: bool = False
-    architecture: str = Field(description="Model class transformers builds (config.architectures[0]).")
+    architecture: str = Field(
+        description="Model class transformers builds and `planc run` loads: config.architectures[0] when "
+        "transformers ships it as a causal LM or image-text-to-text model, else the auto classes' pick."
+    )
     model_type: str
+    config_class: str | None = optional(
+        "transformers config class config.json is read as, when its model_type is unknown to transformers and "
+        "`architectures` names a class it ships (Kimi-K2's kimi_k2 as DeepseekV3Config); unset otherwise."
+    )
     parameters: int = Field(description="Parameter count.")
     weight_bytes: int = Field(description="Bytes of all parameters and buffers at the plan's dtype.")
 
@@ -126,6 +133,12 @@ class Host(_Lock):
 class Workload(_Lock):
     batch_size: int = Field(ge=1, le=MAX_BATCH_SIZE)
     max_seq_len: int = Field(ge=1, le=MAX_SEQ_LEN)
+    images_per_sequence: int = optional(
+        "Images per prompt the vision tower was planned for (0: text only).", 0, ge=0, le=MAX_IMAGES_PER_SEQUENCE
+    )
+    image_size: int | None = optional(
+        "Image side in pixels the vision peak was planned at; unset: the config's.", ge=1, le=MAX_IMAGE_SIZE
+    )
 
 
 class Attention(_Lock):

@@ -118,6 +118,7 @@ class _Problem:
     objective: str
     chain: list[str]
     pinned: dict[str, str]  # unit -> partner it shares a device with
+    head: int  # the first `head` chain units (all before the first layer) stay on the main GPU
     costs: dict  # backend -> unit -> UnitCost
     orders: list = field(init=False)  # GPU orders up to identical cards
     masks: dict = field(init=False)  # backend -> (main device, other devices) mask bytes
@@ -142,7 +143,14 @@ class _Problem:
         return ev
 
 
-def _split_chain(graph: ModelGraph) -> tuple[list[str], dict[str, str]]:
+def _split_chain(graph: ModelGraph) -> tuple[list[str], dict[str, str], int]:
+    """The chain, the units pinned to a tied partner, and how many chain units the main GPU must hold.
+
+    Every unit before the first decoder layer stays on the main GPU: the model's own forward
+    combines their outputs outside any hooked module (GPT-2 adds wte and wpe, Gemma 3n projects its
+    per-layer embeddings), where accelerate moves nothing. A pinned unit (lm_head tied to the
+    embedding) executes on its partner's device, which is therefore the main GPU too.
+    """
     position = {unit.name: i for i, unit in enumerate(graph.units)}
     pinned: dict[str, str] = {}
     for group in graph.tied_unit_groups():
@@ -150,10 +158,14 @@ def _split_chain(graph: ModelGraph) -> tuple[list[str], dict[str, str]]:
         for later in ordered[1:]:
             pinned[later] = ordered[0]
     chain = [unit.name for unit in graph.units if unit.name not in pinned]
+    index = {name: i for i, name in enumerate(chain)}
+    kinds = {unit.name: unit.kind for unit in graph.units}
+    head = max([index[u.name] + 1 for u in graph.units if u.kind == "pre" and u.name in index], default=1)
     for unit, partner in pinned.items():
-        if partner != chain[0]:
-            raise ModelError(f"{unit} is tied to {partner}, which does not run first: planc cannot place that tie yet")
-    return chain, pinned
+        if kinds[partner] == "layer":
+            raise ModelError(f"{unit} is tied to {partner}, a decoder layer: planc cannot place that tie yet")
+        head = max(head, index[partner] + 1)
+    return chain, pinned, head
 
 
 class _Evaluator:
@@ -353,8 +365,8 @@ def _solve_fixed(problem: _Problem, order: tuple[Target, ...], m: int, cap: floa
     on_cpu, on_disk, offload_cost = split
     if not order:
         return (0, offload_cost, 0.0, [], (on_cpu, on_disk)) if n == 0 else None
-    if n == 0:
-        return None  # the main GPU must run the first unit
+    if n < problem.head:
+        return None  # the main GPU holds every unit before the first layer
     ev = problem.evaluator(main, offloaded)
     k = len(order)
     # best[i]: (cost, util) having placed chain[:i] on the devices so far; parents for the path.
@@ -373,6 +385,8 @@ def _solve_fixed(problem: _Problem, order: tuple[Target, ...], m: int, cap: floa
             for end, seg_cost, util in ev.row(target, j == 0, i):
                 if util > cap:
                     break
+                if j == 0 and end < problem.head:
+                    continue
                 _relax(new, parent, end, i, base_cost + seg_cost, max(base_util, util))
         best = new
         parents.append(parent)
@@ -429,15 +443,15 @@ def _fits_fixed(problem: _Problem, order: tuple[Target, ...], m: int) -> bool:
     main = order[0] if order else None
     if _offload_split(problem, offloaded, main) is None:
         return False
-    if not order or n == 0:
-        return not order and n == 0  # without GPUs all is offloaded; with them the main GPU runs the first unit
+    if not order or n < problem.head:
+        return not order and n == 0  # without GPUs all is offloaded; with them the main GPU runs the pre-layer units
     ev = problem.evaluator(main, offloaded)
     reached = 0
     for j, target in enumerate(order):
         row = ev.row(target, j == 0, reached)
         if row:
             reached = row[-1][0]
-        elif j == 0:
+        if j == 0 and reached < problem.head:
             return False
         if reached == n:
             return True
@@ -455,10 +469,10 @@ def _min_offload(problem: _Problem, allow_offload: bool) -> int | None:
 
 
 def _problem(graph, gpus, cpu, disk, workload, reserve, objective, mixer_path: str = FALLBACK) -> _Problem:
-    chain, pinned = _split_chain(graph)
+    chain, pinned, head = _split_chain(graph)
     _check_search_size(graph, chain, gpus)
     backends = sorted({t.backend for t in gpus} | ({cpu.backend} if cpu else set()))
-    return _Problem(graph, gpus, cpu, disk, workload, reserve, objective, chain, pinned,
+    return _Problem(graph, gpus, cpu, disk, workload, reserve, objective, chain, pinned, head,
                     unit_costs(graph, workload, backends, mixer_path))
 
 

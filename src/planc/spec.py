@@ -26,7 +26,7 @@ from pydantic import (
 
 from planc.errors import SpecError
 from planc.files import YAML_LIMIT, parse_yaml, read_text
-from planc.limits import MAX_BATCH_SIZE, MAX_GPUS, MAX_NODES, MAX_SEQ_LEN
+from planc.limits import MAX_BATCH_SIZE, MAX_GPUS, MAX_IMAGE_SIZE, MAX_IMAGES_PER_SEQUENCE, MAX_NODES, MAX_SEQ_LEN
 from planc.units import parse_bandwidth, parse_duration, parse_size
 
 SPEC_FORMAT = 1
@@ -236,6 +236,19 @@ class Workload(_Strict):
     prefill_chunk_size: int | None = Field(
         None, ge=1, le=MAX_SEQ_LEN,
         description=f"Prefill in chunks of this many tokens (at most {MAX_SEQ_LEN}); unset lets the compiler choose.",
+    )
+    images_per_sequence: int = added(
+        0,
+        f"Images in each prompt (at most {MAX_IMAGES_PER_SEQUENCE}), for image-text-to-text models: the vision "
+        "tower's activations are planned for batch_size x this many images per prefill. The tokens the images "
+        "become count within max_seq_len.",
+        ge=0, le=MAX_IMAGES_PER_SEQUENCE,
+    )
+    image_size: int | None = added(
+        None,
+        f"Side of each image in pixels (at most {MAX_IMAGE_SIZE}), as the vision tower sees it after the processor's "
+        "resize; unset: the vision config's image_size (required for towers that take any resolution).",
+        ge=1, le=MAX_IMAGE_SIZE,
     )
 
 

@@ -14,7 +14,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from planc.errors import SpecError
+from planc.errors import SpecError, UsageError
 from planc.plan import Plan, load_lock
 from planc.run.generate import Completion
 from planc.run.session import Session, open_session
@@ -43,6 +43,7 @@ class _Request:
     record: Path | None
     expected: dict | None
     quiet: bool
+    images: list = field(default_factory=list)  # PIL images every prompt shows
 
 
 def run_plan(
@@ -56,6 +57,7 @@ def run_plan(
     check_only: bool = False,
     quiet: bool = False,
     trust_remote_code: bool = False,
+    images: list[Path] = (),
     node_rank: int | None = None,
     master_addr: str | None = None,
     master_port: int | None = None,
@@ -63,13 +65,14 @@ def run_plan(
     """Execute the plan in `lock_path` exactly, or raise DriftError/RunError/LockError naming why not.
 
     max_new_tokens None means 32, or the record's with `expect`; with `expect` and no prompts, the
-    record's prompts are replayed. `trust_remote_code` is the runner's consent to a lock that asks
-    for code shipped with the checkpoint (run.trust). A tensor- or pipeline-parallel plan starts its
-    ranks with torch's launcher (planc.run.distributed); node_rank / master_addr / master_port place
-    this node in a multi-node one.
+    record's prompts are replayed. `images` (files) are shown with every prompt, through the model
+    folder's processor. `trust_remote_code` is the runner's consent to a lock that asks for code
+    shipped with the checkpoint (run.trust). A tensor- or pipeline-parallel plan starts its ranks
+    with torch's launcher (planc.run.distributed); node_rank / master_addr / master_port place this
+    node in a multi-node one.
     """
     from planc.run import record as records
-    from planc.run.generate import check_batch, read_prompts
+    from planc.run.generate import check_batch, read_images, read_prompts
     from planc.run.report import make_console
 
     lock_path = Path(lock_path)
@@ -82,9 +85,12 @@ def run_plan(
         if not prompt_list:
             raise SpecError("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE")
         check_batch(plan, prompt_list)
-    request = _Request(prompt_list, max_new_tokens or DEFAULT_MAX_NEW_TOKENS, as_json, record, expected, quiet)
+    pictures = read_images(list(images), plan) if not check_only else []
+    request = _Request(prompt_list, max_new_tokens or DEFAULT_MAX_NEW_TOKENS, as_json, record, expected, quiet, pictures)
     console = make_console()
     rank = None
+    if plan.distributed and pictures:
+        raise UsageError("image prompts run on device_map plans only; this plan is tensor/pipeline parallel")
     if plan.distributed:
         from planc.run import distributed
 
@@ -103,7 +109,9 @@ def run_plan(
     from planc.run.generate import encode
 
     def within_plan(tokenizer) -> None:
-        encode(tokenizer, request.prompts, plan, request.max_new_tokens)
+        # Image prompts are measured by the processor once the model is loaded (their tokens depend on it).
+        if not request.images:
+            encode(tokenizer, request.prompts, plan, request.max_new_tokens)
 
     leader = rank is None or rank.leader
     with open_session(
@@ -161,7 +169,7 @@ def _execute(session: Session, request: _Request, console) -> RunOutcome:
     timings = Timings(check_s=session.check_s, load_s=session.load_s)
     stream = len(request.prompts) == 1 and not request.as_json
     started = time.perf_counter()
-    completions = session.generate(request.prompts, request.max_new_tokens, stream)
+    completions = session.generate(request.prompts, request.max_new_tokens, stream, request.images)
     timings.generate_s = time.perf_counter() - started
     timings.new_tokens = sum(len(c.token_ids) for c in completions)
     rows = memory_rows(plan, session.measured_peaks(), None if session.rank is None else session.rank.rank)

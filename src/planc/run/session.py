@@ -33,14 +33,25 @@ class Session:
     check_s: float
     load_s: float
     rank: Any = None  # planc.run.distributed.RankContext of a tensor/pipeline rank; None in one process
+    processor: Any = None  # loaded on the first image prompt
 
-    def generate(self, prompts: list[str], max_new_tokens: int, stream: bool = False) -> list[Completion]:
-        """Greedy (or the plan's) decoding of up to workload.batch_size prompts within max_seq_len."""
+    def generate(
+        self, prompts: list[str], max_new_tokens: int, stream: bool = False, images: list | None = None
+    ) -> list[Completion]:
+        """Greedy (or the plan's) decoding of up to workload.batch_size prompts within max_seq_len; each
+        prompt shows `images` (PIL images, at most the plan's images_per_sequence) when given."""
         from planc.run.apply import pinned_attention
-        from planc.run.generate import check_batch, encode, generate, generation_config, input_device
+        from planc.run.generate import (
+            check_batch, encode, encode_with_images, generate, generation_config, input_device, load_processor,
+        )
 
         check_batch(self.plan, prompts)
-        batch = encode(self.tokenizer, prompts, self.plan, max_new_tokens)
+        if images:
+            if self.processor is None:
+                self.processor = load_processor(self.machine.folder, self.plan)
+            batch = encode_with_images(self.processor, prompts, images, self.plan, max_new_tokens)
+        else:
+            batch = encode(self.tokenizer, prompts, self.plan, max_new_tokens)
         config = generation_config(self.model, self.tokenizer, self.plan, max_new_tokens)
         device, extra = input_device(self.plan), {}
         if self.rank is not None:
