@@ -63,11 +63,20 @@ def shrink(name: str) -> dict:
     return config
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Keep the weight-hash cache out of the user's home."""
-    monkeypatch.setenv("PLANC_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "planc-cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Keep the weight-hash cache out of the user's home; trust the tests' own temp tree.
+
+    Locks written in a test's tmp_path name the session's tiny model, which lives in another temp
+    folder: outside the lock's tree, so `planc run` trusts it only through PLANC_TRUSTED_DIRS.
+    Session-wide, so module-scoped fixtures (a server started once per module) see it too.
+    """
+    base = tmp_path_factory.getbasetemp()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PLANC_CACHE_DIR", str(base / "planc-cache"))
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setenv("PLANC_TRUSTED_DIRS", str(base))
+        yield
 
 
 def save_tiny_tokenizer(folder: Path):
@@ -170,3 +179,64 @@ def cpu_env(monkeypatch):
     """Run as on a machine without GPUs even where one exists."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     return os.environ
+
+
+def build_tiny_vlm(folder: Path, seed: int = 0) -> Path:
+    """Save a tiny LLaVA (CLIP vision tower, Llama decoder) with random weights and its processor.
+
+    Images are 32 x 32 pixels in 8-pixel patches: each becomes 16 image tokens in the prompt.
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"])
+    tokenizer.train_from_iterator(SENTENCES, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=fast, patch_size=8, vision_feature_select_strategy="default",
+        image_token="<image>", num_additional_image_tokens=1,
+    )
+    processor.save_pretrained(folder)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, bos_token_id=fast.bos_token_id,
+            eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
+        ),
+        image_token_index=fast.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    config.architectures = ["LlavaForConditionalGeneration"]
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).to(torch.float32)
+    model.generation_config.pad_token_id = fast.pad_token_id
+    model.generation_config.eos_token_id = fast.eos_token_id
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory) -> Path:
+    """Folder with a tiny LLaVA saved by save_pretrained, plus its processor."""
+    return build_tiny_vlm(tmp_path_factory.mktemp("models") / "tiny-llava")

@@ -53,9 +53,10 @@ def lock(tiny_model, tmp_path) -> Path:
 
 
 def test_load_hands_back_a_model_that_generates_as_planc_run(lock, tiny_model, monkeypatch):
-    monkeypatch.delenv("PLANC_TEST_SETTING", raising=False)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     plan = planc.load_plan(lock)
-    reseal(lock, env={"PLANC_TEST_SETTING": "from-the-plan"})  # a CPU plan sets no variables of its own
+    # A CPU plan sets no variables of its own: give it one a GPU plan's rules set.
+    reseal(lock, env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
     import torch
 
     deterministic = torch.are_deterministic_algorithms_enabled()
@@ -63,7 +64,7 @@ def test_load_hands_back_a_model_that_generates_as_planc_run(lock, tiny_model, m
         model, tokenizer = planc.load(lock)
 
         # What stays in force after load returns: the environment and torch's deterministic mode.
-        assert os.environ["PLANC_TEST_SETTING"] == "from-the-plan"
+        assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
         assert torch.are_deterministic_algorithms_enabled()
         # The model pins the plan's SDPA backends (flash, math) during its own forwards only.
         during = []
@@ -83,14 +84,14 @@ def test_load_hands_back_a_model_that_generates_as_planc_run(lock, tiny_model, m
 
 
 def test_a_refused_load_leaves_the_process_as_it_was(lock, monkeypatch):
-    monkeypatch.delenv("PLANC_TEST_SETTING", raising=False)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     plan = planc.load_plan(lock)
     other = plan.inputs.packages.model_copy(update={"transformers": "4.0.0"})
-    reseal(lock, env={"PLANC_TEST_SETTING": "x"}, inputs=plan.inputs.model_copy(update={"packages": other}))
+    reseal(lock, env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}, inputs=plan.inputs.model_copy(update={"packages": other}))
 
     with pytest.raises(planc.DriftError, match="transformers"):
         planc.load(lock)
-    assert "PLANC_TEST_SETTING" not in os.environ
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
 
 
 def test_from_pretrained_kwargs_place_the_model(lock, tiny_model):

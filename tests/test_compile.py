@@ -140,11 +140,13 @@ def _all_configs():
 
 
 @pytest.mark.parametrize("name", _all_configs())
-def test_every_shared_config_plans_or_is_refused_clearly(name):
+def test_every_corpus_config_plans_or_is_refused_clearly(name):
     config = json.loads((CORPUS / name / "config.json").read_text())
+    # GPT-2's learned position table holds 1024 positions: plan within it (past it is refused, below).
+    context = min(4096, config.get("n_positions") or 4096)
     spec = parse_spec({"planc": 1, "model": {"config": "config.json"},
                        "hardware": {"gpus": [{"type": "h100-sxm", "count": 8}], "cpu_memory": "2TiB"},
-                       "workload": {"batch_size": 1, "max_seq_len": 4096}, "policy": {"offload": "cpu"}})
+                       "workload": {"batch_size": 1, "max_seq_len": context}, "policy": {"offload": "cpu"}})
     plan = _compile(spec, name)
     if config.get("quantization_config"):
         # H100s run fp8 and mxfp4 natively: planned in the checkpoint's layout, never as dense.
@@ -155,6 +157,14 @@ def test_every_shared_config_plans_or_is_refused_clearly(name):
     layers = [k for k in plan.device_map if k.split(".")[-1].isdigit()]
     expected = config.get("num_hidden_layers") or config.get("n_layer")
     assert len(layers) == expected  # every decoder layer placed whole
+
+
+def test_a_context_past_the_learned_position_table_is_refused():
+    spec = parse_spec({"planc": 1, "model": {"config": "config.json"},
+                       "hardware": {"gpus": [{"type": "h100-sxm", "count": 1}], "cpu_memory": "64GiB"},
+                       "workload": {"batch_size": 1, "max_seq_len": 1025}})
+    with pytest.raises(SpecError, match="max_seq_len 1025 exceeds the 1024 positions of GPT2LMHeadModel"):
+        _compile(spec, "gpt2")
 
 
 def test_show_renders_ledger_and_decisions():

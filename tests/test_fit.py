@@ -18,7 +18,7 @@ from planc.cli import main
 from planc.compile import compile_plan, compile_spec, installed_packages, locate_model
 from planc.errors import InfeasibleError
 from planc.fit import fit_spec
-from planc.hardware import Inventory, resolve_inventory
+from planc.hardware import Inventory, load_catalogue, resolve_inventory
 from planc.model import build_model_graph
 from planc.spec import load_spec, parse_spec
 
@@ -78,7 +78,7 @@ def test_every_card_count_is_the_fewest_that_compiles(project):
     compiler = Compiler(spec)
 
     counts = {fit.card.key: fit.count for fit in report.cards}
-    assert len(counts) == 34  # the whole catalogue, each card once
+    assert len(counts) == len(load_catalogue())  # the whole catalogue, each card once
     assert {count for count in counts.values() if count} >= {1, 2}  # the workload makes the counts differ
     for key, count in counts.items():
         if count is None:
@@ -119,7 +119,9 @@ def test_each_remedy_applied_to_the_spec_compiles(project):
 
     kinds = [remedy.kind for remedy in report.remedies]
     assert kinds.count("gpus") == 2 and "offload" in kinds and kinds.count("workload") == 2
-    assert report.remedies[-1].kind == "quantization" and report.remedies[-1].change is None
+    # Quantization proposed as spec changes that compile (below), not as a note.
+    assert {remedy.field for remedy in report.remedies if remedy.kind == "quantization"} <= {"model.quantize", "model.kv_cache"}
+    assert all(remedy.field is not None for remedy in report.remedies)
     for remedy in report.remedies:
         if remedy.field is None:
             continue
@@ -130,6 +132,21 @@ def test_each_remedy_applied_to_the_spec_compiles(project):
         else:
             data.setdefault(section, {})[key] = remedy.value
         compile_spec(write(project, data, "remedied.yaml"))  # raises if it does not fit
+
+
+def test_quantization_is_proposed_when_the_weights_are_what_does_not_fit(project):
+    """16 GiB of bf16 weights on a 12 GiB card: bitsandbytes at load is the remedy, and it compiles."""
+    spec = write(project, {**SPEC, "hardware": {"gpus": [{"type": "rtx3060"}], "cpu_memory": "64GiB"},
+                           "workload": {"batch_size": 1, "max_seq_len": 4096}})
+    report = fit_spec(spec, max_gpus=1)
+    assert not report.inventory.fits
+    (remedy,) = [remedy for remedy in report.remedies if remedy.field == "model.quantize"]
+    assert remedy.value == "bnb-8bit"  # the first that fits, of 8-bit then 4-bit
+
+    data = yaml.safe_load(spec.read_text())
+    data["model"]["quantize"] = remedy.value
+    plan, _ = compile_spec(write(project, data, "remedied.yaml"))
+    assert plan.quantization.method == "bnb-8bit" and all(device != "cpu" for device in plan.device_map.values())
 
 
 def test_a_spec_that_fits_reports_its_plan(project):
@@ -189,7 +206,7 @@ def test_cli_json_and_terminal(project):
     assert as_json.returncode == 0, as_json.stderr
     data = json.loads(as_json.stdout)
     assert data["inventory"]["fits"] is False
-    assert data["max_gpus"] == 2 and len(data["catalogue"]) == 34
+    assert data["max_gpus"] == 2 and len(data["catalogue"]) == len(load_catalogue())
     missing = [card for card in data["catalogue"] if card["count"] is None]
     assert missing and all(card["reason"] for card in missing)
     assert {"field", "value", "change", "detail"} <= set(data["remedies"][0])

@@ -34,3 +34,19 @@ def test_compiles_to_committed_bytes(spec: Path, lock: Path):
     assert text == lock.read_text(), f"{lock} differs from what {spec.name} compiles to"
     assert parse_lock(text).plan_hash == plan.plan_hash
     assert check_lock(spec, lock) == []
+
+
+def test_the_repository_stands_alone():
+    """A clone has nothing beside it: no committed file may point at the shared reference folder."""
+    outside = ("/work/" + "shared", "../" + "shared")  # spelled apart so this file does not match itself
+    offenders = []
+    for path in REPO.rglob("*"):
+        parts = path.relative_to(REPO).parts
+        ignored = parts[0] in (".git", ".venv", ".hypothesis", ".pytest_cache", "build", "dist")
+        if not path.is_file() or ignored or any(p == "__pycache__" or p.endswith(".egg-info") for p in parts):
+            continue
+        if path.suffix in (".safetensors", ".bin", ".pt", ".pyc"):
+            continue
+        text = path.read_text(errors="ignore")
+        offenders += [f"{path.relative_to(REPO)}: {needle}" for needle in outside if needle in text]
+    assert offenders == []

@@ -21,7 +21,7 @@ from planc.units import GiB
 
 MiB = 2**20
 
-# Every NVIDIA row of /work/shared/reference/gpu-catalogue.md, by driver name.
+# Every NVIDIA row of docs/reference/gpu-catalogue.md, by driver name.
 REFERENCE_NAMES = [
     "Tesla V100-SXM2-16GB",
     "Tesla V100-SXM2-32GB",
@@ -58,6 +58,23 @@ REFERENCE_NAMES = [
     "NVIDIA RTX A6000",
     "NVIDIA RTX 6000 Ada Generation",
 ]
+# Added from the coverage issue's list, by driver name (the RTX 3080 name covers its 10 and 12 GB cards).
+ADDED_NAMES = [
+    "NVIDIA GeForce RTX 3060",
+    "NVIDIA GeForce RTX 3080",
+    "NVIDIA GeForce RTX 3090 Ti",
+    "NVIDIA GeForce RTX 4060 Ti",
+    "NVIDIA GeForce RTX 4070 Ti SUPER",
+    "NVIDIA GeForce RTX 4080",
+    "NVIDIA GeForce RTX 4080 SUPER",
+    "NVIDIA GeForce RTX 5070 Ti",
+    "NVIDIA GeForce RTX 5080",
+    "NVIDIA RTX PRO 6000 Blackwell Workstation Edition",
+    "NVIDIA RTX PRO 6000 Blackwell Server Edition",
+    "NVIDIA A800-SXM4-80GB",
+    "NVIDIA H800",
+    "NVIDIA B300 SXM6 AC",
+]
 
 
 def _spellings(model) -> list[str]:
@@ -69,33 +86,72 @@ def _spellings(model) -> list[str]:
 # Catalogue
 
 
-def test_catalogue_covers_every_reference_row():
+def test_catalogue_covers_every_reference_row_and_the_added_cards():
     names = {model.name for model in load_catalogue()}
     assert set(REFERENCE_NAMES) <= names
+    assert set(ADDED_NAMES) <= names
 
 
 @pytest.mark.parametrize("model", load_catalogue(), ids=lambda model: model.key)
 def test_entry_fields_are_sane(model):
     assert re.fullmatch(r"[a-z0-9][a-z0-9-]*", model.key)
     assert re.fullmatch(r"\d+\.\d+", model.compute_capability)
-    assert 8 * GiB <= model.memory <= 200 * GiB
+    assert 8 * GiB <= model.memory <= 300 * GiB
     assert model.bandwidth > 0
     assert model.tflops_16bit is None or model.tflops_16bit > 0
     assert model.source.strip()
 
 
-def test_keys_names_and_aliases_name_one_entry_each():
+def test_interconnect_facts_name_catalogued_cards_and_every_architecture():
+    """A card added to the catalogue must not silently fall back to another generation's links."""
+    from planc.parallel.topology import facts
+
+    cards = {model.key: model for model in load_catalogue()}
+    assert set(facts()["nvlink_links"]) <= set(cards)
+    assert {model.compute_capability for model in cards.values()} <= set(facts()["pcie_generation"])
+    # Data-centre SXM / NVL / superchip parts all have NVLink; so do the export variants.
+    for key, model in cards.items():
+        if any(part in model.name for part in ("SXM", " NVL", "GH200", "GB200", "H800", "H20", "A800")):
+            assert facts()["nvlink_links"].get(key, 0) > 0, key
+
+
+def test_keys_and_aliases_name_one_entry_each_and_shared_driver_names_differ_in_memory():
     owner: dict[str, str] = {}
+    names: dict[str, list] = {}
     for model in load_catalogue():
-        for spelling in _spellings(model):
+        names.setdefault(_normalise(model.name), []).append(model)
+        for spelling in set(_spellings(model)) - {_normalise(model.name), _normalise(model.name.removeprefix("NVIDIA "))}:
             assert spelling not in owner, f"{spelling!r} names both {owner[spelling]} and {model.key}"
             owner[spelling] = model.key
+    for spelling in owner:
+        assert spelling not in names or [m.key for m in names[spelling]] == [owner[spelling]], spelling
+    for variants in names.values():
+        memories = sorted(model.memory for model in variants)
+        assert all(b > a * 1.1 for a, b in zip(memories, memories[1:])), [m.key for m in variants]
 
 
 def test_every_spelling_finds_its_own_entry():
     for model in load_catalogue():
-        for text in (model.name, model.key, *model.aliases):
+        texts = (model.key, *model.aliases)
+        if sum(m.name == model.name for m in load_catalogue()) == 1:
+            texts += (model.name,)
+        for text in texts:
             assert lookup_gpu(text) is model
+
+
+def test_a_driver_name_of_several_variants_asks_for_the_key():
+    with pytest.raises(SpecError, match=r"names 2 cards .* rtx3080-10gb \(9\.8 GiB\), rtx3080-12gb \(11\.6 GiB\)"):
+        lookup_gpu("NVIDIA GeForce RTX 3080")
+    assert lookup_gpu("3080-12gb").bandwidth == 912 * 10**9
+
+
+def test_detection_tells_variants_of_one_driver_name_apart_by_memory():
+    name = "NVIDIA GeForce RTX 3080"
+    assert match_catalogue(_gpu(0, name, lookup_gpu("rtx3080-10gb").memory + 50 * MiB)).key == "rtx3080-10gb"
+    assert match_catalogue(_gpu(0, name, 12 * GiB)).key == "rtx3080-12gb"
+    # The 8 GB RTX 4060 Ti shares the 16 GB card's name and is not catalogued.
+    assert match_catalogue(_gpu(0, "NVIDIA GeForce RTX 4060 Ti", 8 * GiB - 400 * MiB, "8.9")) is None
+    assert match_catalogue(_gpu(0, "NVIDIA GeForce RTX 4060 Ti", 16722821120, "8.9")).key == "rtx4060ti-16gb"
 
 
 def test_a_few_known_figures():
@@ -104,6 +160,14 @@ def test_a_few_known_figures():
     assert lookup_gpu("rtx-a6000").memory == 46068 * MiB
     assert lookup_gpu("h100").compute_capability == "9.0"
     assert lookup_gpu("rtx5090").compute_capability == "12.0"
+    assert lookup_gpu("rtx3090ti").memory == 24114 * MiB
+    assert lookup_gpu("rtx4060ti-16gb").memory == 16722821120
+    assert lookup_gpu("rtx5080").memory == 15877 * MiB
+    assert lookup_gpu("NVIDIA RTX PRO 6000 Blackwell Server Edition").memory == 97250 * MiB
+    assert lookup_gpu("h800").memory == lookup_gpu("h100-sxm").memory
+    assert lookup_gpu("b300").compute_capability == "10.3"
+    for derived in ("rtx3080-12gb", "rtx4080-super", "rtx-pro-6000", "a800", "h800", "b300"):
+        assert lookup_gpu(derived).source.startswith("memory derived:")
 
 
 # Lookup
@@ -190,7 +254,10 @@ def _gpu(index: int, name: str, memory: int, cc: str = "8.6") -> DetectedGpu:
 
 def test_match_catalogue():
     assert match_catalogue(_gpu(0, "NVIDIA GeForce RTX 3090", 25414860800)).key == "rtx3090"
-    assert match_catalogue(_gpu(0, "NVIDIA RTX PRO 6000 Blackwell", 100 * GiB, "12.0")) is None
+    assert match_catalogue(_gpu(0, "NVIDIA RTX PRO 6000 Blackwell Workstation Edition", 97250 * MiB, "12.0")).key == (
+        "rtx-pro-6000"
+    )
+    assert match_catalogue(_gpu(0, "NVIDIA RTX PRO 4000 Blackwell", 24 * GiB, "12.0")) is None
 
 
 def test_spec_yaml_groups_catalogued_cards_and_validates():

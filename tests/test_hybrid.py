@@ -78,7 +78,7 @@ def test_fallback_transient_equals_fake_execution(model_type):
 
 
 # Whole models at their real sizes (class default configs, a few layers of each kind) compiled for
-# two A100-80GB (one where the plan cannot be split yet) and executed on virtual GPUs.
+# two A100-80GB and executed on virtual GPUs.
 _LINEAR = ["linear_attention", "full_attention", "linear_attention", "linear_attention"]
 SIMULATED = [
     pytest.param("qwen3_next", dict(layer_types=["linear_attention"] * 3 + ["full_attention"]), 2, 1024, "fallback",
@@ -99,9 +99,9 @@ SIMULATED = [
     pytest.param("deepseek_v32", dict(num_hidden_layers=2, layer_types=["indexed_attention"] * 2,
                                       mlp_layer_types=["dense", "sparse"], first_k_dense_replace=1),
                  2, 4096, "fallback", id="indexed-deepseek-v3.2"),
-    # DeepSeek-V4's hyper-connection head runs after the layers, which planc's unit order does not
-    # know yet: one GPU.
-    pytest.param("deepseek_v4", dict(), 1, 1024, "fallback", id="compressed-deepseek-v4"),
+    # DeepSeek-V4's hyper-connection head (model.hc_head's own tensors) runs after the layers: it
+    # goes with the final norm on the last GPU.
+    pytest.param("deepseek_v4", dict(), 2, 1024, "fallback", id="compressed-deepseek-v4"),
 ]
 
 
@@ -125,6 +125,7 @@ def test_simulated_hybrid_plans_agree_with_the_ledger(tmp_path, model_type, over
     plan, text = compile_spec(tmp_path / "spec.yaml", tmp_path / "plan.lock")
     write_if_changed(tmp_path / "plan.lock", text)
     assert plan.mixers is None or plan.mixers.path == kernels
+    assert len({str(device) for device in plan.device_map.values()}) == gpus  # split, so the ledger is per GPU
 
     report = simulate_plan(load_lock(tmp_path / "plan.lock"), tmp_path, decode_steps=1)
 

@@ -360,3 +360,112 @@ def test_a_lock_moved_away_from_its_model_is_refused(tiny_model, tmp_path):
 
     with pytest.raises(DriftError, match="machine cannot read it"):
         run_plan(moved / "plan.lock", check_only=True, quiet=True)
+
+
+# ------------------------------------------------------------------ what a lock may make planc do
+# plan_hash is a checksum anyone can recompute: each lock below has a valid one, and a real
+# `planc run` still refuses it before it sets a variable, reads a path or loads anything.
+
+
+def _refused_by_a_real_run(lock: Path, *extra: str) -> str:
+    result = planc_cli("run", lock.name, "-p", "hello", "--max-new-tokens", "2", *extra, cwd=lock.parent)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: the lock asks for what planc does not do: ")
+    return line
+
+
+@pytest.mark.parametrize(
+    "env,named",
+    [
+        ({"LD_PRELOAD": "/tmp/evil.so"}, "env 'LD_PRELOAD' is not a variable planc sets"),
+        ({"PYTHONPATH": "/tmp"}, "env 'PYTHONPATH' is not a variable planc sets"),
+        ({"CUDA_DEVICE_ORDER": "FASTEST_FIRST"}, "env CUDA_DEVICE_ORDER='FASTEST_FIRST' is not a value"),
+        ({"TORCH_CUDA_ARCH_LIST": "8.6\n; rm -rf /"}, "env TORCH_CUDA_ARCH_LIST="),
+    ],
+    ids=["ld-preload", "pythonpath", "bad-value", "newline"],
+)
+def test_a_lock_setting_an_environment_no_rule_produces_is_refused(tiny_model, tmp_path, env, named):
+    lock = cpu_lock(tmp_path, tiny_model)
+    reseal(lock, env=env)
+    line = _refused_by_a_real_run(lock)
+    assert named in line
+    assert "it sets CUBLAS_WORKSPACE_CONFIG, CUDA_DEVICE_ORDER" in line or "value" in line
+
+
+def test_the_environment_rules_produce_is_what_a_lock_may_carry():
+    from planc.rules import allowed_env
+
+    allowed = allowed_env()
+    for lock in (REPO / "plans").glob("*.lock"):
+        for name, value in load_lock(lock).env.items():
+            assert allowed[name].fullmatch(value), (lock.name, name, value)
+    assert set(allowed) == {
+        "CUBLAS_WORKSPACE_CONFIG", "CUDA_DEVICE_ORDER", "PYTORCH_CUDA_ALLOC_CONF", "TORCH_CUDA_ARCH_LIST",
+        "TORCH_CUDNN_SDPA_DEPRIORITIZED",
+    }
+
+
+@pytest.mark.parametrize(
+    "field,value,named",
+    [
+        ("model.path", "/etc", "model.path '/etc' is not a relative path"),
+        ("model.path", "../" * 40 + "etc", "resolves to /etc, outside the lock's tree"),
+        ("host.disk", "../" * 40 + "tmp/planc-elsewhere", "host.disk '"),
+        ("model.config", "../" * 40 + "etc/hostname", "model.config '"),
+        ("model.revision", "../../../../etc", "model.revision '../../../../etc' is not a branch, tag or commit"),
+    ],
+    ids=["absolute", "dotdot", "disk", "config", "revision"],
+)
+def test_a_lock_path_leaving_its_tree_is_refused(tiny_model, tmp_path, field, value, named):
+    lock = cpu_lock(tmp_path, tiny_model)
+    plan = load_lock(lock)
+    section, key = field.split(".")
+    update = {key: value, "path": None} if field == "model.config" else {key: value}  # one model source
+    reseal(lock, **{section: getattr(plan, section).model_copy(update=update)})
+    assert named in _refused_by_a_real_run(lock)
+
+
+def test_a_model_outside_the_tree_runs_once_the_runner_trusts_its_folder(tmp_path, monkeypatch):
+    """The repository's tiny model is outside tmp_path's tree and outside the tests' temp folder."""
+    model = REPO / "examples" / "models" / "tiny-qwen3"
+    lock = cpu_lock(tmp_path, model)
+    assert "outside the lock's tree" in _refused_by_a_real_run(lock)
+
+    monkeypatch.setenv("PLANC_TRUSTED_DIRS", os.pathsep.join([os.environ["PLANC_TRUSTED_DIRS"], str(model.parent)]))
+    result = planc_cli("run", lock.name, "--check-only", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_flag_planc_never_writes_is_refused_when_the_lock_loads(tiny_model, tmp_path):
+    lock = cpu_lock(tmp_path, tiny_model)
+    plan = load_lock(lock)
+    reseal(lock, attention=plan.attention.model_copy(update={"attn_implementation": "flash_attention_2"}))
+    result = planc_cli("run", lock.name, "-p", "hello", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "attention.attn_implementation: Input should be 'sdpa' or 'eager'" in result.stderr
+
+
+def test_remote_code_in_a_lock_needs_the_runners_consent(tiny_model, tmp_path):
+    lock = cpu_lock(tmp_path, tiny_model)
+    reseal(lock, model=load_lock(lock).model.model_copy(update={"trust_remote_code": True}))
+    assert "runs only with --trust-remote-code on the command line" in _refused_by_a_real_run(lock)
+
+    result = planc_cli("run", lock.name, "--check-only", "--trust-remote-code", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_lock_asking_for_requirements_no_rule_names_is_refused(tiny_model, tmp_path):
+    from planc.plan import WeightQuantization
+    from planc.rules import allowed_requirements
+
+    lock = cpu_lock(tmp_path, tiny_model)
+    section = WeightQuantization(
+        method="bnb-4bit", origin="load", weights="native", layout="nf4", config={"load_in_4bit": True},
+        dense_weight_bytes=1, requires_packages=["bitsandbytes>=0.46.1", "evil-package==6.6.6"],
+    )
+    assert "bitsandbytes>=0.46.1" in allowed_requirements()
+    reseal(lock, quantization=section)
+    line = _refused_by_a_real_run(lock)
+    assert "quantization.requires_packages names 'evil-package==6.6.6', which no rule requires" in line
+    assert "bitsandbytes" not in line

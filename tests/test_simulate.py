@@ -3,7 +3,7 @@
 Plans are compiled from the real configs in bench/corpus; the simulation builds the
 real transformers model on meta, attaches accelerate's real hooks and runs a prefill and decode
 steps. Ledger agreement is asserted within LEDGER_TOLERANCE, chosen from measurements: over 60
-plans of the 27 shared configs, the ledger's tensors (total minus reserve) were within -6.8% ..
+plans of the 27 corpus configs, the ledger's tensors (total minus reserve) were within -6.8% ..
 +3.2% of the simulated peak per GPU for SDPA models (dense, GQA, MoE, MLA, sliding window) and
 gpt-oss. Eager Gemma-2 was -12% to -37% until the ledger learnt the eager path's fp32 softmax
 copies and the attention masks; the committed plans now agree within 0% .. +5%.

@@ -42,14 +42,14 @@ def gpu(index: int, mib: int, bandwidth_gbs: int) -> Target:
 
 def brute_force(graph, gpus, cpu, objective):
     """Every GPU order, every contiguous split, every offloaded suffix: the lexicographic best key."""
-    chain, pinned = _split_chain(graph)
-    problem = _Problem(graph, list(gpus), cpu, None, WORKLOAD, RESERVE, objective, chain, pinned,
+    chain, pinned, head = _split_chain(graph)
+    problem = _Problem(graph, list(gpus), cpu, None, WORKLOAD, RESERVE, objective, chain, pinned, head,
                        unit_costs(graph, WORKLOAD, ["flash"]))
     best = None
     n = len(chain)
     for m in range(0, (n if cpu else 0) + 1):
         prefix = n - m
-        if prefix == 0:
+        if prefix < head:
             continue
         for order in set(permutations(gpus)):
             # Offloaded units run on the order's first GPU: their cost depends on its bandwidth.
@@ -61,7 +61,7 @@ def brute_force(graph, gpus, cpu, objective):
             for cuts in combinations_with_replacement(range(prefix + 1), k - 1):
                 bounds = [0, *cuts, prefix]
                 segments = [chain[bounds[j]:bounds[j + 1]] for j in range(k)]
-                if not segments[0]:
+                if len(segments[0]) < head:
                     continue
                 ledgers = [ev.ledger(t, s, j == 0) for j, (t, s) in enumerate(zip(order, segments))]
                 if any(l.total > t.budget for l, t, s in zip(ledgers, order, segments) if s or l is ledgers[0]):
@@ -126,7 +126,7 @@ def test_placement_invariants(case):
     names = [unit.name for unit in graph.units]
     assert list(result.device_of) == names  # execution order, every unit placed once
     # Contiguity: the chain (tied units aside) visits each device in one run.
-    chain, pinned = _split_chain(graph)
+    chain, pinned, _ = _split_chain(graph)
     runs = [result.device_of[n] for i, n in enumerate(chain) if i == 0 or result.device_of[n] != result.device_of[chain[i - 1]]]
     assert len(runs) == len(set(runs))
     # Offloaded units form a suffix of the chain.

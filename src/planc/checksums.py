@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable
 
+from planc.errors import ModelError
 from planc.plan import WeightFile, write_if_changed
 
 CHUNK = 8 * 2**20
@@ -21,10 +22,21 @@ def cache_path() -> Path:
 
 
 def _load_cache() -> dict:
+    """The cache, or an empty one when it is missing or damaged (it only saves time)."""
     try:
-        return json.loads(cache_path().read_text())
-    except (OSError, ValueError):
+        data = json.loads(cache_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
         return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _cached(entry: object, size: int, mtime_ns: int) -> str | None:
+    if (
+        isinstance(entry, dict) and entry.get("size") == size and entry.get("mtime_ns") == mtime_ns
+        and isinstance(entry.get("sha256"), str)
+    ):
+        return entry["sha256"]
+    return None
 
 
 def hash_files(
@@ -38,23 +50,16 @@ def hash_files(
     result: dict[str, WeightFile] = {}
     changed = False
     for path in sorted(files):
-        stat = path.stat()
-        key = str(path.resolve())
-        entry = cache.get(key)
-        if entry and entry["size"] == stat.st_size and entry["mtime_ns"] == stat.st_mtime_ns:
-            digest = entry["sha256"]
-        else:
-            sha = hashlib.sha256()
-            done = 0
-            with path.open("rb") as handle:
-                while block := handle.read(CHUNK):
-                    sha.update(block)
-                    done += len(block)
-                    if progress:
-                        progress(path.name, done, stat.st_size)
-            digest = "sha256:" + sha.hexdigest()
-            cache[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
-            changed = True
+        try:
+            stat = path.stat()
+            key = str(path.resolve())
+            digest = _cached(cache.get(key), stat.st_size, stat.st_mtime_ns)
+            if digest is None:
+                digest = _sha256(path, stat.st_size, progress)
+                cache[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+                changed = True
+        except OSError as exc:
+            raise ModelError(f"cannot read weight file {path}: {exc.strerror or exc}") from None
         result[path.relative_to(folder).as_posix()] = WeightFile(sha256=digest, size=stat.st_size)
     if changed:
         try:
@@ -62,3 +67,15 @@ def hash_files(
         except OSError:
             pass  # a read-only home only costs speed
     return result
+
+
+def _sha256(path: Path, size: int, progress: Callable[[str, int, int], None] | None) -> str:
+    sha = hashlib.sha256()
+    done = 0
+    with path.open("rb") as handle:
+        while block := handle.read(CHUNK):
+            sha.update(block)
+            done += len(block)
+            if progress:
+                progress(path.name, done, size)
+    return "sha256:" + sha.hexdigest()

@@ -1,13 +1,15 @@
 """Command line. Each command parses, calls one API function, renders, and maps the result to an exit code.
 
-Exit codes: 0 ok; 1 stale plan, failed check or failed run; 2 bad input or infeasible plan.
-User errors print one line on stderr (`-v` adds the traceback). Heavy libraries (torch,
-transformers, accelerate) are imported only inside commands that need them.
+Exit codes: 0 ok; 1 stale plan, failed check or failed run; 2 bad input or infeasible plan;
+3 internal error (an exception planc did not expect: a bug, reported as one line naming it);
+130 interrupted (Ctrl-C). Errors print one line on stderr (`-v` adds the traceback). Heavy
+libraries (torch, transformers, accelerate) are imported only inside commands that need them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -17,8 +19,11 @@ import click
 from planc import __version__
 from planc.errors import PlancError, SpecError
 from planc.export import target_names
+from planc.limits import MAX_BATCH_SIZE, MAX_SEQ_LEN
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+EXIT_INTERNAL_ERROR = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a process stopped by Ctrl-C
 
 
 class _State:
@@ -26,12 +31,11 @@ class _State:
     quiet = False
 
 
-def _fail(exc: BaseException) -> None:
+def _fail(exc: BaseException, message: str, exit_code: int) -> None:
     if _State.verbose:
         traceback.print_exception(exc, file=sys.stderr)
-    message = str(exc).replace("\n", " ")
-    click.echo(f"error: {message}", err=True)
-    sys.exit(getattr(exc, "exit_code", 1))
+    click.echo(f"error: {' '.join(message.split())}", err=True)
+    sys.exit(exit_code)
 
 
 # What `pip install "planc[torch]"` adds to the light install (check, show, diff, export, gpus, schema).
@@ -41,20 +45,47 @@ SERVE_PACKAGES = {"starlette", "uvicorn", "prometheus_client", "jinja2"}
 
 
 class _Group(click.Group):
-    """Maps PlancError to one line and its exit code at a single boundary."""
+    """The single boundary: a PlancError becomes one line and its exit code; so does anything else.
+
+    click's own exceptions (usage errors, --help, Exit) pass through to click, which renders them.
+    """
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except PlancError as exc:
-            _fail(exc)
+            _fail(exc, str(exc), exc.exit_code)
         except ModuleNotFoundError as exc:
             package = (exc.name or "").split(".")[0]
             if package not in HEAVY_PACKAGES | SERVE_PACKAGES:
-                raise
+                _internal_error(exc)
             command = ctx.invoked_subcommand or "this command"
             extras = "torch,serve" if command == "serve" else "torch"
-            _fail(SpecError(f"planc {command} needs {package}, which is not installed: pip install 'planc[{extras}]'"))
+            missing = SpecError(f"planc {command} needs {package}, which is not installed: pip install 'planc[{extras}]'")
+            _fail(exc, str(missing), missing.exit_code)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except BrokenPipeError:
+            # `planc show plan.lock | head`: the reader left. Python's documented recipe: point
+            # stdout at devnull so the interpreter's final flush does not fail again, and stop.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
+        except KeyboardInterrupt as exc:
+            # Writes are atomic (temp file + os.replace), so an interrupted compile leaves the old lock.
+            _fail(exc, "interrupted", EXIT_INTERRUPTED)
+        except Exception as exc:  # noqa: BLE001 - no input may produce a raw traceback
+            _internal_error(exc)
+
+
+def _internal_error(exc: BaseException) -> None:
+    detail = " ".join(str(exc).split())
+    detail = detail if len(detail) <= 200 else detail[:197] + "..."
+    _fail(
+        exc,
+        f"internal error: {type(exc).__name__}{': ' + detail if detail else ''} "
+        "(a bug in planc; run with -v for the traceback)",
+        EXIT_INTERNAL_ERROR,
+    )
 
 
 @click.group(cls=_Group, context_settings=CONTEXT)
@@ -65,6 +96,10 @@ def main(verbose: bool, quiet: bool) -> None:
     """Compile a model, a GPU inventory and a workload into a locked, explained deployment plan."""
     _State.verbose = verbose
     _State.quiet = quiet
+    if not verbose:
+        # transformers logs warnings about the configs it builds ("Missing validation function ...");
+        # planc's own line says what matters. Read when transformers is imported; the user's setting wins.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 @main.command("compile", context_settings=CONTEXT)
@@ -79,16 +114,17 @@ def compile_command(spec: Path, lock: Path | None, check: bool) -> None:
     if check:
         changes = check_lock(spec, lock)
         if changes:
-            click.echo(f"{lock} is stale: " + "; ".join(changes), err=True)
+            # One line, whatever the lock's strings hold (a package version with a newline).
+            click.echo(" ".join(f"{lock} is stale: {'; '.join(changes)}".split()), err=True)
             sys.exit(1)
         click.echo(f"{lock} is up to date")
         return
     from planc.compile import compile_spec
-    from planc.plan import write_if_changed
+    from planc.plan import write_lock
     from planc.render import compile_summary
 
     plan, text = compile_spec(spec, lock, progress=_progress())
-    written = write_if_changed(lock, text)
+    written = write_lock(lock, text)
     if not _State.quiet:
         compile_summary(plan, lock, written)
 
@@ -201,9 +237,9 @@ def detect_command() -> None:
 
 @main.command("simulate", context_settings=CONTEXT)
 @click.argument("lock", type=click.Path(path_type=Path))
-@click.option("--batch-size", type=click.IntRange(min=1), help="Override the plan's batch size.")
-@click.option("--max-seq-len", type=click.IntRange(min=1), help="Override the plan's context length.")
-@click.option("--decode-steps", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1, max=MAX_BATCH_SIZE), help="Override the plan's batch size.")
+@click.option("--max-seq-len", type=click.IntRange(min=1, max=MAX_SEQ_LEN), help="Override the plan's context length.")
+@click.option("--decode-steps", type=click.IntRange(min=0, max=1024), default=2, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
 def simulate_command(lock: Path, batch_size: int | None, max_seq_len: int | None, decode_steps: int, as_json: bool) -> None:
     """Execute LOCK on virtual GPUs (fake tensors): per-device peak memory and cross-device errors."""
@@ -253,12 +289,16 @@ def fit_command(spec: Path, max_gpus: int, prices: Path | None, as_json: bool) -
 @click.option("--record", type=click.Path(dir_okay=False, path_type=Path), help="Write output token ids and fingerprint.")
 @click.option("--expect", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Replay this record's prompts; fail (exit 1) unless every token equals it.")
+@click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Image file every prompt shows (repeatable; at most the plan's images_per_sequence).")
 @click.option("--check-only", is_flag=True, help="Only check the machine against the plan.")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Allow code shipped with the checkpoint, for a lock with model.trust_remote_code: true.")
 @click.option("--node-rank", type=click.IntRange(min=0), help="Multi-node plan: this node's index in hardware.nodes.")
 @click.option("--master-addr", help="Multi-node plan: address of node 0 (torch.distributed rendezvous).")
 @click.option("--master-port", type=click.IntRange(min=1, max=65535), help="Multi-node plan: rendezvous port [29500].")
-def run_command(lock: Path, prompts, prompt_file, max_new_tokens, as_json, record, expect, check_only,
-                node_rank, master_addr, master_port) -> None:
+def run_command(lock: Path, prompts, prompt_file, max_new_tokens, as_json, record, expect, images, check_only,
+                trust_remote_code, node_rank, master_addr, master_port) -> None:
     """Check the machine against LOCK, apply it, load the weights and generate.
 
     A tensor- or pipeline-parallel plan starts one process per rank with torch's launcher; a
@@ -276,6 +316,8 @@ def run_command(lock: Path, prompts, prompt_file, max_new_tokens, as_json, recor
         expect=expect,
         check_only=check_only,
         quiet=_State.quiet,
+        trust_remote_code=trust_remote_code,
+        images=list(images),
         node_rank=node_rank,
         master_addr=master_addr,
         master_port=master_port,

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Callable
 
 from planc import __version__
-from planc.errors import InfeasibleError, SpecError, StalePlanError
+from planc.errors import InfeasibleError, ModelError, SpecError, StalePlanError, foreign_errors
 from planc.hardware import Inventory, resolve_inventory
+from planc.limits import config_scale_problem
 from planc.memory import Reserve, Workload
+from planc.model.config import describe_model
 from planc.plan import (
     BASE_FORMAT_VERSION,
     FORMAT_VERSION,
@@ -124,9 +126,15 @@ def _fits(graph, inventory, runtime, spec, batch: int, seq: int) -> bool:
     chunks = [chunk] if chunk else _chunk_candidates(seq)[-1:]
     gpus, cpu, disk = _targets(inventory, runtime, spec.policy.headroom, levels[-1])
     return feasible(
-        graph, gpus, cpu, disk, Workload(batch, seq, chunks[0]), Reserve.from_policy(spec.policy.reserve),
+        graph, gpus, cpu, disk, _workload(spec, batch, seq, chunks[0]), Reserve.from_policy(spec.policy.reserve),
         runtime.mixer_path or FALLBACK,
     )
+
+
+def _workload(spec: Spec, batch: int, seq: int, chunk: int | None = None) -> Workload:
+    """The ledger's workload: the spec's images with the given batch, context and prefill chunk."""
+    wl = spec.workload
+    return Workload(batch, seq, chunk, wl.images_per_sequence, wl.image_size)
 
 
 def largest_below(predicate: Callable[[int], bool], upper: int) -> int:
@@ -245,7 +253,7 @@ def _model_facts(graph, quantization: str | None = None):
         model_type=graph.model_type,
         checkpoint_dtype=graph.checkpoint_dtype,
         is_moe=graph.is_moe,
-        head_dim=max(graph.shapes.head_dim, graph.shapes.v_head_dim),
+        head_dim=max(max(s.head_dim, s.v_head_dim) for s in [graph.shapes, *(u.shapes for u in graph.units if u.shapes)]),
         forced_attn_implementation=graph.forced_attn_implementation,
         skip_keys=graph.skip_keys,
         quantization=quantization,
@@ -317,6 +325,13 @@ def compile_plan(
             raise SpecError(
                 f"hardware.nodes.{node.index}: its GPUs differ from node 0's; planc plans nodes with identical GPUs"
             )
+    trust = spec.model.trust_remote_code
+
+    scale = config_scale_problem(model.config)
+    if scale:
+        raise ModelError(f"{describe_model(model.config)}: config.json {scale}")
+
+    build_graph = _guarded(build_graph)
     probe_dtype = "bfloat16" if spec.model.dtype == "auto" else spec.model.dtype
     quantization = quantization_of(model.config, spec.model.quantize, probe_dtype)
     if quantization is not None and quantization.origin == "load" and not inventory.gpus and spec.policy.offload == "disk":
@@ -324,11 +339,18 @@ def compile_plan(
             f"model.quantize {quantization.method} on a CPU-only plan cannot offload to disk: with disk entries in the "
             "device_map transformers keeps every CPU module unquantized (llm_int8_enable_fp32_cpu_offload)"
         )
-    builder = _Builder(model.config, spec.model.trust_remote_code, spec.model.kv_cache, quantization,
-                       spec.model.quantize, build_graph)
+    builder = _Builder(model.config, trust, spec.model.kv_cache, quantization, spec.model.quantize, build_graph)
     # The rules' facts do not depend on the layout: probe with the dense (dequantized) model.
     probe = builder.graph(probe_dtype, quantization.with_native(False) if quantization and quantization.origin == "checkpoint" else None)
     builder.facts = _model_facts(probe, quantization.method if quantization else None)
+    _check_images(spec, probe)
+    limit = getattr(probe, "position_limit", None)
+    if limit and spec.workload.max_seq_len > limit:
+        raise SpecError(
+            f"workload.max_seq_len {spec.workload.max_seq_len} exceeds the {limit} positions of "
+            f"{probe.architecture}'s learned position table: tokens past {limit} have no position embedding "
+            f"(generate fails there); plan at most {limit} tokens"
+        )
 
     wanted = considered_strategies(spec, inventory)
     strategy_note = None
@@ -383,6 +405,20 @@ def _one_process_plan(spec, inventory, model, packages, disk, builder: _Builder,
                             extra=extra)
 
 
+def _guarded(build_graph: Callable[..., object]) -> Callable[..., object]:
+    """`build_graph` whose foreign exceptions become a ModelError naming the model.
+
+    Whatever transformers raises while building an architecture from its config is about that
+    config, not a planc bug: one line naming the model.
+    """
+
+    def build(config: dict, dtype: str, trust_remote_code: bool, **kwargs):
+        with foreign_errors(ModelError, f"cannot build {describe_model(config)} from its config"):
+            return build_graph(config, dtype, trust_remote_code, **kwargs)
+
+    return build
+
+
 def _device_map_plan(spec, inventory, model, packages, disk, builder: _Builder, graph, runtime, placement, chunk,
                      parallel=None, strategy_decision=None, extra=()) -> Plan:
     """A one-process plan: accelerate's device_map from the solver's placement."""
@@ -414,8 +450,13 @@ def _device_map_plan(spec, inventory, model, packages, disk, builder: _Builder, 
                 )
 
     decisions = [Decision(id=d.id, decision=d.decision, reason=d.reason, source=d.source) for d in runtime.decisions]
-    decisions += ([strategy_decision] if strategy_decision else []) + _planner_decisions(spec, graph, placement, chunk, inventory) + extra
-    decisions += _quantization_decisions(spec, graph, placement)
+    decisions += (
+        _model_decisions(graph)
+        + ([strategy_decision] if strategy_decision else [])
+        + _planner_decisions(spec, graph, placement, chunk, inventory)
+        + extra
+        + _quantization_decisions(spec, graph, placement)
+    )
     plan = _assemble(spec, inventory, model, packages, disk, graph, runtime, placement, chunk, decisions)
     if parallel is not None:
         plan = plan.model_copy(update={"parallel": parallel, "format_version": FORMAT_VERSION}).sealed()
@@ -445,10 +486,10 @@ def _strategy_plan(spec, inventory, model, packages, disk, builder: _Builder, gr
     reserve = Reserve.from_policy(spec.policy.reserve)
     chunks = [wl.prefill_chunk_size] if wl.prefill_chunk_size else _chunk_candidates(wl.max_seq_len)
     candidates = plan_strategies(
-        graph, inventory, runtime, spec, [Workload(wl.batch_size, wl.max_seq_len, chunk) for chunk in chunks],
+        graph, inventory, runtime, spec, [_workload(spec, wl.batch_size, wl.max_seq_len, chunk) for chunk in chunks],
         reserve, lambda: _device_map_candidate(graph, inventory, runtime, spec),
     )
-    chosen = choose(candidates, graph, Workload(wl.batch_size, wl.max_seq_len))
+    chosen = choose(candidates, graph, _workload(spec, wl.batch_size, wl.max_seq_len))
     decision = Decision(
         id="parallel.strategy",
         decision=f"{chosen.label}",
@@ -563,10 +604,11 @@ def _assemble_distributed(spec, inventory, model, packages, disk, graph, runtime
                       packages=packages, versions=spec.policy.versions),
         model=ModelInfo(id=model.id, path=model.path, config=model.config_path, revision=spec.model.revision,
                         trust_remote_code=spec.model.trust_remote_code, architecture=graph.architecture,
-                        model_type=graph.model_type, parameters=graph.parameters, weight_bytes=graph.weight_bytes),
+                        model_type=graph.model_type, config_class=graph.config_class, parameters=graph.parameters,
+                        weight_bytes=graph.weight_bytes),
         devices=devices,
         host=Host(cpu_memory=inventory.cpu_memory, disk=disk),
-        workload=LockWorkload(batch_size=spec.workload.batch_size, max_seq_len=spec.workload.max_seq_len),
+        workload=_lock_workload(spec),
         dtype=runtime.dtype,
         device_map={},
         max_memory={},
@@ -587,6 +629,67 @@ def _assemble_distributed(spec, inventory, model, packages, disk, graph, runtime
         decisions=decisions,
         parallel=parallel,
     ).sealed()
+
+
+def _lock_workload(spec: Spec) -> LockWorkload:
+    wl = spec.workload
+    return LockWorkload(batch_size=wl.batch_size, max_seq_len=wl.max_seq_len,
+                        images_per_sequence=wl.images_per_sequence, image_size=wl.image_size)
+
+
+def _uses_1_1_fields(spec: Spec, graph, mixers: Mixers | None) -> bool:
+    """Whether the plan writes a 1.1 field (model.config_class, workload images, the mixers section)."""
+    return bool(graph.config_class or spec.workload.images_per_sequence or spec.workload.image_size or mixers)
+
+
+def _check_images(spec: Spec, graph) -> None:
+    """Images need a vision tower, and a size where the tower takes any resolution."""
+    wl = spec.workload
+    if not wl.images_per_sequence:
+        if wl.image_size is not None:
+            raise SpecError("workload.image_size is set but images_per_sequence is 0")
+        return
+    if graph.vision is None:
+        raise SpecError(
+            f"workload.images_per_sequence is {wl.images_per_sequence} but {graph.architecture} has no vision tower"
+        )
+    graph.vision.patches_per_image(_workload(spec, wl.batch_size, wl.max_seq_len))
+
+
+def _model_decisions(graph) -> list[Decision]:
+    """How the model was read: a class resolved by `architectures`, layers kept whole without no-split classes."""
+    out = []
+    if graph.config_class:
+        out.append(
+            Decision(
+                id="model.architecture",
+                decision=f"{graph.architecture} with {graph.config_class}",
+                reason=f"model_type {graph.model_type!r} is unknown to transformers and config.architectures names "
+                f"{graph.architecture}, which it ships; the checkpoint's own code (auto_map) is not run",
+                source="config.json architectures (as vLLM resolves models); planc.model.build",
+            )
+        )
+    if graph.inferred_no_split:
+        out.append(
+            Decision(
+                id="model.no-split",
+                decision=f"each {', '.join(graph.inferred_no_split)} kept on one device",
+                reason=f"{graph.architecture} declares no _no_split_modules; planc cuts only between decoder layers "
+                "(accelerate would otherwise split a layer's modules across devices)",
+                source="planc.model.graph",
+            )
+        )
+    if graph.vision is not None:
+        out.append(
+            Decision(
+                id="model.vision",
+                decision=f"vision tower ({', '.join(graph.vision.towers)}) placed as units ahead of the decoder layers",
+                reason="the tower runs once per prefill over the prompt's images; its blocks are placement units "
+                "like decoder layers, and the ledger holds its activations for every image of the batch",
+                source="planc.model.vision",
+            )
+        )
+    return out
 
 
 def _native_subset(inventory: Inventory, builder: _Builder, spec: Spec, runtime):
@@ -694,7 +797,7 @@ def _place(graph, inventory: Inventory, runtime, spec: Spec):
     result = None
     for level in _levels(spec.policy.offload, bool(inventory.gpus)):
         for chunk in chunks:
-            result = _solve(graph, inventory, runtime, spec, Workload(wl.batch_size, wl.max_seq_len, chunk), level)
+            result = _solve(graph, inventory, runtime, spec, _workload(spec, wl.batch_size, wl.max_seq_len, chunk), level)
             if isinstance(result, Placement):
                 return result, chunk, None
     return None, None, result
@@ -784,8 +887,9 @@ def _assemble(spec, inventory, model: ModelInput, packages, disk, graph, runtime
     gpu_ledgers = [l for l in ledgers if isinstance(l.device, int)]
     mixers = _mixers_section(graph, runtime)
     return Plan(
-        # The mixers section is a 1.1 field; plans without it keep the 1.0 bytes.
-        format_version=FORMAT_VERSION if mixers else BASE_FORMAT_VERSION,
+        # model.config_class, the workload's images and the mixers section are 1.1 fields; a plan
+        # without them keeps the 1.0 bytes.
+        format_version=FORMAT_VERSION if _uses_1_1_fields(spec, graph, mixers) else BASE_FORMAT_VERSION,
         inputs=Inputs(
             spec_sha256=spec.sha256(),
             config_sha256=model.config_sha256,
@@ -801,6 +905,7 @@ def _assemble(spec, inventory, model: ModelInput, packages, disk, graph, runtime
             trust_remote_code=spec.model.trust_remote_code,
             architecture=graph.architecture,
             model_type=graph.model_type,
+            config_class=graph.config_class,
             parameters=graph.parameters,
             weight_bytes=graph.weight_bytes,
         ),
@@ -810,7 +915,7 @@ def _assemble(spec, inventory, model: ModelInput, packages, disk, graph, runtime
             for g in inventory.gpus
         ],
         host=Host(cpu_memory=inventory.cpu_memory, disk=disk),
-        workload=LockWorkload(batch_size=spec.workload.batch_size, max_seq_len=spec.workload.max_seq_len),
+        workload=_lock_workload(spec),
         dtype=runtime.dtype,
         quantization=_quantization_section(graph, runtime, placement),
         device_map=dict(placement.device_of),
@@ -901,7 +1006,7 @@ def regenerate_command(spec_path: Path, lock_path: Path) -> str:
 
 @dataclass(frozen=True)
 class ModelLocation:
-    files: object  # model_graph.ModelFiles
+    files: object  # model.ModelFiles
     model: ModelInput
 
 
@@ -980,6 +1085,10 @@ def _spec_changes(spec: Spec, plan: Plan) -> list[str]:
         changes.append(f"workload.batch_size {plan.workload.batch_size} -> {spec.workload.batch_size}")
     if spec.workload.max_seq_len != plan.workload.max_seq_len:
         changes.append(f"workload.max_seq_len {plan.workload.max_seq_len} -> {spec.workload.max_seq_len}")
+    for field in ("images_per_sequence", "image_size"):
+        before, after = getattr(plan.workload, field), getattr(spec.workload, field)
+        if before != after:
+            changes.append(f"workload.{field} {before} -> {after}")
     try:
         inventory = resolve_inventory(spec.hardware)
     except SpecError:

@@ -15,8 +15,7 @@ from itertools import groupby
 
 import psutil
 
-from planc.errors import SpecError
-from planc.hardware import GpuModel, lookup_gpu
+from planc.hardware import GpuModel, match_driver_name
 from planc.units import GiB
 
 MiB = 2**20
@@ -115,11 +114,9 @@ def _links_from_nvidia_smi(visible_count: int) -> tuple[tuple[str, ...], ...] | 
 
 
 def match_catalogue(gpu: DetectedGpu) -> GpuModel | None:
-    """The catalogue entry for a detected GPU's driver name, or None when the card is not catalogued."""
-    try:
-        return lookup_gpu(gpu.name)
-    except SpecError:
-        return None
+    """The catalogue entry for a detected GPU (driver name, then memory among variants of that
+    name), or None when the card is not catalogued."""
+    return match_driver_name(gpu.name, gpu.memory)
 
 
 def machine_as_spec_yaml(machine: DetectedMachine) -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 
 class PlancError(Exception):
     """Base of every error planc reports to a user (never a bug)."""
@@ -55,3 +58,23 @@ class RunError(PlancError):
     """Executing a plan failed after the checks passed."""
 
     exit_code = 1
+
+
+@contextmanager
+def foreign_errors(error: type[PlancError], what: str) -> Iterator[None]:
+    """Run third-party code on user input: any exception but a PlancError becomes `error` (one line).
+
+    transformers builds an architecture from whatever a config.json says, and many default or
+    hand-edited configs make it (or planc's reading of the result) raise ZeroDivisionError,
+    TypeError, KeyError, AttributeError, IndexError, AssertionError or its own classes. Each is a
+    model planc cannot plan, not a crash: the message names what was being built and the exception.
+    """
+    try:
+        yield
+    except PlancError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the boundary around foreign code is the point
+        message = " ".join(str(exc).split())
+        if len(message) > 300:
+            message = message[:297] + "..."
+        raise error(f"{what}: {type(exc).__name__}: {message}" if message else f"{what}: {type(exc).__name__}") from exc

@@ -24,9 +24,9 @@ from typing import Any
 
 import yaml
 
-from planc.errors import InfeasibleError, SpecError
+from planc.errors import InfeasibleError, ModelError, SpecError
 from planc.hardware import Gpu, GpuModel, Inventory, load_catalogue, lookup_gpu, resolve_inventory
-from planc.spec import Spec, load_spec
+from planc.spec import Quantize, Spec, load_spec
 from planc.units import GiB
 
 DEFAULT_MAX_GPUS = 8
@@ -159,18 +159,19 @@ class _Planner:
             self._graphs[key] = build_model_graph(config, dtype, trust_remote_code, quantization, kv_cache)
         return self._graphs[key]
 
-    def runtime(self, gpus: tuple[Gpu, ...], requested_dtype: str | None = None):
+    def runtime(self, gpus: tuple[Gpu, ...], requested_dtype: str | None = None, model=None):
         """(graph at the dtype the rules pick for these GPUs, runtime) as compile_plan decides them
-        (a quantized model native or dequantized as the rules say for these GPUs)."""
+        (a quantized model native or dequantized as the rules say for these GPUs). `model`: the
+        spec's model section to plan (its quantize and kv_cache), the spec's own by default."""
         from planc.compile import _Builder, _model_facts
         from planc.model.quant import quantization_of
         from planc.rules import decide_runtime
 
-        requested = requested_dtype or self.spec.model.dtype
+        model = model or self.spec.model
+        requested = requested_dtype or model.dtype
         probe_dtype = "bfloat16" if requested == "auto" else requested
-        quantization = quantization_of(self.config, self.spec.model.quantize, probe_dtype)
-        builder = _Builder(self.config, self.spec.model.trust_remote_code, self.spec.model.kv_cache, quantization,
-                           self.spec.model.quantize, self.build)
+        quantization = quantization_of(self.config, model.quantize, probe_dtype)
+        builder = _Builder(self.config, model.trust_remote_code, model.kv_cache, quantization, model.quantize, self.build)
         dense = quantization.with_native(False) if quantization and quantization.origin == "checkpoint" else None
         probe = builder.graph(probe_dtype, dense)
         facts = _model_facts(probe, quantization.method if quantization else None)
@@ -181,14 +182,14 @@ class _Planner:
         """compile's placement for `spec`'s workload and policy on `inventory`: (graph, runtime, placement, chunk)."""
         from planc.compile import _place
 
-        graph, runtime = self.runtime(inventory.gpus, spec.model.dtype)
+        graph, runtime = self.runtime(inventory.gpus, spec.model.dtype, spec.model)
         placement, chunk, _ = _place(graph, inventory, runtime, spec)
         return graph, runtime, placement, chunk
 
     def fits(self, inventory: Inventory, spec: Spec, batch: int, seq: int) -> bool:
         from planc.compile import _fits
 
-        graph, runtime = self.runtime(inventory.gpus, spec.model.dtype)
+        graph, runtime = self.runtime(inventory.gpus, spec.model.dtype, spec.model)
         return _fits(graph, inventory, runtime, spec, batch, seq)
 
 
@@ -318,8 +319,8 @@ def _remedies(planner: _Planner, spec: Spec, inventory: Inventory, own: Inventor
     def fits_with(candidate: Spec, on: Inventory = inventory) -> bool:
         try:
             return planner.place(on, candidate)[2] is not None
-        except SpecError:
-            return False
+        except (SpecError, ModelError):
+            return False  # the rules refuse it here (LLM.int8() below sm75), or transformers would
 
     if spec.model.dtype == "float32":
         if fits_with(_with_model(spec, dtype="auto")):
@@ -357,12 +358,15 @@ def _remedies(planner: _Planner, spec: Spec, inventory: Inventory, own: Inventor
     batch = next((b for s, b in own.largest_batch if s == wl.max_seq_len), 0)
     if batch and wl.batch_size > 1:
         out.append(Remedy("workload", "workload.batch_size", batch, f"the largest batch at {wl.max_seq_len} tokens"))
-    # Quantization is what most people reach for first; say plainly that this planc cannot plan it.
-    out.append(
-        Remedy("quantization", None, None,
-               "quantized weights (fp8, 4-bit) are not planned by this planc: it refuses quantized checkpoints "
-               "rather than size them as dense, and plans 16- and 32-bit weights only")
-    )
+    # Quantization is what most people reach for first: bitsandbytes at load for a dense checkpoint,
+    # an fp8 KV cache when the cache is what does not fit.
+    if spec.model.quantize is None and not planner.config.get("quantization_config"):
+        for method, what in (("bnb-8bit", "LLM.int8() weights"), ("bnb-4bit", "4-bit weights")):
+            if fits_with(_with_model(spec, quantize=Quantize(method=method))):
+                out.append(Remedy("quantization", "model.quantize", method, f"{what}, quantized by bitsandbytes at load"))
+                break
+    if spec.model.kv_cache is None and fits_with(_with_model(spec, kv_cache="fp8")):
+        out.append(Remedy("quantization", "model.kv_cache", "fp8", "the KV cache at 1 byte per element (QuantizedCache)"))
     return out
 
 

@@ -116,17 +116,25 @@ def load_catalogue() -> tuple[GpuModel, ...]:
     )
 
 
+def _spellings(model: GpuModel) -> set[str]:
+    # Old drivers drop the "NVIDIA " prefix from GeForce names; accept both spellings.
+    names = (model.name, model.key, *model.aliases, model.name.removeprefix("NVIDIA "))
+    return {_normalise(n) for n in names}
+
+
 def lookup_gpu(text: str) -> GpuModel:
     """Find a catalogue entry by exact driver name, key or alias (case and punctuation ignored).
 
-    Raises SpecError naming the closest entries when nothing matches.
+    Raises SpecError naming the closest entries when nothing matches, and the keys to choose from
+    when a driver name is shared by variants (the RTX 3080 is sold with 10 and 12 GB).
     """
     wanted = _normalise(text)
-    for model in load_catalogue():
-        names = (model.name, model.key, *model.aliases)
-        # Old drivers drop the "NVIDIA " prefix from GeForce names; accept both spellings.
-        if wanted in {_normalise(n) for n in names} or wanted == _normalise(model.name.removeprefix("NVIDIA ")):
-            return model
+    found = [model for model in load_catalogue() if wanted in _spellings(model)]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        choices = ", ".join(f"{m.key} ({m.memory / 2**30:.1f} GiB)" for m in found)
+        raise SpecError(f"GPU type {text!r} names {len(found)} cards with the same driver name: give one of {choices}")
     choices = {}
     for model in load_catalogue():
         for n in (model.name, model.key, *model.aliases):
@@ -134,6 +142,18 @@ def lookup_gpu(text: str) -> GpuModel:
     close = difflib.get_close_matches(wanted, list(choices), n=3, cutoff=0.5)
     hint = ", ".join(dict.fromkeys(choices[c] for c in close)) or "see `planc gpus`"
     raise SpecError(f"unknown GPU type {text!r}; closest: {hint}")
+
+
+def match_driver_name(name: str, memory: int) -> GpuModel | None:
+    """The entry for a card the driver reports as `name` with `memory` bytes: among the entries of
+    that driver name, the one closest in memory, and none when even that one is more than 10%
+    off (a variant planc does not catalogue, such as the 8 GB RTX 4060 Ti)."""
+    wanted = _normalise(name)
+    candidates = [model for model in load_catalogue() if wanted in _spellings(model)]
+    if not candidates:
+        return None
+    best = min(candidates, key=lambda model: abs(model.memory - memory))
+    return best if abs(best.memory - memory) <= best.memory // 10 else None
 
 
 def _resolve_gpus(entries) -> tuple[Gpu, ...]:

@@ -12,9 +12,10 @@ Terms (per device):
   larger of its sequence mixer's transient and its feed-forward's: q/k/v and the attention scores
   when the backend materialises them, an indexer's scores, a linear-attention or SSM mixer's on
   the path the plan assumes (`model/cache.py: MIXER_PATHS`), the MLP or routed-expert
-  intermediates), plus one layer's KV (torch.cat in DynamicCache.update copies the part that grows
-  with tokens each step; states are updated in place), plus the logits of the last position on the
-  device holding lm_head (generate keeps only the last position and upcasts it to fp32).
+  intermediates; a vision block's over all images of the batch, `planc.model.vision`), plus one
+  layer's KV (torch.cat in DynamicCache.update copies the part that grows with tokens each step;
+  states are updated in place), plus the logits of the last position on the device holding
+  lm_head (generate keeps only the last position and upcasts it to fp32).
 - staging: weights of offloaded (cpu/disk) units are copied to their execution device one unit
   at a time (accelerate's AlignDevicesHook); the largest such unit.
 - reserve: CUDA context + cuBLAS workspace + allocator slack on (kv + activations + staging).
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planc.model import attention, indexed, mlp
+from planc.model import attention, indexed, mlp, vision
 from planc.model.cache import FALLBACK
 from planc.model.config import DTYPE_BYTES, Shapes
 from planc.model.graph import ModelGraph, Unit
@@ -221,20 +222,25 @@ def unit_costs(
     output = {}
     for backend in backend_of:
         per_unit = {}
+        vision_peak = (
+            vision.transient_bytes(graph.vision, workload, graph.dtype, backend, shapes.hidden_size) if graph.vision else 0
+        )
         for unit in graph.units:
             is_layer = unit.kind == "layer"
+            if is_layer:
+                activation = layer_activation_bytes(
+                    graph.shapes_of(unit), unit, workload, graph.dtype, backend, graph.model_type, mixer_path
+                )
+            else:
+                activation = vision_peak if unit.vision else 0
             per_unit[unit.name] = UnitCost(
                 weights=unit.weight_bytes,
                 kv=unit_kv_bytes(unit, workload) if is_layer else 0,
-                activation=layer_activation_bytes(
-                    shapes, unit, workload, graph.dtype, backend, graph.model_type, mixer_path
-                )
-                if is_layer
-                else 0,
+                activation=activation,
                 logits=logits_bytes(shapes, workload, graph.dtype) if unit.kind == "post" and unit.name == graph.units[-1].name else 0,
-                decode_bytes=decode_read_bytes(unit, shapes, workload),
+                decode_bytes=decode_read_bytes(unit, graph.shapes_of(unit), workload),
                 host_weights=unit.host_weight_bytes,
-                host_decode_bytes=decode_read_bytes(unit, shapes, workload, offloaded=True),
+                host_decode_bytes=decode_read_bytes(unit, graph.shapes_of(unit), workload, offloaded=True),
                 offloadable=unit.offloadable,
                 kv_copy=unit_kv_copy_bytes(unit, workload) if is_layer else 0,
             )

@@ -20,27 +20,38 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from planc.errors import LockError, TamperedLockError
+from planc.files import YAML_LIMIT, parse_yaml, read_text
+from planc.limits import MAX_BATCH_SIZE, MAX_IMAGE_SIZE, MAX_IMAGES_PER_SEQUENCE, MAX_SEQ_LEN
+from planc.rules import ATTN_IMPLEMENTATIONS, BACKENDS, DTYPES, EXPERTS_IMPLEMENTATIONS, QUANTIZATION_METHODS
+from planc.spec import PathText
 
 FORMAT_VERSION = "1.1"
 # What a plan that uses no field added since is written as, so its bytes do not move (a 1.1 field
 # raises format_version when the plan is sealed, see `required_version`).
 BASE_FORMAT_VERSION = "1.0"
-DeviceKey = Union[int, Literal["cpu", "disk"]]
+# Fields that reach torch, transformers or accelerate as flags take only the values planc's rules
+# produce: a lock is a file anyone can edit and re-hash, not a channel for arbitrary arguments.
+GpuIndex = Annotated[int, Field(ge=0)]
+DeviceKey = Union[GpuIndex, Literal["cpu", "disk"]]
+GpuKey = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,4}$")]
+MemoryKey = Annotated[str, StringConstraints(pattern=r"^([0-9]{1,4}|cpu)$")]
+Backend = Literal[BACKENDS]
 
 
 class _Lock(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def optional(description: str, default=None, since: str = FORMAT_VERSION):
+def optional(description: str, default=None, since: str = FORMAT_VERSION, **constraints):
     """A field added in MINOR version `since`: omitted from the lock's bytes while it holds its default.
 
     So a plan that uses no newer feature is written as before, byte for byte and with the
@@ -49,7 +60,7 @@ def optional(description: str, default=None, since: str = FORMAT_VERSION):
     predates the field refuses it instead of dropping what it does not know.
     """
     return Field(default, description=description, exclude_if=lambda value: value == default,
-                 json_schema_extra={"since": since})
+                 json_schema_extra={"since": since}, **constraints)
 
 
 def required_version(model: BaseModel) -> str:
@@ -96,15 +107,29 @@ class Inputs(_Lock):
 
 
 class ModelInfo(_Lock):
-    id: str | None = Field(None, description="Hugging Face repo id (resolved offline from the HF cache).")
-    path: str | None = Field(None, description="Model folder, relative to the lock file.")
-    config: str | None = Field(None, description="config.json, relative to the lock file (compile-only source).")
-    revision: str | None = Field(None, description="Pinned revision for `id`.")
+    id: PathText | None = Field(None, description="Hugging Face repo id (resolved offline from the HF cache).")
+    path: PathText | None = Field(None, description="Model folder, relative to the lock file.")
+    config: PathText | None = Field(None, description="config.json, relative to the lock file (compile-only source).")
+    revision: PathText | None = Field(None, description="Pinned revision for `id`.")
     trust_remote_code: bool = False
-    architecture: str = Field(description="Model class transformers builds (config.architectures[0]).")
+    architecture: str = Field(
+        description="Model class transformers builds and `planc run` loads: config.architectures[0] when "
+        "transformers ships it as a causal LM or image-text-to-text model, else the auto classes' pick."
+    )
     model_type: str
+    config_class: str | None = optional(
+        "transformers config class config.json is read as, when its model_type is unknown to transformers and "
+        "`architectures` names a class it ships (Kimi-K2's kimi_k2 as DeepseekV3Config); unset otherwise."
+    )
     parameters: int = Field(description="Parameter count.")
     weight_bytes: int = Field(description="Bytes of all parameters and buffers at the plan's dtype.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelInfo":
+        given = [key for key in ("id", "path", "config") if getattr(self, key)]
+        if len(given) != 1:
+            raise ValueError(f"exactly one of id, path, config names the model (got {', '.join(given) or 'none'})")
+        return self
 
 
 class Device(_Lock):
@@ -119,34 +144,43 @@ class Device(_Lock):
 
 class Host(_Lock):
     cpu_memory: int = Field(description="CPU RAM the plan may use, bytes.")
-    disk: str | None = Field(None, description="Offload folder, relative to the lock file.")
+    disk: PathText | None = Field(None, description="Offload folder, relative to the lock file.")
 
 
 class Workload(_Lock):
-    batch_size: int
-    max_seq_len: int
+    batch_size: int = Field(ge=1, le=MAX_BATCH_SIZE)
+    max_seq_len: int = Field(ge=1, le=MAX_SEQ_LEN)
+    images_per_sequence: int = optional(
+        "Images per prompt the vision tower was planned for (0: text only).", 0, ge=0, le=MAX_IMAGES_PER_SEQUENCE
+    )
+    image_size: int | None = optional(
+        "Image side in pixels the vision peak was planned at; unset: the config's.", ge=1, le=MAX_IMAGE_SIZE
+    )
 
 
 class Attention(_Lock):
-    attn_implementation: str = Field(description="transformers attn_implementation: sdpa or eager.")
-    sdpa_backends: list[str] = Field(
-        description="SDPA backends enabled, in priority order (flash, efficient, cudnn, math), pinned with "
-        "torch.nn.attention.sdpa_kernel."
+    attn_implementation: Literal[ATTN_IMPLEMENTATIONS] = Field(description="transformers attn_implementation.")
+    sdpa_backends: list[Backend] = Field(
+        description="SDPA backends enabled, in priority order, pinned with torch.nn.attention.sdpa_kernel."
     )
-    per_device: dict[str, str] = Field(
-        default_factory=dict, description="The backend the prefill is expected to use on each device."
+    per_device: dict[GpuKey, Backend] = Field(
+        default_factory=dict, description="The backend the prefill is expected to use on each GPU."
     )
 
 
 class Generation(_Lock):
-    prefill_chunk_size: int | None = Field(None, description="Chunked prefill size in tokens; null = whole prompt.")
-    experts_implementation: str | None = Field(None, description="MoE experts implementation, when it is pinned.")
+    prefill_chunk_size: int | None = Field(
+        None, ge=1, le=MAX_SEQ_LEN, description="Chunked prefill size in tokens; null = whole prompt."
+    )
+    experts_implementation: Literal[EXPERTS_IMPLEMENTATIONS] | None = Field(
+        None, description="MoE experts implementation, when it is pinned."
+    )
     do_sample: bool = False
-    seed: int = 0
-    cache_implementation: str | None = optional(
+    seed: int = Field(0, ge=0, lt=2**63, description="torch.manual_seed before generating.")
+    cache_implementation: Literal["quantized"] | None = optional(
         "generate's cache_implementation when it is not the default DynamicCache (1.1): quantized."
     )
-    cache_config: dict[str, Any] | None = optional(
+    cache_config: dict[Literal["backend"], Literal["fp8"]] | None = optional(
         "generate's cache_config for that cache (1.1), e.g. {backend: fp8}."
     )
 
@@ -154,7 +188,7 @@ class Generation(_Lock):
 class WeightQuantization(_Lock):
     """How the weights are quantized and held (1.1)."""
 
-    method: str = Field(
+    method: Literal[QUANTIZATION_METHODS] = Field(
         description="fp8 | mxfp4 | compressed-tensors | compressed-tensors-fp8 | gptq | awq (from the checkpoint) "
         "or bnb-4bit | bnb-8bit (at load)."
     )
@@ -197,14 +231,14 @@ class Mixers(_Lock):
 
 class Ledger(_Lock):
     device: DeviceKey
-    capacity: int = Field(description="Memory the device has (driver total; policy for CPU), bytes.")
-    headroom: int = Field(description="Left unplanned by policy, bytes.")
-    reserve: int = Field(description="CUDA context + cuBLAS workspace + allocator slack, bytes.")
-    weights: int = Field(description="Parameters and buffers resident here, bytes.")
-    kv_cache: int = Field(description="KV cache of the layers executing here at batch x max_seq_len, bytes.")
-    activations: int = Field(description="Peak transient tensors of a prefill/decode step here, bytes.")
-    staging: int = Field(0, description="Offloaded weights streamed in for execution here, bytes.")
-    total: int = Field(description="reserve + weights + kv_cache + activations + staging, bytes.")
+    capacity: int = Field(ge=0, description="Memory the device has (driver total; policy for CPU), bytes.")
+    headroom: int = Field(ge=0, description="Left unplanned by policy, bytes.")
+    reserve: int = Field(ge=0, description="CUDA context + cuBLAS workspace + allocator slack, bytes.")
+    weights: int = Field(ge=0, description="Parameters and buffers resident here, bytes.")
+    kv_cache: int = Field(ge=0, description="KV cache of the layers executing here at batch x max_seq_len, bytes.")
+    activations: int = Field(ge=0, description="Peak transient tensors of a prefill/decode step here, bytes.")
+    staging: int = Field(0, ge=0, description="Offloaded weights streamed in for execution here, bytes.")
+    total: int = Field(ge=0, description="reserve + weights + kv_cache + activations + staging, bytes.")
     free: int = Field(description="capacity - headroom - total, bytes.")
     modules: list[str] = Field(description="First and last module placed here, in execution order.")
     communication: int = optional(
@@ -274,10 +308,10 @@ class Plan(_Lock):
     devices: list[Device]
     host: Host
     workload: Workload
-    dtype: Literal["bfloat16", "float16", "float32"]
+    dtype: Literal[DTYPES]
     quantization: WeightQuantization | None = optional("Quantized weights (1.1); absent for dense weights.")
     device_map: dict[str, DeviceKey] = Field(description="accelerate device_map, in execution order.")
-    max_memory: dict[str, int] = Field(
+    max_memory: dict[MemoryKey, Annotated[int, Field(ge=0)]] = Field(
         description="Per-device weight budget (bytes) after KV, activations and reserve: what accelerate's "
         "max_memory must be for its own planner to respect this workload."
     )
@@ -297,6 +331,30 @@ class Plan(_Lock):
         "Strategy of a plan that weighed more than one way to spread the model (tensor, pipeline, several nodes)."
     )
     plan_hash: str = ""
+
+    @model_validator(mode="after")
+    def _devices_agree(self) -> "Plan":
+        """Every device a field names is one of `devices` (numbered 0..n-1 per node), the CPU or the disk."""
+        nodes = [device.node for device in self.devices]
+        if nodes != sorted(nodes):
+            raise ValueError(f"devices: nodes must come in order, got {nodes}")
+        for node in sorted(set(nodes)):
+            indices = [device.index for device in self.devices if device.node == node]
+            if indices != list(range(len(indices))):
+                where = f" of node {node}" if node else ""
+                raise ValueError(f"devices{where}: indices must be 0..{len(indices) - 1} in order, got {indices}")
+        known = {device.index for device in self.devices} | {"cpu", "disk"}
+        named = {
+            "device_map": set(self.device_map.values()),
+            "memory": {ledger.device for ledger in self.memory},
+            "max_memory": {int(key) if key.isdigit() else key for key in self.max_memory},
+            "attention.per_device": {int(key) for key in self.attention.per_device},
+        }
+        for field_name, devices in named.items():
+            unknown = sorted(map(str, devices - known))
+            if unknown:
+                raise ValueError(f"{field_name} names device {', '.join(unknown)}, which devices does not list")
+        return self
 
     def sealed(self) -> "Plan":
         """A copy with format_version raised to what its fields need and plan_hash filled in (the hash
@@ -334,24 +392,23 @@ def dump_lock(plan: Plan, regenerate: str) -> str:
 
 def parse_lock(text: str, source: str = "lock") -> Plan:
     """Parse lock text and verify format version and plan_hash."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise LockError(f"{source}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    data = parse_yaml(text, source, LockError, aliases=False)
     if not isinstance(data, dict) or "format_version" not in data:
         raise LockError(f"{source}: not a planc lock (no format_version)")
     _check_format_version(data["format_version"], source)
-    try:
-        expected = document_sha256(data)
-    except (TypeError, ValueError):
-        # Keys that are not strings, dates, NaN: nothing planc writes.
-        raise LockError(f"{source}: not a planc lock (values YAML reads as non-JSON types)") from None
+    # Validate before hashing: once the document has the lock's shape, hashing it is cheap and
+    # cannot fail on types JSON lacks.
     try:
         plan = Plan.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
-        raise LockError(f"{source}: {where}: {err['msg']}") from None
+        raise LockError(f"{source}: {where or 'lock'}: {err['msg'].removeprefix('Value error, ')}") from None
+    try:
+        expected = document_sha256(data)
+    except (TypeError, ValueError):
+        # Keys that are not strings, dates, NaN: nothing planc writes.
+        raise LockError(f"{source}: not a planc lock (values YAML reads as non-JSON types)") from None
     if plan.plan_hash != expected:
         raise TamperedLockError(
             f"{source}: plan_hash does not match the contents (edited by hand?): "
@@ -364,10 +421,9 @@ def _check_format_version(value: object, source: str) -> None:
     """Accept MAJOR.MINOR of this reader's MAJOR and a MINOR no newer than its own."""
     major, minor = (int(part) for part in FORMAT_VERSION.split("."))
     text = str(value)
-    parts = text.split(".")
-    if len(parts) != 2 or not all(part.isdigit() for part in parts):
-        raise LockError(f"{source}: format_version {text!r} is not MAJOR.MINOR")
-    their_major, their_minor = int(parts[0]), int(parts[1])
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9]{1,6}\.[0-9]{1,6}", text):
+        raise LockError(f"{source}: format_version {text[:40]!r} is not a quoted \"MAJOR.MINOR\"")
+    their_major, their_minor = (int(part) for part in text.split("."))
     if their_major != major:
         raise LockError(
             f"{source}: lock format {text} is not readable by this planc (reads {major}.0 to {FORMAT_VERSION}); "
@@ -383,11 +439,16 @@ def _check_format_version(value: object, source: str) -> None:
 def load_lock(path: str | Path) -> Plan:
     """Read and verify a lock file."""
     path = Path(path)
+    return parse_lock(read_text(path, "lock", LockError, YAML_LIMIT), source=str(path))
+
+
+def write_lock(path: str | Path, text: str) -> bool:
+    """write_if_changed for a lock: a path that cannot take it (a file as folder, no permission) is a
+    LockError naming it, and the lock that was there stays as it was."""
     try:
-        text = path.read_text()
+        return write_if_changed(path, text)
     except OSError as exc:
-        raise LockError(f"cannot read lock {path}: {exc.strerror}") from None
-    return parse_lock(text, source=str(path))
+        raise LockError(f"cannot write lock {path}: {exc.strerror or exc}") from None
 
 
 def write_if_changed(path: str | Path, text: str) -> bool:

@@ -18,10 +18,12 @@ PARTS = (("weights", "blue"), ("kv_cache", "magenta"), ("activations", "yellow")
 
 
 def _console() -> Console:
+    # markup=False: every string shown comes from a lock or a spec, and "[/x]" in a module or card
+    # name must print as itself, not be read (or rejected) as rich markup. Styles are Text objects.
     # Pipes and CI logs report 80 columns; the ledger needs about 130 to stay readable.
-    console = Console(highlight=False)
+    console = Console(highlight=False, markup=False)
     if not console.is_terminal:
-        console = Console(highlight=False, width=max(console.width, 140))
+        console = Console(highlight=False, markup=False, width=max(console.width, 140))
     return console
 
 
@@ -45,12 +47,16 @@ def _bar(ledger) -> Text:
     if ledger.capacity <= 0:
         return text
     used = 0
+
+    def cells_of(n_bytes: int) -> int:
+        # Clamped to what is left of the bar, whatever a lock's numbers say.
+        return max(0, min(round(n_bytes / ledger.capacity * BAR_WIDTH), BAR_WIDTH - used))
+
     for name, colour in PARTS:
-        cells = round(getattr(ledger, name) / ledger.capacity * BAR_WIDTH)
-        cells = min(cells, BAR_WIDTH - used)
+        cells = cells_of(getattr(ledger, name))
         text.append("█" * cells, style=colour)
         used += cells
-    headroom = min(round(ledger.headroom / ledger.capacity * BAR_WIDTH), BAR_WIDTH - used)
+    headroom = cells_of(ledger.headroom)
     text.append("░" * headroom, style="dim")
     text.append("·" * (BAR_WIDTH - used - headroom), style="dim")
     return text
@@ -100,7 +106,7 @@ def decisions_table(plan: Plan) -> Table:
     table.add_column("decision")
     table.add_column("why", overflow="fold")
     for decision in plan.decisions:
-        table.add_row(decision.id, decision.decision, f"{decision.reason} [dim]({decision.source})[/dim]")
+        table.add_row(decision.id, decision.decision, Text.assemble(decision.reason, " ", (f"({decision.source})", "dim")))
     return table
 
 
@@ -109,21 +115,22 @@ def show_plan(plan: Plan, console: Console | None = None) -> None:
     console = console or _console()
     wl = plan.workload
     quantized = f" with {plan.quantization.method} weights ({plan.quantization.weights})" if plan.quantization else ""
-    console.print(
-        f"[bold]{plan.model.architecture}[/bold] {plan.model.parameters / 1e9:.2f}B params, {plan.dtype}{quantized}, "
+    console.print(Text.assemble(
+        (plan.model.architecture, "bold"),
+        f" {plan.model.parameters / 1e9:.2f}B params, {plan.dtype}{quantized}, "
         f"batch {wl.batch_size} x {wl.max_seq_len} tokens; objective {plan.objective.name}: "
         f"{plan.objective.decode_ms_per_token:.2f} ms/token predicted, peak utilisation "
-        f"{plan.objective.peak_utilisation:.0%}"
-    )
+        f"{plan.objective.peak_utilisation:.0%}",
+    ))
     if plan.parallel is not None:
         console.print(strategies_table(plan))
         parallel = plan.parallel
         if plan.distributed:
             nodes = len({rank.node for rank in parallel.ranks})
-            console.print(
+            console.print(Text(
                 f"strategy: {parallel.strategy} on {parallel.engine}, {len(parallel.ranks)} ranks"
                 + (f" on {nodes} nodes" if nodes > 1 else "") + f" ({parallel.backend})"
-            )
+            ))
     console.print(ledger_table(plan))
     console.print(
         f"attention: {plan.attention.attn_implementation}, SDPA backends {', '.join(plan.attention.sdpa_backends)}"
@@ -141,7 +148,7 @@ def show_plan(plan: Plan, console: Console | None = None) -> None:
     for key, value in plan.env.items():
         console.print(f"env {key}={value}")
     console.print(decisions_table(plan))
-    console.print(f"[dim]plan_hash {plan.plan_hash}[/dim]")
+    console.print(Text(f"plan_hash {plan.plan_hash}", style="dim"))
 
 
 def quantization_line(plan: Plan) -> str:
@@ -190,7 +197,7 @@ class hashing_progress:
     def __call__(self, name: str, done: int, total: int) -> None:
         if self._progress is None:
             self._progress = Progress(
-                TextColumn("hashing {task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                TextColumn("hashing {task.description}", markup=False), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                 console=Console(stderr=True), transient=True,
             )
             self._progress.start()
@@ -208,10 +215,11 @@ def show_simulation(report, console: Console | None = None) -> None:
     """`planc simulate`: per GPU, the lock's ledger against the simulated peak, then the verdict."""
     console = console or _console()
     chunk = f", prefill chunks of {report.prefill_chunk_size}" if report.prefill_chunk_size else ""
-    console.print(
-        f"[bold]{report.architecture}[/bold] {report.dtype} on virtual GPUs: batch {report.batch_size} x "
-        f"{report.max_seq_len} tokens{chunk}, then {report.decode_steps} decode steps ({report.elapsed_seconds:.1f} s)"
-    )
+    console.print(Text.assemble(
+        (report.architecture, "bold"),
+        f" {report.dtype} on virtual GPUs: batch {report.batch_size} x {report.max_seq_len} tokens{chunk}, "
+        f"then {report.decode_steps} decode steps ({report.elapsed_seconds:.1f} s)",
+    ))
     table = Table(title="Planned vs simulated memory per GPU (GiB)", title_justify="left")
     staging = any(device.planned["staging"] for device in report.devices)
     columns = ["device", "weights", "KV", "activ."] + (["staging"] if staging else [])
@@ -229,18 +237,22 @@ def show_simulation(report, console: Console | None = None) -> None:
             Text(device.verdict, style=colour),
         )
     console.print(table)
-    console.print(
-        "[dim]planned: the ledger's weights + KV + activations + staging; simulated: peak of live tensors; ledger: "
+    console.print(Text(
+        "planned: the ledger's weights + KV + activations + staging; simulated: peak of live tensors; ledger: "
         "(planned - simulated) / simulated, positive when conservative; +reserve: simulated plus the plan's reserve "
-        "(CUDA context, workspace, slack), which fake tensors cannot see[/dim]"
-    )
+        "(CUDA context, workspace, slack), which fake tensors cannot see",
+        style="dim",
+    ))
     if report.host_peak:
         console.print(f"CPU: {_g(report.host_peak)} GiB of host tensors (offloaded weights)")
     for note in report.notes:
         console.print(f"note: {note}")
     if report.error:
-        console.print(f"[red]execution failed:[/red] {report.error}")
-    console.print("[green]ok[/green]: ran to the end, every GPU within its capacity" if report.ok else "[red]not ok[/red]")
+        console.print(Text.assemble(("execution failed:", "red"), f" {report.error}"))
+    if report.ok:
+        console.print(Text.assemble(("ok", "green"), ": ran to the end, every GPU within its capacity"))
+    else:
+        console.print(Text("not ok", style="red"))
 
 
 def _ms(value: float | None) -> str:
@@ -288,7 +300,7 @@ def show_fit(report, console: Console | None = None) -> None:
         console.print(f"[dim]do not fit in {report.max_gpus}:[/dim]")
         need = [fit for fit in misses if fit.weights_need]
         if need:
-            console.print(f"[dim]  the weights alone need more cards: "
+            console.print("[dim]  the weights alone need more cards: "
                           + ", ".join(f"{fit.card.key} {fit.weights_need}" for fit in need) + "[/dim]")
         for fit in misses:
             if not fit.weights_need:
@@ -351,7 +363,9 @@ def show_diff(diff, console: Console | None = None) -> None:
         console.print(f"{diff.old} and {diff.new}: no differences (plan_hash {diff.new_hash})")
         return
     count = diff.change_count()
-    console.print(f"[bold]{diff.old}[/bold] -> [bold]{diff.new}[/bold]: {count} change{'s' if count != 1 else ''}")
+    console.print(Text.assemble(
+        (str(diff.old), "bold"), " -> ", (str(diff.new), "bold"), f": {count} change{'s' if count != 1 else ''}"
+    ))
     for section in diff.sections:
         table = Table(title=section.title, title_justify="left", title_style="bold")
         table.add_column("")

@@ -36,8 +36,11 @@ from planc.hardware import Gpu
 DTYPES = ("bfloat16", "float16", "float32")
 BACKENDS = ("flash", "efficient", "cudnn", "math")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 STAGES = ("quantization", "dtype", "attention", "kernels", "sdpa", "env", "experts", "mixers", "dispatch")
 WEIGHTS = ("native", "dequantized")
+# The weight quantizations planc sizes: from a checkpoint's quantization_config, or at load (bnb-*).
+QUANTIZATION_METHODS = ("fp8", "mxfp4", "compressed-tensors", "compressed-tensors-fp8", "gptq", "awq", "bnb-4bit", "bnb-8bit")
 MIXER_PATHS = ("fallback", "kernels")
 PER_GPU_STAGE = "kernels"
 
@@ -373,7 +376,7 @@ _EFFECTS: dict[str, _Effect] = {
     "enable_backend": _Effect(_parse_backends, ("sdpa",)),
     "disable_backend": _Effect(_parse_backends, ("sdpa",)),
     "env": _Effect(_parse_env, ("sdpa", "env")),
-    "experts_implementation": _Effect(_parse_one("eager", "grouped_mm", "batched_mm"), ("experts",)),
+    "experts_implementation": _Effect(_parse_one(*EXPERTS_IMPLEMENTATIONS), ("experts",)),
     "weights": _Effect(_parse_one(*WEIGHTS), ("quantization",)),
     "requires_packages": _Effect(_parse_requirements, ("quantization",)),
     "requires_sm": _Effect(_parse_int, ("quantization",)),
@@ -660,6 +663,60 @@ def load_rulebook() -> RuleBook:
     return build_rulebook(
         (entry.name, entry.read_text(encoding="utf-8")) for entry in folder.iterdir() if entry.name.endswith(".yaml")
     )
+
+
+# The one variable `planc run` sets itself rather than through a rule (planc.run.apply, on GPU plans:
+# cuBLAS reads it when it initialises), with the values cuBLAS accepts (":4096:8", ":16:8", several).
+CUBLAS_WORKSPACE_VARIABLE = "CUBLAS_WORKSPACE_CONFIG"
+RUNNER_ENV = {CUBLAS_WORKSPACE_VARIABLE: r"(:[0-9]+:[0-9]+)+"}
+# What a placeholder of an env template can become: GPU lists, arch lists, dtypes, model types.
+_PLACEHOLDER_VALUE = r"[A-Za-z0-9_.+,;: -]*"
+
+
+@lru_cache(maxsize=1)
+def allowed_env() -> dict[str, re.Pattern]:
+    """The environment a lock may set: each variable some rule (or the runner) produces, with the
+    pattern of the values it can produce. `planc run` refuses a lock whose env goes beyond it."""
+    allowed: dict[str, list[str]] = {name: [pattern] for name, pattern in RUNNER_ENV.items()}
+    for rule in load_rulebook().rules:
+        for key, value in rule.effect:
+            if key == "env":
+                for name, template in value:
+                    allowed.setdefault(name, []).append(_template_pattern(template))
+    return {name: re.compile("|".join(f"(?:{p})" for p in patterns)) for name, patterns in sorted(allowed.items())}
+
+
+def allowed_requires() -> dict[str, str]:
+    """The packages a lock may ask the runner to import (import name -> distribution): those some
+    rule's `requires` names. `planc run` imports them to check a kernel path, so a lock naming any
+    other module is refused rather than imported."""
+    allowed: dict[str, str] = {}
+    for rule in load_rulebook().rules:
+        for key, value in rule.effect:
+            if key == "requires":
+                allowed.update(value)
+    return dict(sorted(allowed.items()))
+
+
+def allowed_requirements() -> set[str]:
+    """The requirement strings a lock's quantization section may name: those some rule's
+    `requires_packages` gives (a lock is a file anyone can edit and re-hash)."""
+    return {
+        requirement
+        for rule in load_rulebook().rules
+        for key, value in rule.effect
+        if key == "requires_packages"
+        for requirement in value
+    }
+
+
+def _template_pattern(template: str) -> str:
+    parts = []
+    for literal, name, _, _ in string.Formatter().parse(template):
+        parts.append(re.escape(literal))
+        if name is not None:
+            parts.append(_PLACEHOLDER_VALUE)
+    return "".join(parts)
 
 
 # --- the engine -------------------------------------------------------------------------------

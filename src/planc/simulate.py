@@ -8,7 +8,9 @@ keep their weights on the host and execute on the main device; io_same_device on
 plan's skip_keys; tied weights re-tied afterwards, as retie_parameters does). The model then runs
 what `generate` runs: a prefill of batch x max_seq_len tokens (in the plan's chunks, the
 DynamicCache fed from one chunk to the next) with logits_to_keep=1, then single-token decode
-steps. A TorchDispatchMode records the storage of every tensor an op produces, per device, and
+steps; an image-text-to-text plan with images first runs its vision tower over batch x
+images_per_sequence images (`get_image_features`, where the tower takes pixel tensors). A
+TorchDispatchMode records the storage of every tensor an op produces, per device, and
 drops it when the storage dies: the peak per GPU is what the caching allocator must hold, less
 the CUDA context, workspaces and fragmentation, which fake tensors cannot see (the plan's
 `reserve` stands in for them).
@@ -56,6 +58,7 @@ from typing import Any
 from planc.errors import ModelError
 from planc.model.cache import cache_keyword, layer_tensors
 from planc.plan import Plan
+from planc.run.trust import check_lock_trust
 
 VIRTUAL_DEVICE = "vgpu"
 FUSED_BACKENDS = ("flash", "efficient", "cudnn")
@@ -523,12 +526,15 @@ def _build_meta_model(plan: Plan, lock_dir: Path):
     from planc.model.build import meta_model
     from planc.model.quant import quantization_of_lock
 
+    # Paths inside the lock's tree only (run.trust); simulate never runs code a checkpoint ships,
+    # whatever the lock's trust_remote_code says: it builds the class transformers itself provides.
+    check_lock_trust(plan, lock_dir, trust_remote_code=True, environment=False)
     files = read_model_files(plan.model, lock_dir)
     quantization, offloaded = quantization_of_lock(plan)
     model = meta_model(
         files.config,
         plan.dtype,
-        plan.model.trust_remote_code,
+        False,
         attn_implementation=plan.attention.attn_implementation,
         experts_implementation=plan.generation.experts_implementation,
         quantization=quantization,
@@ -751,6 +757,28 @@ def _run_generation(
     return cache, prefill_peak, dict(tracker.phase_peak)
 
 
+def _run_vision(model, plan: Plan, input_device: str, tracker) -> str | None:
+    """The vision tower over every image of the batch, as the prefill runs it first; a note when it
+    cannot be driven from the config alone (towers taking patch lists and grids rather than images)."""
+    import torch
+
+    images = plan.workload.batch_size * plan.workload.images_per_sequence
+    vision = getattr(model.config, "vision_config", None)
+    if not images or vision is None or not hasattr(model, "get_image_features"):
+        return None
+    side = plan.workload.image_size or getattr(vision, "image_size", None)
+    channels = getattr(vision, "num_channels", 3)
+    if not isinstance(side, int):
+        return "vision tower not simulated: its config has no image_size"
+    pixel_values = torch.empty(images, channels, side, side, dtype=model.dtype, device=input_device)
+    try:
+        model.get_image_features(pixel_values=pixel_values)
+    except Exception as exc:  # noqa: BLE001 - the tower's input format is model-specific
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        return f"vision tower not simulated from {images} x {channels} x {side} x {side} pixels: {first}"
+    return f"vision tower ran over {images} images of {side} x {side} pixels before the prefill"
+
+
 def _cache_bytes(cache) -> dict[str, int]:
     """Bytes of cache tensors (KV, states, indexer keys, compressed entries) per device."""
     held: dict[str, int] = defaultdict(int)
@@ -829,6 +857,10 @@ def simulate_plan(
                             f"{', '.join(plan.mixers.families)} kernels modelled by the outputs they allocate "
                             "(their per-chunk workspace is not simulated)"
                         )
+                    tracker.start_phase()
+                    vision_note = _run_vision(model, plan, main_device, tracker)
+                    if vision_note:
+                        notes.append(vision_note)
                     cache, prefill_peak, decode_peak = _run_generation(
                         model, batch, seq, chunk, decode_steps, main_device, tracker, _initial_cache(plan, model)
                     )

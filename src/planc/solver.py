@@ -21,6 +21,7 @@ brute force over every contiguous assignment.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
@@ -35,12 +36,18 @@ from planc.memory import (
     reserve_bytes,
     unit_costs,
 )
-from planc.errors import ModelError
+from planc.errors import ModelError, SpecError
 from planc.model import ModelGraph
 from planc.model.cache import FALLBACK
 
 INF = float("inf")
 PICO = 10**12
+# solve() runs the DP once per GPU order at no cap, then up to ~41 more times while it bisects the
+# utilisation cap; one DP at no cap tries about gpus x units^2 / 2 segments, a capped one about
+# units^2. One segment step costs ~3.4 us on one core, so this bound keeps the search under about
+# half a minute; a larger one is refused at once rather than searched for minutes.
+MAX_SEARCH_STEPS = 10_000_000
+BISECTION_PASSES = 41
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,7 @@ class _Problem:
     objective: str
     chain: list[str]
     pinned: dict[str, str]  # unit -> partner it shares a device with
+    head: int  # the first `head` chain units (all before the first layer) stay on the main GPU
     costs: dict  # backend -> unit -> UnitCost
     orders: list = field(init=False)  # GPU orders up to identical cards
     masks: dict = field(init=False)  # backend -> (main device, other devices) mask bytes
@@ -135,7 +143,14 @@ class _Problem:
         return ev
 
 
-def _split_chain(graph: ModelGraph) -> tuple[list[str], dict[str, str]]:
+def _split_chain(graph: ModelGraph) -> tuple[list[str], dict[str, str], int]:
+    """The chain, the units pinned to a tied partner, and how many chain units the main GPU must hold.
+
+    Every unit before the first decoder layer stays on the main GPU: the model's own forward
+    combines their outputs outside any hooked module (GPT-2 adds wte and wpe, Gemma 3n projects its
+    per-layer embeddings), where accelerate moves nothing. A pinned unit (lm_head tied to the
+    embedding) executes on its partner's device, which is therefore the main GPU too.
+    """
     position = {unit.name: i for i, unit in enumerate(graph.units)}
     pinned: dict[str, str] = {}
     for group in graph.tied_unit_groups():
@@ -143,10 +158,14 @@ def _split_chain(graph: ModelGraph) -> tuple[list[str], dict[str, str]]:
         for later in ordered[1:]:
             pinned[later] = ordered[0]
     chain = [unit.name for unit in graph.units if unit.name not in pinned]
+    index = {name: i for i, name in enumerate(chain)}
+    kinds = {unit.name: unit.kind for unit in graph.units}
+    head = max([index[u.name] + 1 for u in graph.units if u.kind == "pre" and u.name in index], default=1)
     for unit, partner in pinned.items():
-        if partner != chain[0]:
-            raise ModelError(f"{unit} is tied to {partner}, which does not run first: planc cannot place that tie yet")
-    return chain, pinned
+        if kinds[partner] == "layer":
+            raise ModelError(f"{unit} is tied to {partner}, a decoder layer: planc cannot place that tie yet")
+        head = max(head, index[partner] + 1)
+    return chain, pinned, head
 
 
 class _Evaluator:
@@ -308,6 +327,39 @@ def _orders(gpus: list[Target]) -> list[tuple[Target, ...]]:
     return orders
 
 
+def count_orders(gpus: Sequence[Target]) -> int:
+    """How many GPU orders `_orders` enumerates: the multinomial over identical kinds."""
+    counts: dict[tuple, int] = {}
+    for target in gpus:
+        counts[target.kind] = counts.get(target.kind, 0) + 1
+    orders = math.factorial(len(gpus))
+    for count in counts.values():
+        orders //= math.factorial(count)
+    return orders
+
+
+def _check_search_size(graph: ModelGraph, chain: list[str], gpus: Sequence[Target]) -> None:
+    """Refuse, naming the numbers, a search the exact solver cannot finish in reasonable time."""
+    orders = count_orders(gpus)
+    units = len(chain)
+    steps = orders * units * units * (len(gpus) / 2 + BISECTION_PASSES)
+    if steps <= MAX_SEARCH_STEPS:
+        return
+    if orders > 1 and units * units * (len(gpus) / 2 + BISECTION_PASSES) <= MAX_SEARCH_STEPS:
+        kinds = len({target.kind for target in gpus})
+        raise SpecError(
+            f"hardware.gpus: {kinds} kinds of card in {len(gpus)} slots give {orders} GPU orders to search for "
+            f"{graph.architecture}; planc's exact solver searches at most about {MAX_SEARCH_STEPS:.0e} segment "
+            f"steps ({steps:.1e} here): list identical cards with the same type (or name and numbers) so they "
+            "count as one kind, or plan fewer kinds"
+        )
+    raise ModelError(
+        f"{graph.architecture} has {units} placement units on {len(gpus)} GPUs: planc's exact solver searches at "
+        f"most about {MAX_SEARCH_STEPS:.0e} segment steps ({steps:.1e} here); its modules outside "
+        f"{', '.join(graph.no_split_module_classes)} blocks are each a unit, so planc cannot plan it yet"
+    )
+
+
 def _solve_fixed(problem: _Problem, order: tuple[Target, ...], m: int, cap: float):
     """Best split of the chain prefix over `order` with the last m units offloaded.
 
@@ -323,8 +375,8 @@ def _solve_fixed(problem: _Problem, order: tuple[Target, ...], m: int, cap: floa
     on_cpu, on_disk, offload_cost = split
     if not order:
         return (0, offload_cost, 0.0, [], (on_cpu, on_disk)) if n == 0 else None
-    if n == 0:
-        return None  # the main GPU must run the first unit
+    if n < problem.head:
+        return None  # the main GPU holds every unit before the first layer
     if any(not problem.cost(main.backend, name).offloadable for name in offloaded):
         return None  # weights accelerate cannot stream from the host (mxfp4's swizzled experts)
     ev = problem.evaluator(main, offloaded)
@@ -345,6 +397,8 @@ def _solve_fixed(problem: _Problem, order: tuple[Target, ...], m: int, cap: floa
             for end, seg_cost, util in ev.row(target, j == 0, i):
                 if util > cap:
                     break
+                if j == 0 and end < problem.head:
+                    continue
                 _relax(new, parent, end, i, base_cost + seg_cost, max(base_util, util))
         best = new
         parents.append(parent)
@@ -403,15 +457,15 @@ def _fits_fixed(problem: _Problem, order: tuple[Target, ...], m: int) -> bool:
         return False
     if main is not None and any(not problem.cost(main.backend, name).offloadable for name in offloaded):
         return False  # weights accelerate cannot stream from the host (mxfp4's swizzled experts)
-    if not order or n == 0:
-        return not order and n == 0  # without GPUs all is offloaded; with them the main GPU runs the first unit
+    if not order or n < problem.head:
+        return not order and n == 0  # without GPUs all is offloaded; with them the main GPU runs the pre-layer units
     ev = problem.evaluator(main, offloaded)
     reached = 0
     for j, target in enumerate(order):
         row = ev.row(target, j == 0, reached)
         if row:
             reached = row[-1][0]
-        elif j == 0:
+        if j == 0 and reached < problem.head:
             return False
         if reached == n:
             return True
@@ -429,9 +483,10 @@ def _min_offload(problem: _Problem, allow_offload: bool) -> int | None:
 
 
 def _problem(graph, gpus, cpu, disk, workload, reserve, objective, mixer_path: str = FALLBACK) -> _Problem:
-    chain, pinned = _split_chain(graph)
+    chain, pinned, head = _split_chain(graph)
+    _check_search_size(graph, chain, gpus)
     backends = sorted({t.backend for t in gpus} | ({cpu.backend} if cpu else set()))
-    return _Problem(graph, gpus, cpu, disk, workload, reserve, objective, chain, pinned,
+    return _Problem(graph, gpus, cpu, disk, workload, reserve, objective, chain, pinned, head,
                     unit_costs(graph, workload, backends, mixer_path))
 
 

@@ -12,15 +12,28 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StringConstraints,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 
 from planc.errors import SpecError
+from planc.files import YAML_LIMIT, parse_yaml, read_text
+from planc.limits import MAX_BATCH_SIZE, MAX_GPUS, MAX_IMAGE_SIZE, MAX_IMAGES_PER_SEQUENCE, MAX_NODES, MAX_SEQ_LEN
 from planc.units import parse_bandwidth, parse_duration, parse_size
 
 SPEC_FORMAT = 1
 
 Bytes = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
+# A path, repo id or revision: text a filesystem can hold (no NUL byte, at most PATH_MAX).
+PathText = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$", max_length=4096)]
 BytesPerSecond = Annotated[int, BeforeValidator(parse_bandwidth), Field(gt=0)]
 Nanoseconds = Annotated[int, BeforeValidator(parse_duration), Field(ge=0)]
 
@@ -71,12 +84,12 @@ def _quantize_shorthand(value: Any) -> Any:
 class ModelSource(_Strict):
     """Where the model comes from: exactly one of `id`, `path`, `config`."""
 
-    id: str | None = Field(None, description="Hugging Face repo id, resolved offline from the local HF cache.")
-    path: str | None = Field(
+    id: PathText | None = Field(None, description="Hugging Face repo id, resolved offline from the local HF cache.")
+    path: PathText | None = Field(
         None, description="Folder holding config.json (weights optional to compile), relative to the spec file."
     )
-    config: str | None = Field(None, description="A bare config.json, relative to the spec file; enough to compile.")
-    revision: str | None = Field(None, description="Revision (branch, tag or commit) pinned for `id`.")
+    config: PathText | None = Field(None, description="A bare config.json, relative to the spec file; enough to compile.")
+    revision: PathText | None = Field(None, description="Revision (branch, tag or commit) pinned for `id`.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weight and compute dtype; `auto` lets the rules pick from the GPUs and the checkpoint."
     )
@@ -107,17 +120,19 @@ class CatalogueGpu(_Strict):
     """GPUs named by catalogue entry."""
 
     type: str = Field(description="Catalogue entry: the exact nvidia-smi name or a short alias such as v100-16gb.")
-    count: int = Field(1, ge=1, description="How many of these cards.")
+    count: int = Field(1, ge=1, le=MAX_GPUS, description=f"How many of these cards (at most {MAX_GPUS}: one node).")
 
 
 class ExplicitGpu(_Strict):
     """A card described by its numbers, for cards missing from the catalogue."""
 
     name: str = Field(description="Device name as the driver reports it (checked at run time).")
-    memory: Bytes = Field(description="Total memory the driver reports, in bytes (or e.g. 24GiB).")
-    compute_capability: str = Field(pattern=r"^\d+\.\d+$", description="CUDA compute capability, e.g. '8.6'.")
+    memory: Bytes = Field(gt=0, description="Total memory the driver reports, in bytes (or e.g. 24GiB).")
+    compute_capability: str = Field(
+        pattern=r"^[0-9]{1,2}\.[0-9]{1,2}$", description="CUDA compute capability, e.g. '8.6'."
+    )
     bandwidth: BytesPerSecond = Field(description="Memory bandwidth in bytes/s (or e.g. 936GB/s).")
-    count: int = Field(1, ge=1, description="How many of these cards.")
+    count: int = Field(1, ge=1, le=MAX_GPUS, description=f"How many of these cards (at most {MAX_GPUS}: one node).")
 
 
 def _gpu_kind(value: Any) -> str:
@@ -182,7 +197,7 @@ class Node(_Strict):
 
     gpus: list[GpuEntry] = Field(default_factory=list, description="This node's GPUs in PCI bus order.")
     cpu_memory: Bytes = Field(description="CPU RAM the run may use on this node, in bytes (or e.g. 2TiB).")
-    disk: str | None = Field(None, description="Offload folder on this node, relative to the spec file.")
+    disk: PathText | None = Field(None, description="Offload folder on this node, relative to the spec file.")
     interconnect: Interconnect | None = added(None, INTERCONNECT_DESCRIPTION)
     cpu_ranks: int | None = added(
         None, "CPU-only node: how many ranks (processes) a tensor- or pipeline-parallel plan runs here, e.g. one "
@@ -205,17 +220,23 @@ class Hardware(_Strict):
     One node is written with gpus / cpu_memory / disk / interconnect here; several nodes as `nodes`.
     """
 
-    gpus: list[GpuEntry] = Field(default_factory=list, description="GPUs in PCI bus order; empty for a CPU-only plan.")
+    gpus: list[GpuEntry] = Field(
+        default_factory=list,
+        description=f"GPUs in PCI bus order; empty for a CPU-only plan. At most {MAX_GPUS} per node (an NVL72 "
+        "rack, the largest single NVLink domain, has 72).",
+    )
     cpu_memory: Bytes | None = added(None, "CPU RAM the run may use, in bytes (or e.g. 64GiB); per node under `nodes`.")
-    disk: str | None = Field(None, description="Offload folder for `offload: disk`, relative to the spec file.")
+    disk: PathText | None = Field(None, description="Offload folder for `offload: disk`, relative to the spec file.")
     interconnect: Interconnect | None = added(None, INTERCONNECT_DESCRIPTION)
     cpu_ranks: int | None = added(
         None, "CPU-only plan: how many ranks (processes) a tensor- or pipeline-parallel plan runs, e.g. one per "
         "socket; they share cpu_memory evenly.", ge=1
     )
     nodes: list[Node] | None = added(
-        None, "Several machines, each with its GPUs, CPU memory and disk (instead of gpus / cpu_memory here).",
+        None, "Several machines, each with its GPUs, CPU memory and disk (instead of gpus / cpu_memory here); "
+        f"at most {MAX_NODES}.",
         min_length=1,
+        max_length=MAX_NODES,
     )
     network: Network | None = added(None, "Links between the nodes; required with two or more nodes.")
 
@@ -229,6 +250,11 @@ class Hardware(_Strict):
                 raise ValueError("network: required with several nodes (bandwidth per node, latency between nodes)")
         elif self.cpu_memory is None:
             raise ValueError("cpu_memory: field required")
+        for number, node in enumerate(self.node_list()):
+            total = sum(entry.count for entry in node.gpus)
+            if total > MAX_GPUS:
+                where = f"node {number}: " if self.nodes is not None else ""
+                raise ValueError(f"{where}{total} GPUs: one node holds at most {MAX_GPUS} (e.g. an NVL72 rack)")
         return self
 
     def node_list(self) -> list[Node]:
@@ -242,10 +268,32 @@ class Hardware(_Strict):
 class Workload(_Strict):
     """What the plan must run without running out of memory."""
 
-    batch_size: int = Field(1, ge=1, description="Sequences generated together.")
-    max_seq_len: int = Field(ge=1, description="Tokens per sequence, prompt plus generated.")
+    batch_size: int = Field(
+        1, ge=1, le=MAX_BATCH_SIZE,
+        description=f"Sequences generated together (at most {MAX_BATCH_SIZE}: serving engines batch a few "
+        "hundred to a couple of thousand).",
+    )
+    max_seq_len: int = Field(
+        ge=1, le=MAX_SEQ_LEN,
+        description=f"Tokens per sequence, prompt plus generated (at most {MAX_SEQ_LEN}: Llama 4 Scout's 10M-token "
+        "context, the longest a released model is configured for).",
+    )
     prefill_chunk_size: int | None = Field(
-        None, ge=1, description="Prefill in chunks of this many tokens; unset lets the compiler choose."
+        None, ge=1, le=MAX_SEQ_LEN,
+        description=f"Prefill in chunks of this many tokens (at most {MAX_SEQ_LEN}); unset lets the compiler choose.",
+    )
+    images_per_sequence: int = added(
+        0,
+        f"Images in each prompt (at most {MAX_IMAGES_PER_SEQUENCE}), for image-text-to-text models: the vision "
+        "tower's activations are planned for batch_size x this many images per prefill. The tokens the images "
+        "become count within max_seq_len.",
+        ge=0, le=MAX_IMAGES_PER_SEQUENCE,
+    )
+    image_size: int | None = added(
+        None,
+        f"Side of each image in pixels (at most {MAX_IMAGE_SIZE}), as the vision tower sees it after the processor's "
+        "resize; unset: the vision config's image_size (required for towers that take any resolution).",
+        ge=1, le=MAX_IMAGE_SIZE,
     )
 
 
@@ -314,8 +362,15 @@ def _first_error(exc: ValidationError) -> str:
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         message = "unknown key"
+    elif err["type"] == "less_than_equal":
+        message = f"{_short(err['input'])} is above planc's upper bound of {err['ctx']['le']} (see `planc schema spec`)"
     more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
     return f"{where or 'spec'}: {message}{more}"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def parse_spec(data: Any, source: str = "spec") -> Spec:
@@ -336,14 +391,5 @@ def parse_spec(data: Any, source: str = "spec") -> Spec:
 def load_spec(path: str | Path) -> Spec:
     """Read and validate a spec file."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SpecError(f"cannot read spec {path}: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise SpecError(f"{path}:{where} not valid YAML: {getattr(exc, 'problem', exc)}") from None
-    return parse_spec(data, source=str(path))
+    text = read_text(path, "spec", SpecError, YAML_LIMIT)
+    return parse_spec(parse_yaml(text, str(path), SpecError), source=str(path))

@@ -18,6 +18,9 @@ _UNITS = {
 }
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 GiB = 2**30
+# No machine planc plans for has a PiB of memory or moves a PiB per second; a larger number is a
+# typo, and past about 1e308 it would not even survive the float arithmetic of a message.
+MAX_BYTES = 2**50
 
 
 def parse_size(value: int | float | str) -> int:
@@ -27,18 +30,27 @@ def parse_size(value: int | float | str) -> int:
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"size must not be negative: {value}")
-        return value
+        return _bounded(value, value)
     if isinstance(value, float):
         if value < 0 or not value.is_integer():
             raise ValueError(f"size in bytes must be a whole number: {value}")
-        return int(value)
-    match = _SIZE.match(str(value))
+        return _bounded(value, value)
+    if not isinstance(value, str):
+        raise ValueError(f"not a size: {type(value).__name__} (write e.g. 24GiB, 80GB, 512MiB or a byte count)")
+    match = _SIZE.match(value)
     if not match or match.group(2).lower() not in _UNITS:
         raise ValueError(f"not a size: {value!r} (write e.g. 24GiB, 80GB, 512MiB or a byte count)")
     number, unit = match.groups()
     result = float(number) * _UNITS[unit.lower()]
     if not result.is_integer() and _UNITS[unit.lower()] == 1:
         raise ValueError(f"size in bytes must be a whole number: {value!r}")
+    return _bounded(result, value)
+
+
+def _bounded(result: int | float, value) -> int:
+    if result > MAX_BYTES:  # also catches inf, before int() or round() would overflow
+        shown = value if len(str(value)) <= 30 else str(value)[:27] + "..."
+        raise ValueError(f"{shown} is above planc's upper bound of 1 PiB (2**50 bytes)")
     return int(round(result))
 
 

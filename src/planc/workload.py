@@ -1,4 +1,4 @@
-"""The shape of one generation the plan must survive: batch, context, and the largest forward step."""
+"""The shape of one generation the plan must survive: batch, context, images, and the largest forward step."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ class Workload:
     batch_size: int
     max_seq_len: int
     prefill_chunk_size: int | None = None
+    images_per_sequence: int = 0  # images in each prompt (their tokens count within max_seq_len)
+    image_size: int | None = None  # pixels per side; None: the vision config's own
 
     @property
     def step_tokens(self) -> int:

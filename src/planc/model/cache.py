@@ -146,14 +146,18 @@ def refuse_unsized(model_type: str) -> None:
         raise ModelError(f"{model_type}: {UNSIZED[base_type]}")
 
 
-def layer_caches(config, shapes: "Shapes", dtype: str, layer_modules=None, kv_cache: str | None = None) -> list[LayerCache]:
-    """Per decoder layer, the cache transformers builds for it (after its remap of legacy names).
+def layer_caches(
+    config, shapes: "Shapes", dtype: str, layer_modules=None, per_layer=None, kv_cache: str | None = None
+) -> list[LayerCache]:
+    """Per cache layer, the cache transformers builds for it (after its remap of legacy names).
 
     `kv_cache` "fp8": transformers' QuantizedCache(backend="fp8"), which refuses any layer type but
     full attention (cache_utils.py: QuantizedCache.__init__), and so does planc.
 
     `layer_modules` are the decoder layers of the model built on meta, in order: the state-keeping
     layers read their mixer's dimensions from them.
+    `per_layer` gives each cache layer's shapes where the config varies them (Gemma 4's
+    full-attention layers have their own head_dim and KV heads); else `shapes` serves every layer.
     """
     from transformers.cache_utils import get_layer_types_and_kwargs
 
@@ -165,8 +169,11 @@ def layer_caches(config, shapes: "Shapes", dtype: str, layer_modules=None, kv_ca
     refuse_unsized(model_type)
     layer_types, kwargs = get_layer_types_and_kwargs(text)
     declared = list(getattr(text, "layer_types", None) or [])
-    modules = list(layer_modules) if layer_modules is not None else [None] * len(layer_types)
-    if len(modules) != len(layer_types):
+    modules = list(layer_modules or ())
+    # Only the state-keeping and indexed kinds read their module; an attention-only config may list
+    # several cache layers per decoder layer (build_model_graph groups them).
+    reads_module = STATE_LAYER_TYPES + HYBRID_LAYER_TYPES + ("indexed_attention",)
+    if modules and len(modules) != len(layer_types) and any(t in reads_module for t in layer_types):
         raise ModelError(f"config describes {len(layer_types)} cache layers for {len(modules)} decoder layers")
     if kv_cache is not None:
         others = sorted(set(layer_types) - {"full_attention"})
@@ -175,20 +182,25 @@ def layer_caches(config, shapes: "Shapes", dtype: str, layer_modules=None, kv_ca
                 f"model.kv_cache {kv_cache}: transformers' QuantizedCache takes only full-attention layers, and "
                 f"{model_type or config.model_type} has {', '.join(others)} layers"
             )
-        return [attention.quantized_layer_cache(shapes, kv_cache) for _ in layer_types]
+        return [
+            attention.quantized_layer_cache(per_layer[index] if per_layer and index < len(per_layer) else shapes, kv_cache)
+            for index in range(len(layer_types))
+        ]
     caches = []
-    for index, (layer_type, layer_kwargs, module) in enumerate(zip(layer_types, kwargs, modules)):
+    for index, (layer_type, layer_kwargs) in enumerate(zip(layer_types, kwargs)):
+        own = per_layer[index] if per_layer and index < len(per_layer) else shapes
+        module = modules[index] if len(modules) == len(layer_types) else None
         if layer_type in attention.LAYER_TYPES:
-            caches.append(attention.layer_cache(layer_type, layer_kwargs, shapes, dtype))
+            caches.append(attention.layer_cache(layer_type, layer_kwargs, own, dtype))
         elif layer_type == "indexed_attention":
-            caches.append(indexed.layer_cache(model_type, shapes, dtype, module, index))
+            caches.append(indexed.layer_cache(model_type, own, dtype, module, index))
         elif layer_type in compressed.LAYER_TYPES:
             caches.append(compressed.layer_cache(layer_type, layer_kwargs["config"], dtype))
         elif layer_type in STATE_LAYER_TYPES + HYBRID_LAYER_TYPES:
             mixer = mixer_of(model_type, layer_type, module, index)
             cache = LayerCache(layer_type, state_bytes=mixer.state_bytes(dtype), mixer=mixer, attention=False)
             if layer_type in HYBRID_LAYER_TYPES:
-                kv = attention.hybrid_layer_cache(layer_type, layer_kwargs, shapes, dtype, module)
+                kv = attention.hybrid_layer_cache(layer_type, layer_kwargs, own, dtype, module)
                 cache = LayerCache(layer_type, kv.bytes_per_token, kv.window, cache.state_bytes, mixer)
             caches.append(cache)
         elif layer_type == "dummy":

@@ -53,37 +53,161 @@ def decode_special_floats(config_dict: dict[str, Any]) -> dict[str, Any]:
     return PretrainedConfig._decode_special_floats(config_dict)
 
 
+def describe_model(config: dict[str, Any]) -> str:
+    """'Qwen3ForCausalLM (model_type qwen3)' from a config dict, for messages."""
+    architectures = config.get("architectures")
+    name = architectures[0] if isinstance(architectures, list) and architectures else None
+    model_type = str(config.get("model_type"))[:60]
+    return f"{str(name)[:80]} (model_type {model_type})" if name else f"model_type {model_type}"
+
+
+def shipped_class(name: str | None):
+    """The transformers model class called `name`, when transformers ships one (no remote code)."""
+    import transformers
+
+    if not name or not name.isidentifier():
+        return None
+    try:
+        cls = getattr(transformers, name)
+    except (AttributeError, ImportError, RuntimeError):
+        return None
+    return cls if isinstance(cls, type) and hasattr(cls, "config_class") and hasattr(cls, "_from_config") else None
+
+
+def known_model_type(model_type: str) -> bool:
+    """transformers has a config class registered for `model_type`."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    return model_type in CONFIG_MAPPING
+
+
 def make_config(config_dict: dict[str, Any], trust_remote_code: bool = False):
-    """A transformers config object from a config.json dict (no files, no network)."""
+    """A transformers config object from a config.json dict (no files, no network).
+
+    A `model_type` transformers does not know is read with the config class of the class named in
+    `architectures` when transformers ships it (Kimi-K2: `kimi_k2` with an `auto_map` to remote
+    code, `architectures: [DeepseekV3ForCausalLM]`), as vLLM resolves models; the checkpoint's own
+    code is never run.
+    """
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     model_type = config_dict["model_type"]
-    if model_type not in CONFIG_MAPPING:
-        if not trust_remote_code:
-            raise ModelError(
-                f"model_type {model_type!r} is unknown to transformers; set model.trust_remote_code: true if the "
-                "checkpoint ships its own code"
-            )
-        raise ModelError(f"model_type {model_type!r}: remote-code models are not supported by planc yet")
+    if not isinstance(model_type, str):
+        raise ModelError(f"config.json's model_type must be a string, not {type(model_type).__name__}")
     data = {k: v for k, v in decode_special_floats(config_dict).items() if k not in ("transformers_version",)}
+    if model_type not in CONFIG_MAPPING:
+        architectures = config_dict.get("architectures")
+        first = architectures[0] if isinstance(architectures, list) and architectures else None
+        cls = shipped_class(first if isinstance(first, str) else None)
+        if cls is None:
+            raise ModelError(_unknown_model_type(config_dict, trust_remote_code))
+        data.pop("model_type")
+        data.pop("auto_map", None)
+        try:
+            return cls.config_class(**data)
+        except Exception as exc:  # noqa: BLE001 - as below
+            message = " ".join(str(exc).split())[:400]
+            raise ModelError(f"config.json does not load as {cls.config_class.__name__}: {type(exc).__name__}: {message}") from None
     try:
         return AutoConfig.for_model(**data)
-    except (ValueError, TypeError, KeyError) as exc:
-        raise ModelError(f"config.json does not load in transformers: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - transformers' config validation raises many types
+        # StrictDataclassError among them: transformers' own field and class validators
+        # (huggingface_hub's @strict), e.g. num_hidden_layers: -3.
+        message = " ".join(str(exc).split())[:400]
+        raise ModelError(f"config.json does not load in transformers ({model_type}): {type(exc).__name__}: {message}") from None
+
+
+def _unknown_model_type(config_dict: dict[str, Any], trust_remote_code: bool) -> str:
+    """Why a model_type cannot be read, and advice that is true for this planc."""
+    import transformers
+
+    model_type = config_dict["model_type"]
+    architectures = config_dict.get("architectures") or []
+    head = f"model_type {model_type[:60]!r} is unknown to the installed transformers {transformers.__version__}"
+    named = f" and architectures {str(architectures)[:120]} names no class transformers ships" if architectures else ""
+    remote = " (its auto_map points to code shipped with the checkpoint)" if config_dict.get("auto_map") else ""
+    advice = (
+        ": planc does not run remote code; a newer transformers may know it, or set config.json's "
+        "architectures to the transformers class it is built on"
+    )
+    if trust_remote_code:
+        advice += " (model.trust_remote_code does not change that: planc does not plan remote-code models)"
+    return head + named + remote + advice
 
 
 def text_config(config):
     """The decoder's config: the config itself for text models, `text_config` for multimodal ones."""
-    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    if not hasattr(config, "get_text_config"):
+        return config
+    try:
+        return config.get_text_config(decoder=True)
+    except ValueError:
+        # Several text configs (MusicGen's text encoder and decoder): the decoder's.
+        return getattr(config, "decoder", None) or config
+
+
+def layer_configs(config) -> list:
+    """Per decoder layer, the text config as that layer sees it (per_layer_config where the config varies
+    head_dim, heads or experts by layer, as Gemma 4 and dots3 do)."""
+    text = text_config(config)
+    count = config_value(text, "num_hidden_layers", "n_layer", "num_layers") or 0
+    if getattr(text, "is_heterogeneous", False):
+        return [text.per_layer_config[i] for i in range(count)]
+    return [text] * count
+
+
+def config_value(config, *names, default=0):
+    """The first of `names` the config sets (not None)."""
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return default
 
 
 def shapes_of(config) -> Shapes:
-    """The memory model's numbers from a transformers config."""
+    """The memory model's numbers from a transformers config (a per-layer view for heterogeneous ones)."""
     text = text_config(config)
-    get = lambda *names, default=0: next((getattr(text, n) for n in names if getattr(text, n, None) is not None), default)  # noqa: E731
-    hidden = get("hidden_size")
-    heads = get("num_attention_heads")
+    if getattr(text, "is_heterogeneous", False):
+        text = text.per_layer_config[0]
+    return _shapes(text)
+
+
+def layer_shapes(config) -> list[Shapes]:
+    """Shapes per decoder layer; one object repeated when the config does not vary by layer.
+
+    A config varies them through per_layer_config (Gemma 4, dots3) or lists with one entry per
+    layer (Gemma 3n's intermediate_size).
+    """
+    configs = layer_configs(config)
+    if not configs:
+        return []
+    if all(c is configs[0] for c in configs):
+        listed = any(isinstance(v, (list, tuple)) and len(v) == len(configs) and len(set(map(str, v))) > 1
+                     for k, v in vars(configs[0]).items() if k in _SHAPE_FIELDS)
+        if not listed:
+            return [_shapes(configs[0])] * len(configs)
+    return [_shapes(c, index) for index, c in enumerate(configs)]
+
+
+_SHAPE_FIELDS = {"intermediate_size", "moe_intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                 "num_experts", "num_local_experts", "n_routed_experts"}
+
+
+def _shapes(text, index: int | None = None) -> Shapes:
+    def get(*names, default=0):
+        value = config_value(text, *names, default=default)
+        if isinstance(value, (list, tuple)):
+            # One entry per layer: this layer's; otherwise (per-modality lists) the largest.
+            numbers = [v for v in value if isinstance(v, (int, float))]
+            if index is not None and len(value) > index and isinstance(value[index], (int, float)):
+                return value[index]
+            return max(numbers, default=0)
+        return value
+
+    hidden = get("hidden_size", "n_embd", "d_model")
+    heads = get("num_attention_heads", "n_head", "num_heads")
     kv_heads = get("num_key_value_heads", default=heads)
     mla_rank = get("kv_lora_rank")
     if mla_rank:
@@ -95,7 +219,7 @@ def shapes_of(config) -> Shapes:
         head_dim = get("head_dim", default=hidden // heads if heads else 0)
         v_head_dim = head_dim
         mla_latent = 0
-    intermediate = get("intermediate_size", "n_inner", default=4 * hidden)
+    intermediate = get("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)
     num_experts = get("num_experts", "num_local_experts", "n_routed_experts")
     moe_intermediate = get("moe_intermediate_size", default=intermediate if num_experts else 0)
     shared = get("shared_expert_intermediate_size")
@@ -109,7 +233,7 @@ def shapes_of(config) -> Shapes:
         v_head_dim=v_head_dim,
         intermediate_size=intermediate,
         vocab_size=get("vocab_size"),
-        num_layers=get("num_hidden_layers"),
+        num_layers=get("num_hidden_layers", "n_layer", "num_layers"),
         num_experts=num_experts,
         experts_per_token=get("num_experts_per_tok", "num_experts_per_token", "top_k") if num_experts else 0,
         moe_intermediate_size=moe_intermediate,

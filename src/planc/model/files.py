@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from planc.errors import ModelError, SpecError
+from planc.files import JSON_LIMIT, parse_json, read_bytes
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
@@ -29,6 +29,8 @@ def _resolve_hf_id(repo_id: str, revision: str | None) -> Path:
 
     try:
         return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except ValueError as exc:  # huggingface_hub's HFValidationError: not a repo id at all
+        raise ModelError(f"model id {repo_id!r} is not a Hugging Face repo id: {exc}") from None
     except (LocalEntryNotFoundError, FileNotFoundError, OSError):
         raise ModelError(
             f"model {repo_id!r} is not in the local Hugging Face cache (planc resolves ids offline); "
@@ -47,14 +49,8 @@ def read_model_files(source, base_dir: Path) -> ModelFiles:
     else:
         folder = None
         config_path = (base_dir / source.config).resolve()
-    try:
-        raw = config_path.read_bytes()
-    except OSError as exc:
-        raise ModelError(f"cannot read model config {config_path}: {exc.strerror}") from None
-    try:
-        config = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{config_path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    raw = read_bytes(config_path, "model config", ModelError, JSON_LIMIT)
+    config = parse_json(raw, str(config_path), ModelError)
     if not isinstance(config, dict) or "model_type" not in config:
         raise ModelError(f"{config_path}: not a transformers config (no model_type)")
     weights: tuple[Path, ...] = ()
@@ -67,7 +63,14 @@ def read_model_files(source, base_dir: Path) -> ModelFiles:
 
 def check_model_source_exists(source, base_dir: Path) -> None:
     """Raise SpecError early when a local model path is missing (a spec mistake, not a model problem)."""
-    if source.path and not (base_dir / source.path).is_dir():
-        raise SpecError(f"model.path {source.path!r}: no such folder (relative to {base_dir.name or '.'}/)")
-    if source.config and not (base_dir / source.config).is_file():
-        raise SpecError(f"model.config {source.config!r}: no such file (relative to {base_dir.name or '.'}/)")
+    for field, value, kind, exists in (
+        ("model.path", source.path, "folder", Path.is_dir), ("model.config", source.config, "file", Path.is_file)
+    ):
+        if not value:
+            continue
+        try:
+            found = exists(base_dir / value)
+        except OSError as exc:  # a name too long for the filesystem, a loop of symlinks
+            raise SpecError(f"{field} {value[:60]!r}: {exc.strerror or exc}") from None
+        if not found:
+            raise SpecError(f"{field} {value[:60]!r}: no such {kind} (relative to {base_dir.name or '.'}/)")

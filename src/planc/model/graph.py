@@ -9,13 +9,15 @@ every distinct tensor is counted once (fp32 rotary buffers stay fp32, tied weigh
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from planc.errors import ModelError
 from planc.model.build import meta_model
 from planc.model.cache import LayerCache, layer_caches, refuse_unsized
-from planc.model.config import Shapes, checkpoint_dtype, shapes_of
+from planc.model.config import Shapes, config_value, checkpoint_dtype, known_model_type, layer_shapes, shapes_of, text_config
+from planc.model.vision import Vision, vision_of
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -41,6 +43,8 @@ class Unit:
     quant_prefill_transient: int = 0  # a quantized kernel's largest allocation per call (a dequantized weight)
     quant_token_transient: int = 0  # ... and per token of the step
     experts_token_transient: int = 0  # a fused quantized MoE kernel's bytes per token (0: eager experts' estimate)
+    shapes: Shapes | None = None  # this layer's own numbers where the config varies them by layer; else the model's
+    vision: bool = False  # the vision tower or its projector: runs once per prefill over the images
     # Under the model's tensor-parallel plan: (size of the split dimension, bytes) per tensor the
     # plan shards across ranks (the rest of the unit is replicated), and (kind, elements per
     # token) per collective its forward makes ("all_reduce" of partial sums, "all_gather" of shards).
@@ -84,6 +88,14 @@ class ModelGraph:
     quantization: "Quantization | None" = None  # with its native flag as built
     dense_modules: tuple[str, ...] = ()  # modules with weights left at the plan's dtype (patterns)
     dense_weight_bytes: int = 0  # the same weights dense at the plan's dtype
+    inferred_no_split: tuple[str, ...] = ()  # decoder-layer classes kept whole where the model declares none
+    config_class: str | None = None  # set when config.json's model_type is unknown and `architectures` resolved it
+    vision: Vision | None = None  # the vision tower's numbers, for image-text-to-text models
+    position_limit: int | None = None  # positions of a learned position table (GPT-2's wpe): tokens past it fail
+
+    def shapes_of(self, unit: Unit) -> Shapes:
+        """The numbers a unit's formulas use: its own where the config varies them by layer."""
+        return unit.shapes or self.shapes
     parallel: ParallelSupport | None = None
 
     @property
@@ -112,6 +124,170 @@ def _tensor_bytes(tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+def _towers(model) -> dict[str, str]:
+    """Encoders beside the text decoder (vision, audio): module path -> the config attribute naming them.
+
+    A tower is a PreTrainedModel inside the model whose config is one of the model's sub-configs
+    other than the text decoder's (LlavaForConditionalGeneration's `model.vision_tower` carries
+    `config.vision_config`).
+    """
+    from planc.model.config import text_config
+
+    config = model.config
+    text = text_config(config)
+    sub = {}
+    for key in getattr(config, "sub_configs", {}) or {}:
+        value = getattr(config, key, None)
+        if value is not None and value is not text:
+            sub[id(value)] = key
+    towers: dict[str, str] = {}
+    for name, module in model.named_modules():
+        own = getattr(module, "config", None)
+        if not name or id(own) not in sub or any(name.startswith(t + ".") for t in towers):
+            continue
+        towers[name] = sub[id(own)]
+    return towers
+
+
+def _decoder_layers(model, no_split: set[str], towers: dict[str, str]) -> tuple[list[str], bool]:
+    """Paths of the decoder's layers: the blocks of the ModuleLists outside the towers, in order; and
+    whether they were inferred (no list holds a declared no-split block, so each list's children are
+    taken as the blocks, when they are all of one class)."""
+    import torch
+
+    inside_tower = lambda name: any(name == t or name.startswith(t + ".") for t in towers)  # noqa: E731
+
+    def lists(select) -> list[list[str]]:
+        found: list[list[str]] = []
+        taken: list[str] = []
+        for name, module in model.named_modules():
+            if not isinstance(module, torch.nn.ModuleList) or inside_tower(name):
+                continue
+            if any(name.startswith(layer + ".") for layer in taken):
+                continue  # lists inside a decoder layer (experts, sub-blocks)
+            blocks = select(name, list(module.named_children()))
+            if blocks:
+                found.append(blocks)
+                taken.extend(blocks)
+        return found
+
+    declared = lists(lambda name, children: [f"{name}.{c}" for c, m in children if type(m).__name__ in no_split])
+    if declared:
+        return [layer for group in declared for layer in group], False
+
+    def uniform(name, children):
+        kinds = {type(m).__name__ for _, m in children}
+        return [f"{name}.{c}" for c, _ in children] if len(children) > 1 and len(kinds) == 1 else []
+
+    inferred = lists(uniform)
+    if len(inferred) > 1:
+        names = ", ".join(group[0].rsplit(".", 1)[0] for group in inferred)
+        raise ModelError(
+            f"{type(model).__name__} declares no _no_split_modules and its layers are spread over parallel lists "
+            f"({names}): planc finds no block it may keep whole"
+        )
+    return (inferred[0] if inferred else []), True
+
+
+def _encoder_derived(model) -> bool:
+    """An encoder's causal-LM head (BertLMHeadModel and kin) whose config does not set is_decoder: its
+    attention is bidirectional and it keeps no KV cache."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    from planc.model.config import text_config
+
+    text = text_config(model.config)
+    encoder_family = text.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES or text.model_type == "bert-generation"
+    return encoder_family and not getattr(text, "is_decoder", True)
+
+
+def _call_order(model, layer_names: list[str]) -> dict[str, int] | None:
+    """Module path -> when it first runs in a two-token forward under fake tensors, the decoder
+    layers passed through (their order is known; running them would cost seconds); None when the
+    model does not get through its layers that way, and names decide instead."""
+    import types
+
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def passthrough(self, *args, **kwargs):
+        return args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+
+    order: dict[str, int] = {}
+    handles, stubbed = [], []
+    for name in layer_names:
+        layer = model.get_submodule(name)
+        stubbed.append((layer, layer.__dict__.get("forward")))
+        layer.forward = types.MethodType(passthrough, layer)
+    for name, module in model.named_modules():
+        def record(_module, _args, name=name):
+            order.setdefault(name, len(order))
+
+        handles.append(module.register_forward_pre_hook(record))
+    fake_logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_logger.level
+    fake_logger.setLevel(logging.CRITICAL)  # fake mode logs each op that fails; a failure is a fallback here
+    try:
+        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+            model(input_ids=torch.zeros(1, 2, dtype=torch.long, device="meta"), use_cache=False)
+    except Exception:  # noqa: BLE001 - a failure after the last layer ran (a passed-through layer
+        # returns no tuple where the head expects one) still leaves the order of what ran
+        if any(name not in order for name in layer_names):
+            return None
+    finally:
+        fake_logger.setLevel(level)
+        for handle in handles:
+            handle.remove()
+        for layer, own in stubbed:
+            if own is None:
+                del layer.forward
+            else:
+                layer.forward = own
+    return order
+
+
+def _position_limit(model, pre_units: list[str], text) -> int | None:
+    """How many positions a learned absolute position table holds (GPT-2's wpe, OPT's embed_positions),
+    or None for rotary / ALiBi models, whose positions are computed."""
+    import torch
+
+    modules = dict(model.named_modules())
+    for unit in pre_units:
+        if unit not in modules:
+            continue  # a module's own tensor (gpt_bigcode's transformer.bias)
+        # The table may be the unit, or inside it (BertEmbeddings is one no-split block).
+        for name, module in modules[unit].named_modules(prefix=unit):
+            leaf = name.rsplit(".", 1)[-1]
+            if isinstance(module, torch.nn.Embedding) and ("pos" in leaf or leaf == "wpe"):
+                limit = config_value(text, "max_position_embeddings", "n_positions", default=None)
+                return min(limit, module.num_embeddings) if isinstance(limit, int) else module.num_embeddings
+    return None
+
+
+def _group_caches(caches: list[LayerCache], layers: int) -> list[LayerCache]:
+    """One cache per decoder layer when the config lists k per layer (LongCat-Flash runs two
+    attentions per layer; HRM loops its layers): layer i holds entries k*i .. k*i + k - 1."""
+    if len(caches) == layers or not layers:
+        return caches
+    if len(caches) % layers:
+        return caches
+    from dataclasses import replace
+
+    k = len(caches) // layers
+    grouped = []
+    for i in range(layers):
+        part = caches[k * i : k * i + k]
+        # Only plain attention caches add up; a mixer's state or a compressed / indexed cache
+        # has a layout of its own (such configs are refused by the caller's count check).
+        if len({(c.kind, c.window) for c in part}) != 1 or any(
+            c.mixer or c.indexer_heads or c.compress_rate for c in part
+        ):
+            return caches
+        grouped.append(replace(part[0], bytes_per_token=sum(c.bytes_per_token for c in part),
+                               state_bytes=sum(c.state_bytes for c in part)))
+    return grouped
+
+
 def build_model_graph(
     config_dict: dict[str, Any],
     dtype: str,
@@ -132,10 +308,39 @@ def build_model_graph(
     refuse_unsized(str(config_dict.get("model_type", "")))
     model = meta_model(config_dict, dtype, trust_remote_code, quantization=quantization)
     config = model.config
+    architecture = type(model).__name__
     shapes = shapes_of(config)
-    no_split = tuple(sorted(model._no_split_modules or ()))
-    if not no_split:
-        raise ModelError(f"{type(model).__name__} declares no _no_split_modules: planc cannot tell where it may cut it")
+    declared = tuple(sorted(model._no_split_modules or ()))
+    towers = _towers(model)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelError(
+            f"{architecture} is an encoder-decoder model: planc plans decoder-only generation (the encoder's "
+            "output and cross-attention caches are not sized)"
+        )
+    if _encoder_derived(model):
+        raise ModelError(
+            f"{architecture}: config.is_decoder is false, so this encoder's LM head attends both ways and keeps no "
+            "KV cache: it does not generate; set is_decoder: true in config.json for a causal LM"
+        )
+    layer_names, guessed = _decoder_layers(model, set(declared), towers)
+    if not layer_names:
+        raise ModelError(
+            f"{architecture}: no decoder layers found (no ModuleList of {', '.join(declared) or 'blocks of one class'})"
+        )
+    layer_set = set(layer_names)
+    # Where no declared no-split block is a decoder layer, each decoder layer is kept whole (as one would be).
+    inferred = tuple(sorted({type(model.get_submodule(n)).__name__ for n in layer_names})) if guessed else ()
+    no_split = set(declared) | set(inferred)
+    config_layers = layer_shapes(config)
+    layer_modules = [model.get_submodule(name) for name in layer_names]
+    caches = _group_caches(layer_caches(config, shapes, dtype, layer_modules, config_layers, kv_cache), len(layer_names))
+    per_layer = config_layers if len(config_layers) == len(layer_names) else [shapes] * len(layer_names)
+    if len(caches) != len(layer_names):
+        raise ModelError(
+            f"{architecture}: config describes {len(caches)} cache layers for {len(layer_names)} decoder layers "
+            "(transformers' DynamicCache is built from the config's layer count, so generate would fail or the "
+            "cache would not be what planc sizes)"
+        )
     output_embeddings = model.get_output_embeddings()
 
     # Tensors are shared when tied; count each once, on the first unit (execution order) that holds it.
@@ -143,7 +348,9 @@ def build_model_graph(
     raw_units: list[tuple[str, Any, list[Any]]] = []  # (name, module or None, direct tensors)
 
     def visit(prefix: str, module) -> None:
-        splittable = type(module).__name__ not in no_split and any(True for _ in module.children())
+        splittable = (
+            prefix not in layer_set and type(module).__name__ not in no_split and any(True for _ in module.children())
+        )
         if not splittable:
             raw_units.append((prefix, module, list(module.parameters()) + list(module.buffers())))
             return
@@ -154,22 +361,62 @@ def build_model_graph(
             visit(f"{prefix}.{name}" if prefix else name, child)
 
     visit("", model)
-    layer_prefix = None
-    for name, module, _ in raw_units:
-        if module is not None and type(module).__name__ in no_split:
-            layer_prefix = name.rsplit(".", 1)[0]
-            break
-    if layer_prefix is None:
-        raise ModelError(f"{type(model).__name__}: no {', '.join(no_split)} block found")
-    layer_modules = [module for _, module, _ in raw_units if module is not None and type(module).__name__ in no_split]
-    caches = layer_caches(config, shapes, dtype, layer_modules, kv_cache)
+    layer_prefix = layer_names[0].rsplit(".", 1)[0]
+    decoder_prefix = layer_prefix.rsplit(".", 1)[0] if "." in layer_prefix else ""
+    vision_towers = tuple(name for name, key in towers.items() if key == "vision_config")
+
+    # Norms outside the layers are taken to run after them, unless there are several or one is named
+    # for the embeddings (Bloom's word_embeddings_layernorm, Blenderbot-Small's layernorm_embedding):
+    # then a traced forward decides.
+    loose_norms = [
+        name for name, module, _ in raw_units
+        if module is not None and "norm" in type(module).__name__.lower() and not name.startswith(layer_prefix)
+        and not any(name == t or name.startswith(t + ".") for t in towers)
+    ]
+    suspicious = len(loose_norms) > 1 or any("emb" in name.rsplit(".", 1)[-1] for name in loose_norms)
+    # So do modules outside the layers that are neither embeddings, rotary tables nor norms
+    # (Gemma 3n's altup projections: some run before the layers, some after).
+    unusual = [
+        name for name, module, _ in raw_units
+        if module is not None and module is not output_embeddings and not name.startswith(layer_prefix)
+        and not isinstance(module, torch.nn.Embedding) and "rotary" not in type(module).__name__.lower()
+        and "norm" not in type(module).__name__.lower() and not any(name == t or name.startswith(t + ".") for t in towers)
+    ]
+    # And so do a module's own tensors where that module is not one the layers run inside
+    # (DeepSeek-V4's hc_head holds hc_fn / hc_base / hc_scale and collapses the streams after the
+    # layers); a tensor of the model or the decoder itself (gpt_bigcode's transformer.bias) is pre.
+    def owner_of(name: str) -> str:
+        return name.rsplit(".", 1)[0] if "." in name else ""
+
+    detached = [
+        name for name, module, _ in raw_units
+        if module is None and owner_of(name) and not layer_prefix.startswith(owner_of(name) + ".")
+        and not name.startswith(layer_prefix) and not any(name.startswith(t + ".") for t in towers)
+    ]
+    calls = _call_order(model, layer_names) if suspicious or unusual or detached else None
+    last_layer_call = max((calls.get(n, -1) for n in layer_names), default=-1) if calls else -1
+    detached_set = set(detached)
+
+    def call_of(name: str) -> int | None:
+        """When a unit first runs in the traced forward: a module's own tensor when its module does."""
+        if calls is None:
+            return None
+        return calls.get(owner_of(name) if name in detached_set else name)
 
     def is_post(name: str, module) -> bool:
         # After the layers run only the final norm and the output head; rotary tables, position
-        # embeddings and the like run before them even where they are defined after.
+        # embeddings and the like run before them even where they are defined after. Where the
+        # model runs on meta, its call order says so (Blenderbot-Small's layernorm_embedding is
+        # defined after its layers and runs before them); otherwise a norm outside the layers is post.
         if module is not None and module is output_embeddings:
             return True
-        return module is not None and "norm" in type(module).__name__.lower() and not name.startswith(layer_prefix)
+        in_tower = any(name.startswith(t + ".") or name == t for t in towers)
+        if in_tower or name.startswith(layer_prefix) or (module is None and name not in detached_set):
+            return False
+        call = call_of(name)
+        if call is not None and last_layer_call >= 0:
+            return call > last_layer_call
+        return module is not None and "norm" in type(module).__name__.lower()
 
     tied_groups = tuple(tuple(sorted(group)) for group in find_tied_parameters(model))
     tied_names = {name for group in tied_groups for name in group}
@@ -186,11 +433,14 @@ def build_model_graph(
         # State a quantized module keeps outside its tensors (mxfp4 scales, bitsandbytes' quant state).
         weight = sum(_tensor_bytes(t) for t in unique) + sum(r.hidden_bytes for r in records)
         quant = _quantized_terms(weight, records, quantization)
-        if module is not None and type(module).__name__ in no_split:
+        if name in layer_set:
             # transformers 5 stores routed experts as fused 3-D parameters (quantized ones with their scales).
             experts = sum(_tensor_bytes(t) for t in unique if t.dim() == 3)
             experts += sum(_expert_hidden_bytes(m) for m in module.modules())
-            layers.append(Unit(name, weight, "layer", layer_index, caches[layer_index], experts > 0, experts, **quant))
+            layers.append(
+                Unit(name, weight, "layer", layer_index, caches[layer_index], experts > 0, experts,
+                     shapes=per_layer[layer_index] if per_layer[layer_index] != shapes else None, **quant)
+            )
             layer_index += 1
         elif is_post(name, module):
             post.append(Unit(name, weight, "post", **quant))
@@ -199,10 +449,20 @@ def build_model_graph(
             row = 0
             if isinstance(module, torch.nn.Embedding) and f"{name}.weight" not in tied_names:
                 row = module.embedding_dim * module.weight.element_size()
-            pre.append(Unit(name, weight, "pre", row_bytes=row, **quant))
+            # The tower's units, and the projector between it and the decoder (a unit outside both).
+            in_vision = any(name == t or name.startswith(t + ".") for t in vision_towers)
+            vision = in_vision or bool(vision_towers) and not name.startswith(decoder_prefix + ".") and not any(
+                name == t or name.startswith(t + ".") for t in towers
+            )
+            pre.append(Unit(name, weight, "pre", row_bytes=row, vision=vision, **quant))
+    if calls is not None:
+        # After the layers, in the order they run (Gemma 3n unembeds its altup streams, then norms).
+        post.sort(key=lambda unit: len(calls) if call_of(unit.name) is None else call_of(unit.name))
     units = tuple(pre + layers + post)
     all_records = [r for r in (held(m) for m in model.modules()) if r is not None]
     dense_bytes = sum(u.weight_bytes for u in units) + sum(r.dense_bytes - r.quantized_bytes for r in all_records)
+    decoder_pre = [u.name for u in pre if not u.vision and not any(u.name.startswith(t + ".") for t in towers)]
+    position_limit = _position_limit(model, decoder_pre, text_config(config))
     units, parallel = _parallel_support(model, units, layer_prefix)
 
     import networkx as nx
@@ -231,12 +491,12 @@ def build_model_graph(
     skip = model._skip_keys_device_placement or ()
     skip_keys = (skip,) if isinstance(skip, str) else tuple(sorted(skip))
     return ModelGraph(
-        architecture=type(model).__name__,
+        architecture=architecture,
         model_type=config_dict["model_type"],
         dtype=dtype,
         units=units,
         graph=graph,
-        no_split_module_classes=no_split,
+        no_split_module_classes=declared,
         skip_keys=skip_keys,
         tied_parameters=tied_groups,
         parameters=parameters,
@@ -246,6 +506,10 @@ def build_model_graph(
         quantization=quantization,
         dense_modules=tuple(dense_module_patterns(model)) if quantization is not None and quantization.native else (),
         dense_weight_bytes=dense_bytes,
+        inferred_no_split=inferred,
+        config_class=None if known_model_type(config_dict["model_type"]) else type(config).__name__,
+        vision=vision_of(config, vision_towers),
+        position_limit=position_limit,
         parallel=parallel,
     )
 

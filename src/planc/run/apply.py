@@ -15,6 +15,7 @@ from typing import Iterator
 
 from planc.errors import RunError
 from planc.plan import Plan
+from planc.rules import CUBLAS_WORKSPACE_VARIABLE
 
 SDPA_BACKENDS = {
     "flash": "FLASH_ATTENTION",
@@ -28,13 +29,14 @@ CUBLAS_WORKSPACE = ":4096:8"
 
 
 def plan_environment(plan: Plan, inherited: dict[str, str] | None = None) -> dict[str, str]:
-    """The variables the run sets: the lock's env, plus the cuBLAS workspace on GPU plans (a
-    workspace setting the process already has is kept). `inherited` defaults to os.environ; an
-    export passes {} to write the plan's own values."""
+    """The variables the run sets: the lock's env (checked against rules.allowed_env by
+    run.trust), plus the cuBLAS workspace on GPU plans (a workspace setting the process already
+    has is kept). `inherited` defaults to os.environ; an export passes {} to write the plan's own
+    values."""
     inherited = os.environ if inherited is None else inherited
     env = dict(plan.env)
     if plan.devices:
-        env.setdefault("CUBLAS_WORKSPACE_CONFIG", inherited.get("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE))
+        env.setdefault(CUBLAS_WORKSPACE_VARIABLE, inherited.get(CUBLAS_WORKSPACE_VARIABLE, CUBLAS_WORKSPACE))
     return env
 
 

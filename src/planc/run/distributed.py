@@ -75,9 +75,11 @@ def ranks_on(plan: Plan, node: int) -> list:
     return [rank for rank in plan.parallel.ranks if rank.node == node]
 
 
-def run_arguments(prompts: list[str], prompt_file, max_new_tokens, as_json, record, expect) -> list[str]:
+def run_arguments(
+    prompts: list[str], prompt_file, max_new_tokens, as_json, record, expect, trust_remote_code: bool = False
+) -> list[str]:
     """`planc run` options that reproduce a request (what each rank is given)."""
-    args: list[str] = []
+    args: list[str] = ["--trust-remote-code"] if trust_remote_code else []
     for prompt in prompts:
         args += ["--prompt", prompt]
     if prompt_file is not None:

@@ -14,10 +14,11 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from planc.errors import SpecError
+from planc.errors import SpecError, UsageError
 from planc.plan import Plan, load_lock
 from planc.run.generate import Completion
 from planc.run.session import Session, open_session
+from planc.run.trust import check_lock_trust
 
 DEFAULT_MAX_NEW_TOKENS = 32
 
@@ -42,6 +43,7 @@ class _Request:
     record: Path | None
     expected: dict | None
     quiet: bool
+    images: list = field(default_factory=list)  # PIL images every prompt shows
 
 
 def run_plan(
@@ -54,6 +56,8 @@ def run_plan(
     expect: Path | None = None,
     check_only: bool = False,
     quiet: bool = False,
+    trust_remote_code: bool = False,
+    images: list[Path] = (),
     node_rank: int | None = None,
     master_addr: str | None = None,
     master_port: int | None = None,
@@ -61,12 +65,14 @@ def run_plan(
     """Execute the plan in `lock_path` exactly, or raise DriftError/RunError/LockError naming why not.
 
     max_new_tokens None means 32, or the record's with `expect`; with `expect` and no prompts, the
-    record's prompts are replayed. A tensor- or pipeline-parallel plan starts its ranks with torch's
-    launcher (planc.run.distributed); node_rank / master_addr / master_port place this node in a
-    multi-node one.
+    record's prompts are replayed. `images` (files) are shown with every prompt, through the model
+    folder's processor. `trust_remote_code` is the runner's consent to a lock that asks for code
+    shipped with the checkpoint (run.trust). A tensor- or pipeline-parallel plan starts its ranks
+    with torch's launcher (planc.run.distributed); node_rank / master_addr / master_port place this
+    node in a multi-node one.
     """
     from planc.run import record as records
-    from planc.run.generate import check_batch, read_prompts
+    from planc.run.generate import check_batch, read_images, read_prompts
     from planc.run.report import make_console
 
     lock_path = Path(lock_path)
@@ -79,9 +85,12 @@ def run_plan(
         if not prompt_list:
             raise SpecError("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE")
         check_batch(plan, prompt_list)
-    request = _Request(prompt_list, max_new_tokens or DEFAULT_MAX_NEW_TOKENS, as_json, record, expected, quiet)
+    pictures = read_images(list(images), plan) if not check_only else []
+    request = _Request(prompt_list, max_new_tokens or DEFAULT_MAX_NEW_TOKENS, as_json, record, expected, quiet, pictures)
     console = make_console()
     rank = None
+    if plan.distributed and pictures:
+        raise UsageError("image prompts run on device_map plans only; this plan is tensor/pipeline parallel")
     if plan.distributed:
         from planc.run import distributed
 
@@ -89,19 +98,26 @@ def run_plan(
         if rank is None:
             distributed.refuse_unrunnable(plan, lock_path)
             if check_only:
-                return _check_only(plan, lock_path, request, console, node_rank or 0)
-            arguments = distributed.run_arguments(list(prompts), prompt_file, max_new_tokens, as_json, record, expect)
+                return _check_only(plan, lock_path, request, console, trust_remote_code, node_rank or 0)
+            arguments = distributed.run_arguments(
+                list(prompts), prompt_file, max_new_tokens, as_json, record, expect, trust_remote_code
+            )
             code = distributed.launch(plan, lock_path, arguments, node_rank, master_addr, master_port, quiet)
             return RunOutcome(code)
     if check_only:
-        return _check_only(plan, lock_path, request, console)
+        return _check_only(plan, lock_path, request, console, trust_remote_code)
     from planc.run.generate import encode
 
     def within_plan(tokenizer) -> None:
-        encode(tokenizer, request.prompts, plan, request.max_new_tokens)
+        # Image prompts are measured by the processor once the model is loaded (their tokens depend on it).
+        if not request.images:
+            encode(tokenizer, request.prompts, plan, request.max_new_tokens)
 
     leader = rank is None or rank.leader
-    with open_session(plan, lock_path.parent, None if quiet or not leader else console, within_plan, rank=rank) as session:
+    with open_session(
+        plan, lock_path.parent, None if quiet or not leader else console, within_plan, rank=rank,
+        trust_remote_code=trust_remote_code,
+    ) as session:
         try:
             return _execute(session, request, console) if leader else _follow(session, request)
         finally:
@@ -116,11 +132,14 @@ def _follow(session: Session, request: _Request) -> RunOutcome:
     return RunOutcome(0, session.generate(request.prompts, request.max_new_tokens))
 
 
-def _check_only(plan: Plan, lock_path: Path, request: _Request, console, node: int = 0) -> RunOutcome:
+def _check_only(
+    plan: Plan, lock_path: Path, request: _Request, console, trust_remote_code: bool, node: int = 0
+) -> RunOutcome:
     from planc.run.apply import applied_environment
     from planc.run.checks import check_machine
     from planc.run.report import hashing_progress
 
+    check_lock_trust(plan, lock_path.parent, trust_remote_code)
     started = time.perf_counter()
     with applied_environment(plan):
         progress, on_hash = (None, None) if request.quiet else hashing_progress(console)
@@ -150,7 +169,7 @@ def _execute(session: Session, request: _Request, console) -> RunOutcome:
     timings = Timings(check_s=session.check_s, load_s=session.load_s)
     stream = len(request.prompts) == 1 and not request.as_json
     started = time.perf_counter()
-    completions = session.generate(request.prompts, request.max_new_tokens, stream)
+    completions = session.generate(request.prompts, request.max_new_tokens, stream, request.images)
     timings.generate_s = time.perf_counter() - started
     timings.new_tokens = sum(len(c.token_ids) for c in completions)
     rows = memory_rows(plan, session.measured_peaks(), None if session.rank is None else session.rank.rank)

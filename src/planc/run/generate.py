@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from planc.errors import RunError, SpecError, UsageError
+from planc.files import parse_json, read_text
 from planc.plan import Plan
 
 
@@ -26,10 +27,7 @@ def read_prompts(prompts: list[str], prompt_file: Path | None) -> list[str]:
     result = list(prompts)
     if prompt_file is None:
         return result
-    try:
-        lines = Path(prompt_file).read_text().splitlines()
-    except OSError as exc:
-        raise SpecError(f"cannot read prompts {prompt_file}: {exc.strerror}") from None
+    lines = read_text(prompt_file, "prompts", SpecError).splitlines()
     first = next((line for line in lines if line.strip()), "")
     jsonl = Path(prompt_file).suffix == ".jsonl" or _is_prompt_object(first)
     for number, line in enumerate(lines, 1):
@@ -38,10 +36,7 @@ def read_prompts(prompts: list[str], prompt_file: Path | None) -> list[str]:
         if not jsonl:
             result.append(line)
             continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SpecError(f"{prompt_file}:{number}: not valid JSON ({exc.msg})") from None
+        entry = parse_json(line, f"{prompt_file}:{number}", SpecError)
         if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
             raise SpecError(f'{prompt_file}:{number}: a JSONL prompt file needs {{"prompt": "..."}} on every line')
         result.append(entry["prompt"])
@@ -51,7 +46,7 @@ def read_prompts(prompts: list[str], prompt_file: Path | None) -> list[str]:
 def _is_prompt_object(line: str) -> bool:
     try:
         entry = json.loads(line)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # JSONDecodeError, or an integer too long to convert
         return False
     return isinstance(entry, dict) and "prompt" in entry
 
@@ -83,17 +78,83 @@ def load_tokenizer(folder: Path, plan: Plan):
 def encode(tokenizer, prompts: list[str], plan: Plan, max_new_tokens: int):
     """The padded batch, refused when a sequence would outgrow the plan's max_seq_len."""
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    _check_length(batch, plan, max_new_tokens)
+    return batch
+
+
+def read_images(paths: list[Path], plan: Plan) -> list:
+    """--image files as RGB PIL images, refused beyond the images per prompt the plan was sized for."""
+    if not paths:
+        return []
+    planned = plan.workload.images_per_sequence
+    if len(paths) > planned:
+        raise UsageError(
+            f"{len(paths)} images per prompt exceed the plan's images_per_sequence {planned} (the vision tower's "
+            "activations were planned for that many); pass fewer, or recompile with a larger "
+            "workload.images_per_sequence"
+        )
+    try:
+        from PIL import Image
+    except ImportError:
+        raise RunError("image prompts need Pillow: pip install pillow") from None
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except OSError as exc:
+            raise SpecError(f"cannot read image {path}: {exc}") from None
+    return images
+
+
+def load_processor(folder: Path, plan: Plan):
+    """The model folder's processor (tokenizer + image processor), padding on the left."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=plan.model.trust_remote_code)
+    except (OSError, ValueError, ImportError) as exc:
+        raise RunError(f"cannot load an image processor from {folder}: {exc}") from None
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None or not hasattr(processor, "image_processor"):
+        raise RunError(f"{folder} has no processor with an image processor: it cannot take image prompts")
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return processor
+
+
+def with_image_tokens(processor, prompt: str, count: int) -> str:
+    """The prompt with one image placeholder per image in front, unless it places them itself."""
+    token = getattr(processor, "image_token", None)
+    if not token or token in prompt:
+        return prompt
+    return token * count + prompt
+
+
+def encode_with_images(processor, prompts: list[str], images: list, plan: Plan, max_new_tokens: int):
+    """The padded batch of prompts that each show `images`, refused beyond the plan's max_seq_len
+    (the tokens the processor expands each image into count)."""
+    texts = [with_image_tokens(processor, prompt, len(images)) for prompt in prompts]
+    try:
+        batch = processor(text=texts, images=[list(images) for _ in prompts], return_tensors="pt", padding=True)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"the processor refuses the prompt and images: {exc}") from None
+    _check_length(batch, plan, max_new_tokens, "with its images ")
+    return batch
+
+
+def _check_length(batch, plan: Plan, max_new_tokens: int, what: str = "") -> None:
     lengths = batch["attention_mask"].sum(dim=1).tolist()
     # Left padding gives every row the longest prompt's length, and the KV cache holds the padding too.
     longest = batch["input_ids"].shape[1]
     if longest + max_new_tokens > plan.workload.max_seq_len:
         which = lengths.index(max(lengths)) + 1
         raise UsageError(
-            f"prompt {which} is {longest} tokens; with max_new_tokens {max_new_tokens} that is "
+            f"prompt {which} {what}is {longest} tokens; with max_new_tokens {max_new_tokens} that is "
             f"{longest + max_new_tokens} > the plan's max_seq_len {plan.workload.max_seq_len}; shorten it, lower "
             "--max-new-tokens, or recompile with a larger workload.max_seq_len"
         )
-    return batch
 
 
 def generation_settings(plan: Plan) -> dict:
@@ -128,7 +189,12 @@ def generate(
     from transformers import TextStreamer
 
     streamer = TextStreamer(tokenizer, skip_special_tokens=True) if stream else None
-    inputs = {name: tensor.to(input_device) for name, tensor in batch.items()}
+    inputs = {}
+    for name, tensor in batch.items():
+        if isinstance(tensor, torch.Tensor):
+            # Pixel values come as float32; the vision tower runs in the plan's dtype.
+            tensor = tensor.to(input_device, dtype=model.dtype if tensor.is_floating_point() else None)
+        inputs[name] = tensor
     try:
         with torch.inference_mode():
             output = model.generate(**inputs, generation_config=config, streamer=streamer, **(extra or {}))

@@ -85,8 +85,11 @@ def build_meta_model(plan: Plan, config: dict):
 def structure_mismatches(plan: Plan, model) -> list[str]:
     """The lock's device_map, skip_keys and no-split classes against the model's structure."""
     mismatches = []
-    modules = {name for name, _ in model.named_modules()}
-    unknown = [key for key in plan.device_map if key not in modules]
+    if type(model).__name__ != plan.model.architecture:
+        mismatches.append(f"model class: plan {plan.model.architecture}, machine's transformers builds {type(model).__name__}")
+    # An entry places a module, or a module's own parameter or buffer (gpt_bigcode's `transformer.bias`).
+    known = {name for name, _ in model.named_modules()} | set(_tensor_names(model))
+    unknown = [key for key in plan.device_map if key not in known]
     if unknown:
         mismatches.append(f"device_map entries: plan {_listing(unknown)}, machine's model has no such module")
     _, unplaced = placement_per_tensor(plan.device_map, _tensor_names(model))
@@ -156,7 +159,7 @@ def quantization_config_arguments(plan: Plan) -> dict[str, Any] | None:
 
 
 def from_pretrained_arguments(plan: Plan, lock_dir: Path) -> dict[str, Any]:
-    """Keyword arguments for AutoModelForCausalLM.from_pretrained that enact the lock."""
+    """Keyword arguments for the lock's model class's from_pretrained that enact the lock."""
     import torch
 
     folder = str((lock_dir / plan.host.disk).resolve()) if plan.host.disk else None
@@ -169,14 +172,34 @@ def from_pretrained_arguments(plan: Plan, lock_dir: Path) -> dict[str, Any]:
     return arguments
 
 
-def load_model(plan: Plan, folder: Path, lock_dir: Path, progress=None):
-    """from_pretrained with the lock's placement; `progress` (a rich Progress) shows the weights loading."""
-    from transformers import AutoModelForCausalLM
+def model_class_and_config(plan: Plan, folder: Path):
+    """The class and config compile planned: config.json read and resolved as `planc.model.build` does
+    (by `architectures` where the model_type is unknown), checked against the lock's class."""
+    import json
 
+    from planc.errors import PlancError
+    from planc.model.build import resolve
+
+    try:
+        config_dict = json.loads((folder / "config.json").read_text())
+        config, cls = resolve(config_dict, plan.model.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise RunError(f"cannot read {folder / 'config.json'}: {exc}") from None
+    except PlancError as exc:
+        raise RunError(f"the model no longer builds: {exc}") from None
+    if cls.__name__ != plan.model.architecture:
+        raise RunError(f"the plan is for {plan.model.architecture}; this transformers resolves {cls.__name__}")
+    return cls, config
+
+
+def load_model(plan: Plan, folder: Path, lock_dir: Path, progress=None):
+    """from_pretrained of the lock's class with the lock's placement; `progress` (a rich Progress) shows
+    the weights loading."""
+    cls, config = model_class_and_config(plan, folder)
     arguments = from_pretrained_arguments(plan, lock_dir)
     with _loading_display(progress):
         try:
-            return AutoModelForCausalLM.from_pretrained(folder, **arguments)
+            return cls.from_pretrained(folder, config=config, **arguments)
         except (OSError, ValueError, RuntimeError) as exc:
             raise RunError(f"loading {plan.model.architecture} from {folder} failed: {exc}") from None
 

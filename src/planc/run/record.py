@@ -14,6 +14,7 @@ import platform
 from pathlib import Path
 
 from planc.errors import RunError, SpecError
+from planc.files import TEXT_LIMIT, parse_json, read_bytes
 from planc.plan import Packages, Plan, write_if_changed
 from planc.run.generate import Completion
 
@@ -54,26 +55,32 @@ def record_data(fingerprint_: dict, max_new_tokens: int, completions: list[Compl
 
 
 def write_record(path: Path, data: dict) -> None:
-    write_if_changed(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    try:
+        write_if_changed(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    except OSError as exc:
+        raise SpecError(f"cannot write record {path}: {exc.strerror or exc}") from None
 
 
 def read_record(path: Path) -> dict:
     """A record file, checked for shape (not for content: that is what --expect compares)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise SpecError(f"cannot read record {path}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise SpecError(f"record {path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    data = parse_json(read_bytes(path, "record", SpecError, TEXT_LIMIT), f"record {path}", SpecError)
     try:
         if data["planc_record"] != RECORD_FORMAT:
             raise SpecError(f"record {path}: format {data['planc_record']}, this planc reads {RECORD_FORMAT}")
-        int(data["max_new_tokens"])
-        for output in data["outputs"]:
-            str(output["prompt"]), [int(t) for t in output["token_ids"]], str(output["sha256"])
+        valid = _positive_int(data["max_new_tokens"]) and isinstance(data["outputs"], list) and all(
+            isinstance(output["prompt"], str) and isinstance(output["sha256"], str)
+            and isinstance(output["token_ids"], list) and all(map(_positive_int, output["token_ids"]))
+            for output in data["outputs"]
+        )
+        if not valid:
+            raise TypeError
     except (KeyError, TypeError, ValueError):
         raise SpecError(f"record {path}: not a planc run record (write one with planc run --record)") from None
     return data
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def expectation_failure(record: dict, completions: list[Completion], fingerprint_: dict, tokenizer=None) -> str | None:

@@ -64,7 +64,7 @@ def memory_rows(plan: Plan, peaks: dict[str, int], rank: int | None = None) -> l
 def make_console():
     from rich.console import Console
 
-    return Console(stderr=True)
+    return Console(stderr=True, markup=False)  # lock strings print as themselves
 
 
 def hashing_progress(console):
@@ -76,7 +76,7 @@ def hashing_progress(console):
     if not console.is_terminal:
         return None, None
     progress = Progress(
-        TextColumn("hashing {task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        TextColumn("hashing {task.description}", markup=False), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
         console=console, transient=True,
     )
     tasks: dict[str, int] = {}
@@ -96,7 +96,7 @@ def loading_progress(console):
     if not console.is_terminal:
         return None
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=console, transient=True,
     )
 

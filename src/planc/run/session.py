@@ -33,14 +33,25 @@ class Session:
     check_s: float
     load_s: float
     rank: Any = None  # planc.run.distributed.RankContext of a tensor/pipeline rank; None in one process
+    processor: Any = None  # loaded on the first image prompt
 
-    def generate(self, prompts: list[str], max_new_tokens: int, stream: bool = False) -> list[Completion]:
-        """Greedy (or the plan's) decoding of up to workload.batch_size prompts within max_seq_len."""
+    def generate(
+        self, prompts: list[str], max_new_tokens: int, stream: bool = False, images: list | None = None
+    ) -> list[Completion]:
+        """Greedy (or the plan's) decoding of up to workload.batch_size prompts within max_seq_len; each
+        prompt shows `images` (PIL images, at most the plan's images_per_sequence) when given."""
         from planc.run.apply import pinned_attention
-        from planc.run.generate import check_batch, encode, generate, generation_config, input_device
+        from planc.run.generate import (
+            check_batch, encode, encode_with_images, generate, generation_config, input_device, load_processor,
+        )
 
         check_batch(self.plan, prompts)
-        batch = encode(self.tokenizer, prompts, self.plan, max_new_tokens)
+        if images:
+            if self.processor is None:
+                self.processor = load_processor(self.machine.folder, self.plan)
+            batch = encode_with_images(self.processor, prompts, images, self.plan, max_new_tokens)
+        else:
+            batch = encode(self.tokenizer, prompts, self.plan, max_new_tokens)
         config = generation_config(self.model, self.tokenizer, self.plan, max_new_tokens)
         device, extra = input_device(self.plan), {}
         if self.rank is not None:
@@ -71,6 +82,7 @@ def open_session(
     before_load: Callable[[Any], None] | None = None,
     keep: bool = False,
     rank=None,
+    trust_remote_code: bool = False,
 ) -> Iterator[Session]:
     """Check the machine against `plan`, apply it and load the model; refuse (raise) naming why not.
 
@@ -81,14 +93,18 @@ def open_session(
     of the process once the block ends well, and the model carries the plan's SDPA backends and
     decoding settings itself (`apply.attach_plan`); a failure still restores everything.
     `rank` (a planc.run.distributed.RankContext) opens one rank of a tensor- or pipeline-parallel
-    plan: its part of the machine is checked and its share loaded.
+    plan: its part of the machine is checked and its share loaded. First of all, the lock may ask
+    only for what planc writes (run.trust); `trust_remote_code` is the caller's consent to a lock
+    that asks for code shipped with the checkpoint.
     """
     from planc.run.apply import applied_environment, attach_plan, torch_settings
     from planc.run.checks import check_machine
     from planc.run.generate import load_tokenizer, reset_peaks
     from planc.run.load import load_model, placement_mismatches
     from planc.run.report import hashing_progress, loading_progress
+    from planc.run.trust import check_lock_trust
 
+    check_lock_trust(plan, lock_dir, trust_remote_code)
     if plan.distributed and rank is None:
         raise RunError(
             f"this plan is {plan.parallel.strategy} over {len(plan.parallel.ranks)} ranks: each process loads one "

@@ -1,0 +1,90 @@
+"""Vision towers of image-text-to-text models: how many tokens an image becomes and the encoder's transients.
+
+The tower runs once per prefill over every image of the batch (batch_size x
+workload.images_per_sequence images), block by block, before the decoder layers; it keeps no
+cache. Each block is an attention + MLP block over the image's patches, so its transient is the
+decoder formulas' (`attention.transient_bytes`, `mlp.transient_bytes`) at "batch = images,
+tokens = patches per image", without a causal mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from planc.errors import SpecError
+from planc.model import attention, mlp
+from planc.model.config import DTYPE_BYTES, Shapes, config_value
+from planc.workload import Workload
+
+
+@dataclass(frozen=True)
+class Vision:
+    """The vision encoder's numbers (`config.vision_config`)."""
+
+    shapes: Shapes
+    patch_size: int
+    image_size: int | None  # the config's default input side, pixels; None for dynamic-resolution towers
+    towers: tuple[str, ...]  # module paths of the tower(s)
+
+    def patches_per_image(self, workload: Workload) -> int:
+        """Patch tokens the encoder attends over for one image of workload.image_size (or the config's) pixels."""
+        side = workload.image_size or self.image_size
+        if not side:
+            raise SpecError(
+                "workload.image_size is required with images_per_sequence for this model: its vision tower takes "
+                "images of any resolution"
+            )
+        per_side = -(-side // self.patch_size)
+        return per_side * per_side
+
+
+def vision_of(config, towers: tuple[str, ...]) -> Vision | None:
+    """The Vision numbers of a multimodal config whose vision tower is among `towers`, or None."""
+    vision = getattr(config, "vision_config", None)
+    if vision is None or not towers:
+        return None
+    get = lambda *names, default=0: config_value(vision, *names, default=default)  # noqa: E731
+    hidden = get("embed_dim", "hidden_size", "width", "d_model")
+    heads = get("num_attention_heads", "num_heads", "heads") or 1
+    mlp_ratio = get("mlp_ratio", default=4)
+    intermediate = get("intermediate_size", default=int(hidden * mlp_ratio))
+    shapes = Shapes(
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_key_value_heads=get("num_key_value_heads", default=heads),
+        head_dim=get("head_dim", default=hidden // heads),
+        v_head_dim=get("head_dim", default=hidden // heads),
+        intermediate_size=intermediate,
+        vocab_size=0,
+        num_layers=get("num_hidden_layers", "depth", "num_layers"),
+    )
+    image_size = get("image_size", default=None)
+    if isinstance(image_size, (list, tuple)):
+        image_size = max(image_size)
+    patch = get("patch_size", default=14)
+    if isinstance(patch, (list, tuple)):
+        patch = max(patch)
+    return Vision(shapes, int(patch) or 14, int(image_size) if image_size else None, towers)
+
+
+def transient_bytes(vision: Vision, workload: Workload, dtype: str, backend: str, text_hidden: int) -> int:
+    """Peak transient bytes of the vision tower's run over all images of the batch (0 without images).
+
+    One block's transient, plus what outlives the blocks: the hidden states of every block
+    (LLaVA-style models select a layer from `output_hidden_states`, so all of them stay alive until
+    the tower returns), and the projector's output and intermediate in the text width. A class token
+    is counted per image (CLIP-style towers add one).
+    """
+    images = workload.batch_size * workload.images_per_sequence
+    if not images:
+        return 0
+    tokens = vision.patches_per_image(workload) + 1
+    step = replace(workload, batch_size=images, max_seq_len=tokens, prefill_chunk_size=None, images_per_sequence=0)
+    e = DTYPE_BYTES[dtype]
+    width = images * tokens * e
+    hidden = 4 * width * vision.shapes.hidden_size
+    mixer = attention.transient_bytes(vision.shapes, None, step, dtype, backend)
+    block = hidden + max(mixer, mlp.transient_bytes(vision.shapes, False, step, dtype))
+    held = (vision.shapes.num_layers + 1) * width * vision.shapes.hidden_size
+    projector = 3 * width * text_hidden
+    return block + held + projector

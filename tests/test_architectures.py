@@ -1,0 +1,301 @@
+"""The families issue 11 added, end to end on tiny real models: image-text-to-text (LLaVA), per-layer
+configs (Gemma 4), resolution by `architectures` (Kimi-K2 on DeepSeek-V3), ties whose target does
+not run first (StarCoder's gpt_bigcode). Each is compiled by planc, run by `planc run` on the CPU
+and compared with plain transformers; GPU plans are executed by `planc simulate`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import SENTENCES, write_spec
+from planc.compile import compile_spec
+from planc.errors import ModelError, SpecError, UsageError
+from planc.plan import load_lock, write_if_changed
+from planc.run import run_plan
+
+MAX_NEW_TOKENS = 6
+CPU_SPEC = """\
+planc: 1
+model: {{path: {model}}}
+hardware: {{gpus: [], cpu_memory: 8GiB}}
+workload: {{batch_size: 2, max_seq_len: 96{workload}}}
+policy: {{offload: cpu}}
+"""
+TWO_GPU_SPEC = """\
+planc: 1
+model: {{config: {config}}}
+hardware:
+  gpus: [{{name: card, memory: {memory}, compute_capability: "8.0", bandwidth: 1000GB/s, count: 2}}]
+  cpu_memory: 8GiB
+workload: {{batch_size: 2, max_seq_len: 64{workload}}}
+"""
+
+
+def compile_to(folder: Path, text: str) -> Path:
+    spec = write_spec(folder, text)
+    lock = folder / "plan.lock"
+    _, lock_text = compile_spec(spec, lock)
+    write_if_changed(lock, lock_text)
+    return lock
+
+
+def image(folder: Path, seed: int = 0) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 255, (40, 48, 3), dtype=np.uint8)
+    path = folder / f"image{seed}.png"
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def plain_generate(model_class, folder: Path, inputs: dict, **load) -> list[list[int]]:
+    """Greedy generate in float32 as users write it, new tokens up to the first end-of-sequence."""
+    import torch
+
+    model = model_class.from_pretrained(folder, dtype=torch.float32, **load)
+    output = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    rows = output[:, inputs["input_ids"].shape[1] :].tolist()
+    eos = model.generation_config.eos_token_id
+    return [row[: row.index(eos) + 1] if eos in row else row for row in rows]
+
+
+# ------------------------------------------------------------------ image-text-to-text
+
+
+def test_vlm_plan_places_the_vision_tower_and_plans_its_peak_per_image(tiny_vlm, tmp_path):
+    for images in (0, 4):
+        folder = tmp_path / f"images{images}"
+        folder.mkdir()
+        shutil.copy(tiny_vlm / "config.json", folder / "config.json")
+        workload = f", images_per_sequence: {images}, image_size: 256" if images else ""
+        plan = load_lock(compile_to(folder, TWO_GPU_SPEC.format(config="config.json", memory="1GiB", workload=workload)))
+        assert plan.model.architecture == "LlavaForConditionalGeneration"
+        assert any(key.startswith("model.vision_tower.encoder.layers.") for key in plan.device_map)
+        assert "model.language_model.layers.0" in plan.device_map
+        assert any(d.id == "model.vision" for d in plan.decisions)
+        if images:
+            assert plan.format_version == "1.1" and plan.workload.images_per_sequence == 4
+            with_images = plan.memory[0].activations
+        else:
+            assert plan.format_version == "1.0"  # no 1.1 field used: readable by older planc
+            text_only = plan.memory[0].activations
+    # 2 x 4 images of (256 / 8)^2 patches through a CLIP block outweigh the text's 2 x 64 tokens.
+    assert with_images > text_only
+
+
+def test_images_need_a_vision_tower(tmp_path, tiny_model):
+    with pytest.raises(SpecError, match="has no vision tower"):
+        compile_to(tmp_path, CPU_SPEC.format(model=tiny_model, workload=", images_per_sequence: 1"))
+
+
+def test_vlm_runs_text_and_image_prompts_with_the_tokens_of_plain_transformers(tiny_vlm, tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from PIL import Image
+
+    lock = compile_to(tmp_path, CPU_SPEC.format(model=tiny_vlm, workload=", images_per_sequence: 1"))
+    picture = image(tmp_path)
+    prompts = ["The quick brown fox", "A device map"]
+
+    with_image = run_plan(lock, prompts=prompts, max_new_tokens=MAX_NEW_TOKENS, images=[picture], quiet=True)
+    text_only = run_plan(lock, prompts=prompts, max_new_tokens=MAX_NEW_TOKENS, quiet=True)
+
+    processor = AutoProcessor.from_pretrained(tiny_vlm, padding_side="left")
+    rgb = Image.open(picture).convert("RGB")
+    batch = processor(text=["<image>" + p for p in prompts], images=[[rgb], [rgb]], return_tensors="pt", padding=True)
+    assert [c.token_ids for c in with_image.completions] == plain_generate(LlavaForConditionalGeneration, tiny_vlm, dict(batch))
+    assert with_image.completions[0].prompt_tokens == 16 + len(processor.tokenizer(prompts[0])["input_ids"])
+    text = processor.tokenizer(prompts, return_tensors="pt", padding=True)
+    assert [c.token_ids for c in text_only.completions] == plain_generate(LlavaForConditionalGeneration, tiny_vlm, dict(text))
+    assert [c.token_ids for c in text_only.completions] != [c.token_ids for c in with_image.completions]
+
+
+def test_more_images_than_planned_is_refused_before_loading(tiny_vlm, tmp_path):
+    lock = compile_to(tmp_path, CPU_SPEC.format(model=tiny_vlm, workload=", images_per_sequence: 1"))
+    pictures = [image(tmp_path, 0), image(tmp_path, 1)]
+    with pytest.raises(UsageError, match="exceed the plan's images_per_sequence 1"):
+        run_plan(lock, prompts=["hello"], images=pictures, quiet=True)
+
+
+@pytest.mark.parametrize("images", [0, 64])
+def test_vlm_gpu_plan_simulates_within_its_ledger(tiny_vlm, tmp_path, images):
+    from planc.simulate import simulate_plan
+
+    shutil.copy(tiny_vlm / "config.json", tmp_path / "config.json")
+    workload = f", images_per_sequence: {images}" if images else ""
+    lock = compile_to(tmp_path, TWO_GPU_SPEC.format(config="config.json", memory="1GiB", workload=workload))
+    report = simulate_plan(load_lock(lock), tmp_path, decode_steps=1)
+    assert report.ok, report.error
+    if images:
+        # 2 x 64 images of 16 patches: the tower's peak is most of GPU 0's, and the ledger holds it.
+        assert any("vision tower ran over 128 images" in note for note in report.notes), report.notes
+    for device in report.devices:
+        assert device.planned_tensors >= device.simulated_peak, device
+
+
+# ------------------------------------------------------------------ per-layer configs
+
+
+def gemma4_text_config() -> dict:
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(
+        "gemma4_text", hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, global_head_dim=32, vocab_size=128, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=0,
+        hidden_size_per_layer_input=0, max_position_embeddings=256, pad_token_id=None, bos_token_id=None,
+        eos_token_id=None,
+    )
+    data = config.to_dict()
+    data["architectures"] = ["Gemma4ForCausalLM"]
+    return data
+
+
+def test_gemma4_head_dim_per_layer_matches_the_real_cache():
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from planc.memory import Workload, unit_kv_bytes
+    from planc.model import build_model_graph, make_config
+
+    config = gemma4_text_config()
+    graph = build_model_graph(config, "float32")
+    layers = [unit for unit in graph.units if unit.kind == "layer"]
+    assert [graph.shapes_of(u).head_dim for u in layers] == [16, 32, 16, 32]
+    model = AutoModelForCausalLM.from_config(make_config(config), dtype=torch.float32).eval()
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 128, (2, 24)), past_key_values=cache, use_cache=True)
+    for unit, layer in zip(layers, cache.layers):
+        held = sum(t.untyped_storage().nbytes() for t in (layer.keys, layer.values))
+        assert held == unit_kv_bytes(unit, Workload(2, 24)), unit.name
+
+
+def test_gemma4_gpu_plan_simulates_within_its_ledger(tmp_path):
+    from planc.simulate import simulate_plan
+
+    (tmp_path / "config.json").write_text(json.dumps(gemma4_text_config()))
+    lock = compile_to(tmp_path, TWO_GPU_SPEC.format(config="config.json", memory="1GiB", workload=""))
+    report = simulate_plan(load_lock(lock), tmp_path, decode_steps=1)
+    assert report.ok, report.error
+
+
+# ------------------------------------------------------------------ resolution by architectures
+
+
+@pytest.fixture(scope="module")
+def tiny_kimi(tmp_path_factory) -> Path:
+    """A tiny DeepSeek-V3 saved with Kimi-K2's config.json shape: model_type kimi_k2 and an auto_map."""
+    import torch
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from conftest import build_tiny_model
+
+    folder = build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-kimi")  # for its tokenizer
+    for name in ("model.safetensors", "config.json", "generation_config.json"):
+        (folder / name).unlink(missing_ok=True)
+    config = DeepseekV3Config(
+        vocab_size=304, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+        topk_group=1, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8,
+        qk_nope_head_dim=16, v_head_dim=16, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+        pad_token_id=3,
+    )
+    torch.manual_seed(0)
+    DeepseekV3ForCausalLM(config).to(torch.float32).save_pretrained(folder)
+    data = json.loads((folder / "config.json").read_text())
+    data["model_type"] = "kimi_k2"
+    data["auto_map"] = {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                        "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"}
+    (folder / "config.json").write_text(json.dumps(data, indent=2))
+    return folder
+
+
+def test_kimi_k2_is_planned_and_run_as_the_class_its_architectures_name(tiny_kimi, tmp_path):
+    from transformers import AutoTokenizer, DeepseekV3Config, DeepseekV3ForCausalLM
+
+    lock = compile_to(tmp_path, CPU_SPEC.format(model=tiny_kimi, workload=""))
+    plan = load_lock(lock)
+    assert (plan.model.model_type, plan.model.architecture) == ("kimi_k2", "DeepseekV3ForCausalLM")
+    assert plan.model.config_class == "DeepseekV3Config" and plan.format_version == "1.1"
+    decision = next(d for d in plan.decisions if d.id == "model.architecture")
+    assert "auto_map" in decision.reason
+
+    prompts = SENTENCES[:2]
+    outcome = run_plan(lock, prompts=prompts, max_new_tokens=MAX_NEW_TOKENS, quiet=True)
+
+    data = {k: v for k, v in json.loads((tiny_kimi / "config.json").read_text()).items() if k not in ("model_type", "auto_map")}
+    tokenizer = AutoTokenizer.from_pretrained(tiny_kimi, padding_side="left")
+    batch = dict(tokenizer(prompts, return_tensors="pt", padding=True))
+    expected = plain_generate(DeepseekV3ForCausalLM, tiny_kimi, batch, config=DeepseekV3Config(**data))
+    assert [c.token_ids for c in outcome.completions] == expected
+
+
+def test_an_unknown_model_type_without_a_shipped_class_is_refused(tmp_path):
+    config = {"model_type": "my_model", "architectures": ["MyModelForCausalLM"],
+              "auto_map": {"AutoModelForCausalLM": "modeling_my.MyModelForCausalLM"}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="names no class transformers ships .*auto_map.*does not run remote code"):
+        compile_to(tmp_path, TWO_GPU_SPEC.format(config="config.json", memory="1GiB", workload=""))
+
+
+# ------------------------------------------------------------------ ties whose target does not run first
+
+
+def test_gpt_bigcode_lm_head_stays_with_its_tied_embedding_and_runs(tmp_path):
+    import torch
+    from transformers import AutoTokenizer, GPTBigCodeConfig, GPTBigCodeForCausalLM
+
+    from conftest import build_tiny_model
+
+    folder = build_tiny_model(tmp_path / "model")
+    for name in ("model.safetensors", "config.json", "generation_config.json"):
+        (folder / name).unlink()
+    config = GPTBigCodeConfig(vocab_size=304, n_positions=128, n_embd=64, n_layer=4, n_head=4, multi_query=True,
+                              bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    GPTBigCodeForCausalLM(config).to(torch.float32).save_pretrained(folder)
+
+    # Two GPUs that each hold about half of the 1.1 MB of bf16 weights: the layers split, and lm_head
+    # stays on the GPU that holds transformer.wte (with wpe, which runs before it).
+    shutil.copy(folder / "config.json", tmp_path / "config.json")
+    tiny_cards = TWO_GPU_SPEC.format(config="config.json", memory=900_000, workload="")
+    tiny_cards += "policy: {headroom: 0, reserve: {cuda_context: 0, cublas_workspace: 0, allocator_slack: 0}}\n"
+    gpu_plan = load_lock(compile_to(tmp_path, tiny_cards))
+    placed = gpu_plan.device_map
+    assert placed["lm_head"] == placed["transformer.wte"] == placed["transformer.wpe"] == 0
+    assert len(set(placed.values())) == 2
+
+    (tmp_path / "cpu").mkdir()
+    lock = compile_to(tmp_path / "cpu", CPU_SPEC.format(model=folder, workload=""))
+    prompts = SENTENCES[:2]
+    outcome = run_plan(lock, prompts=prompts, max_new_tokens=MAX_NEW_TOKENS, quiet=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
+    batch = dict(tokenizer(prompts, return_tensors="pt", padding=True))
+    assert [c.token_ids for c in outcome.completions] == plain_generate(GPTBigCodeForCausalLM, folder, batch)
+
+
+# ------------------------------------------------------------------ execution order
+
+
+def test_a_norm_that_runs_before_the_layers_is_placed_before_them(tmp_path):
+    """Bloom's word_embeddings_layernorm runs before the layers: placed after them, its output would
+    meet the position terms of GPU 0 on the last GPU (a cross-device error on real cards)."""
+    from transformers import BloomConfig
+
+    from planc.simulate import simulate_plan
+
+    config = BloomConfig(vocab_size=128, hidden_size=64, n_layer=4, n_head=4).to_dict()
+    config["architectures"] = ["BloomForCausalLM"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    spec = TWO_GPU_SPEC.format(config="config.json", memory=900_000, workload="")
+    spec += "policy: {headroom: 0, reserve: {cuda_context: 0, cublas_workspace: 0, allocator_slack: 0}}\n"
+    plan = load_lock(compile_to(tmp_path, spec))
+    assert plan.device_map["transformer.word_embeddings_layernorm"] == plan.device_map["transformer.word_embeddings"]
+    assert len(set(plan.device_map.values())) == 2
+    report = simulate_plan(plan, tmp_path, decode_steps=1)
+    assert report.ok, report.error
