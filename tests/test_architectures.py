@@ -299,3 +299,40 @@ def test_a_norm_that_runs_before_the_layers_is_placed_before_them(tmp_path):
     assert len(set(plan.device_map.values())) == 2
     report = simulate_plan(plan, tmp_path, decode_steps=1)
     assert report.ok, report.error
+
+
+# ------------------------------------------------------------------ exports load the lock's class
+
+
+@pytest.mark.parametrize("model", ["tiny_vlm", "tiny_kimi"])
+def test_exported_scripts_load_the_class_and_config_the_lock_names(request, tmp_path, model):
+    """A LLaVA plan is not an AutoModelForCausalLM, and Kimi-K2's kimi_k2 config does not load
+    through AutoConfig: the scripts build what `planc run` builds and give its tokens."""
+    from test_export import MAX_NEW_TOKENS as SCRIPT_TOKENS
+    from test_export import export, run_script
+
+    folder = request.getfixturevalue(model)
+    (tmp_path / "plans").mkdir()
+    lock = compile_to(tmp_path / "plans", CPU_SPEC.format(model=folder, workload=""))
+    script = export(lock, "transformers", tmp_path / "exports" / "load.py")
+    text = script.read_text()
+    assert "AutoModelForCausalLM" not in text and f"MODEL_CLASS = {load_lock(lock).model.architecture}" in text
+
+    prompts = SENTENCES[:2]
+    expected = run_plan(lock, prompts=prompts, max_new_tokens=SCRIPT_TOKENS, quiet=True)
+    assert run_script(script, prompts)["ids"] == [c.token_ids for c in expected.completions]
+
+
+@pytest.mark.parametrize("model", ["tiny_vlm", "tiny_kimi"])
+def test_accelerate_export_refuses_checkpoints_transformers_renames_while_loading(request, tmp_path, model):
+    """LLaVA's checkpoint keys carry a language_model prefix and DeepSeek-V3's experts are stored one
+    by one: load_checkpoint_and_dispatch, which loads by name, would fail on either."""
+    from click.testing import CliRunner
+
+    from planc.cli import main
+
+    folder = request.getfixturevalue(model)
+    lock = compile_to(tmp_path, CPU_SPEC.format(model=folder, workload=""))
+    result = CliRunner().invoke(main, ["export", "--to", "accelerate", str(lock)])
+    assert result.exit_code == 2
+    assert "transformers converts" in result.output and "use --to transformers" in result.output

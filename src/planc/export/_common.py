@@ -93,7 +93,12 @@ def common_settings(context: ExportContext) -> dict[str, Any]:
         "seed": plan.generation.seed,
         "input_device": input_device(plan),
         "workload": {"batch_size": plan.workload.batch_size, "max_seq_len": plan.workload.max_seq_len},
+        # The class compile planned and `planc run` loads (an image-text-to-text model is not an
+        # AutoModelForCausalLM), and the config class where config.json's model_type is unknown.
+        "model_class": plan.model.architecture,
     }
+    if plan.model.config_class:
+        settings["config_class"] = plan.model.config_class
     if plan.mixers is not None and plan.mixers.path == "kernels":
         # Sized for the CUDA kernels: without them transformers silently runs the torch fallback,
         # whose prefill needs more memory than the plan holds.
@@ -262,9 +267,40 @@ if __name__ == "__main__":
 '''
 
 
+def config_code(settings: dict[str, Any]) -> str:
+    """`_config()`: config.json read as compile read it (planc.model.build.resolve), for the snippets."""
+    if "config_class" in settings:
+        # config.json's model_type is unknown to transformers: its dict read as the class
+        # `architectures` names, without the remote-code pointers (planc.model.config.make_config).
+        reader = settings["config_class"]
+        load = (
+            f"data, _ = {reader}.get_config_dict(MODEL, **SOURCE)\n"
+            "    data = {key: value for key, value in data.items() if key not in (\"model_type\", \"auto_map\")}\n"
+            f"    config = {reader}(**data)"
+        )
+    else:
+        reader = "AutoConfig"
+        load = "config = AutoConfig.from_pretrained(MODEL, **SOURCE, trust_remote_code=False)"
+    return f'''\
+def _config():
+    """config.json as {reader} reads it; a text-only class of a multimodal config takes its text config."""
+    {load}
+    if not isinstance(config, MODEL_CLASS.config_class):
+        subs = [getattr(config, key, None) for key in getattr(config, "sub_configs", {{}}) or {{}}]
+        config = next((sub for sub in subs if isinstance(sub, MODEL_CLASS.config_class)), config)
+    return config
+'''
+
+
+def model_imports(settings: dict[str, Any]) -> str:
+    names = sorted({settings["model_class"], settings.get("config_class", "AutoConfig"), "AutoTokenizer"})
+    return f"from transformers import {', '.join(names)}\n"
+
+
 TOKENIZER_CODE = '''\
 def _tokenizer():
-    tokenizer = AutoTokenizer.from_pretrained(MODEL, **SOURCE, padding_side="left")
+    # trust_remote_code=False: never the interactive prompt for a checkpoint that ships code.
+    tokenizer = AutoTokenizer.from_pretrained(MODEL, **SOURCE, padding_side="left", trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -20,7 +20,9 @@ from planc.export._common import (
     SNIPPET_GENERATE,
     TOKENIZER_CODE,
     common_settings,
+    config_code,
     literal,
+    model_imports,
     offload_folder,
     one_process_only,
     render_json,
@@ -29,8 +31,34 @@ from planc.export._common import (
 )
 
 
+def _renamed_checkpoint(plan) -> str | None:
+    """The model_type whose checkpoint keys transformers converts while loading (fused MoE experts,
+    LLaVA's language_model prefix: conversion_mapping.py), or None.
+
+    load_checkpoint_and_dispatch loads tensors by their names on disk, without those conversions,
+    so such a checkpoint does not load into the model transformers builds.
+    """
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    names = [plan.model.architecture, plan.model.model_type]
+    if plan.model.config_class:
+        import transformers
+
+        names.append(getattr(transformers, plan.model.config_class).model_type)
+    return next((name for name in names if get_checkpoint_conversion_mapping(name)), None)
+
+
 def settings(context: ExportContext) -> dict[str, Any]:
     one_process_only(context, "accelerate")
+    renamed = _renamed_checkpoint(context.plan)
+    if renamed is not None:
+        from planc.errors import SpecError
+
+        raise SpecError(
+            f"--to accelerate loads tensors by their names on disk, and transformers converts {renamed} checkpoints "
+            "while loading (its conversion_mapping: fused experts, renamed prefixes), which "
+            "load_checkpoint_and_dispatch does not: use --to transformers"
+        )
     if context.plan.quantization is not None:
         from planc.errors import SpecError
 
@@ -43,7 +71,7 @@ def settings(context: ExportContext) -> dict[str, Any]:
     plan = context.plan
     base = common_settings(context)
     build: dict[str, Any] = {
-        "class": "AutoModelForCausalLM",
+        "class": plan.model.architecture,
         "dtype": plan.dtype,
         "attn_implementation": plan.attention.attn_implementation,
         "trust_remote_code": plan.model.trust_remote_code,
@@ -80,20 +108,20 @@ def python(data: dict[str, Any], context: ExportContext) -> str:
     imports = (
         "from accelerate import init_empty_weights, load_checkpoint_and_dispatch\n"
         + ("" if "path" in data["model"] else "from huggingface_hub import snapshot_download\n")
-        + "from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer\n"
+        + model_imports(data)
     )
     return (
         snippet_header("accelerate", context, data, "dispatched with load_checkpoint_and_dispatch", imports)
+        + f"MODEL_CLASS = {data['model_class']}\n"
         + "FROM_CONFIG = " + literal(build) + "\n"
         + "DISPATCH = " + literal(dispatch) + "\n\n\n"
-        + snippet_settings_code() + "\n\n" + TOKENIZER_CODE + "\n\n"
+        + snippet_settings_code() + "\n\n" + config_code(data) + "\n\n" + TOKENIZER_CODE + "\n\n"
         + f'''\
 def load():
     """The model built on the meta device, then loaded and dispatched exactly as the plan places it."""
     _torch_settings()
-    config = AutoConfig.from_pretrained(MODEL, **SOURCE)
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, **FROM_CONFIG)
+        model = MODEL_CLASS._from_config(_config(), **FROM_CONFIG)
     model.tie_weights()
     model = load_checkpoint_and_dispatch(model, {checkpoint}, **DISPATCH)
     model.eval()

@@ -12,7 +12,9 @@ from planc.export._common import (
     SNIPPET_GENERATE,
     TOKENIZER_CODE,
     common_settings,
+    config_code,
     literal,
+    model_imports,
     offload_folder,
     one_process_only,
     render_json,
@@ -37,19 +39,20 @@ def python(data: dict[str, Any], context: ExportContext) -> str:
     arguments["dtype"] = Code(f"torch.{arguments['dtype']}")
     if "offload_folder" in arguments:
         arguments["offload_folder"] = Code(f"str(HERE / {arguments['offload_folder']!r})")
-    imports = "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+    imports = model_imports(data)
     if "quantization_config" in arguments:
         arguments["quantization_config"] = Code(f"AutoQuantizationConfig.from_dict({literal(arguments['quantization_config'])})")
         imports += "from transformers.quantizers.auto import AutoQuantizationConfig\n"
     return (
         snippet_header("transformers", context, data, "loaded with from_pretrained", imports)
+        + f"MODEL_CLASS = {data['model_class']}\n"
         + "FROM_PRETRAINED = " + literal(arguments) + "\n\n\n"
-        + snippet_settings_code() + "\n\n" + TOKENIZER_CODE + "\n\n"
+        + snippet_settings_code() + "\n\n" + config_code(data) + "\n\n" + TOKENIZER_CODE + "\n\n"
         + '''\
 def load():
     """The model placed as the plan says (device_map, max_memory, dtype, attention), and its tokenizer."""
     _torch_settings()
-    model = AutoModelForCausalLM.from_pretrained(MODEL, **SOURCE, **FROM_PRETRAINED)
+    model = MODEL_CLASS.from_pretrained(MODEL, **SOURCE, config=_config(), **FROM_PRETRAINED)
     return model, _tokenizer()
 
 
@@ -60,7 +63,7 @@ def load():
 
 TARGET = ExportTarget(
     name="transformers",
-    summary="AutoModelForCausalLM.from_pretrained arguments, decoding settings and environment",
+    summary="from_pretrained arguments of the plan's model class, decoding settings and environment",
     settings=settings,
     renderers={"json": render_json, "python": python},
 )

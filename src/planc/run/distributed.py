@@ -162,9 +162,8 @@ def distributed_config(plan: Plan):
 def load_rank_model(plan: Plan, folder: Path, progress=None):
     """from_pretrained of this rank's share: transformers reads its shard of each tensor (shard on read)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from planc.run.load import _loading_display
+    from planc.run.load import _loading_display, model_class_and_config
 
     arguments = {
         "dtype": getattr(torch, plan.dtype),
@@ -174,9 +173,11 @@ def load_rank_model(plan: Plan, folder: Path, progress=None):
     }
     if plan.generation.experts_implementation:
         arguments["experts_implementation"] = plan.generation.experts_implementation
+    # The class and config compile planned (resolved by `architectures` where the model_type is unknown).
+    cls, config = model_class_and_config(plan, folder)
     with _loading_display(progress):
         try:
-            return AutoModelForCausalLM.from_pretrained(folder, **arguments)
+            return cls.from_pretrained(folder, config=config, **arguments)
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise RunError(f"loading {plan.model.architecture} as rank failed: {exc}") from None
 
