@@ -62,7 +62,11 @@ def transformers_bytes(config: dict, native: bool) -> int:
         scales = 0
         if native:
             quantizer = AutoHfQuantizer.from_config(AutoQuantizationConfig.from_dict(dict(quant)), pre_quantized=True)
-            with mock.patch("transformers.integrations.hub_kernels.get_kernel", return_value=object()):
+            # get_current_accelerator: the CPU, as on this machine before any `planc simulate` in
+            # the process registered its virtual GPU backend (which the quantizer would take for
+            # an accelerator, and dequantize for).
+            with mock.patch("transformers.integrations.hub_kernels.get_kernel", return_value=object()), \
+                    mock.patch("transformers.quantizers.quantizer_mxfp4.get_current_accelerator", return_value=None):
                 quantizer.preprocess_model(model, dtype=torch.bfloat16, device_map=None, use_kernels=True)
             scales = sum(p.numel() * 2 // 32 for n, p in model.named_parameters() if p.dtype == torch.uint8)
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
@@ -459,18 +463,34 @@ def test_a_quantized_cache_is_refused_for_sliding_window_models():
 
 
 def test_run_refuses_when_a_package_the_lock_needs_is_missing(tiny_model, tmp_path):
+    """A requirement some rule names (the fp8/mxfp4 kernels package) that this machine lacks."""
     from planc.run import run_plan
 
     lock = cpu_plan(tmp_path, tiny_model, ", quantize: bnb-4bit")
     plan = load_lock(lock)
-    section = plan.quantization.model_copy(update={"requires_packages": ["bitsandbytes>=99", "kernels>=0.18.2"]})
+    requirements = ["bitsandbytes>=0.46.1", "kernels>=0.18.2,<0.19.0"]
+    section = plan.quantization.model_copy(update={"requires_packages": requirements})
     lock.write_text(dump_lock(plan.model_copy(update={"quantization": section}).sealed(), "test"))
 
     with pytest.raises(DriftError) as info:
         run_plan(lock, prompts=PROMPTS, max_new_tokens=4, quiet=True)
     message = str(info.value)
-    assert "package bitsandbytes>=99 (bnb-4bit weights native): machine has bitsandbytes 0.50.2" in message
-    assert "package kernels>=0.18.2 (bnb-4bit weights native): machine does not have it" in message
+    assert "package kernels>=0.18.2,<0.19.0 (bnb-4bit weights native): machine does not have it" in message
+    assert "bitsandbytes" not in message
+
+
+def test_a_package_older_than_the_lock_needs_is_a_mismatch(tiny_model, tmp_path):
+    """The version check itself (a lock naming a requirement no rule writes is refused before it, run.trust)."""
+    from importlib import metadata
+
+    from planc.detect import detect_machine
+    from planc.run.checks import quantization_mismatches
+
+    plan = load_lock(cpu_plan(tmp_path, tiny_model, ", quantize: bnb-4bit"))
+    section = plan.quantization.model_copy(update={"requires_packages": ["bitsandbytes>=99"]})
+    mismatches = quantization_mismatches(plan.model_copy(update={"quantization": section}), detect_machine())
+    installed = metadata.version("bitsandbytes")
+    assert mismatches == [f"package bitsandbytes>=99 (bnb-4bit weights native): machine has bitsandbytes {installed}"]
 
 
 def test_run_refuses_gpus_older_than_the_quantized_weights_need():

@@ -79,8 +79,6 @@ class LayerCache:
     bytes_per_token: int = 0
     window: int | None = None  # keeps at most this many tokens between steps
     state_bytes: int = 0  # fixed per sequence whatever the context (recurrent / convolution states)
-    quantized: str | None = None  # the QuantizedCache backend storing it (fp8), None for the model dtype
-    fixed_bytes: int = 0  # per layer whatever the batch (a quantized cache's scales)
     mixer: Mixer | None = None  # the state-keeping sequence mixer, for linear / conv / hybrid layers
     attention: bool = True  # runs softmax attention over its cached tokens (its transients, its masks)
     indexer_heads: int = 0  # indexed attention: heads of the indexer that scores every cached token
@@ -91,6 +89,8 @@ class LayerCache:
     compress_rate: int = 0
     compressed_bytes: int = 0
     buffer_bytes_per_token: int = 0
+    quantized: str | None = None  # the QuantizedCache backend storing it (fp8), None for the model dtype
+    fixed_bytes: int = 0  # per layer whatever the batch (a quantized cache's scales)
 
     def tokens_held(self, workload: Workload) -> int:
         """Tokens of cache the layer holds at its peak.
@@ -201,7 +201,7 @@ def layer_caches(
             cache = LayerCache(layer_type, state_bytes=mixer.state_bytes(dtype), mixer=mixer, attention=False)
             if layer_type in HYBRID_LAYER_TYPES:
                 kv = attention.hybrid_layer_cache(layer_type, layer_kwargs, own, dtype, module)
-                cache = LayerCache(layer_type, kv.bytes_per_token, kv.window, cache.state_bytes, mixer)
+                cache = LayerCache(layer_type, kv.bytes_per_token, kv.window, state_bytes=cache.state_bytes, mixer=mixer)
             caches.append(cache)
         elif layer_type == "dummy":
             # No cache of its own: a feed-forward-only layer (Nemotron-H's mlp / moe blocks), or
