@@ -36,9 +36,14 @@ def _renamed_checkpoint(plan) -> str | None:
     LLaVA's language_model prefix: conversion_mapping.py), or None.
 
     load_checkpoint_and_dispatch loads tensors by their names on disk, without those conversions,
-    so such a checkpoint does not load into the model transformers builds.
+    so such a checkpoint does not load into the model transformers builds. The table is
+    transformers' own (it imports torch); without transformers here the script's strict load is
+    what will say so.
     """
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:
+        return None
 
     names = [plan.model.architecture, plan.model.model_type]
     if plan.model.config_class:
