@@ -1,7 +1,8 @@
 """Which architectures planc plans, against the anchor (accelerate's `infer_auto_device_map`), model by model.
 
     PYTHONPATH=src python -m bench.coverage [--only SUBSTRING] [--no-simulate] [--markdown docs/coverage.md]
-                                            [--json results.json] [--from-json results.json] [--baseline FILE]
+                                            [--baseline bench/coverage-baseline.json]
+                                            [--json results.json] [--from-json results.json]
 
 The population is every (model_type, class) pair of transformers' causal-LM and image-text-to-text
 mappings (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES), each at its
@@ -181,18 +182,42 @@ def _gpu_memory() -> int:
     return resolve_inventory(spec_for().hardware).gpus[0].memory
 
 
-def simulate(plan, config: dict) -> tuple[str, float | None, str]:
-    """planc simulate of the plan: (holds | over | failed, worst ledger error, error)."""
+class _SimulationTimeout(BaseException):
+    """Raised by the alarm; a BaseException so that simulate's own `except Exception` lets it through."""
+
+
+SIMULATE_SECONDS = 120
+
+
+def _alarm(signum, frame):
+    raise _SimulationTimeout
+
+
+def simulate(plan, config: dict, seconds: int = SIMULATE_SECONDS) -> tuple[str, float | None, str]:
+    """planc simulate of the plan: (holds | over | failed | timed out, worst ledger error, error).
+
+    Bounded in time: Mamba1's torch fallback scans token by token in Python, and 4096 tokens x 64
+    layers under fake tensors take tens of minutes (the plan is still compiled and listed).
+    """
+    import signal
+
     from planc.plan import dump_lock
     from planc.simulate import simulate_plan
 
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "config.json").write_text(json.dumps(config))
         (Path(folder) / "plan.lock").write_text(dump_lock(plan, "bench.coverage"))
+        previous = signal.signal(signal.SIGALRM, _alarm)
+        signal.alarm(seconds)
         try:
             report = simulate_plan(plan, Path(folder), decode_steps=1)
+        except _SimulationTimeout:
+            return "timed out", None, f"simulate stopped after {seconds} s"
         except Exception as exc:  # noqa: BLE001
             return "failed", None, _crash(exc)
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
     if report.error:
         return "failed", None, report.error
     used = [d for d in report.devices if d.simulated_peak]
@@ -309,7 +334,7 @@ def markdown(rows: list[Row], baseline: dict | None = None) -> str:
             by_reason.setdefault(r.reason_class, []).append(r.architecture)
     for reason, names in sorted(by_reason.items(), key=lambda item: -len(item[1])):
         out.append(f"- **{reason}** ({len(names)}): {', '.join(sorted(names))}")
-    failed = [r for r in rows if r.simulated == "failed"]
+    failed = [r for r in rows if r.simulated in ("failed", "timed out")]
     if failed:
         out += ["", "## Planned, but the simulation did not complete", "",
                 "The error `planc simulate` reported (a default config transformers cannot run, a model whose forward",
