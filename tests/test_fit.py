@@ -215,6 +215,8 @@ def test_cli_json_and_terminal(project):
     assert text.exit_code == 0
     assert "Fewest cards that fit" in text.output and "Largest context" in text.output
     assert "policy.offload: cpu" in text.output
+    # The console reads no markup (lock strings print as themselves): styles are Text, never tags.
+    assert "[/" not in text.output and "[bold]" not in text.output and "[dim]" not in text.output
 
     missing_spec = runner.invoke(main, ["fit", str(project / "nope.yaml")])
     assert missing_spec.exit_code == 2 and missing_spec.output.startswith("error: cannot read spec")

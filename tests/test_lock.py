@@ -303,3 +303,20 @@ def test_a_stale_report_is_one_line_whatever_the_lock_holds(tmp_path):
     result = invoke("compile", "--check", str(tmp_path / "examples" / "qwen3-8b-2xv100.yaml"), "-o", str(lock))
     assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "planc 0.1 .0 -> " in result.stderr
+
+
+def test_no_rich_markup_tags_in_planc_output_code():
+    """The console has markup off (a lock's strings print as themselves), so a "[dim]" in a
+    message would print literally: styles are rich Text objects."""
+    import io
+    import re
+    import tokenize
+
+    tag = re.compile(r"\[/?(bold|dim|green|red|yellow|cyan|magenta|italic|blue)\]")
+    offenders = [
+        f"{path.relative_to(REPO)}:{token.start[0]}"
+        for path in sorted((REPO / "src" / "planc").rglob("*.py"))
+        for token in tokenize.generate_tokens(io.StringIO(path.read_text()).readline)
+        if token.type == tokenize.STRING and tag.search(token.string)
+    ]
+    assert not offenders, offenders

@@ -270,11 +270,11 @@ def _tokens(n: int, cap: int | None = None) -> str:
 def show_fit(report, console: Console | None = None) -> None:
     """`planc fit`: the catalogue cards that fit, the spec's inventory's envelope, and what would fit."""
     console = console or _console()
-    console.print(
-        f"[bold]{report.architecture}[/bold] {report.parameters / 1e9:.2f}B params, "
-        f"{report.weight_bytes / GiB:.1f} GiB in {report.dtype}; batch {report.batch_size} x "
-        f"{report.max_seq_len} tokens"
-    )
+    console.print(Text.assemble(
+        (report.architecture, "bold"),
+        f" {report.parameters / 1e9:.2f}B params, {report.weight_bytes / GiB:.1f} GiB in {report.dtype}; "
+        f"batch {report.batch_size} x {report.max_seq_len} tokens",
+    ))
     order = "cheapest first" if report.priced else "by total memory"
     table = Table(title=f"Fewest cards that fit, on the GPUs alone (1 to {report.max_gpus} per node, {order})",
                   title_justify="left")
@@ -297,14 +297,14 @@ def show_fit(report, console: Console | None = None) -> None:
         console.print(f"No catalogue card fits in {report.max_gpus} per node.")
     misses = [fit for fit in report.cards if fit.count is None]
     if misses:
-        console.print(f"[dim]do not fit in {report.max_gpus}:[/dim]")
+        console.print(Text(f"do not fit in {report.max_gpus}:", style="dim"))
         need = [fit for fit in misses if fit.weights_need]
         if need:
-            console.print("[dim]  the weights alone need more cards: "
-                          + ", ".join(f"{fit.card.key} {fit.weights_need}" for fit in need) + "[/dim]")
+            console.print(Text("  the weights alone need more cards: "
+                               + ", ".join(f"{fit.card.key} {fit.weights_need}" for fit in need), style="dim"))
         for fit in misses:
             if not fit.weights_need:
-                console.print(f"[dim]  {fit.card.key}: {fit.reason}[/dim]")
+                console.print(Text(f"  {fit.card.key}: {fit.reason}", style="dim"))
 
     own = report.inventory
     where = ", ".join(f"{count} x {name}" for name, count in _counted(own.gpus)) or "CPU only"
@@ -315,12 +315,12 @@ def show_fit(report, console: Console | None = None) -> None:
             where_it_runs = f"peak utilisation {own.peak_utilisation:.0%}{chunk}{offload}"
         else:
             where_it_runs = f"on the CPU{chunk}"
-        console.print(
-            f"\nThis spec's inventory ({where}): [green]fits[/green], {_ms(own.decode_ms_per_token)} ms/token "
-            f"predicted, {where_it_runs}"
-        )
+        console.print(Text.assemble(
+            f"\nThis spec's inventory ({where}): ", ("fits", "green"),
+            f", {_ms(own.decode_ms_per_token)} ms/token predicted, {where_it_runs}",
+        ))
     else:
-        console.print(f"\nThis spec's inventory ({where}): [red]does not fit[/red]")
+        console.print(Text.assemble(f"\nThis spec's inventory ({where}): ", ("does not fit", "red")))
     by_batch = Table(title=f"Largest context (of {report.context_limit:,})", title_justify="left", min_width=34)
     by_batch.add_column("batch", justify="right")
     by_batch.add_column("max_seq_len", justify="right")
