@@ -48,7 +48,7 @@ def commands(scratch: Path) -> list[Command]:
             5.0,
         ),
         Command(
-            "planc fit llama-3.1-70b-2xa100-80gb (34 cards x 1-8, envelope)",
+            "planc fit llama-3.1-70b-2xa100-80gb (whole catalogue x 1-8, envelope)",
             ["fit", "--json", "examples/llama-3.1-70b-2xa100-80gb.yaml"],
             10.0,
         ),

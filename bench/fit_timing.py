@@ -43,9 +43,10 @@ def measure(max_gpus_list: list[int]) -> tuple[float, float, list[dict]]:
 
 def markdown(startup_wall: float, startup_cpu: float, rows: list[dict]) -> str:
     from bench.placement import machine, planc_revision
+    from planc.hardware import load_catalogue
 
     lines = [
-        "Command: `PYTHONPATH=src python -m bench.fit_timing` (one process; the catalogue is 34 cards)  ",
+        f"Command: `PYTHONPATH=src python -m bench.fit_timing` (one process; the catalogue is {len(load_catalogue())} cards)  ",
         f"Machine: {machine()}; planc at {planc_revision()}.",
         "",
         f"Imports and the first model build: {startup_cpu:.2f} s CPU ({startup_wall:.2f} s wall), paid once per process.",
