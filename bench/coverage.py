@@ -46,7 +46,9 @@ GPUS, GPU_TYPE, CPU_MEMORY, CONTEXT = 8, "h200", 2 * 1024 * GiB, 4096
 
 # Refusal classes, first match wins: (class, pattern on the message).
 REASONS: list[tuple[str, str]] = [
-    ("linear / recurrent / sparse attention layers (sized on branch hybrid)", r"layer type '|no attention heads"),
+    ("a layer kind or recurrent state planc does not size yet",
+     r"layer type '|no attention heads|does not know yet|does not size|outside (any|the) cache planc sizes"),
+    ("more placement units than the exact solver searches", r"exact solver searches at most"),
     ("transformers cannot build the default config", r"cannot build .* from its config|does not load (in transformers|as )"),
     ("needs a package not installed here", r"needs a package that is not installed"),
     ("encoder-decoder model", r"encoder-decoder model"),
@@ -363,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.from_json:
         rows = [Row(**row) for row in json.loads(args.from_json.read_text())]
+        for row in rows:  # classified again: the classes may have changed since the run
+            if row.planc == "refused":
+                row.reason_class = reason_class(row.planc_detail)
         baseline = json.loads(args.baseline.read_text()) if args.baseline else None
         print(json.dumps(summary(rows), indent=2))
         if args.markdown:
