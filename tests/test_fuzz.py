@@ -180,14 +180,19 @@ def _write(folder: Path, name: str, content: str | bytes) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    """A spec and config that compile, and the lock they compile to."""
+@pytest.fixture(scope="module", params=["dense", "bnb-4bit"])
+def project(tmp_path_factory, request) -> Path:
+    """A spec and config that compile, and the lock they compile to; once dense, once quantized at
+    load (so the lock's quantization section and the spec's model.quantize are mutated too)."""
     folder = tmp_path_factory.mktemp("fuzz")
+    spec = copy.deepcopy(SPEC)
+    if request.param != "dense":
+        spec["model"]["quantize"] = {"method": request.param, "quant_type": "nf4", "double_quant": True}
     _write(folder, "config.json", json.dumps(CONFIG))
-    _write(folder, "spec.yaml", _dump(SPEC))
+    _write(folder, "spec.yaml", _dump(spec))
     result = CliRunner().invoke(main, ["-q", "compile", str(folder / "spec.yaml")])
     assert result.exit_code == 0, result.output
+    assert ("quantization:" in (folder / "plan.lock").read_text()) == (request.param != "dense")
     return folder
 
 
