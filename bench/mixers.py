@@ -35,7 +35,7 @@ def main(argv=None) -> None:
     from planc.workload import Workload
 
     print(f"bfloat16, batch {args.batch} x {args.tokens} tokens, one layer of each family at its class-default size")
-    print(f"| model type | family | state per sequence | fallback KiB/token: ledger | simulated | error | kernels KiB/token: ledger |")
+    print("| model type | family | state per sequence | fallback KiB/token: ledger | simulated | error | kernels KiB/token: ledger |")
     print("|---|---|---|---|---|---|---|")
     for model_type in AT_SCALE:
         tokens = min(args.tokens, 512) if model_type == "jamba" else args.tokens  # a Python loop per token

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import planc.compile
 from conftest import CORPUS
 from planc.cli import EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED, main
 from planc.compile import ModelInput, compile_plan, installed_packages

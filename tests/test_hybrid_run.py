@@ -11,7 +11,7 @@ import json
 import pytest
 
 from hybrid_models import build_tiny_hybrid
-from planc.errors import DriftError, SpecError
+from planc.errors import DriftError
 from planc.memory import CPU_PROCESS_RESERVE
 from planc.plan import load_lock
 from planc.run import run_plan

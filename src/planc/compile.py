@@ -1085,10 +1085,10 @@ def _spec_changes(spec: Spec, plan: Plan) -> list[str]:
         changes.append(f"workload.batch_size {plan.workload.batch_size} -> {spec.workload.batch_size}")
     if spec.workload.max_seq_len != plan.workload.max_seq_len:
         changes.append(f"workload.max_seq_len {plan.workload.max_seq_len} -> {spec.workload.max_seq_len}")
-    for field in ("images_per_sequence", "image_size"):
-        before, after = getattr(plan.workload, field), getattr(spec.workload, field)
+    for name in ("images_per_sequence", "image_size"):
+        before, after = getattr(plan.workload, name), getattr(spec.workload, name)
         if before != after:
-            changes.append(f"workload.{field} {before} -> {after}")
+            changes.append(f"workload.{name} {before} -> {after}")
     try:
         inventory = resolve_inventory(spec.hardware)
     except SpecError:
