@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SENTENCES, write_spec
-from planc.compile import compile_spec
+from conftest import SENTENCES
 from planc.errors import ModelError, SpecError, UsageError
-from planc.plan import load_lock, write_if_changed
+from planc.plan import load_lock
 from planc.run import run_plan
+from test_run import compile_to
 
 MAX_NEW_TOKENS = 6
 CPU_SPEC = """\
@@ -33,14 +33,6 @@ hardware:
   cpu_memory: 8GiB
 workload: {{batch_size: 2, max_seq_len: 64{workload}}}
 """
-
-
-def compile_to(folder: Path, text: str) -> Path:
-    spec = write_spec(folder, text)
-    lock = folder / "plan.lock"
-    _, lock_text = compile_spec(spec, lock)
-    write_if_changed(lock, lock_text)
-    return lock
 
 
 def image(folder: Path, seed: int = 0) -> Path:
