@@ -60,6 +60,7 @@ REASONS: list[tuple[str, str]] = [
     ("encoder LM head without is_decoder", r"is_decoder is false"),
     ("no decoder layer list to place", r"no decoder layers found|parallel lists"),
     ("cache layers do not match decoder layers", r"cache layers for"),
+    ("transformers cannot generate with the default config", r"generates only with an attention layer"),
     ("unsupported tie", r"is tied to"),
     ("no generative class", r"no causal-LM or image-text-to-text class"),
     ("remote code", r"remote code|unknown to transformers"),

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from planc.errors import ModelError
 from planc.model.build import meta_model
-from planc.model.cache import LayerCache, layer_caches, refuse_unsized
+from planc.model.cache import LayerCache, cache_keyword, layer_caches, refuse_unsized
 from planc.model.config import Shapes, config_value, checkpoint_dtype, known_model_type, layer_shapes, shapes_of, text_config
 from planc.model.vision import Vision, vision_of
 
@@ -264,6 +264,25 @@ def _position_limit(model, pre_units: list[str], text) -> int | None:
     return None
 
 
+def _refuse_cache_without_attention(model, caches: list[LayerCache]) -> None:
+    """A DynamicCache of state layers only: transformers' generate (and the mask functions) ask
+    it for the sequence length, which only an attention layer tracks, so the model cannot generate
+    (cache_utils.py DynamicCache.get_seq_length raises). Bamba's and GraniteMoeHybrid's default
+    configs are such; their real checkpoints interleave attention layers."""
+    if not caches or any(cache.attention or cache.bytes_per_token for cache in caches):
+        return
+    if cache_keyword(model) != "past_key_values" or not any(cache.mixer for cache in caches):
+        return  # Mamba's own cache (cache_params), or a model that keeps no cache at all
+    import transformers
+
+    kinds = ", ".join(sorted({cache.kind for cache in caches}))
+    raise ModelError(
+        f"{type(model).__name__}: no layer of this config attends (only {kinds}), and transformers "
+        f"{transformers.__version__} generates only with an attention layer in its cache (DynamicCache.get_seq_length "
+        "raises without one): give the config its attention layers"
+    )
+
+
 def _group_caches(caches: list[LayerCache], layers: int) -> list[LayerCache]:
     """One cache per decoder layer when the config lists k per layer (LongCat-Flash runs two
     attentions per layer; HRM loops its layers): layer i holds entries k*i .. k*i + k - 1."""
@@ -341,6 +360,7 @@ def build_model_graph(
             "(transformers' DynamicCache is built from the config's layer count, so generate would fail or the "
             "cache would not be what planc sizes)"
         )
+    _refuse_cache_without_attention(model, caches)
     output_embeddings = model.get_output_embeddings()
 
     # Tensors are shared when tied; count each once, on the first unit (execution order) that holds it.
