@@ -218,3 +218,17 @@ def test_the_prefill_chunk_search_covers_the_mixer_path(tmp_path, kernels, chunk
     state = 36 * (8192 * 4 * 2 + 32 * 128 * 128 * 4)
     kv = 12 * 2 * 256 * 2 * 2 * 32768
     assert sum(ledger.kv_cache for ledger in plan.memory) == 4 * (state + kv)
+
+
+def test_the_cache_keyword_follows_the_forward_signature():
+    """Mamba's forward names its cache `cache_params`; Evolla's takes `past_key_values` through
+    **kwargs (simulating it once failed reading `cache_params` from its output)."""
+
+    class MambaLike:
+        def forward(self, input_ids=None, cache_params=None, **kwargs): ...
+
+    class EvollaLike:
+        def forward(self, input_ids=None, use_cache=None, **kwargs): ...
+
+    assert cache_keyword(MambaLike()) == "cache_params"
+    assert cache_keyword(EvollaLike()) == "past_key_values"
