@@ -113,35 +113,42 @@ def _crash(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}{where}"
 
 
-def spec_for(context: int = CONTEXT):
+def spec_for(context: int = CONTEXT, images: int = 0):
     from planc.spec import parse_spec
 
+    workload = {"batch_size": 1, "max_seq_len": context}
+    if images:
+        workload["images_per_sequence"] = images
     return parse_spec({
         "planc": 1,
         "model": {"config": "config.json"},
         "hardware": {"gpus": [{"type": GPU_TYPE, "count": GPUS}], "cpu_memory": CPU_MEMORY},
-        "workload": {"batch_size": 1, "max_seq_len": context},
+        "workload": workload,
         "policy": {"offload": "cpu"},
     })
 
 
-def plan_with_planc(config: dict, packages, context: int = CONTEXT):
+def plan_with_planc(config: dict, packages, context: int = CONTEXT, images: int = 0):
     """(plan or None, outcome, detail). A model whose learned position table is shorter than the
-    context is planned at the table's length (the architecture is what is measured, not the workload)."""
+    context is planned at the table's length, and one that generates only from an image with one
+    image per sequence (the architecture is what is measured, not the workload)."""
     from planc.compile import ModelInput, compile_plan
     from planc.errors import PlancError
     from planc.hardware import resolve_inventory
     from planc.model import build_model_graph
 
-    spec = spec_for(context)
+    spec = spec_for(context, images)
     model = ModelInput(config, "sha256:" + "0" * 64, {}, None, None, "config.json")
     try:
         plan = compile_plan(spec, resolve_inventory(spec.hardware), model, packages, None, build_model_graph)
     except PlancError as exc:
         table = re.search(r"plan at most (\d+) tokens", str(exc))
         if table and context == CONTEXT:
-            plan, outcome, detail = plan_with_planc(config, packages, int(table.group(1)))
+            plan, outcome, detail = plan_with_planc(config, packages, int(table.group(1)), images)
             return plan, outcome, f"at {table.group(1)} tokens (its position table): {detail}"
+        if "generates only from an image" in str(exc) and not images:
+            plan, outcome, detail = plan_with_planc(config, packages, context, 1)
+            return plan, outcome, f"with 1 image per sequence (it generates only from one): {detail}"
         return None, "refused", str(exc).replace("\n", " ")
     except Exception as exc:  # noqa: BLE001 - a crash is the finding
         return None, "crashed", _crash(exc)

@@ -92,6 +92,7 @@ class ModelGraph:
     config_class: str | None = None  # set when config.json's model_type is unknown and `architectures` resolved it
     vision: Vision | None = None  # the vision tower's numbers, for image-text-to-text models
     position_limit: int | None = None  # positions of a learned position table (GPT-2's wpe): tokens past it fail
+    needs_images: bool = False  # generate requires pixel_values (BLIP, BLIP-2): no text-only prompt runs
 
     def shapes_of(self, unit: Unit) -> Shapes:
         """The numbers a unit's formulas use: its own where the config varies them by layer."""
@@ -530,8 +531,21 @@ def build_model_graph(
         config_class=None if known_model_type(config_dict["model_type"]) else type(config).__name__,
         vision=vision_of(config, vision_towers),
         position_limit=position_limit,
+        needs_images=generates_from_images(model),
         parallel=parallel,
     )
+
+
+def generates_from_images(model) -> bool:
+    """Whether the model's generate (or forward) requires pixel_values: BLIP and BLIP-2 generate
+    text from the image's embeddings, so a text-only prompt fails with a TypeError."""
+    import inspect
+
+    for method in (model.generate, model.forward):
+        parameter = inspect.signature(method).parameters.get("pixel_values")
+        if parameter is not None and parameter.default is inspect.Parameter.empty:
+            return True
+    return False
 
 
 def _quantized_terms(weight: int, records, quantization) -> dict[str, Any]:
