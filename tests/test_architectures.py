@@ -85,6 +85,7 @@ def test_a_model_that_generates_only_from_an_image_needs_images(tmp_path):
     from transformers import Blip2Config, Blip2ForConditionalGeneration
 
     from conftest import save_tiny_tokenizer
+    from planc.serve import serve_plan
 
     config = Blip2Config(
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -105,6 +106,8 @@ def test_a_model_that_generates_only_from_an_image_needs_images(tmp_path):
     assert load_lock(lock).workload.images_per_sequence == 1
     with pytest.raises(UsageError, match="generates only from an image .* give each prompt an image"):
         run_plan(lock, prompts=["The quick brown fox"], max_new_tokens=2, quiet=True)
+    with pytest.raises(UsageError, match="planc serve takes text prompts, and Blip2ForConditionalGeneration generates"):
+        serve_plan(lock, port=0, quiet=True)
 
 
 def test_images_need_a_vision_tower(tmp_path, tiny_model):
