@@ -385,6 +385,7 @@ def build_model_graph(
     layer_prefix = layer_names[0].rsplit(".", 1)[0]
     decoder_prefix = layer_prefix.rsplit(".", 1)[0] if "." in layer_prefix else ""
     vision_towers = tuple(name for name, key in towers.items() if key == "vision_config")
+    text_prefixes = _text_prefixes(model, decoder_prefix, towers)
 
     # Norms outside the layers are taken to run after them, unless there are several or one is named
     # for the embeddings (Bloom's word_embeddings_layernorm, Blenderbot-Small's layernorm_embedding):
@@ -472,9 +473,9 @@ def build_model_graph(
                 row = module.embedding_dim * module.weight.element_size()
             # The tower's units, and the projector between it and the decoder (a unit outside both).
             in_vision = any(name == t or name.startswith(t + ".") for t in vision_towers)
-            vision = in_vision or bool(vision_towers) and not name.startswith(decoder_prefix + ".") and not any(
-                name == t or name.startswith(t + ".") for t in towers
-            )
+            vision = in_vision or bool(vision_towers) and not any(
+                name == p or name.startswith(p + ".") for p in text_prefixes
+            ) and not any(name == t or name.startswith(t + ".") for t in towers)
             pre.append(Unit(name, weight, "pre", row_bytes=row, vision=vision, **quant))
     if calls is not None:
         # After the layers, in the order they run (Gemma 3n unembeds its altup streams, then norms).
@@ -534,6 +535,24 @@ def build_model_graph(
         needs_images=generates_from_images(model),
         parallel=parallel,
     )
+
+
+def _text_prefixes(model, decoder_prefix: str, towers: dict[str, str]) -> list[str]:
+    """Module paths that belong to the text model, not to a projector between tower and decoder:
+    the decoder's own prefix, the input embedding, and the embedding's parent module where that
+    holds no tower (GIT's `git.embeddings`, beside its layers at `git.encoder`)."""
+    prefixes = [decoder_prefix] if decoder_prefix else []
+    try:
+        embedding = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        embedding = None
+    name = next((n for n, m in model.named_modules() if m is embedding), None) if embedding is not None else None
+    if name:
+        prefixes.append(name)
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+        if parent and not any(t.startswith(parent + ".") for t in towers):
+            prefixes.append(parent)
+    return prefixes
 
 
 def generates_from_images(model) -> bool:
