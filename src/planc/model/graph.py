@@ -205,14 +205,26 @@ def _encoder_derived(model) -> bool:
 def _call_order(model, layer_names: list[str]) -> dict[str, int] | None:
     """Module path -> when it first runs in a two-token forward under fake tensors, the decoder
     layers passed through (their order is known; running them would cost seconds); None when the
-    model does not get through its layers that way, and names decide instead."""
+    model does not get through its layers that way, and names decide instead.
+
+    A passed-through layer returns its hidden states, or (hidden states, None) where the model
+    unpacks two values from each layer (HY-V4 threads its indexer's top-k from layer to layer)."""
+    for pair in (False, True):
+        order = _traced_order(model, layer_names, pair)
+        if order is not None:
+            return order
+    return None
+
+
+def _traced_order(model, layer_names: list[str], pair: bool) -> dict[str, int] | None:
     import types
 
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     def passthrough(self, *args, **kwargs):
-        return args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+        hidden = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+        return (hidden, None) if pair else hidden
 
     order: dict[str, int] = {}
     handles, stubbed = [], []
