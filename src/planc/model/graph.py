@@ -92,6 +92,7 @@ class ModelGraph:
     config_class: str | None = None  # set when config.json's model_type is unknown and `architectures` resolved it
     vision: Vision | None = None  # the vision tower's numbers, for image-text-to-text models
     position_limit: int | None = None  # positions of a learned position table (GPT-2's wpe): tokens past it fail
+    position_table: str = ""  # what holds those positions (a learned table, MPT's ALiBi bias)
     needs_images: bool = False  # generate requires pixel_values (BLIP, BLIP-2): no text-only prompt runs
 
     def shapes_of(self, unit: Unit) -> Shapes:
@@ -259,9 +260,10 @@ def _traced_order(model, layer_names: list[str], pair: bool) -> dict[str, int] |
     return order
 
 
-def _position_limit(model, pre_units: list[str], text) -> int | None:
+def _position_limit(model, pre_units: list[str], text) -> tuple[int | None, str]:
     """How many positions a learned absolute position table holds (GPT-2's wpe, OPT's embed_positions),
-    or None for rotary / ALiBi models, whose positions are computed."""
+    or a position bias built at a fixed length (MPT's ALiBi); None where positions are computed for
+    any length (rotary, Bloom's ALiBi)."""
     import torch
 
     modules = dict(model.named_modules())
@@ -273,8 +275,13 @@ def _position_limit(model, pre_units: list[str], text) -> int | None:
             leaf = name.rsplit(".", 1)[-1]
             if isinstance(module, torch.nn.Embedding) and ("pos" in leaf or leaf == "wpe"):
                 limit = config_value(text, "max_position_embeddings", "n_positions", default=None)
-                return min(limit, module.num_embeddings) if isinstance(limit, int) else module.num_embeddings
-    return None
+                table = min(limit, module.num_embeddings) if isinstance(limit, int) else module.num_embeddings
+                return table, "learned position table"
+    # A computed bias of fixed length: MPT builds its ALiBi bias once for config.max_seq_len tokens
+    # (MptModel.forward) and adds it to every layer's scores; longer keys do not broadcast.
+    if getattr(text, "model_type", None) == "mpt" and isinstance(getattr(text, "max_seq_len", None), int):
+        return text.max_seq_len, "ALiBi bias, built for config.max_seq_len tokens"
+    return None, ""
 
 
 def _refuse_cache_without_attention(model, caches: list[LayerCache]) -> None:
@@ -496,7 +503,7 @@ def build_model_graph(
     all_records = [r for r in (held(m) for m in model.modules()) if r is not None]
     dense_bytes = sum(u.weight_bytes for u in units) + sum(r.dense_bytes - r.quantized_bytes for r in all_records)
     decoder_pre = [u.name for u in pre if not u.vision and not any(u.name.startswith(t + ".") for t in towers)]
-    position_limit = _position_limit(model, decoder_pre, text_config(config))
+    position_limit, position_table = _position_limit(model, decoder_pre, text_config(config))
     units, parallel = _parallel_support(model, units, layer_prefix)
 
     import networkx as nx
@@ -544,6 +551,7 @@ def build_model_graph(
         config_class=None if known_model_type(config_dict["model_type"]) else type(config).__name__,
         vision=vision_of(config, vision_towers),
         position_limit=position_limit,
+        position_table=position_table,
         needs_images=generates_from_images(model),
         parallel=parallel,
     )
