@@ -5,9 +5,11 @@ from __future__ import annotations
 from itertools import combinations_with_replacement, permutations
 
 import networkx as nx
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from planc.errors import ModelError
 from planc.memory import Reserve, Workload
 from planc.model import LayerCache, ModelGraph, Shapes, Unit
 from planc.solver import Infeasible, Placement, Target, _Evaluator, _Problem, _split_chain, _offload_split, feasible, solve
@@ -20,8 +22,10 @@ WORKLOAD = Workload(batch_size=1, max_seq_len=256)
 RESERVE = Reserve(cuda_context=64 * MiB, cublas_workspace=0, allocator_slack=0.1)
 
 
-def make_graph(layer_mib: list[int], embed_mib: int, head_mib: int, tied: bool) -> ModelGraph:
+def make_graph(layer_mib: list[int], embed_mib: int, head_mib: int, tied: bool, tower_kib: list[int] = ()) -> ModelGraph:
+    # tower_kib: units before the layers besides the embedding (a vision or audio encoder's modules).
     units = [Unit("embed", embed_mib * MiB, "pre")]
+    units += [Unit(f"tower.{i}", w * 1024, "pre") for i, w in enumerate(tower_kib)]
     units += [Unit(f"layers.{i}", w * MiB, "layer", i, LayerCache("full_attention", 4096)) for i, w in enumerate(layer_mib)]
     units += [Unit("norm", 1024, "post"), Unit("lm_head", 0 if tied else head_mib * MiB, "post")]
     graph = nx.DiGraph()
@@ -81,7 +85,8 @@ def cases(draw):
     n_layers = draw(st.integers(1, 5))
     layers = draw(st.lists(st.integers(50, 400), min_size=n_layers, max_size=n_layers))
     tied = draw(st.booleans())
-    graph = make_graph(layers, draw(st.integers(10, 200)), draw(st.integers(10, 200)), tied)
+    tower = draw(st.lists(st.integers(1, 40_000), max_size=3))
+    graph = make_graph(layers, draw(st.integers(10, 200)), draw(st.integers(10, 200)), tied, tower)
     n_gpus = draw(st.integers(1, 3))
     gpus = [gpu(i, draw(st.sampled_from([300, 600, 1000, 1500])), draw(st.sampled_from([300, 900, 2000])))
             for i in range(n_gpus)]
@@ -175,3 +180,22 @@ def test_cpu_only_plan_with_disk_stays_inside_the_cpu_budget():
     cpu_ledger = next(l for l in result.ledgers if l.key == "cpu")
     assert "disk" in result.device_of.values()
     assert cpu_ledger.staging == 100 * MiB and cpu_ledger.free >= 0
+
+
+def test_a_long_head_is_searched_as_one_unit():
+    # Phi-4-multimodal's 700 vision and audio encoder modules run before its layers, so all stay on
+    # the main GPU: the search treats them as one unit, and the plan is the one for that unit.
+    layers = [100] * 16
+    gpus = [gpu(i, 900, 900) for i in range(8)]
+    for objective in ("latency", "balance"):
+        long = solve(make_graph(layers, 50, 50, False, [8] * 3000), gpus, None, None, WORKLOAD, RESERVE, objective)
+        merged = solve(make_graph(layers, 50, 50, False, [8 * 3000]), gpus, None, None, WORKLOAD, RESERVE, objective)
+        assert {f"tower.{i}" for i in range(3000)} <= {n for n, d in long.device_of.items() if d == 0}
+        assert [long.device_of[f"layers.{i}"] for i in range(16)] == [merged.device_of[f"layers.{i}"] for i in range(16)]
+        assert abs(long.peak_utilisation - merged.peak_utilisation) < 1e-9
+
+
+def test_a_search_too_large_is_refused_at_once():
+    graph = make_graph([1] * 3000, 1, 1, False)
+    with pytest.raises(ModelError, match="3003 placement units on 8 GPUs: planc's exact solver searches at most"):
+        solve(graph, [gpu(i, 900, 900) for i in range(8)], None, None, WORKLOAD, RESERVE, "latency")

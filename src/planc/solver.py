@@ -44,9 +44,11 @@ INF = float("inf")
 PICO = 10**12
 # solve() runs the DP once per GPU order at no cap, then up to ~41 more times while it bisects the
 # utilisation cap; one DP at no cap tries about gpus x units^2 / 2 segments, a capped one about
-# units^2. One segment step costs ~3.4 us on one core, so this bound keeps the search under about
-# half a minute; a larger one is refused at once rather than searched for minutes.
-MAX_SEARCH_STEPS = 10_000_000
+# units^2. Counted that way one step takes 70-100 ns on one shared core (Llama-3.1-70B over 4+4
+# cards of two kinds, 70 orders: 2.2e7 steps in 1.6 s; over 3+3+2 cards, 560 orders: 1.8e8 in 17 s;
+# 1024 layers on 8 identical cards: 4.8e7 in 3.7 s), so this bound keeps the search under about half
+# a minute; a larger one is refused at once rather than searched for minutes.
+MAX_SEARCH_STEPS = 300_000_000
 BISECTION_PASSES = 41
 
 
@@ -338,10 +340,13 @@ def count_orders(gpus: Sequence[Target]) -> int:
     return orders
 
 
-def _check_search_size(graph: ModelGraph, chain: list[str], gpus: Sequence[Target]) -> None:
+def _check_search_size(graph: ModelGraph, chain: list[str], head: int, gpus: Sequence[Target]) -> None:
     """Refuse, naming the numbers, a search the exact solver cannot finish in reasonable time."""
     orders = count_orders(gpus)
-    units = len(chain)
+    # The units before the first layer stay together on the main GPU (_split_chain): no segment
+    # starts or ends among them, so for the search they are one unit (Phi-4-multimodal's 700
+    # vision and audio encoder modules count once).
+    units = len(chain) - head + 1
     steps = orders * units * units * (len(gpus) / 2 + BISECTION_PASSES)
     if steps <= MAX_SEARCH_STEPS:
         return
@@ -484,7 +489,7 @@ def _min_offload(problem: _Problem, allow_offload: bool) -> int | None:
 
 def _problem(graph, gpus, cpu, disk, workload, reserve, objective, mixer_path: str = FALLBACK) -> _Problem:
     chain, pinned, head = _split_chain(graph)
-    _check_search_size(graph, chain, gpus)
+    _check_search_size(graph, chain, head, gpus)
     backends = sorted({t.backend for t in gpus} | ({cpu.backend} if cpu else set()))
     return _Problem(graph, gpus, cpu, disk, workload, reserve, objective, chain, pinned, head,
                     unit_costs(graph, workload, backends, mixer_path))
@@ -553,9 +558,9 @@ def _segment_utilisations(problem: _Problem, m: int) -> set[float]:
     found: set[float] = set()
     for main in {order[0] for order in problem.orders}:
         ev = problem.evaluator(main, offloaded)
-        found.update(util for _, _, util in ev.row(main, True, 0))
+        found.update(util for end, _, util in ev.row(main, True, 0) if end >= problem.head)
         for target in problem.gpus:
-            for start in range(ev.placeable):
+            for start in range(problem.head, ev.placeable):  # a later GPU starts after the head
                 found.update(util for _, _, util in ev.row(target, False, start))
     return found
 

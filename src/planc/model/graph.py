@@ -203,6 +203,45 @@ def _encoder_derived(model) -> bool:
     return encoder_family and not getattr(text, "is_decoder", True)
 
 
+def _no_cached_decode(model) -> str | None:
+    """Why transformers' generate() of this model is no decode over a KV cache, which is what planc
+    plans (and what accelerate's map, a placement of weights, does not check); None when it is."""
+    import inspect
+
+    import transformers
+    from transformers import DynamicCache
+
+    cls = type(model)
+    if not cls.can_generate():
+        # PI0 samples robot actions by flow matching (sample_actions): a forward pass, no tokens.
+        return (
+            "does not generate tokens: transformers gives the class no generate() (it does not inherit "
+            "GenerationMixin: can_generate() is False), so there is no decode loop over a KV cache to plan; "
+            "accelerate's map only places its weights for a forward pass"
+        )
+    if "MaskedLMOutput" in str(inspect.signature(cls.forward).return_annotation):
+        text = text_config(model.config)
+        both_ways = " with attention both ways (config.causal is false)" if getattr(text, "causal", None) is False else ""
+        return (
+            "is a masked LM: its forward returns MaskedLMOutput, which carries no past_key_values, so generate() "
+            f"keeps no KV cache and re-encodes the whole sequence plus a mask token at every step{both_ways}; "
+            "planc plans decoding over a KV cache, and accelerate's map only places the weights: use a causal LM"
+        )
+    if cls._supports_default_dynamic_cache():
+        # What generate() builds before the first step (GenerationMixin._prepare_cache_for_generation).
+        decoder = model.config.get_text_config(decoder=True)
+        try:
+            DynamicCache(config=decoder)
+        except Exception as exc:  # noqa: BLE001 - whatever stops generate is the reason
+            return (
+                f"cannot build its KV cache in transformers {transformers.__version__}: generate() starts with "
+                f"DynamicCache(config={type(decoder).__name__}), which raises {type(exc).__name__}: {exc}; "
+                "so generate fails (with use_cache=False it re-encodes the whole sequence at every step, which "
+                "planc does not plan), and accelerate's map places weights for a forward generate cannot run"
+            )
+    return None
+
+
 def _call_order(model, layer_names: list[str]) -> dict[str, int] | None:
     """Module path -> when it first runs in a two-token forward under fake tensors, the decoder
     layers passed through (their order is known; running them would cost seconds); None when the
@@ -361,6 +400,9 @@ def build_model_graph(
             f"{architecture}: config.is_decoder is false, so this encoder's LM head attends both ways and keeps no "
             "KV cache: it does not generate; set is_decoder: true in config.json for a causal LM"
         )
+    refusal = _no_cached_decode(model)
+    if refusal:
+        raise ModelError(f"{architecture} {refusal}")
     layer_names, guessed = _decoder_layers(model, set(declared), towers)
     if not layer_names:
         raise ModelError(
