@@ -225,3 +225,16 @@ def test_a_cpu_plan_generates_the_tokens_of_plain_transformers(recurrent_models,
 
     assert outcome.exit_code == 0
     assert [c.token_ids for c in outcome.completions] == plain_transformers_tokens(model, PROMPTS, MAX_NEW_TOKENS)
+
+
+def test_serve_refuses_a_model_whose_state_is_outside_its_cache(recurrent_models, tmp_path):
+    """planc serve keeps one DynamicCache per sequence; RecurrentGemma's state on its modules would
+    be shared by every sequence in flight, so the server refuses before it binds or loads."""
+    from planc.errors import UsageError
+    from planc.serve import serve_plan
+    from test_run import CPU_SPEC, compile_to
+
+    lock = compile_to(tmp_path, CPU_SPEC.format(model=recurrent_models["recurrent_gemma"], policy=""))
+
+    with pytest.raises(UsageError, match="this model's rg_lru layers keep their state outside it"):
+        serve_plan(lock, port=0)

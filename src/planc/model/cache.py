@@ -12,11 +12,18 @@ mixer; this module maps layer types to them:
 - linear attention, conv and hybrid layers: a fixed-size state per sequence from the layer's
   sequence mixer, one module per family (`delta_rule.py`: gated DeltaNet and Kimi delta
   attention; `mamba.py`: Mamba1 and Mamba2; `short_conv.py`: LFM2's gated convolution;
-  `lightning.py`: MiniMax's lightning attention), plus the attention KV for `hybrid` layers;
-- mlp / moe / dummy layers: nothing.
+  `lightning.py`: MiniMax's lightning attention; `rg_lru.py`: RecurrentGemma's recurrent blocks),
+  plus the attention KV for `hybrid` layers;
+- mlp / moe / dummy layers: nothing;
+- models recurrent throughout, whose configs declare no layer types (`Mixer.every_layer`): one
+  `recurrent` cache per decoder layer read from the model (`rwkv.py`, `xlstm.py`).
 
-Families whose state transformers keeps outside the cache, or in cache classes planc does not
-size, are refused with the reason (`UNSIZED`): planning them as attention would be wrong.
+Some families keep their state outside DynamicCache layers, and the ledger follows them:
+RecurrentGemma on its modules (per layer, on the layer's device), RWKV in the `state` list its
+forward returns and xLSTM in its own xLSTMCache, both allocated for every layer on the input
+embeddings' device (`Mixer.state_on_input_device`: the graph charges that state to the
+embedding unit). `layer_tensors` reads all of them. Layer kinds whose state no formula here
+describes yet are refused with the reason (`UNSIZED`): planning them as attention would be wrong.
 """
 
 from __future__ import annotations
@@ -62,6 +69,9 @@ class Mixer:
     # transformers allocates the state of every layer on the device the input embeddings run on,
     # not on each layer's (RWKV's state list, xLSTMCache): the ledger charges it there.
     state_on_input_device: ClassVar[bool] = False
+    # The state lives in the Cache object the caller passes, so one cache per sequence keeps
+    # sequences apart; False where the model keeps it elsewhere (its modules, its own state list).
+    state_in_cache: ClassVar[bool] = True
 
     @classmethod
     def module_of(cls, layer_module, index: int):
@@ -281,15 +291,21 @@ def conv_window(mixer_module, index: int) -> tuple[int, int]:
     raise ModelError(f"decoder layer {index}: {type(mixer_module).__name__} has no depthwise Conv1d")
 
 
-def kernel_functions(family: str) -> tuple[str, ...]:
-    """transformers' modeling functions that a mixer family runs on its kernel packages."""
+def family_mixer(family: str) -> type[Mixer] | None:
+    """The Mixer class of a mixer family by its name (as a lock's mixers section lists it)."""
     import importlib
 
     for name in MIXER_MODULES:
         for mixer in importlib.import_module(f"planc.model.{name}").MIXERS.values():
             if mixer.family == family:
-                return mixer.kernel_functions
-    return ()
+                return mixer
+    return None
+
+
+def kernel_functions(family: str) -> tuple[str, ...]:
+    """transformers' modeling functions that a mixer family runs on its kernel packages."""
+    mixer = family_mixer(family)
+    return mixer.kernel_functions if mixer is not None else ()
 
 
 def layer_tensors(cache, model=None) -> list[list]:

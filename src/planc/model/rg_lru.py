@@ -38,6 +38,7 @@ class RgLru(Mixer):
 
     family: ClassVar[str] = "rg_lru"
     signature: ClassVar[tuple[str, ...]] = ("lru_width", "conv1d_width", "rg_lru", "conv_1d")
+    state_in_cache: ClassVar[bool] = False
 
     width: int  # lru_width: the recurrence's channels
     conv_width: int  # conv1d_width: the temporal convolution's kernel

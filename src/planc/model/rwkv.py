@@ -43,6 +43,7 @@ class RwkvTimeMix(Mixer):
     signature: ClassVar[tuple[str, ...]] = ("time_decay", "time_first", "time_mix_key", "receptance")
     every_layer: ClassVar[bool] = True
     state_on_input_device: ClassVar[bool] = True
+    state_in_cache: ClassVar[bool] = False
 
     hidden: int
     attention_hidden: int

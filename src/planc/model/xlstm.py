@@ -44,6 +44,7 @@ class MLstm(Mixer):
     signature: ClassVar[tuple[str, ...]] = ("qk_dim", "v_dim", "mlstm_backend", "multihead_norm")
     every_layer: ClassVar[bool] = True
     state_on_input_device: ClassVar[bool] = True
+    state_in_cache: ClassVar[bool] = False
 
     heads: int
     qk_head_dim: int
