@@ -396,11 +396,13 @@ def held_bytes(tensors) -> int:
 
 def cache_keyword(model) -> str:
     """The forward argument (and output attribute) a causal LM passes its cache in: Mamba, Mamba2,
-    Falcon-Mamba and xLSTM call it `cache_params`, RWKV `state`, every other model `past_key_values`."""
+    Falcon-Mamba and xLSTM call it `cache_params`, RWKV `state`, every other model
+    `past_key_values` (some, such as Evolla, take it through **kwargs)."""
     import inspect
 
     parameters = inspect.signature(model.forward).parameters
-    for keyword in ("past_key_values", "cache_params", "state"):
-        if keyword in parameters:
-            return keyword
+    if "past_key_values" not in parameters:
+        for keyword in ("cache_params", "state"):
+            if keyword in parameters:
+                return keyword
     return "past_key_values"
