@@ -767,7 +767,8 @@ def _run_generation(
         # generate keeps an fp32 copy of the last position's logits to pick the next token.
         next_tokens = torch.argmax(out.logits[:, -1, :].to(copy=True, dtype=torch.float32), dim=-1)
         # A model that updates the cache it is given in place and returns none (RecurrentGemma) keeps
-        # it, as generate does (`_update_model_kwargs_for_generation` takes only a returned cache).
+        # it, as generate does (`_update_model_kwargs_for_generation` takes only a returned cache); one
+        # that keeps none (OpenAI GPT) was given None and goes on without.
         returned = getattr(out, keyword, None)
         return next_tokens, cache if returned is None else returned
 
@@ -778,7 +779,12 @@ def _run_generation(
     prefill_peak = dict(tracker.phase_peak)
     tracker.start_phase()
     for position in range(seq, seq + decode_steps):
-        next_tokens, cache = step(next_tokens[:, None], cache, position + 1)
+        if cache is None:
+            # A model that keeps no cache (OpenAI GPT): generate runs the whole sequence again.
+            whole = torch.empty(batch, position + 1, dtype=torch.long, device=input_device)
+            next_tokens, cache = step(whole, None, position + 1)
+        else:
+            next_tokens, cache = step(next_tokens[:, None], cache, position + 1)
     return cache, prefill_peak, dict(tracker.phase_peak)
 
 
