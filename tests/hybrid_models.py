@@ -64,6 +64,16 @@ FAMILIES = {
 }
 LAYERS = {"zamba": 6, "zamba2": 6}
 
+# Families whose state transformers keeps outside DynamicCache layers (tests/test_recurrent.py):
+# RecurrentGemma's module-held RG-LRU states (two recurrent blocks, then local attention), RWKV's
+# `state` list, xLSTM's xLSTMCache.
+RECURRENT = {
+    "recurrent_gemma": dict(lru_width=96, attention_window_size=16),
+    "rwkv": dict(attention_hidden_size=64, context_length=256),
+    # xLSTMCache rounds qk_dim up to a multiple of 64 and the layers do not: 128 x 0.5 agrees.
+    "xlstm": dict(hidden_size=128, embedding_dim=128, num_blocks=4, num_heads=4),
+}
+
 
 def tiny_config(model_type: str) -> dict:
     """The shrunk config.json of one family, as a dict (what save_pretrained would write)."""
@@ -78,7 +88,7 @@ def tiny_config(model_type: str) -> dict:
         if isinstance(config.get(key), list):
             config[key] = (config[key] * layers)[:layers]
     config["num_hidden_layers"] = layers
-    config.update(FAMILIES[model_type])
+    config.update({**FAMILIES, **RECURRENT}[model_type])
     config.pop("transformers_version", None)
     # As save_pretrained writes it: Mamba2-family `time_step_limit: [0.0, Infinity]` as tagged floats.
     return PretrainedConfig._encode_special_floats(config)

@@ -9,8 +9,9 @@ every distinct tensor is counted once (fp32 rotary buffers stay fp32, tied weigh
 
 from __future__ import annotations
 
+import inspect
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from planc.errors import ModelError
@@ -92,6 +93,7 @@ class ModelGraph:
     config_class: str | None = None  # set when config.json's model_type is unknown and `architectures` resolved it
     vision: Vision | None = None  # the vision tower's numbers, for image-text-to-text models
     position_limit: int | None = None  # positions of a learned position table (GPT-2's wpe): tokens past it fail
+    every_position_logits: bool = False  # the forward takes no logits_to_keep: a prefill computes every token's logits
     position_table: str = ""  # what holds those positions (a learned table, MPT's ALiBi bias)
     needs_images: bool = False  # generate requires pixel_values (BLIP, BLIP-2): no text-only prompt runs
 
@@ -349,7 +351,6 @@ def _group_caches(caches: list[LayerCache], layers: int) -> list[LayerCache]:
         return caches
     if len(caches) % layers:
         return caches
-    from dataclasses import replace
 
     k = len(caches) // layers
     grouped = []
@@ -541,6 +542,7 @@ def build_model_graph(
     if calls is not None:
         # After the layers, in the order they run (Gemma 3n unembeds its altup streams, then norms).
         post.sort(key=lambda unit: len(calls) if call_of(unit.name) is None else call_of(unit.name))
+    pre, layers = _state_on_input_device(model, pre, layers)
     units = tuple(pre + layers + post)
     all_records = [r for r in (held(m) for m in model.modules()) if r is not None]
     dense_bytes = sum(u.weight_bytes for u in units) + sum(r.dense_bytes - r.quantized_bytes for r in all_records)
@@ -596,7 +598,34 @@ def build_model_graph(
         position_table=position_table,
         needs_images=generates_from_images(model),
         parallel=parallel,
+        every_position_logits="logits_to_keep" not in inspect.signature(model.forward).parameters,
     )
+
+
+def _state_on_input_device(model, pre: list[Unit], layers: list[Unit]) -> tuple[list[Unit], list[Unit]]:
+    """Move the state transformers keeps on the input embeddings' device (RWKV, xLSTM allocate
+    every layer's state from `inputs_embeds`) from the layers to the embedding unit, so that the
+    ledger charges it to the device the embeddings run on, wherever the layers go."""
+    held = sum(unit.cache.state_bytes for unit in layers if unit.cache is not None and unit.cache.on_input_device)
+    if not held:
+        return pre, layers
+    embeddings = model.get_input_embeddings()
+    name = next((n for n, module in model.named_modules() if module is embeddings), None)
+    if name is None or not any(unit.name == name for unit in pre):
+        raise ModelError(
+            f"{type(model).__name__} keeps its recurrent state on the input embeddings' device, and planc finds no "
+            "embedding unit before the layers to charge it to"
+        )
+    pre = [
+        replace(unit, cache=LayerCache("input_device_state", state_bytes=held, attention=False)) if unit.name == name else unit
+        for unit in pre
+    ]
+    layers = [
+        replace(unit, cache=replace(unit.cache, state_bytes=0))
+        if unit.cache is not None and unit.cache.on_input_device else unit
+        for unit in layers
+    ]
+    return pre, layers
 
 
 def _text_prefixes(model, decoder_prefix: str, towers: dict[str, str]) -> list[str]:
@@ -713,7 +742,6 @@ KEY_PROJECTIONS = ("k_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn")
 
 def _parallel_support(model, units: tuple[Unit, ...], layer_prefix: str) -> tuple[tuple[Unit, ...], ParallelSupport]:
     """Units with their TP shards and collectives, and what TP and PP can run (both read on the meta model)."""
-    from dataclasses import replace
 
     tp_plan = bool(model.supports_tp_plan)
     expanded: dict[str, str] = {}
