@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from planc.errors import ModelError
 from planc.model.build import meta_model
-from planc.model.cache import LayerCache, layer_caches, refuse_unsized
+from planc.model.cache import LayerCache, cache_keyword, layer_caches, refuse_unsized
 from planc.model.config import Shapes, config_value, checkpoint_dtype, known_model_type, layer_shapes, shapes_of, text_config
 from planc.model.vision import Vision, vision_of
 
@@ -92,6 +92,7 @@ class ModelGraph:
     config_class: str | None = None  # set when config.json's model_type is unknown and `architectures` resolved it
     vision: Vision | None = None  # the vision tower's numbers, for image-text-to-text models
     position_limit: int | None = None  # positions of a learned position table (GPT-2's wpe): tokens past it fail
+    needs_images: bool = False  # generate requires pixel_values (BLIP, BLIP-2): no text-only prompt runs
 
     def shapes_of(self, unit: Unit) -> Shapes:
         """The numbers a unit's formulas use: its own where the config varies them by layer."""
@@ -264,6 +265,25 @@ def _position_limit(model, pre_units: list[str], text) -> int | None:
     return None
 
 
+def _refuse_cache_without_attention(model, caches: list[LayerCache]) -> None:
+    """A DynamicCache of state layers only: transformers' generate (and the mask functions) ask
+    it for the sequence length, which only an attention layer tracks, so the model cannot generate
+    (cache_utils.py DynamicCache.get_seq_length raises). Bamba's and GraniteMoeHybrid's default
+    configs are such; their real checkpoints interleave attention layers."""
+    if not caches or any(cache.attention or cache.bytes_per_token for cache in caches):
+        return
+    if cache_keyword(model) != "past_key_values" or not any(cache.mixer for cache in caches):
+        return  # Mamba's own cache (cache_params), or a model that keeps no cache at all
+    import transformers
+
+    kinds = ", ".join(sorted({cache.kind for cache in caches}))
+    raise ModelError(
+        f"{type(model).__name__}: no layer of this config attends (only {kinds}), and transformers "
+        f"{transformers.__version__} generates only with an attention layer in its cache (DynamicCache.get_seq_length "
+        "raises without one): give the config its attention layers"
+    )
+
+
 def _group_caches(caches: list[LayerCache], layers: int) -> list[LayerCache]:
     """One cache per decoder layer when the config lists k per layer (LongCat-Flash runs two
     attentions per layer; HRM loops its layers): layer i holds entries k*i .. k*i + k - 1."""
@@ -341,6 +361,7 @@ def build_model_graph(
             "(transformers' DynamicCache is built from the config's layer count, so generate would fail or the "
             "cache would not be what planc sizes)"
         )
+    _refuse_cache_without_attention(model, caches)
     output_embeddings = model.get_output_embeddings()
 
     # Tensors are shared when tied; count each once, on the first unit (execution order) that holds it.
@@ -510,8 +531,21 @@ def build_model_graph(
         config_class=None if known_model_type(config_dict["model_type"]) else type(config).__name__,
         vision=vision_of(config, vision_towers),
         position_limit=position_limit,
+        needs_images=generates_from_images(model),
         parallel=parallel,
     )
+
+
+def generates_from_images(model) -> bool:
+    """Whether the model's generate (or forward) requires pixel_values: BLIP and BLIP-2 generate
+    text from the image's embeddings, so a text-only prompt fails with a TypeError."""
+    import inspect
+
+    for method in (model.generate, model.forward):
+        parameter = inspect.signature(method).parameters.get("pixel_values")
+        if parameter is not None and parameter.default is inspect.Parameter.empty:
+            return True
+    return False
 
 
 def _quantized_terms(weight: int, records, quantization) -> dict[str, Any]:
