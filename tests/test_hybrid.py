@@ -265,6 +265,8 @@ def test_layers_sharing_a_block_run_on_its_gpu_and_simulate_holds_the_ledger(tmp
         users = {plan.device_map[f"model.layers.{i}"] for i in hybrid[block::blocks]}
         assert len(users) == 1, (block, users)
     assert len(set(plan.device_map.values())) == 2
+    decision = {d.id: d for d in plan.decisions}["solver.shared-blocks"].decision
+    assert decision.startswith("layers sharing a block on the block's device: layers 1, ")
 
     report = simulate_plan(plan, tmp_path, decode_steps=1)
 
@@ -306,3 +308,16 @@ def test_the_cache_keyword_follows_the_forward_signature():
 
     assert cache_keyword(MambaLike()) == "cache_params"
     assert cache_keyword(EvollaLike()) == "past_key_values"
+
+
+def test_a_plan_whose_layers_visit_a_gpu_twice_is_not_exported_to_vllm(tmp_path):
+    """vLLM's pipeline stages are contiguous layer ranges: Zamba2's callers of one block on GPU 1
+    between layers on GPU 0 cannot be such stages, so the export says so instead of writing them."""
+    from planc.export.vllm import ExportError, vllm_export
+
+    model_type, overrides, seq = TIED_BLOCKS[1].values
+    plan, _ = _tied_block_plan(tmp_path, model_type, overrides, seq)
+    interleaved = {name: 1 if name in ("model.layers.3", "model.layers.7") else 0 for name in plan.device_map}
+
+    with pytest.raises(ExportError, match="visit a GPU more than once"):
+        vllm_export(plan.model_copy(update={"device_map": interleaved}), tmp_path, None)

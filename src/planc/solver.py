@@ -184,6 +184,11 @@ def _split_chain(graph: ModelGraph) -> tuple[list[str], dict[str, str], int, tup
     return chain, pinned, head, tuple(sorted(groups, key=lambda g: position[g[0]]))
 
 
+def shared_layer_groups(graph: ModelGraph) -> tuple[tuple[str, ...], ...]:
+    """Decoder layers tied to one another (callers of one shared block), each group in execution order."""
+    return _split_chain(graph)[3]
+
+
 def _subsets(mask: int):
     """Every subset of the bits of `mask`, the empty one first."""
     subset = 0
