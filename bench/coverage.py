@@ -66,7 +66,7 @@ REASONS: list[tuple[str, str]] = [
     ("remote code", r"remote code|unknown to transformers"),
     ("quantized", r"quantized checkpoint"),
     ("does not fit", r"does not fit"),
-    ("context beyond the position table", r"learned position table"),
+    ("context beyond the position table", r"positions of .* generate fails there"),
 ]
 
 
@@ -208,7 +208,7 @@ def _alarm(signum, frame):
     raise _SimulationTimeout
 
 
-def simulate(plan, config: dict, seconds: int = SIMULATE_SECONDS) -> tuple[str, float | None, str]:
+def simulate(plan, config: dict, seconds: int = SIMULATE_SECONDS, seq: int | None = None) -> tuple[str, float | None, str]:
     """planc simulate of the plan: (holds | over | failed | timed out, worst ledger error, error).
 
     Bounded in time: Mamba1's torch fallback scans token by token in Python, and 4096 tokens x 64
@@ -225,7 +225,7 @@ def simulate(plan, config: dict, seconds: int = SIMULATE_SECONDS) -> tuple[str, 
         previous = signal.signal(signal.SIGALRM, _alarm)
         signal.alarm(seconds)
         try:
-            report = simulate_plan(plan, Path(folder), decode_steps=1)
+            report = simulate_plan(plan, Path(folder), decode_steps=1, max_seq_len=seq)
         except _SimulationTimeout:
             return "timed out", None, f"simulate stopped after {seconds} s"
         except Exception as exc:  # noqa: BLE001
@@ -274,7 +274,10 @@ def run(only: str | None, do_simulate: bool, progress=print) -> list[Row]:
             row.reason_class = reason_class(row.planc_detail)
         row.anchor, row.anchor_detail = map_with_accelerate(config, architecture)
         if plan is not None and do_simulate:
-            row.simulated, row.ledger_error, error = simulate(plan, config)
+            # A plan at its position table's length holds max_seq_len tokens in all: the prefill
+            # leaves room for the decode step (a whole-table prefill plus one more is past the table).
+            at_table = plan.workload.max_seq_len if "(its position table)" in row.planc_detail else None
+            row.simulated, row.ledger_error, error = simulate(plan, config, seq=at_table and at_table - 1)
             if error:
                 row.planc_detail += f"; simulate: {error}"
         row.seconds = round(time.perf_counter() - started, 1)

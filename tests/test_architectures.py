@@ -358,3 +358,20 @@ def test_accelerate_export_refuses_checkpoints_transformers_renames_while_loadin
     result = CliRunner().invoke(main, ["export", "--to", "accelerate", str(lock)])
     assert result.exit_code == 2
     assert "transformers converts" in result.output and "use --to transformers" in result.output
+
+
+def test_text_embeddings_beside_the_decoder_are_not_the_projector():
+    """GIT keeps its text embeddings at `git.embeddings`, beside its layers at `git.encoder`: they
+    are text units (their learned position table bounds the context), not a vision projector."""
+    from transformers import GitConfig
+
+    from planc.model import build_model_graph
+
+    config = GitConfig(architectures=["GitForCausalLM"]).to_dict()
+    config.pop("transformers_version", None)
+    graph = build_model_graph(config, "bfloat16")
+
+    embeddings = [unit for unit in graph.units if unit.name.startswith("git.embeddings.")]
+    assert embeddings and not any(unit.vision for unit in embeddings)
+    assert all(unit.vision for unit in graph.units if unit.name.startswith("git.image_encoder."))
+    assert graph.position_limit == config["max_position_embeddings"] == 1024

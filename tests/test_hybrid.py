@@ -102,6 +102,10 @@ SIMULATED = [
     # DeepSeek-V4's hyper-connection head (model.hc_head's own tensors) runs after the layers: it
     # goes with the final norm on the last GPU.
     pytest.param("deepseek_v4", dict(), 2, 1024, "fallback", id="compressed-deepseek-v4"),
+    # HY-V4's hc_head too; its layers return (hidden states, top-k) pairs, which the call-order
+    # trace must pass through to see the head run after them.
+    pytest.param("hy_v4", dict(layer_types=["indexed_attention"] * 4, mlp_layer_types=["dense", "sparse"] * 2),
+                 2, 1024, "fallback", id="indexed-hy-v4"),
 ]
 
 

@@ -348,7 +348,7 @@ def compile_plan(
     if limit and spec.workload.max_seq_len > limit:
         raise SpecError(
             f"workload.max_seq_len {spec.workload.max_seq_len} exceeds the {limit} positions of "
-            f"{probe.architecture}'s learned position table: tokens past {limit} have no position embedding "
+            f"{probe.architecture}'s {probe.position_table}: tokens past {limit} have no position "
             f"(generate fails there); plan at most {limit} tokens"
         )
 

@@ -762,7 +762,7 @@ def _run_generation(
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{keyword: cache}, **extra)
         # generate keeps an fp32 copy of the last position's logits to pick the next token.
         next_tokens = torch.argmax(out.logits[:, -1, :].to(copy=True, dtype=torch.float32), dim=-1)
-        return next_tokens, getattr(out, keyword)
+        return next_tokens, getattr(out, keyword, None)
 
     tracker.start_phase()
     for start in range(0, seq, chunk or seq):
@@ -771,7 +771,12 @@ def _run_generation(
     prefill_peak = dict(tracker.phase_peak)
     tracker.start_phase()
     for position in range(seq, seq + decode_steps):
-        next_tokens, cache = step(next_tokens[:, None], cache, position + 1)
+        if cache is None:
+            # A model that keeps no cache (OpenAI GPT): generate runs the whole sequence again.
+            whole = torch.empty(batch, position + 1, dtype=torch.long, device=input_device)
+            next_tokens, cache = step(whole, None, position + 1)
+        else:
+            next_tokens, cache = step(next_tokens[:, None], cache, position + 1)
     return cache, prefill_peak, dict(tracker.phase_peak)
 
 
