@@ -63,6 +63,12 @@ FAMILIES = {
                    num_key_value_heads=4),
 }
 LAYERS = {"zamba": 6, "zamba2": 6}
+# Zamba2 with two shared blocks used in turn (hybrid layers 1 and 5 share one, 3 and 7 the other)
+# and each hybrid layer's own LoRA adapters inside the shared blocks.
+ZAMBA2_TWO_BLOCKS = dict(
+    layers_block_type=["linear_attention", "hybrid"] * 4, num_hidden_layers=8, hybrid_layer_ids=[1, 3, 5, 7],
+    num_mem_blocks=2, use_shared_attention_adapter=True, adapter_rank=8,
+)
 
 # Families whose state transformers keeps outside DynamicCache layers (tests/test_recurrent.py):
 # RecurrentGemma's module-held RG-LRU states (two recurrent blocks, then local attention), RWKV's
@@ -144,8 +150,9 @@ def mixer_prefill_peak(model_type: str, tokens: int, batch: int, dtype: str = "b
     return forward_peak(module, inputs), mixer
 
 
-def build_tiny_hybrid(folder, model_type: str, seed: int = 0):
-    """Save a tiny random model of one family with save_pretrained, beside the tests' tokenizer."""
+def build_tiny_hybrid(folder, model_type: str, seed: int = 0, **overrides):
+    """Save a tiny random model of one family (config `overrides` on top) with save_pretrained,
+    beside the tests' tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -153,7 +160,7 @@ def build_tiny_hybrid(folder, model_type: str, seed: int = 0):
     from planc.model import make_config
 
     tokenizer = save_tiny_tokenizer(folder)
-    config = tiny_config(model_type)
+    config = {**tiny_config(model_type), **overrides}
     config.update(
         vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

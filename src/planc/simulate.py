@@ -574,7 +574,9 @@ def _place(model, device_map: dict[str, Any], main_device: str) -> dict[str, Any
     GPU entries: on their virtual device. Offloaded entries: parameters become fake host tensors
     in the returned weights map and stay on meta in the module; buffers go to the main device
     (accelerate's offload_buffers=False). A parameter shared by modules (tied weights) gets one
-    tensor per device, as after accelerate's hooks moved each end to its execution device.
+    tensor per device its entries name; simulate_plan then re-ties them (retie_parameters, as
+    dispatch_model does), so one tensor is left, as after loading: accelerate's hook on a resident
+    entry moves its inputs, never its weights.
     """
     import torch
 
