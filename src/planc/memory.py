@@ -15,7 +15,8 @@ Terms (per device):
   intermediates; a vision block's over all images of the batch, `planc.model.vision`), plus one
   layer's KV (torch.cat in DynamicCache.update copies the part that grows with tokens each step;
   states are updated in place), plus the logits of the last position on the device holding
-  lm_head (generate keeps only the last position and upcasts it to fp32).
+  lm_head (generate keeps only the last position and upcasts it to fp32; every position of the
+  step where the forward takes no logits_to_keep), and on the main device their copy.
 - staging: weights of offloaded (cpu/disk) units are copied to their execution device one unit
   at a time (accelerate's AlignDevicesHook); the largest such unit.
 - reserve: CUDA context + cuBLAS workspace + allocator slack on (kv + activations + staging).
@@ -130,9 +131,15 @@ def layer_activation_bytes(
     return hidden + max(mixer, feed_forward) + quantized
 
 
-def logits_bytes(shapes: Shapes, workload: Workload, dtype: str) -> int:
-    """Last-position logits in the model dtype and generate's fp32 copy."""
-    return workload.batch_size * shapes.vocab_size * (DTYPE_BYTES[dtype] + 4)
+def logits_bytes(shapes: Shapes, workload: Workload, dtype: str, every_position: bool = False) -> int:
+    """The step's logits in the model dtype and generate's fp32 copy of the last position's.
+
+    generate passes logits_to_keep=1 to a forward that takes it, so the head computes the last
+    position only; a forward without it (`every_position`: Whisper's and TrOCR's decoders,
+    MiniCPM-V) computes all of the step's positions.
+    """
+    positions = workload.step_tokens if every_position else 1
+    return workload.batch_size * shapes.vocab_size * (positions * DTYPE_BYTES[dtype] + 4)
 
 
 def decode_read_bytes(unit: Unit, shapes: Shapes, workload: Workload, offloaded: bool = False) -> int:
@@ -164,6 +171,9 @@ class Load:
     executes: bool = False
     mask: int = 0  # attention masks held while this device's layers run (see mask_bytes)
     main: bool = False  # the main device builds the masks, whether or not it runs layers
+    # The head's logits, which the root module's hook (io_same_device) copies to the main device
+    # after every layer ran: held there alone, whichever device computed them.
+    returned_logits: int = 0
 
     def add(self, cost: "UnitCost", resident: bool = True) -> None:
         """Account for one more unit executing here (its weights too when `resident`)."""
@@ -188,7 +198,7 @@ class Load:
         # every prefill chunk after the first (while that chunk's activations are alive).
         if workload.step_tokens < workload.max_seq_len:
             step += self.layer_kv
-        return max(step, self.layer_kv) + self.logits
+        return max(max(step, self.layer_kv) + self.logits, self.returned_logits)
 
 
 def reserve_bytes(reserve: Reserve, kv: int, activations: int, staging: int, gpu: bool) -> int:
@@ -237,7 +247,7 @@ def unit_costs(
                 weights=unit.weight_bytes,
                 kv=unit_kv_bytes(unit, workload) if is_layer else 0,
                 activation=activation,
-                logits=logits_bytes(shapes, workload, graph.dtype) if unit.kind == "post" and unit.name == graph.units[-1].name else 0,
+                logits=logits_bytes(shapes, workload, graph.dtype, graph.logits_every_position) if unit.name == graph.logits_unit else 0,
                 decode_bytes=decode_read_bytes(unit, graph.shapes_of(unit), workload),
                 host_weights=unit.host_weight_bytes,
                 host_decode_bytes=decode_read_bytes(unit, graph.shapes_of(unit), workload, offloaded=True),

@@ -175,7 +175,8 @@ class _Evaluator:
         self.p = problem
         self.main = main
         # The main GPU runs offloaded units (weights elsewhere) and pinned ones (weights here).
-        extra = Load(executes=True, mask=problem.masks[main.backend][0], main=True)
+        extra = Load(executes=True, mask=problem.masks[main.backend][0], main=True,
+                     returned_logits=max(cost.logits for cost in problem.costs[main.backend].values()))
         for name in offloaded:
             extra.add(problem.cost(main.backend, name), resident=False)
         for name in problem.pinned:

@@ -9,6 +9,7 @@ every distinct tensor is counted once (fp32 rotary buffers stay fp32, tied weigh
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -92,10 +93,22 @@ class ModelGraph:
     config_class: str | None = None  # set when config.json's model_type is unknown and `architectures` resolved it
     vision: Vision | None = None  # the vision tower's numbers, for image-text-to-text models
     position_limit: int | None = None  # positions of a learned position table (GPT-2's wpe): tokens past it fail
+    # The forward takes no logits_to_keep (generate passes it only where the signature has it): the
+    # head computes logits for every position of a step, not the last one only.
+    logits_every_position: bool = False
+    # The unit holding the output embeddings (lm_head): the logits are computed there. None where
+    # the model names none; the last unit then. (Not always the last unit: a vision projector's
+    # norm outside the decoder is ordered after it.)
+    head: str | None = None
 
     def shapes_of(self, unit: Unit) -> Shapes:
         """The numbers a unit's formulas use: its own where the config varies them by layer."""
         return unit.shapes or self.shapes
+
+    @property
+    def logits_unit(self) -> str:
+        """The unit that computes the logits."""
+        return self.head or self.units[-1].name
     parallel: ParallelSupport | None = None
 
     @property
@@ -510,6 +523,9 @@ def build_model_graph(
         config_class=None if known_model_type(config_dict["model_type"]) else type(config).__name__,
         vision=vision_of(config, vision_towers),
         position_limit=position_limit,
+        logits_every_position="logits_to_keep" not in inspect.signature(model.forward).parameters,
+        head=next((name for name, module, tensors in raw_units if tensors and module is not None
+                   and module is output_embeddings), None),
         parallel=parallel,
     )
 
