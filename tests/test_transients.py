@@ -59,6 +59,16 @@ CASES = [
                                      text_config=dict(num_hidden_layers=2, layer_types=["full_attention"] * 2),
                                      vision_config=dict(num_hidden_layers=1)), 1024, 1,
                  id="every-position-logits-minicpm-ocr"),
+    # Experts that take no routing: every token through every expert (Llama4TextExperts).
+    pytest.param("llama4_text", dict(num_hidden_layers=2, hidden_size=512, intermediate_size=1024,
+                                     intermediate_size_mlp=2048, num_attention_heads=8, num_key_value_heads=2,
+                                     head_dim=64, vocab_size=32000, layer_types=["chunked_attention", "full_attention"],
+                                     no_rope_layers=[1, 0]), 2048, 1, id="every-expert-llama4"),
+    # Cache layers beyond the decoder layers, owned unevenly: HRM's L-stack updates H x L cache
+    # slots per layer, its H-stack H (the KV goes where the forward puts it, not k per layer in order).
+    pytest.param("hrm_text", dict(num_hidden_layers=16, num_layers_per_stack=2, hidden_size=256, intermediate_size=512,
+                                  num_attention_heads=4, num_key_value_heads=4, head_dim=64, vocab_size=32000),
+                 2048, 1, id="cache-owners-hrm"),
 ]
 
 

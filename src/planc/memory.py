@@ -127,7 +127,9 @@ def layer_activation_bytes(
     # A quantized module's kernel allocates beside the block's own intermediates: bitsandbytes and
     # the int-packed kernels dequantize a whole weight for a prefill; fp8 quantizes its input.
     quantized = unit.quant_prefill_transient + unit.quant_token_transient * b * t
-    feed_forward = mlp.transient_bytes(shapes, unit.moe, workload, dtype, model_type, unit.experts_token_transient)
+    feed_forward = mlp.transient_bytes(
+        shapes, unit.moe, workload, dtype, model_type, unit.experts_token_transient, unit.every_expert
+    )
     return hidden + max(mixer, feed_forward) + quantized
 
 
@@ -150,7 +152,7 @@ def decode_read_bytes(unit: Unit, shapes: Shapes, workload: Workload, offloaded:
     weights = unit.host_weight_bytes if offloaded else unit.weight_bytes
     if unit.row_bytes:
         weights = min(weights, workload.batch_size * unit.row_bytes)
-    if unit.expert_bytes and shapes.num_experts:
+    if unit.expert_bytes and shapes.num_experts and not unit.every_expert:
         # A step touches only the experts its tokens route to: expected distinct experts for
         # batch x top_k independent picks out of E.
         active = 1 - (1 - shapes.experts_per_token / shapes.num_experts) ** workload.batch_size
