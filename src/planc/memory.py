@@ -17,7 +17,8 @@ Terms (per device):
   intermediates; a vision block's over all images of the batch, `planc.model.vision`), plus one
   layer's KV (torch.cat in DynamicCache.update copies the part that grows with tokens each step;
   states are updated in place), plus the logits of the last position on the device holding
-  lm_head (generate keeps only the last position and upcasts it to fp32).
+  lm_head (generate keeps only the last position and upcasts it to fp32; every position of the
+  step where the forward takes no logits_to_keep), and on the main device their copy.
 - staging: weights of offloaded (cpu/disk) units are copied to their execution device one unit
   at a time (accelerate's AlignDevicesHook); the largest such unit.
 - reserve: CUDA context + cuBLAS workspace + allocator slack on (kv + activations + staging).
@@ -128,21 +129,34 @@ def layer_activation_bytes(
     # A quantized module's kernel allocates beside the block's own intermediates: bitsandbytes and
     # the int-packed kernels dequantize a whole weight for a prefill; fp8 quantizes its input.
     quantized = unit.quant_prefill_transient + unit.quant_token_transient * b * t
-    feed_forward = mlp.transient_bytes(shapes, unit.moe, workload, dtype, model_type, unit.experts_token_transient)
+    feed_forward = mlp.transient_bytes(
+        shapes, unit.moe, workload, dtype, model_type, unit.experts_token_transient, unit.every_expert
+    )
     return hidden + max(mixer, feed_forward) + quantized
 
 
-def logits_bytes(shapes: Shapes, workload: Workload, dtype: str, every_position: bool = False) -> int:
-    """Last-position logits in the model dtype and generate's fp32 copy.
+def logits_bytes(
+    shapes: Shapes, workload: Workload, dtype: str, every_position: bool = False, soft_capped: bool = False
+) -> int:
+    """The step's logits in the model dtype and generate's fp32 copy of the last position's.
 
-    `every_position`: the forward takes no `logits_to_keep` (xLSTM), so generate's prefill gets
-    the logits of every token of the step: in the model dtype, then upcast to fp32, and at the
-    output soft cap three fp32 copies at once (xLSTMForCausalLM.forward: soft_cap(lm_head(h).float())).
+    generate passes logits_to_keep=1 to a forward that takes it, so the head computes the last
+    position only; a forward without it (`every_position`: Whisper's and TrOCR's decoders,
+    MiniCPM-V, xLSTM) computes all of the step's positions. `soft_capped`: xLSTM then upcasts them
+    to fp32 and soft-caps them, three fp32 copies at once (xLSTMForCausalLM.forward:
+    soft_cap(lm_head(h).float())).
     """
-    if every_position:
-        per_logit = max(DTYPE_BYTES[dtype] + 4, 3 * 4)
-        return workload.batch_size * workload.step_tokens * shapes.vocab_size * per_logit
-    return workload.batch_size * shapes.vocab_size * (DTYPE_BYTES[dtype] + 4)
+    positions = workload.step_tokens if every_position else 1
+    per_logit = max(DTYPE_BYTES[dtype] + 4, 3 * 4) if every_position and soft_capped else DTYPE_BYTES[dtype]
+    return workload.batch_size * shapes.vocab_size * (positions * per_logit + 4)
+
+
+def returned_logits_bytes(graph: ModelGraph, workload: Workload) -> int:
+    """What the root module's hook copies to the main device: the head's output (fp32 where xLSTM
+    soft-caps it, else the model dtype) and generate's fp32 copy of the last position."""
+    positions = workload.step_tokens if graph.logits_every_position else 1
+    per_logit = 4 if graph.logits_every_position and graph.logits_soft_capped else DTYPE_BYTES[graph.dtype]
+    return workload.batch_size * graph.shapes.vocab_size * (positions * per_logit + 4)
 
 
 def decode_read_bytes(unit: Unit, shapes: Shapes, workload: Workload, offloaded: bool = False) -> int:
@@ -153,7 +167,7 @@ def decode_read_bytes(unit: Unit, shapes: Shapes, workload: Workload, offloaded:
     weights = unit.host_weight_bytes if offloaded else unit.weight_bytes
     if unit.row_bytes:
         weights = min(weights, workload.batch_size * unit.row_bytes)
-    if unit.expert_bytes and shapes.num_experts:
+    if unit.expert_bytes and shapes.num_experts and not unit.every_expert:
         # A step touches only the experts its tokens route to: expected distinct experts for
         # batch x top_k independent picks out of E.
         active = 1 - (1 - shapes.experts_per_token / shapes.num_experts) ** workload.batch_size
@@ -174,6 +188,9 @@ class Load:
     executes: bool = False
     mask: int = 0  # attention masks held while this device's layers run (see mask_bytes)
     main: bool = False  # the main device builds the masks, whether or not it runs layers
+    # The head's logits, which the root module's hook (io_same_device) copies to the main device
+    # after every layer ran: held there alone, whichever device computed them.
+    returned_logits: int = 0
 
     def add(self, cost: "UnitCost", resident: bool = True) -> None:
         """Account for one more unit executing here (its weights too when `resident`)."""
@@ -198,7 +215,7 @@ class Load:
         # every prefill chunk after the first (while that chunk's activations are alive).
         if workload.step_tokens < workload.max_seq_len:
             step += self.layer_kv
-        return max(step, self.layer_kv) + self.logits
+        return max(max(step, self.layer_kv) + self.logits, self.returned_logits)
 
 
 def reserve_bytes(reserve: Reserve, kv: int, activations: int, staging: int, gpu: bool) -> int:
@@ -249,8 +266,8 @@ def unit_costs(
                 # on the input device for every layer (model/graph.py: _state_on_input_device).
                 kv=unit_kv_bytes(unit, workload),
                 activation=activation,
-                logits=logits_bytes(shapes, workload, graph.dtype, graph.every_position_logits)
-                if unit.kind == "post" and unit.name == graph.units[-1].name else 0,
+                logits=logits_bytes(shapes, workload, graph.dtype, graph.logits_every_position, graph.logits_soft_capped)
+                if unit.name == graph.logits_unit else 0,
                 decode_bytes=decode_read_bytes(unit, graph.shapes_of(unit), workload),
                 host_weights=unit.host_weight_bytes,
                 host_decode_bytes=decode_read_bytes(unit, graph.shapes_of(unit), workload, offloaded=True),

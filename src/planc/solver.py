@@ -44,6 +44,7 @@ from planc.memory import (
     Reserve,
     Workload,
     reserve_bytes,
+    returned_logits_bytes,
     unit_costs,
 )
 from planc.errors import ModelError, SpecError
@@ -208,7 +209,8 @@ class _Evaluator:
         self.p = problem
         self.main = main
         # The main GPU runs offloaded units (weights elsewhere) and pinned ones (weights here).
-        extra = Load(executes=True, mask=problem.masks[main.backend][0], main=True)
+        extra = Load(executes=True, mask=problem.masks[main.backend][0], main=True,
+                     returned_logits=returned_logits_bytes(problem.graph, problem.workload))
         for name in offloaded:
             extra.add(problem.cost(main.backend, name), resident=False)
         for name in problem.pinned:

@@ -54,10 +54,20 @@ def dequantized_kv_bytes(shapes: Shapes, workload: Workload, dtype: str, mixer: 
     return max(8 * keys, e * keys + 8 * values, e * (keys + values) + mixer)
 
 
-def layer_cache(layer_type: str, layer_kwargs: dict, shapes: Shapes, dtype: str) -> LayerCache:
-    """The cache of one attention layer of `layer_type` (one of LAYER_TYPES)."""
+def layer_cache(layer_type: str, layer_kwargs: dict, shapes: Shapes, dtype: str, layer_module=None) -> LayerCache:
+    """The cache of one attention layer of `layer_type` (one of LAYER_TYPES), with what its
+    attention module does beyond softmax attention (`layer_module`: the decoder layer on meta)."""
     window = None if layer_type == "full_attention" else int(layer_kwargs["sliding_window"])
-    return LayerCache(layer_type, kv_bytes_per_token(shapes, dtype), window)
+    return LayerCache(layer_type, kv_bytes_per_token(shapes, dtype), window,
+                      dynamic_mask_keep=_dynamic_mask_keep(layer_module))
+
+
+def _dynamic_mask_keep(layer_module) -> int:
+    """keep_window_size of a dynamic-mask attention module in the layer (Doge's DMA), else 0."""
+    for module in layer_module.modules() if layer_module is not None else ():
+        if hasattr(module, "prepare_dynamic_mask") and isinstance(getattr(module, "keep_window_size", None), int):
+            return module.keep_window_size
+    return 0
 
 
 def hybrid_layer_cache(layer_type: str, layer_kwargs: dict, shapes: Shapes, dtype: str, layer_module) -> LayerCache:
@@ -94,6 +104,30 @@ def context_tokens(cache: LayerCache | None, workload: Workload) -> int:
     return s
 
 
+def dynamic_mask_bytes(shapes: Shapes, cache: LayerCache, workload: Workload, dtype: str, backend: str) -> tuple[int, int]:
+    """(peak while building, bytes held through the attention) of a dynamic-mask attention's mask.
+
+    DogeAttention.prepare_dynamic_mask: a per-KV-head score of every key, broadcast over the
+    queries, is filled with the causal mask (turned from bool into the model dtype first, for
+    SDPA): b x kv_heads x t x s in the model dtype. Past keep_window_size keys it keeps the top k
+    per query: a zeroed copy, topk's int64 indices (alive until the function returns), the scatter
+    into that copy, its `== 0` bool and the masked result, beside the filled mask. repeat_kv then
+    copies the result per query head, and SDPA runs with it.
+    """
+    e = DTYPE_BYTES[dtype]
+    b, t = workload.batch_size, workload.step_tokens
+    s = context_tokens(cache, workload)
+    heads, kv_heads = shapes.num_attention_heads, shapes.num_key_value_heads
+    converted = b * t * s * e if backend != "eager" else 0
+    per_head = b * kv_heads * t * s
+    if s > cache.dynamic_mask_keep:
+        building = converted + per_head * (3 * e + 1) + b * kv_heads * t * cache.dynamic_mask_keep * 8
+    else:
+        building = converted + per_head * e
+    held = per_head * e + (b * heads * t * s * e if heads != kv_heads else 0)
+    return building, held
+
+
 def transient_bytes(shapes: Shapes, cache: LayerCache | None, workload: Workload, dtype: str, backend: str) -> int:
     """Peak transient bytes inside one attention block over the largest step (projections to output)."""
     e = DTYPE_BYTES[dtype]
@@ -101,12 +135,13 @@ def transient_bytes(shapes: Shapes, cache: LayerCache | None, workload: Workload
     s = context_tokens(cache, workload)
     heads, kv_heads = shapes.num_attention_heads, shapes.num_key_value_heads
     d_qk, d_v = shapes.head_dim, shapes.v_head_dim
+    dynamic = cache is not None and cache.dynamic_mask_keep > 0
     # q, k, v projections and their rotary-embedded copies.
     qkv = b * t * (2 * heads * d_qk + 2 * kv_heads * d_qk + kv_heads * d_v) * e
     if shapes.mla_latent_dim:
         # MLA expands the cached latents into per-head keys and values over the whole context.
         expanded = b * heads * s * (d_qk + d_v) * e
-    elif heads != kv_heads and (materialises_scores(backend) or b > 1):
+    elif heads != kv_heads and (materialises_scores(backend) or b > 1 or dynamic):
         # repeat_kv copies K/V per query head when SDPA cannot use enable_gqa (a mask is present).
         expanded = b * heads * s * (d_qk + d_v) * e
     else:
@@ -122,6 +157,9 @@ def transient_bytes(shapes: Shapes, cache: LayerCache | None, workload: Workload
         scores = 0
     attn_out = b * t * heads * d_v * e
     mixer = qkv + expanded + scores + attn_out
+    if dynamic:
+        building, held = dynamic_mask_bytes(shapes, cache, workload, dtype, backend)
+        mixer = qkv + max(building, held + expanded + scores + attn_out)
     if cache is not None and cache.quantized:
         return dequantized_kv_bytes(shapes, workload, dtype, mixer)
     return mixer
@@ -139,8 +177,9 @@ def mask_bytes(units, workload: Workload, backend: str, dtype: str) -> tuple[int
     eager = backend == "eager"
     attending = [unit.cache for unit in units if unit.kind == "layer" and unit.cache.attention]
     windows = {cache.window for cache in attending}
-    # Indexed (sparse) attention always builds its mask: the indexer needs it for causality.
-    forced = any(cache.kind == "indexed_attention" for cache in attending)
+    # Indexed (sparse) attention always builds its mask: the indexer needs it for causality; so
+    # does dynamic mask attention, which adds its own onto it.
+    forced = any(cache.kind == "indexed_attention" or cache.dynamic_mask_keep for cache in attending)
     chunked = t < full
     sizes = []
     for window in windows:

@@ -106,6 +106,9 @@ class LayerCache:
     compressed_bytes: int = 0
     buffer_bytes_per_token: int = 0
     quantized: str | None = None  # the QuantizedCache backend storing it (fp8), None for the model dtype
+    # Dynamic mask attention (Doge): keys kept per query by a top-k over a per-head mask of the
+    # whole context, built in the model dtype beside the causal mask (attention.dynamic_mask_bytes).
+    dynamic_mask_keep: int = 0
     fixed_bytes: int = 0  # per layer whatever the batch (a quantized cache's scales)
     # The state is kept on the input embeddings' device, whichever device runs the layer: the
     # graph charges it to the embedding unit and leaves this layer's state_bytes 0.
@@ -209,7 +212,7 @@ def layer_caches(
         own = per_layer[index] if per_layer and index < len(per_layer) else shapes
         module = modules[index] if len(modules) == len(layer_types) else None
         if layer_type in attention.LAYER_TYPES:
-            caches.append(attention.layer_cache(layer_type, layer_kwargs, own, dtype))
+            caches.append(attention.layer_cache(layer_type, layer_kwargs, own, dtype, module))
         elif layer_type == "indexed_attention":
             caches.append(indexed.layer_cache(model_type, own, dtype, module, index))
         elif layer_type in compressed.LAYER_TYPES:

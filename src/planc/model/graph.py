@@ -44,6 +44,9 @@ class Unit:
     quant_prefill_transient: int = 0  # a quantized kernel's largest allocation per call (a dequantized weight)
     quant_token_transient: int = 0  # ... and per token of the step
     experts_token_transient: int = 0  # a fused quantized MoE kernel's bytes per token (0: eager experts' estimate)
+    # Its experts take no routing (Llama 4's Llama4TextExperts): every token runs through every
+    # expert, scaled by the router's scores, rather than through its top k.
+    every_expert: bool = False
     shapes: Shapes | None = None  # this layer's own numbers where the config varies them by layer; else the model's
     vision: bool = False  # the vision tower or its projector: runs once per prefill over the images
     # Under the model's tensor-parallel plan: (size of the split dimension, bytes) per tensor the
@@ -93,13 +96,26 @@ class ModelGraph:
     config_class: str | None = None  # set when config.json's model_type is unknown and `architectures` resolved it
     vision: Vision | None = None  # the vision tower's numbers, for image-text-to-text models
     position_limit: int | None = None  # positions of a learned position table (GPT-2's wpe): tokens past it fail
-    every_position_logits: bool = False  # the forward takes no logits_to_keep: a prefill computes every token's logits
     position_table: str = ""  # what holds those positions (a learned table, MPT's ALiBi bias)
     needs_images: bool = False  # generate requires pixel_values (BLIP, BLIP-2): no text-only prompt runs
+    # The forward takes no logits_to_keep (generate passes it only where the signature has it): the
+    # head computes logits for every position of a step, not the last one only.
+    logits_every_position: bool = False
+    # xLSTM upcasts the logits of every position to fp32 and soft-caps them (output_logit_soft_cap).
+    logits_soft_capped: bool = False
+    # The unit holding the output embeddings (lm_head): the logits are computed there. None where
+    # the model names none; the last unit then. (Not always the last unit: a vision projector's
+    # norm outside the decoder is ordered after it.)
+    head: str | None = None
 
     def shapes_of(self, unit: Unit) -> Shapes:
         """The numbers a unit's formulas use: its own where the config varies them by layer."""
         return unit.shapes or self.shapes
+
+    @property
+    def logits_unit(self) -> str:
+        """The unit that computes the logits."""
+        return self.head or self.units[-1].name
     parallel: ParallelSupport | None = None
 
     @property
@@ -344,18 +360,68 @@ def _refuse_cache_without_attention(model, caches: list[LayerCache]) -> None:
     )
 
 
-def _group_caches(caches: list[LayerCache], layers: int) -> list[LayerCache]:
-    """One cache per decoder layer when the config lists k per layer (LongCat-Flash runs two
-    attentions per layer; HRM loops its layers): layer i holds entries k*i .. k*i + k - 1."""
+def _cache_owners(model, layer_names: list[str]) -> list[int] | None:
+    """Per cache layer, the decoder layer whose forward updates it, from a one-token forward on meta
+    (HRM runs its L-stack at H x L cache slots and its H-stack at H); None when the model does not
+    get through that forward or some cache layer is not updated."""
+    import torch
+    from transformers import DynamicCache
+
+    running: list[int] = []
+    owners: dict[int, int] = {}
+    handles = []
+
+    def enter(_module, _args, index: int) -> None:
+        running.append(index)
+
+    def leave(_module, _args, _output) -> None:  # returns None: the layer's output stands
+        running.pop()
+
+    for index, name in enumerate(layer_names):
+        layer = model.get_submodule(name)
+        handles.append(layer.register_forward_pre_hook(lambda module, args, index=index: enter(module, args, index)))
+        handles.append(layer.register_forward_hook(leave))
+    cache = DynamicCache(config=model.config)
+    update = cache.update
+
+    def recording_update(key_states, value_states, layer_idx, *args, **kwargs):
+        if running:
+            owners.setdefault(layer_idx, running[-1])
+        return update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    cache.update = recording_update
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 1, dtype=torch.long, device="meta"), past_key_values=cache, use_cache=True)
+    except Exception:  # noqa: BLE001 - without the trace, the contiguous grouping stands
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    if sorted(owners) != list(range(len(cache.layers))):
+        return None
+    return [owners[index] for index in range(len(cache.layers))]
+
+
+def _group_caches(caches: list[LayerCache], layers: int, owners: list[int] | None = None) -> list[LayerCache]:
+    """One cache per decoder layer when the config lists several per layer (LongCat-Flash runs two
+    attentions per layer; HRM loops its layers): each layer's entries are those it updates
+    (`owners`, per cache entry its decoder layer), else k consecutive ones, layer i holding
+    k*i .. k*i + k - 1."""
     if len(caches) == layers or not layers:
         return caches
-    if len(caches) % layers:
-        return caches
+    if owners is None or len(owners) != len(caches):
+        if len(caches) % layers:
+            return caches
+        k = len(caches) // layers
+        owners = [index // k for index in range(len(caches))]
+    from dataclasses import replace
 
-    k = len(caches) // layers
     grouped = []
     for i in range(layers):
-        part = caches[k * i : k * i + k]
+        part = [cache for cache, owner in zip(caches, owners) if owner == i]
+        if not part:
+            return caches
         # Only plain attention caches add up; a mixer's state or a compressed / indexed cache
         # has a layout of its own (such configs are refused by the caller's count check).
         if len({(c.kind, c.window) for c in part}) != 1 or any(
@@ -415,7 +481,9 @@ def build_model_graph(
     no_split = set(declared) | set(inferred)
     config_layers = layer_shapes(config)
     layer_modules = [model.get_submodule(name) for name in layer_names]
-    caches = _group_caches(layer_caches(config, shapes, dtype, layer_modules, config_layers, kv_cache), len(layer_names))
+    caches = layer_caches(config, shapes, dtype, layer_modules, config_layers, kv_cache)
+    if len(caches) != len(layer_names):
+        caches = _group_caches(caches, len(layer_names), _cache_owners(model, layer_names))
     per_layer = config_layers if len(config_layers) == len(layer_names) else [shapes] * len(layer_names)
     if len(caches) != len(layer_names):
         raise ModelError(
@@ -523,7 +591,8 @@ def build_model_graph(
             experts += sum(_expert_hidden_bytes(m) for m in module.modules())
             layers.append(
                 Unit(name, weight, "layer", layer_index, caches[layer_index], experts > 0, experts,
-                     shapes=per_layer[layer_index] if per_layer[layer_index] != shapes else None, **quant)
+                     shapes=per_layer[layer_index] if per_layer[layer_index] != shapes else None,
+                     every_expert=experts > 0 and _runs_every_expert(module), **quant)
             )
             layer_index += 1
         elif is_post(name, module):
@@ -597,8 +666,11 @@ def build_model_graph(
         position_limit=position_limit,
         position_table=position_table,
         needs_images=generates_from_images(model),
+        logits_every_position="logits_to_keep" not in inspect.signature(model.forward).parameters,
+        head=next((name for name, module, tensors in raw_units if tensors and module is not None
+                   and module is output_embeddings), None),
+        logits_soft_capped=getattr(text_config(config), "output_logit_soft_cap", None) is not None,
         parallel=parallel,
-        every_position_logits="logits_to_keep" not in inspect.signature(model.forward).parameters,
     )
 
 
@@ -672,6 +744,15 @@ def _quantized_terms(weight: int, records, quantization) -> dict[str, Any]:
         # bitsandbytes' fp32-offload path leaves the modules of cpu/disk entries unquantized.
         terms["host_bytes"] = weight + sum(r.dense_bytes - r.quantized_bytes for r in records)
     return terms
+
+
+def _runs_every_expert(layer_module) -> bool:
+    """The layer's experts (the module holding 3-D expert weights) take the hidden states alone, no
+    routing: they run every token through every expert (Llama4TextExperts' batched matmul)."""
+    for module in layer_module.modules():
+        if any(p.dim() == 3 for p in module.parameters(recurse=False)):
+            return list(inspect.signature(module.forward).parameters) == ["hidden_states"]
+    return False
 
 
 def _expert_hidden_bytes(module) -> int:

@@ -14,17 +14,19 @@ FP32_ROUTING_WEIGHTS = {"deepseek_v3"}
 
 
 def transient_bytes(
-    shapes: Shapes, moe: bool, workload: Workload, dtype: str, model_type: str = "", kernel_token_bytes: int = 0
+    shapes: Shapes, moe: bool, workload: Workload, dtype: str, model_type: str = "", kernel_token_bytes: int = 0,
+    every_expert: bool = False,
 ) -> int:
     """Peak transient bytes inside one feed-forward block over the largest step.
 
     `kernel_token_bytes`: a fused MoE kernel's bytes per token (mxfp4's Triton matmul_ogs, from
-    planc.model.quant), in place of the experts' intermediates.
+    planc.model.quant), in place of the experts' intermediates. `every_expert`: experts that run
+    every token (Llama 4: the hidden states repeated once per expert, then one batched matmul).
     """
     e = DTYPE_BYTES[dtype]
     b, t, h = workload.batch_size, workload.step_tokens, shapes.hidden_size
     if moe:
-        routed_rows = b * t * shapes.experts_per_token
+        routed_rows = b * t * (shapes.num_experts if every_expert else shapes.experts_per_token)
         # Peak of the expert step: gathered inputs with gate/up/activation intermediates, or the
         # down projection and its weighting by the routing weights.
         r = 4 if model_type in FP32_ROUTING_WEIGHTS else e

@@ -112,13 +112,14 @@ def communication_bytes(graph: ModelGraph, names: list[str], layout: Layout, wor
     e = DTYPE_BYTES[graph.dtype]
     b, t = workload.batch_size, workload.step_tokens
     largest = 0
-    last = graph.units[-1].name
+    last = graph.logits_unit
     wanted = set(names)
     for unit in graph.units:
         if unit.name not in wanted:
             continue
         for kind, width in unit.tp_collectives:
-            tokens = 1 if unit.name == last else t  # generate keeps the last position's logits only
+            # generate keeps the last position's logits only, where the forward takes logits_to_keep.
+            tokens = 1 if unit.name == last and not graph.logits_every_position else t
             if kind == "all_gather":
                 largest = max(largest, b * tokens * -(-width // layout.tp) * e)
             elif unit.kind == "pre":
@@ -147,7 +148,7 @@ def rank_ledgers(
             if stage < layout.pp - 1:
                 # Every stage receives the logits the last one computes (transformers broadcasts them
                 # so that generate runs on every rank) and keeps generate's fp32 copy.
-                load.logits = max(load.logits, logits_bytes(view.shapes, workload, view.dtype))
+                load.logits = max(load.logits, logits_bytes(view.shapes, workload, view.dtype, view.logits_every_position))
             activations = load.activations(view.shapes, workload, view.dtype)
             communication = communication_bytes(view, names, layout, workload, slot.gpu)
             reserve_total = reserve_bytes(reserve, load.kv_cache, activations + communication, 0, slot.gpu)
