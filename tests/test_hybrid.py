@@ -12,9 +12,9 @@ import json
 
 import pytest
 
-from hybrid_models import AT_SCALE, FAMILIES, mixer_prefill_peak, tiny_config
+from hybrid_models import AT_SCALE, FAMILIES, mixer_prefill_peak, tiny_config, tiny_model
 from planc.memory import Workload, unit_kv_bytes
-from planc.model import build_model_graph, make_config
+from planc.model import build_model_graph
 from planc.model.cache import FALLBACK, cache_keyword, held_bytes, layer_tensors
 
 BATCH, PROMPT, DECODE = 2, 37, 2
@@ -23,10 +23,9 @@ BATCH, PROMPT, DECODE = 2, 37, 2
 def _run_cache(config_dict: dict, dtype: str):
     """Prefill BATCH x PROMPT tokens, then DECODE single-token steps; the cache after each phase."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(make_config(config_dict), dtype=getattr(torch, dtype)).eval()
+    model = tiny_model(config_dict, dtype)
     ids = torch.randint(0, 100, (BATCH, PROMPT))
     keyword = cache_keyword(model)
     phases = []
@@ -43,7 +42,8 @@ def _run_cache(config_dict: dict, dtype: str):
 # bfloat16 tells the model-dtype conv window from the fp32 recurrent state; float32 once per family.
 CASES = [(model_type, "bfloat16") for model_type in sorted(FAMILIES)] + [
     (model_type, "float32")
-    for model_type in ("qwen3_next", "kimi_linear", "bamba", "jamba", "lfm2", "minimax", "deepseek_v32", "deepseek_v4")
+    for model_type in ("qwen3_next", "kimi_linear", "bamba", "jamba", "lfm2", "minimax", "deepseek_v32", "deepseek_v4",
+                       "zaya", "inkling_text")
 ]
 
 
@@ -142,7 +142,7 @@ def test_simulated_hybrid_plans_agree_with_the_ledger(tmp_path, model_type, over
             assert planned <= held, device
 
 
-@pytest.mark.parametrize("model_type", ["xlstm", "rwkv", "recurrent_gemma", "zaya", "inkling_text", "qwen4_exp_text"])
+@pytest.mark.parametrize("model_type", ["xlstm", "rwkv", "recurrent_gemma", "qwen4_exp_text"])
 def test_families_planc_does_not_size_are_refused_with_the_reason(model_type):
     """Planning their recurrent state as attention KV would be wrong; each says why, in one line."""
     from transformers import AutoConfig

@@ -83,6 +83,7 @@ class LayerCache:
     attention: bool = True  # runs softmax attention over its cached tokens (its transients, its masks)
     indexer_heads: int = 0  # indexed attention: heads of the indexer that scores every cached token
     indexer_head_dim: int = 0
+    indexer_pool: int = 0  # GLM-5-Next's k-pool indexer: scores one pooled key per this many tokens
     # Compressed attention (DeepSeek-V4): one entry of `compressed_bytes` per `compress_rate`
     # tokens, and the projections awaiting compression, which the cache keeps as views of the
     # last step's storage (`buffer_bytes_per_token`).
@@ -133,8 +134,6 @@ UNSIZED = {
     "rwkv": "RWKV keeps its recurrent state in a tensor list the model returns (`state`), outside any cache planc sizes",
     "recurrent_gemma": "RecurrentGemma keeps its RG-LRU and convolution states on the modules, allocated on the input "
     "device at setup, outside the cache planc sizes",
-    "zaya": "ZAYA's hybrid layers keep convolution states of its CCA projection that planc does not size yet",
-    "inkling": "Inkling's hybrid layers keep four fp32 short-convolution states per layer that planc does not size yet",
     "qwen4_exp": "Qwen4-Exp's indexed layers keep block-compressed indexer keys that planc does not size yet",
 }
 
@@ -215,7 +214,7 @@ def layer_caches(
 
 # Modules with the state formulas of each sequence-mixer family; each maps the model types whose
 # layers it describes to its Mixer class (`MIXERS`).
-MIXER_MODULES = ("delta_rule", "mamba", "short_conv", "lightning")
+MIXER_MODULES = ("delta_rule", "mamba", "short_conv", "lightning", "cca")
 
 
 def mixer_of(model_type: str, layer_type: str, layer_module, index: int) -> Mixer:
