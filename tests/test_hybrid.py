@@ -102,6 +102,20 @@ SIMULATED = [
     # DeepSeek-V4's hyper-connection head (model.hc_head's own tensors) runs after the layers: it
     # goes with the final norm on the last GPU.
     pytest.param("deepseek_v4", dict(), 2, 1024, "fallback", id="compressed-deepseek-v4"),
+    pytest.param("zaya", dict(layer_types=["hybrid"] * 4), 2, 1024, "fallback", id="cca-zaya"),
+    # Contexts within the sliding windows (512 and 1024): after the decode step every layer holds
+    # what the ledger planned.
+    pytest.param("inkling_text", dict(layer_types=["hybrid_sliding", "hybrid"] * 2, mlp_layer_types=["sparse"] * 4), 2, 512,
+                 "fallback",
+                 id="residual-short-conv-inkling"),
+    pytest.param("inkling2_text", dict(layer_types=["hybrid_sliding", "hybrid"] * 2), 2, 1024, "fallback",
+                 id="residual-short-conv-inkling2"),
+    # Image-text-to-text models: their text model cut to four layers.
+    pytest.param("glm5_next", dict(text_config=dict(layer_types=_LINEAR, mlp_layer_types=["dense"] + ["sparse"] * 3)),
+                 2, 1024, "fallback", id="kimi-delta-and-k-pool-indexer-glm5-next"),
+    pytest.param("unlimited_ocr", dict(text_config=dict(layer_types=["reference_sliding_attention"] * 4,
+                                                        mlp_layer_types=["dense"] + ["sparse"] * 3)),
+                 2, 1024, "fallback", id="reference-sliding-unlimited-ocr"),
 ]
 
 
@@ -115,7 +129,10 @@ def test_simulated_hybrid_plans_agree_with_the_ledger(tmp_path, model_type, over
     from test_simulate import LEDGER_TOLERANCE
 
     config = AutoConfig.for_model(model_type).to_dict()
-    config.update({"num_hidden_layers": 4, **overrides})
+    overrides = dict(overrides)
+    text = config["text_config"] if "text_config" in overrides else config
+    text.update({"num_hidden_layers": 4, **overrides.pop("text_config", {})})
+    config.update(overrides)
     config.pop("transformers_version", None)
     (tmp_path / "config.json").write_text(json.dumps(PretrainedConfig._encode_special_floats(config)))
     (tmp_path / "spec.yaml").write_text(
