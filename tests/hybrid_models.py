@@ -78,8 +78,9 @@ FAMILIES = {
                            projection_intermediate_size=64),
     ),
     "unlimited_ocr": dict(
+        # A window shorter than the prompts: prefill tokens stay, generated ones slide.
         text_config=dict(layer_types=["reference_sliding_attention"] * 4, mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
-                         sliding_window=16),
+                         sliding_window=4),
         vision_config=dict(
             sam_config=dict(hidden_size=32, output_channels=16, num_hidden_layers=1, num_attention_heads=2, mlp_dim=64,
                             global_attn_indexes=[0]),
@@ -203,17 +204,18 @@ def mixer_prefill_peak(model_type: str, tokens: int, batch: int, dtype: str = "b
 def build_tiny_hybrid(folder, model_type: str, seed: int = 0):
     """Save a tiny random model of one family with save_pretrained, beside the tests' tokenizer."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from conftest import save_tiny_tokenizer
-    from planc.model import make_config
 
     tokenizer = save_tiny_tokenizer(folder)
     config = tiny_config(model_type)
-    config.update(
+    tokens = dict(
         vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    config.get("text_config", config).update(tokens)
+    if "text_config" in config:
+        config["text_config"].pop("tie_word_embeddings", None)
     torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(make_config(config), dtype=torch.float32).save_pretrained(folder)
+    tiny_model(config, "float32").save_pretrained(folder)
     return folder
