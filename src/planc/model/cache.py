@@ -5,14 +5,18 @@ per `config.layer_types` entry (after `remap_legacy_layer_types`: `mamba` -> `li
 `*_sparse_attention` -> `indexed_attention`). Each kind's byte formula lives in the module of its
 mixer; this module maps layer types to them:
 
-- full / sliding / chunked attention: `attention.py` (KV per token, capped by a window);
-- indexed attention (DeepSeek sparse attention): `indexed.py` (KV plus the indexer's keys);
+- full / sliding / chunked attention: `attention.py` (KV per token, capped by a window); also
+  Unlimited-OCR's reference sliding attention (every prefill token plus a window of generated ones);
+- indexed attention (DeepSeek sparse attention): `indexed.py` (KV plus the indexer's keys, or
+  GLM-5-Next's packed k-pool rows);
 - compressed attention (DeepSeek-V4's heavily compressed / compressed sparse attention):
   `compressed.py` (a sliding window plus one compressed entry per few tokens);
 - linear attention, conv and hybrid layers: a fixed-size state per sequence from the layer's
   sequence mixer, one module per family (`delta_rule.py`: gated DeltaNet and Kimi delta
-  attention; `mamba.py`: Mamba1 and Mamba2; `short_conv.py`: LFM2's gated convolution;
-  `lightning.py`: MiniMax's lightning attention), plus the attention KV for `hybrid` layers;
+  attention, GLM-5-Next's too; `mamba.py`: Mamba1 and Mamba2; `short_conv.py`: LFM2's gated
+  convolution and Inkling's residual short convolutions; `lightning.py`: MiniMax's lightning
+  attention; `cca.py`: ZAYA's compressed convolutional attention), plus the attention KV for
+  `hybrid` / `hybrid_sliding` layers;
 - mlp / moe / dummy layers: nothing.
 
 Families whose state transformers keeps outside the cache, or in cache classes planc does not
