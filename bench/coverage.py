@@ -3,6 +3,7 @@
     PYTHONPATH=src python -m bench.coverage [--only SUBSTRING] [--no-simulate] [--markdown docs/coverage.md]
                                             [--baseline bench/coverage-baseline.json]
                                             [--json results.json] [--from-json results.json]
+                                            [--update results.json --only TEXT[,TEXT...]]
 
 The population is every (model_type, class) pair of transformers' causal-LM and image-text-to-text
 mappings (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES), each at its
@@ -19,6 +20,10 @@ default config (`AutoConfig.for_model(model_type)` with `architectures` set to t
   plus the plan's reserve (CUDA context, workspace, allocator slack) is within the budget the plan
   gave it; the worst GPU's ledger error, (planned tensors - simulated peak) / simulated peak, says
   how close the ledger's terms came.
+
+`--update` re-runs only the `--only` pairs and puts their rows into an earlier `--json` run (the
+rest are that run's, as measured): for a change that touches a few families. A change to formulas
+every plan uses needs the whole run.
 
 It imports only planc's public compile and simulate functions, so it runs against any checkout
 (`PYTHONPATH=<checkout>/src`) to measure a baseline. It is a benchmark, not a test: the suite's
@@ -55,12 +60,13 @@ REASONS: list[tuple[str, str]] = [
     ("encoder LM head without is_decoder", r"is_decoder is false"),
     ("no decoder layer list to place", r"no decoder layers found|parallel lists"),
     ("cache layers do not match decoder layers", r"cache layers for"),
+    ("transformers cannot generate with the default config", r"generates only with an attention layer"),
     ("unsupported tie", r"is tied to"),
     ("no generative class", r"no causal-LM or image-text-to-text class"),
     ("remote code", r"remote code|unknown to transformers"),
     ("quantized", r"quantized checkpoint"),
     ("does not fit", r"does not fit"),
-    ("context beyond the position table", r"learned position table"),
+    ("context beyond the position table", r"positions of .* generate fails there"),
 ]
 
 
@@ -107,35 +113,42 @@ def _crash(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}{where}"
 
 
-def spec_for(context: int = CONTEXT):
+def spec_for(context: int = CONTEXT, images: int = 0):
     from planc.spec import parse_spec
 
+    workload = {"batch_size": 1, "max_seq_len": context}
+    if images:
+        workload["images_per_sequence"] = images
     return parse_spec({
         "planc": 1,
         "model": {"config": "config.json"},
         "hardware": {"gpus": [{"type": GPU_TYPE, "count": GPUS}], "cpu_memory": CPU_MEMORY},
-        "workload": {"batch_size": 1, "max_seq_len": context},
+        "workload": workload,
         "policy": {"offload": "cpu"},
     })
 
 
-def plan_with_planc(config: dict, packages, context: int = CONTEXT):
+def plan_with_planc(config: dict, packages, context: int = CONTEXT, images: int = 0):
     """(plan or None, outcome, detail). A model whose learned position table is shorter than the
-    context is planned at the table's length (the architecture is what is measured, not the workload)."""
+    context is planned at the table's length, and one that generates only from an image with one
+    image per sequence (the architecture is what is measured, not the workload)."""
     from planc.compile import ModelInput, compile_plan
     from planc.errors import PlancError
     from planc.hardware import resolve_inventory
     from planc.model import build_model_graph
 
-    spec = spec_for(context)
+    spec = spec_for(context, images)
     model = ModelInput(config, "sha256:" + "0" * 64, {}, None, None, "config.json")
     try:
         plan = compile_plan(spec, resolve_inventory(spec.hardware), model, packages, None, build_model_graph)
     except PlancError as exc:
         table = re.search(r"plan at most (\d+) tokens", str(exc))
         if table and context == CONTEXT:
-            plan, outcome, detail = plan_with_planc(config, packages, int(table.group(1)))
+            plan, outcome, detail = plan_with_planc(config, packages, int(table.group(1)), images)
             return plan, outcome, f"at {table.group(1)} tokens (its position table): {detail}"
+        if "generates only from an image" in str(exc) and not images:
+            plan, outcome, detail = plan_with_planc(config, packages, context, 1)
+            return plan, outcome, f"with 1 image per sequence (it generates only from one): {detail}"
         return None, "refused", str(exc).replace("\n", " ")
     except Exception as exc:  # noqa: BLE001 - a crash is the finding
         return None, "crashed", _crash(exc)
@@ -195,7 +208,7 @@ def _alarm(signum, frame):
     raise _SimulationTimeout
 
 
-def simulate(plan, config: dict, seconds: int = SIMULATE_SECONDS) -> tuple[str, float | None, str]:
+def simulate(plan, config: dict, seconds: int = SIMULATE_SECONDS, seq: int | None = None) -> tuple[str, float | None, str]:
     """planc simulate of the plan: (holds | over | failed | timed out, worst ledger error, error).
 
     Bounded in time: Mamba1's torch fallback scans token by token in Python, and 4096 tokens x 64
@@ -212,7 +225,7 @@ def simulate(plan, config: dict, seconds: int = SIMULATE_SECONDS) -> tuple[str, 
         previous = signal.signal(signal.SIGALRM, _alarm)
         signal.alarm(seconds)
         try:
-            report = simulate_plan(plan, Path(folder), decode_steps=1)
+            report = simulate_plan(plan, Path(folder), decode_steps=1, max_seq_len=seq)
         except _SimulationTimeout:
             return "timed out", None, f"simulate stopped after {seconds} s"
         except Exception as exc:  # noqa: BLE001
@@ -232,13 +245,20 @@ def simulate(plan, config: dict, seconds: int = SIMULATE_SECONDS) -> tuple[str, 
     return ("holds" if holds else "over budget"), round(worst.ledger_error, 4), ""
 
 
+def selected(only: str | None, model_type: str, architecture: str) -> bool:
+    """Whether `--only` (comma-separated substrings of a model type or class) takes this pair."""
+    if not only:
+        return True
+    return any(text in model_type or text in architecture for text in only.split(",") if text)
+
+
 def run(only: str | None, do_simulate: bool, progress=print) -> list[Row]:
     from planc.compile import installed_packages
 
     packages = installed_packages()
     rows = []
     for model_type, architecture in population():
-        if only and only not in model_type and only not in architecture:
+        if not selected(only, model_type, architecture):
             continue
         started = time.perf_counter()
         row = Row(model_type, architecture, "")
@@ -254,7 +274,10 @@ def run(only: str | None, do_simulate: bool, progress=print) -> list[Row]:
             row.reason_class = reason_class(row.planc_detail)
         row.anchor, row.anchor_detail = map_with_accelerate(config, architecture)
         if plan is not None and do_simulate:
-            row.simulated, row.ledger_error, error = simulate(plan, config)
+            # A plan at its position table's length holds max_seq_len tokens in all: the prefill
+            # leaves room for the decode step (a whole-table prefill plus one more is past the table).
+            at_table = plan.workload.max_seq_len if "(its position table)" in row.planc_detail else None
+            row.simulated, row.ledger_error, error = simulate(plan, config, seq=at_table and at_table - 1)
             if error:
                 row.planc_detail += f"; simulate: {error}"
         row.seconds = round(time.perf_counter() - started, 1)
@@ -354,20 +377,29 @@ def markdown(rows: list[Row], baseline: dict | None = None) -> str:
     return "\n".join(out) + "\n"
 
 
+def earlier_rows(path: Path) -> list[Row]:
+    """The rows of an earlier --json run, refusals classified again (the classes may have changed)."""
+    rows = [Row(**row) for row in json.loads(path.read_text())]
+    for row in rows:
+        if row.planc == "refused":
+            row.reason_class = reason_class(row.planc_detail)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", help="Only model types or classes containing this text.")
+    parser.add_argument("--only", help="Only model types or classes containing this text (several: comma-separated).")
     parser.add_argument("--no-simulate", action="store_true", help="Skip planc simulate of the planned ones.")
     parser.add_argument("--markdown", type=Path, help="Write the report here (docs/coverage.md).")
     parser.add_argument("--baseline", type=Path, help="JSON {commit, planned, refused, crashed, mapped} of an earlier run.")
     parser.add_argument("--json", type=Path, help="Write every row as JSON.")
     parser.add_argument("--from-json", type=Path, help="Render the rows of an earlier --json run; compile nothing.")
+    parser.add_argument("--update", type=Path, help="Re-run the --only pairs and replace their rows in this earlier --json run.")
     args = parser.parse_args(argv)
+    if args.update and not args.only:
+        parser.error("--update re-runs the pairs --only names")
     if args.from_json:
-        rows = [Row(**row) for row in json.loads(args.from_json.read_text())]
-        for row in rows:  # classified again: the classes may have changed since the run
-            if row.planc == "refused":
-                row.reason_class = reason_class(row.planc_detail)
+        rows = earlier_rows(args.from_json)
         baseline = json.loads(args.baseline.read_text()) if args.baseline else None
         print(json.dumps(summary(rows), indent=2))
         if args.markdown:
@@ -379,6 +411,10 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()
     rows = run(args.only, not args.no_simulate, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    if args.update:
+        fresh = {(r.model_type, r.architecture): r for r in rows}
+        rows = [fresh.pop((row.model_type, row.architecture), None) or row for row in earlier_rows(args.update)]
+        rows += fresh.values()  # pairs the earlier run did not have
     print(json.dumps(summary(rows), indent=2))
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")

@@ -80,6 +80,36 @@ def test_vlm_plan_places_the_vision_tower_and_plans_its_peak_per_image(tiny_vlm,
     assert with_images > text_only
 
 
+def test_a_model_that_generates_only_from_an_image_needs_images(tmp_path):
+    """BLIP-2's generate requires pixel_values: a text-only plan would fail at its first prompt."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    from conftest import save_tiny_tokenizer
+    from planc.serve import serve_plan
+
+    config = Blip2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        qformer_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            encoder_hidden_size=32, vocab_size=100),
+        text_config=dict(model_type="opt", hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=100, word_embed_proj_dim=32),
+        num_query_tokens=4, architectures=["Blip2ForConditionalGeneration"],
+    )
+    model = tmp_path / "model"
+    Blip2ForConditionalGeneration(config).save_pretrained(model)
+    save_tiny_tokenizer(model)
+    with pytest.raises(SpecError, match="generates only from an image .its generate requires pixel_values.: set"):
+        compile_to(tmp_path, CPU_SPEC.format(model=model, workload=""))
+
+    lock = compile_to(tmp_path, CPU_SPEC.format(model=model, workload=", images_per_sequence: 1"))
+    assert load_lock(lock).workload.images_per_sequence == 1
+    with pytest.raises(UsageError, match="generates only from an image .* give each prompt an image"):
+        run_plan(lock, prompts=["The quick brown fox"], max_new_tokens=2, quiet=True)
+    with pytest.raises(UsageError, match="planc serve takes text prompts, and Blip2ForConditionalGeneration generates"):
+        serve_plan(lock, port=0, quiet=True)
+
+
 def test_images_need_a_vision_tower(tmp_path, tiny_model):
     with pytest.raises(SpecError, match="has no vision tower"):
         compile_to(tmp_path, CPU_SPEC.format(model=tiny_model, workload=", images_per_sequence: 1"))
@@ -328,3 +358,20 @@ def test_accelerate_export_refuses_checkpoints_transformers_renames_while_loadin
     result = CliRunner().invoke(main, ["export", "--to", "accelerate", str(lock)])
     assert result.exit_code == 2
     assert "transformers converts" in result.output and "use --to transformers" in result.output
+
+
+def test_text_embeddings_beside_the_decoder_are_not_the_projector():
+    """GIT keeps its text embeddings at `git.embeddings`, beside its layers at `git.encoder`: they
+    are text units (their learned position table bounds the context), not a vision projector."""
+    from transformers import GitConfig
+
+    from planc.model import build_model_graph
+
+    config = GitConfig(architectures=["GitForCausalLM"]).to_dict()
+    config.pop("transformers_version", None)
+    graph = build_model_graph(config, "bfloat16")
+
+    embeddings = [unit for unit in graph.units if unit.name.startswith("git.embeddings.")]
+    assert embeddings and not any(unit.vision for unit in embeddings)
+    assert all(unit.vision for unit in graph.units if unit.name.startswith("git.image_encoder."))
+    assert graph.position_limit == config["max_position_embeddings"] == 1024

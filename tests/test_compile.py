@@ -163,8 +163,28 @@ def test_a_context_past_the_learned_position_table_is_refused():
     spec = parse_spec({"planc": 1, "model": {"config": "config.json"},
                        "hardware": {"gpus": [{"type": "h100-sxm", "count": 1}], "cpu_memory": "64GiB"},
                        "workload": {"batch_size": 1, "max_seq_len": 1025}})
-    with pytest.raises(SpecError, match="max_seq_len 1025 exceeds the 1024 positions of GPT2LMHeadModel"):
+    with pytest.raises(SpecError, match="max_seq_len 1025 exceeds the 1024 positions of GPT2LMHeadModel's learned"):
         _compile(spec, "gpt2")
+
+
+def test_a_context_past_mpts_alibi_bias_is_refused():
+    """MPT builds its ALiBi bias once for config.max_seq_len tokens; longer keys do not broadcast."""
+    from transformers import MptConfig
+
+    config = MptConfig(d_model=256, n_heads=4, n_layers=2, max_seq_len=512, vocab_size=1000,
+                       architectures=["MptForCausalLM"]).to_dict()
+    config.pop("transformers_version", None)
+    model = ModelInput(config, "sha256:0", {}, None, None, "config.json")
+
+    def compile_for(tokens: int):
+        spec = parse_spec({"planc": 1, "model": {"config": "config.json"},
+                           "hardware": {"gpus": [{"type": "h100-sxm", "count": 1}], "cpu_memory": "64GiB"},
+                           "workload": {"batch_size": 1, "max_seq_len": tokens}})
+        return compile_plan(spec, resolve_inventory(spec.hardware), model, installed_packages(), None, build_model_graph)
+
+    assert compile_for(512).workload.max_seq_len == 512
+    with pytest.raises(SpecError, match="exceeds the 512 positions of MptForCausalLM's ALiBi bias, built for config"):
+        compile_for(513)
 
 
 def test_show_renders_ledger_and_decisions():

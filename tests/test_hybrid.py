@@ -116,6 +116,10 @@ SIMULATED = [
     pytest.param("unlimited_ocr", dict(text_config=dict(layer_types=["reference_sliding_attention"] * 4,
                                                         mlp_layer_types=["dense"] + ["sparse"] * 3)),
                  2, 1024, "fallback", id="reference-sliding-unlimited-ocr"),
+    # HY-V4's hc_head too; its layers return (hidden states, top-k) pairs, which the call-order
+    # trace must pass through to see the head run after them.
+    pytest.param("hy_v4", dict(layer_types=["indexed_attention"] * 4, mlp_layer_types=["dense", "sparse"] * 2),
+                 2, 1024, "fallback", id="indexed-hy-v4"),
 ]
 
 
@@ -176,6 +180,26 @@ def test_families_planc_does_not_size_are_refused_with_the_reason(model_type):
     assert UNSIZED[model_type.removesuffix("_text")] in message and "\n" not in message
 
 
+@pytest.mark.parametrize("model_type", ["bamba", "granitemoehybrid"])
+def test_a_cache_without_an_attention_layer_is_refused_as_transformers_cannot_generate_with_it(model_type):
+    """Their default configs have Mamba layers only: plain transformers' generate raises on the
+    first step (DynamicCache.get_seq_length needs an attention layer), so there is no plan to make."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from planc.errors import ModelError
+
+    overrides = {"bamba": dict(attn_layer_indices=None), "granitemoehybrid": dict(layer_types=["mamba"] * 4)}
+    data = {**tiny_config(model_type), **overrides[model_type]}
+    model = AutoModelForCausalLM.from_config(make_config(data)).eval()
+    with pytest.raises(ValueError, match="can only be called on Attention layers"):
+        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=1, do_sample=False)
+
+    with pytest.raises(ModelError, match="no layer of this config attends .only linear_attention.") as refused:
+        build_model_graph(data, "bfloat16")
+    assert "\n" not in str(refused.value)
+
+
 def test_a_linear_layer_of_an_unknown_family_is_refused():
     """A model type whose linear_attention layers no family module describes is refused, not
     sized with another family's formula."""
@@ -215,3 +239,17 @@ def test_the_prefill_chunk_search_covers_the_mixer_path(tmp_path, kernels, chunk
     state = 36 * (8192 * 4 * 2 + 32 * 128 * 128 * 4)
     kv = 12 * 2 * 256 * 2 * 2 * 32768
     assert sum(ledger.kv_cache for ledger in plan.memory) == 4 * (state + kv)
+
+
+def test_the_cache_keyword_follows_the_forward_signature():
+    """Mamba's forward names its cache `cache_params`; Evolla's takes `past_key_values` through
+    **kwargs (simulating it once failed reading `cache_params` from its output)."""
+
+    class MambaLike:
+        def forward(self, input_ids=None, cache_params=None, **kwargs): ...
+
+    class EvollaLike:
+        def forward(self, input_ids=None, use_cache=None, **kwargs): ...
+
+    assert cache_keyword(MambaLike()) == "cache_params"
+    assert cache_keyword(EvollaLike()) == "past_key_values"

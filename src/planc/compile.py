@@ -348,7 +348,7 @@ def compile_plan(
     if limit and spec.workload.max_seq_len > limit:
         raise SpecError(
             f"workload.max_seq_len {spec.workload.max_seq_len} exceeds the {limit} positions of "
-            f"{probe.architecture}'s learned position table: tokens past {limit} have no position embedding "
+            f"{probe.architecture}'s {probe.position_table}: tokens past {limit} have no position "
             f"(generate fails there); plan at most {limit} tokens"
         )
 
@@ -648,6 +648,11 @@ def _check_images(spec: Spec, graph) -> None:
     if not wl.images_per_sequence:
         if wl.image_size is not None:
             raise SpecError("workload.image_size is set but images_per_sequence is 0")
+        if graph.needs_images:
+            raise SpecError(
+                f"{graph.architecture} generates only from an image (its generate requires pixel_values): set "
+                "workload.images_per_sequence"
+            )
         return
     if graph.vision is None:
         raise SpecError(

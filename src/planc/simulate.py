@@ -343,6 +343,11 @@ def _make_device_shims(backends_by_device: dict[str, list[str]]):
                     # A constant (made at init, or by torch.tensor) moved to a virtual device:
                     # fake mode would copy its values with a kernel the Python backend lacks.
                     return torch.empty(args[0].shape, dtype=dtype or args[0].dtype, device=device)
+            if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and is_virtual(args[0].device):
+                # A list index (Falcon's `fused_qkv[..., [-2], :]`): torch makes it a tensor on
+                # the indexed tensor's device below the Python dispatch, which a Python backend
+                # cannot serve; a host index tensor selects the same shape.
+                args = (args[0], _host_indices(args[1]), *args[2:])
             if func is F.scaled_dot_product_attention:
                 query = args[0]
                 value = args[2] if len(args) > 2 else kwargs["value"]
@@ -353,6 +358,17 @@ def _make_device_shims(backends_by_device: dict[str, list[str]]):
             return func(*args, **kwargs)
 
     return DeviceShims()
+
+
+def _host_indices(index):
+    """An index with each (nested) list of ints made a CPU tensor; everything else as it was."""
+    import torch
+
+    if isinstance(index, tuple):
+        return tuple(_host_indices(item) for item in index)
+    if isinstance(index, list) and all(isinstance(item, (int, list)) and not isinstance(item, bool) for item in index):
+        return torch.tensor(index)
+    return index
 
 
 def _delta_rule_outputs(query, key, value, initial_state=None, output_final_state=False, **_):
@@ -787,7 +803,7 @@ def _run_generation(
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{keyword: cache}, **extra)
         # generate keeps an fp32 copy of the last position's logits to pick the next token.
         next_tokens = torch.argmax(out.logits[:, -1, :].to(copy=True, dtype=torch.float32), dim=-1)
-        return next_tokens, getattr(out, keyword)
+        return next_tokens, getattr(out, keyword, None)
 
     tracker.start_phase()
     for start in range(0, seq, chunk or seq):
@@ -796,7 +812,12 @@ def _run_generation(
     prefill_peak = dict(tracker.phase_peak)
     tracker.start_phase()
     for position in range(seq, seq + decode_steps):
-        next_tokens, cache = step(next_tokens[:, None], cache, position + 1)
+        if cache is None:
+            # A model that keeps no cache (OpenAI GPT): generate runs the whole sequence again.
+            whole = torch.empty(batch, position + 1, dtype=torch.long, device=input_device)
+            next_tokens, cache = step(whole, None, position + 1)
+        else:
+            next_tokens, cache = step(next_tokens[:, None], cache, position + 1)
     return cache, prefill_peak, dict(tracker.phase_peak)
 
 

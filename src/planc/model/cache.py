@@ -317,8 +317,9 @@ def held_bytes(tensors) -> int:
 
 def cache_keyword(model) -> str:
     """The forward argument (and output attribute) a causal LM passes its cache in: Mamba, Mamba2
-    and Falcon-Mamba call it `cache_params`, every other model `past_key_values`."""
+    and Falcon-Mamba call it `cache_params`, every other model `past_key_values` (some, such as
+    Evolla, take it through **kwargs)."""
     import inspect
 
     parameters = inspect.signature(model.forward).parameters
-    return "past_key_values" if "past_key_values" in parameters else "cache_params"
+    return "cache_params" if "cache_params" in parameters and "past_key_values" not in parameters else "past_key_values"

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from planc.errors import ModelError
 from planc.model.build import meta_model
-from planc.model.cache import LayerCache, layer_caches, refuse_unsized
+from planc.model.cache import LayerCache, cache_keyword, layer_caches, refuse_unsized
 from planc.model.config import Shapes, config_value, checkpoint_dtype, known_model_type, layer_shapes, shapes_of, text_config
 from planc.model.vision import Vision, vision_of
 
@@ -92,6 +92,8 @@ class ModelGraph:
     config_class: str | None = None  # set when config.json's model_type is unknown and `architectures` resolved it
     vision: Vision | None = None  # the vision tower's numbers, for image-text-to-text models
     position_limit: int | None = None  # positions of a learned position table (GPT-2's wpe): tokens past it fail
+    position_table: str = ""  # what holds those positions (a learned table, MPT's ALiBi bias)
+    needs_images: bool = False  # generate requires pixel_values (BLIP, BLIP-2): no text-only prompt runs
 
     def shapes_of(self, unit: Unit) -> Shapes:
         """The numbers a unit's formulas use: its own where the config varies them by layer."""
@@ -204,14 +206,26 @@ def _encoder_derived(model) -> bool:
 def _call_order(model, layer_names: list[str]) -> dict[str, int] | None:
     """Module path -> when it first runs in a two-token forward under fake tensors, the decoder
     layers passed through (their order is known; running them would cost seconds); None when the
-    model does not get through its layers that way, and names decide instead."""
+    model does not get through its layers that way, and names decide instead.
+
+    A passed-through layer returns its hidden states, or (hidden states, None) where the model
+    unpacks two values from each layer (HY-V4 threads its indexer's top-k from layer to layer)."""
+    for pair in (False, True):
+        order = _traced_order(model, layer_names, pair)
+        if order is not None:
+            return order
+    return None
+
+
+def _traced_order(model, layer_names: list[str], pair: bool) -> dict[str, int] | None:
     import types
 
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     def passthrough(self, *args, **kwargs):
-        return args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+        hidden = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+        return (hidden, None) if pair else hidden
 
     order: dict[str, int] = {}
     handles, stubbed = [], []
@@ -246,9 +260,10 @@ def _call_order(model, layer_names: list[str]) -> dict[str, int] | None:
     return order
 
 
-def _position_limit(model, pre_units: list[str], text) -> int | None:
+def _position_limit(model, pre_units: list[str], text) -> tuple[int | None, str]:
     """How many positions a learned absolute position table holds (GPT-2's wpe, OPT's embed_positions),
-    or None for rotary / ALiBi models, whose positions are computed."""
+    or a position bias built at a fixed length (MPT's ALiBi); None where positions are computed for
+    any length (rotary, Bloom's ALiBi)."""
     import torch
 
     modules = dict(model.named_modules())
@@ -260,8 +275,32 @@ def _position_limit(model, pre_units: list[str], text) -> int | None:
             leaf = name.rsplit(".", 1)[-1]
             if isinstance(module, torch.nn.Embedding) and ("pos" in leaf or leaf == "wpe"):
                 limit = config_value(text, "max_position_embeddings", "n_positions", default=None)
-                return min(limit, module.num_embeddings) if isinstance(limit, int) else module.num_embeddings
-    return None
+                table = min(limit, module.num_embeddings) if isinstance(limit, int) else module.num_embeddings
+                return table, "learned position table"
+    # A computed bias of fixed length: MPT builds its ALiBi bias once for config.max_seq_len tokens
+    # (MptModel.forward) and adds it to every layer's scores; longer keys do not broadcast.
+    if getattr(text, "model_type", None) == "mpt" and isinstance(getattr(text, "max_seq_len", None), int):
+        return text.max_seq_len, "ALiBi bias, built for config.max_seq_len tokens"
+    return None, ""
+
+
+def _refuse_cache_without_attention(model, caches: list[LayerCache]) -> None:
+    """A DynamicCache of state layers only: transformers' generate (and the mask functions) ask
+    it for the sequence length, which only an attention layer tracks, so the model cannot generate
+    (cache_utils.py DynamicCache.get_seq_length raises). Bamba's and GraniteMoeHybrid's default
+    configs are such; their real checkpoints interleave attention layers."""
+    if not caches or any(cache.attention or cache.bytes_per_token for cache in caches):
+        return
+    if cache_keyword(model) != "past_key_values" or not any(cache.mixer for cache in caches):
+        return  # Mamba's own cache (cache_params), or a model that keeps no cache at all
+    import transformers
+
+    kinds = ", ".join(sorted({cache.kind for cache in caches}))
+    raise ModelError(
+        f"{type(model).__name__}: no layer of this config attends (only {kinds}), and transformers "
+        f"{transformers.__version__} generates only with an attention layer in its cache (DynamicCache.get_seq_length "
+        "raises without one): give the config its attention layers"
+    )
 
 
 def _group_caches(caches: list[LayerCache], layers: int) -> list[LayerCache]:
@@ -341,6 +380,7 @@ def build_model_graph(
             "(transformers' DynamicCache is built from the config's layer count, so generate would fail or the "
             "cache would not be what planc sizes)"
         )
+    _refuse_cache_without_attention(model, caches)
     output_embeddings = model.get_output_embeddings()
 
     # Tensors are shared when tied; count each once, on the first unit (execution order) that holds it.
@@ -369,6 +409,7 @@ def build_model_graph(
     layer_prefix = layer_names[0].rsplit(".", 1)[0]
     decoder_prefix = layer_prefix.rsplit(".", 1)[0] if "." in layer_prefix else ""
     vision_towers = tuple(name for name, key in towers.items() if key == "vision_config")
+    text_prefixes = _text_prefixes(model, decoder_prefix, towers)
 
     # Norms outside the layers are taken to run after them, unless there are several or one is named
     # for the embeddings (Bloom's word_embeddings_layernorm, Blenderbot-Small's layernorm_embedding):
@@ -456,9 +497,9 @@ def build_model_graph(
                 row = module.embedding_dim * module.weight.element_size()
             # The tower's units, and the projector between it and the decoder (a unit outside both).
             in_vision = any(name == t or name.startswith(t + ".") for t in vision_towers)
-            vision = in_vision or bool(vision_towers) and not name.startswith(decoder_prefix + ".") and not any(
-                name == t or name.startswith(t + ".") for t in towers
-            )
+            vision = in_vision or bool(vision_towers) and not any(
+                name == p or name.startswith(p + ".") for p in text_prefixes
+            ) and not any(name == t or name.startswith(t + ".") for t in towers)
             pre.append(Unit(name, weight, "pre", row_bytes=row, vision=vision, **quant))
     if calls is not None:
         # After the layers, in the order they run (Gemma 3n unembeds its altup streams, then norms).
@@ -467,7 +508,7 @@ def build_model_graph(
     all_records = [r for r in (held(m) for m in model.modules()) if r is not None]
     dense_bytes = sum(u.weight_bytes for u in units) + sum(r.dense_bytes - r.quantized_bytes for r in all_records)
     decoder_pre = [u.name for u in pre if not u.vision and not any(u.name.startswith(t + ".") for t in towers)]
-    position_limit = _position_limit(model, decoder_pre, text_config(config))
+    position_limit, position_table = _position_limit(model, decoder_pre, text_config(config))
     units, parallel = _parallel_support(model, units, layer_prefix)
 
     import networkx as nx
@@ -515,8 +556,40 @@ def build_model_graph(
         config_class=None if known_model_type(config_dict["model_type"]) else type(config).__name__,
         vision=vision_of(config, vision_towers),
         position_limit=position_limit,
+        position_table=position_table,
+        needs_images=generates_from_images(model),
         parallel=parallel,
     )
+
+
+def _text_prefixes(model, decoder_prefix: str, towers: dict[str, str]) -> list[str]:
+    """Module paths that belong to the text model, not to a projector between tower and decoder:
+    the decoder's own prefix, the input embedding, and the embedding's parent module where that
+    holds no tower (GIT's `git.embeddings`, beside its layers at `git.encoder`)."""
+    prefixes = [decoder_prefix] if decoder_prefix else []
+    try:
+        embedding = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        embedding = None
+    name = next((n for n, m in model.named_modules() if m is embedding), None) if embedding is not None else None
+    if name:
+        prefixes.append(name)
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+        if parent and not any(t.startswith(parent + ".") for t in towers):
+            prefixes.append(parent)
+    return prefixes
+
+
+def generates_from_images(model) -> bool:
+    """Whether the model's generate (or forward) requires pixel_values: BLIP and BLIP-2 generate
+    text from the image's embeddings, so a text-only prompt fails with a TypeError."""
+    import inspect
+
+    for method in (model.generate, model.forward):
+        parameter = inspect.signature(method).parameters.get("pixel_values")
+        if parameter is not None and parameter.default is inspect.Parameter.empty:
+            return True
+    return False
 
 
 def _quantized_terms(weight: int, records, quantization) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from planc.errors import RunError
+from planc.errors import RunError, UsageError
 from planc.plan import Plan
 from planc.run.checks import MachineCheck
 from planc.run.generate import Completion
@@ -51,6 +51,13 @@ class Session:
                 self.processor = load_processor(self.machine.folder, self.plan)
             batch = encode_with_images(self.processor, prompts, images, self.plan, max_new_tokens)
         else:
+            from planc.model.graph import generates_from_images
+
+            if generates_from_images(self.model):
+                raise UsageError(
+                    f"{type(self.model).__name__} generates only from an image (its generate requires pixel_values): "
+                    "give each prompt an image (--image)"
+                )
             batch = encode(self.tokenizer, prompts, self.plan, max_new_tokens)
         config = generation_config(self.model, self.tokenizer, self.plan, max_new_tokens)
         device, extra = input_device(self.plan), {}

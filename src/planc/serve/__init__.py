@@ -67,6 +67,13 @@ def serve_plan(
     listener = _bind(host, port)
     console = make_console()
     with listener, open_session(plan, lock_path.parent, None if quiet else console) as session:
+        from planc.model.graph import generates_from_images
+
+        if generates_from_images(session.model):
+            raise UsageError(
+                f"planc serve takes text prompts, and {type(session.model).__name__} generates only from an image "
+                "(its generate requires pixel_values): use planc run --image"
+            )
         return _serve(session, listener, name, max_queue, batching, log_level)
 
 
