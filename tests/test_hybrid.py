@@ -14,7 +14,7 @@ import pytest
 
 from hybrid_models import AT_SCALE, FAMILIES, mixer_prefill_peak, tiny_config, tiny_model
 from planc.memory import Workload, unit_kv_bytes
-from planc.model import build_model_graph
+from planc.model import build_model_graph, make_config
 from planc.model.cache import FALLBACK, cache_keyword, held_bytes, layer_tensors
 
 BATCH, PROMPT, DECODE = 2, 37, 2
