@@ -51,6 +51,9 @@ GPUS, GPU_TYPE, CPU_MEMORY, CONTEXT = 8, "h200", 2 * 1024 * GiB, 4096
 
 # Refusal classes, first match wins: (class, pattern on the message).
 REASONS: list[tuple[str, str]] = [
+    ("no generate() in transformers (not a token generator)", r"does not generate tokens"),
+    ("masked LM: generate keeps no KV cache", r"is a masked LM"),
+    ("generate cannot build its KV cache in this transformers", r"cannot build its KV cache"),
     ("a layer kind or recurrent state planc does not size yet",
      r"layer type '|no attention heads|does not know yet|does not size|outside (any|the) cache planc sizes"),
     ("more placement units than the exact solver searches", r"exact solver searches at most"),

@@ -89,6 +89,22 @@ FAMILIES = {
     ),
 }
 LAYERS = {"zamba": 6, "zamba2": 6}
+# Zamba2 with two shared blocks used in turn (hybrid layers 1 and 5 share one, 3 and 7 the other)
+# and each hybrid layer's own LoRA adapters inside the shared blocks.
+ZAMBA2_TWO_BLOCKS = dict(
+    layers_block_type=["linear_attention", "hybrid"] * 4, num_hidden_layers=8, hybrid_layer_ids=[1, 3, 5, 7],
+    num_mem_blocks=2, use_shared_attention_adapter=True, adapter_rank=8,
+)
+
+# Families whose state transformers keeps outside DynamicCache layers (tests/test_recurrent.py):
+# RecurrentGemma's module-held RG-LRU states (two recurrent blocks, then local attention), RWKV's
+# `state` list, xLSTM's xLSTMCache.
+RECURRENT = {
+    "recurrent_gemma": dict(lru_width=96, attention_window_size=16),
+    "rwkv": dict(attention_hidden_size=64, context_length=256),
+    # xLSTMCache rounds qk_dim up to a multiple of 64 and the layers do not: 128 x 0.5 agrees.
+    "xlstm": dict(hidden_size=128, embedding_dim=128, num_blocks=4, num_heads=4),
+}
 
 
 def tiny_config(model_type: str) -> dict:
@@ -97,7 +113,7 @@ def tiny_config(model_type: str) -> dict:
 
     layers = LAYERS.get(model_type, 4)
     config = AutoConfig.for_model(model_type).to_dict()
-    overrides = dict(FAMILIES[model_type])
+    overrides = dict({**FAMILIES, **RECURRENT}[model_type])
     # A multimodal model's text model is shrunk like a text-only one.
     text = config.get("text_config") if "text_config" in overrides else config
     for key, value in SMALL.items():
@@ -201,14 +217,15 @@ def mixer_prefill_peak(model_type: str, tokens: int, batch: int, dtype: str = "b
     return forward_peak(module, inputs), mixer
 
 
-def build_tiny_hybrid(folder, model_type: str, seed: int = 0):
-    """Save a tiny random model of one family with save_pretrained, beside the tests' tokenizer."""
+def build_tiny_hybrid(folder, model_type: str, seed: int = 0, **overrides):
+    """Save a tiny random model of one family (config `overrides` on top) with save_pretrained,
+    beside the tests' tokenizer."""
     import torch
 
     from conftest import save_tiny_tokenizer
 
     tokenizer = save_tiny_tokenizer(folder)
-    config = tiny_config(model_type)
+    config = {**tiny_config(model_type), **overrides}
     tokens = dict(
         vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -375,3 +375,108 @@ def test_text_embeddings_beside_the_decoder_are_not_the_projector():
     assert embeddings and not any(unit.vision for unit in embeddings)
     assert all(unit.vision for unit in graph.units if unit.name.startswith("git.image_encoder."))
     assert graph.position_limit == config["max_position_embeddings"] == 1024
+
+
+# ------------------------------------------------------------------ a long head (Phi-4-multimodal)
+
+
+@pytest.fixture(scope="module")
+def tiny_phi4mm(tmp_path_factory) -> Path:
+    """A tiny Phi-4-multimodal: its vision and audio encoders are ~50 units before the text layers."""
+    import torch
+    from transformers import Phi4MultimodalConfig, Phi4MultimodalForCausalLM
+
+    from conftest import save_tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("phi4mm")
+    fast = save_tiny_tokenizer(folder)
+    config = Phi4MultimodalConfig(
+        vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, original_max_position_embeddings=256,
+        bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=28, patch_size=14, crop_size=28, image_token_id=len(fast) - 2),
+        audio_config=dict(hidden_size=32, intermediate_size=64, num_blocks=2, num_attention_heads=2,
+                          ext_pw_out_channel=32, depthwise_separable_out_channel=32, nemo_conv_channels=32,
+                          audio_token_id=len(fast) - 1),
+    )
+    torch.manual_seed(0)
+    Phi4MultimodalForCausalLM(config).to(torch.float32).save_pretrained(folder)
+    return folder
+
+
+def test_phi4_multimodal_keeps_its_encoders_on_the_main_gpu_and_simulates(tiny_phi4mm, tmp_path):
+    from planc.simulate import simulate_plan
+
+    shutil.copy(tiny_phi4mm / "config.json", tmp_path / "config.json")
+    lock = compile_to(tmp_path, TWO_GPU_SPEC.format(config="config.json", memory="1GiB", workload=""))
+    plan = load_lock(lock)
+    main = plan.device_map["model.embed_tokens"]
+    encoders = [key for key in plan.device_map if key.startswith("model.embed_tokens_extend.")]
+    assert len(encoders) > 40 and {plan.device_map[key] for key in encoders} == {main}
+    assert len(set(plan.device_map.values())) == 2
+    report = simulate_plan(plan, tmp_path, decode_steps=1)
+    assert report.ok, report.error
+
+
+def test_phi4_multimodal_runs_with_the_tokens_of_plain_transformers(tiny_phi4mm, tmp_path):
+    from test_run import plain_transformers_tokens
+
+    lock = compile_to(tmp_path, CPU_SPEC.format(model=tiny_phi4mm, workload=""))
+    result = run_plan(lock, prompts=SENTENCES[:2], max_new_tokens=MAX_NEW_TOKENS, quiet=True)
+    assert [c.token_ids for c in result.completions] == plain_transformers_tokens(tiny_phi4mm, SENTENCES[:2], MAX_NEW_TOKENS)
+
+
+# ------------------------------------------------------------------ generate that is no cached decode
+
+
+@pytest.mark.parametrize("model_type, architecture, reason", [
+    ("pi0", "PI0ForConditionalGeneration", "does not generate tokens: transformers gives the class no generate()"),
+    ("xlm", "XLMWithLMHeadModel", r"is a masked LM: .* re-encodes the whole sequence .* \(config.causal is false\)"),
+    ("blt", "BltForCausalLM", "cannot build its KV cache in transformers .*: generate\\(\\) starts with "
+                              "DynamicCache\\(config=BltConfig\\), which raises AttributeError"),
+])
+def test_a_model_whose_generate_is_no_cached_decode_is_refused_saying_why(model_type, architecture, reason):
+    """accelerate maps all three; none runs the KV-cache decode planc plans."""
+    from transformers import AutoConfig
+
+    from planc.model import build_model_graph
+
+    config = AutoConfig.for_model(model_type)
+    config.architectures = [architecture]
+    with pytest.raises(ModelError, match=f"^{architecture} {reason}"):
+        build_model_graph(config.to_dict(), "bfloat16")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_xlm_generate_re_encodes_the_whole_sequence_at_every_step(causal):
+    """The refusal's premise, on transformers itself: no step reuses a cache, causal or not."""
+    import torch
+    from transformers import XLMConfig, XLMWithLMHeadModel
+
+    config = XLMConfig(vocab_size=64, emb_dim=32, n_layers=2, n_heads=2, max_position_embeddings=32, causal=causal)
+    model = XLMWithLMHeadModel(config).eval()
+    lengths = []
+    model.transformer.register_forward_pre_hook(lambda _, args, kwargs: lengths.append(args[0].shape[1]), with_kwargs=True)
+    model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=3, do_sample=False)
+    assert lengths == [5, 6, 7]  # the prompt, the tokens so far and a mask token, each step
+
+
+def test_blt_generate_fails_where_it_builds_its_cache():
+    """The refusal's premise: when transformers gives BltConfig what DynamicCache reads, this fails
+    and Blt's three stacks (local encoder, global transformer, local decoder) become worth planning."""
+    import torch
+    from transformers import BltConfig, BltForCausalLM, PI0ForConditionalGeneration
+
+    small = dict(hidden_size=32, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64)
+    config = BltConfig(
+        encoder_config=dict(num_hidden_layers=1, hidden_size_global=64, **small),
+        global_config=dict(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, num_key_value_heads=2,
+                           intermediate_size=64),
+        decoder_config=dict(num_hidden_layers=1, hidden_size_global=64, **small),
+        patcher_config=dict(num_hidden_layers=1, **small), encoder_hash_byte_group_vocab=64,
+    )
+    model = BltForCausalLM(config).eval()
+    with pytest.raises(AttributeError, match="no attribute 'num_hidden_layers'"):
+        model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False)
+    assert not PI0ForConditionalGeneration.can_generate() and not hasattr(PI0ForConditionalGeneration, "generate")

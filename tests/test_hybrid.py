@@ -163,7 +163,7 @@ def test_simulated_hybrid_plans_agree_with_the_ledger(tmp_path, model_type, over
             assert planned <= held, device
 
 
-@pytest.mark.parametrize("model_type", ["xlstm", "rwkv", "recurrent_gemma", "qwen4_exp_text"])
+@pytest.mark.parametrize("model_type", ["qwen4_exp_text"])
 def test_families_planc_does_not_size_are_refused_with_the_reason(model_type):
     """Planning their recurrent state as attention KV would be wrong; each says why, in one line."""
     from transformers import AutoConfig
@@ -241,6 +241,82 @@ def test_the_prefill_chunk_search_covers_the_mixer_path(tmp_path, kernels, chunk
     assert sum(ledger.kv_cache for ledger in plan.memory) == 4 * (state + kv)
 
 
+# Zamba's hybrid layers share one transformer block: its parameters are one tensor, where the
+# checkpoint entry was loaded, and accelerate's hook on a GPU-resident layer moves only the inputs.
+TIED_BLOCKS = [
+    pytest.param("zamba", dict(layers_block_type=["mamba", "hybrid", "mamba", "mamba", "hybrid", "mamba"]), 32,
+                 id="zamba-one-shared-block"),  # Mamba1's torch scan is a Python loop per token
+    pytest.param("zamba2", dict(layers_block_type=["mamba", "hybrid"] * 4, hybrid_layer_ids=[1, 3, 5, 7],
+                                num_mem_blocks=2, use_shared_attention_adapter=True), 1024,
+                 id="zamba2-two-shared-blocks-with-adapters"),
+]
+
+
+def _tied_block_plan(folder, model_type: str, overrides: dict, seq: int):
+    from transformers import AutoConfig, PretrainedConfig
+
+    from planc.compile import compile_spec
+    from planc.plan import load_lock, write_if_changed
+
+    config = AutoConfig.for_model(model_type).to_dict()
+    config.update({"num_hidden_layers": len(overrides["layers_block_type"]), **overrides})
+    config.pop("transformers_version", None)
+    (folder / "config.json").write_text(json.dumps(PretrainedConfig._encode_special_floats(config)))
+    (folder / "spec.yaml").write_text(
+        "planc: 1\nmodel: {config: config.json}\nhardware: {gpus: [{type: a100-sxm4-80gb, count: 2}], "
+        f"cpu_memory: 64GiB}}\nworkload: {{batch_size: 1, max_seq_len: {seq}}}\n"
+    )
+    _, text = compile_spec(folder / "spec.yaml", folder / "plan.lock")
+    write_if_changed(folder / "plan.lock", text)
+    return load_lock(folder / "plan.lock"), config
+
+
+@pytest.mark.parametrize(("model_type", "overrides", "seq"), TIED_BLOCKS)
+def test_layers_sharing_a_block_run_on_its_gpu_and_simulate_holds_the_ledger(tmp_path, model_type, overrides, seq):
+    """Zamba / Zamba2 at their real sizes on two GPUs: every layer that calls a shared block sits on
+    the block's GPU, whatever GPU its neighbours run on; the hidden states go to it and back, each
+    call's KV and Mamba state stay on that GPU, and the simulated cache equals the ledger's there."""
+    from planc.simulate import simulate_plan
+    from test_simulate import LEDGER_TOLERANCE
+
+    plan, config = _tied_block_plan(tmp_path, model_type, overrides, seq)
+    hybrid = [i for i, kind in enumerate(config["layers_block_type"]) if kind == "hybrid"]
+    blocks = config.get("num_mem_blocks", 1)
+    for block in range(blocks):
+        users = {plan.device_map[f"model.layers.{i}"] for i in hybrid[block::blocks]}
+        assert len(users) == 1, (block, users)
+    assert len(set(plan.device_map.values())) == 2
+    decision = {d.id: d for d in plan.decisions}["solver.shared-blocks"].decision
+    assert decision.startswith("layers sharing a block on the block's device: layers 1, ")
+
+    report = simulate_plan(plan, tmp_path, decode_steps=1)
+
+    assert report.ok, report.error
+    for device in report.devices:
+        held, planned = device.simulated_kv_cache, device.planned["kv_cache"]
+        assert planned <= held <= planned * (seq + 1) / seq, device
+        assert device.simulated_weights == device.planned["weights"], device  # the shared block counted once
+        assert device.ledger_error >= 0, device  # planned tensors cover the simulated peak
+        if model_type == "zamba2":
+            assert device.ledger_error <= LEDGER_TOLERANCE, device
+
+
+def test_a_layer_away_from_its_shared_block_fails_where_accelerate_would(tmp_path):
+    """The constraint is real: the same plan with one caller of the shared block moved to the other
+    GPU fails its forward (the block's weights on one GPU, the layer's inputs on the other)."""
+    from planc.simulate import simulate_plan
+
+    model_type, overrides, seq = TIED_BLOCKS[1].values
+    plan, _ = _tied_block_plan(tmp_path, model_type, overrides, seq)
+    home = plan.device_map["model.layers.5"]  # shares layers.1's block
+    split = {**plan.device_map, "model.layers.5": 1 - home}
+
+    report = simulate_plan(plan.model_copy(update={"device_map": split}), tmp_path, decode_steps=1)
+
+    assert report.error is not None and "model.layers.5.shared_transformer" in report.error
+    assert "GPU 0 and GPU 1" in report.error or "GPU 1 and GPU 0" in report.error
+
+
 def test_the_cache_keyword_follows_the_forward_signature():
     """Mamba's forward names its cache `cache_params`; Evolla's takes `past_key_values` through
     **kwargs (simulating it once failed reading `cache_params` from its output)."""
@@ -253,3 +329,16 @@ def test_the_cache_keyword_follows_the_forward_signature():
 
     assert cache_keyword(MambaLike()) == "cache_params"
     assert cache_keyword(EvollaLike()) == "past_key_values"
+
+
+def test_a_plan_whose_layers_visit_a_gpu_twice_is_not_exported_to_vllm(tmp_path):
+    """vLLM's pipeline stages are contiguous layer ranges: Zamba2's callers of one block on GPU 1
+    between layers on GPU 0 cannot be such stages, so the export says so instead of writing them."""
+    from planc.export.vllm import ExportError, vllm_export
+
+    model_type, overrides, seq = TIED_BLOCKS[1].values
+    plan, _ = _tied_block_plan(tmp_path, model_type, overrides, seq)
+    interleaved = {name: 1 if name in ("model.layers.3", "model.layers.7") else 0 for name in plan.device_map}
+
+    with pytest.raises(ExportError, match="visit a GPU more than once"):
+        vllm_export(plan.model_copy(update={"device_map": interleaved}), tmp_path, None)

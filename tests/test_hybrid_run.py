@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from hybrid_models import build_tiny_hybrid
+from hybrid_models import FAMILIES, ZAMBA2_TWO_BLOCKS, build_tiny_hybrid
 from planc.errors import DriftError
 from planc.memory import CPU_PROCESS_RESERVE
 from planc.plan import load_lock
@@ -18,19 +18,24 @@ from planc.run import run_plan
 from test_run import CPU_SPEC, MAX_NEW_TOKENS, PROMPTS, compile_to, plain_transformers_tokens, planc_cli
 
 # Gated DeltaNet, Mamba2 beside attention, pure Mamba2 (its cache passed as cache_params), a short
-# convolution, Falcon-H1's hybrid layers (attention and Mamba2 in one layer), ZAYA's and Inkling's
-# attention with convolution states, Kimi delta attention beside GLM-5-Next's k-pool indexer, and
-# Unlimited-OCR's reference sliding window (generated tokens slide past the prompt's); the other
-# families' caches are held to the real ones in test_hybrid.py.
+# convolution, Falcon-H1's hybrid layers (attention and Mamba2 in one layer), Zamba / Zamba2,
+# whose hybrid layers call a transformer block they share (tied weights; Zamba2 with two blocks
+# used in turn and per-layer adapters), ZAYA's and Inkling's attention with convolution states,
+# Kimi delta attention beside GLM-5-Next's k-pool indexer, and Unlimited-OCR's reference sliding
+# window (generated tokens slide past the prompt's); the other families' caches are held to the
+# real ones in test_hybrid.py.
 RUN_FAMILIES = [
-    "qwen3_next", "bamba", "mamba2", "lfm2", "falcon_h1", "zaya", "inkling_text", "inkling2_text", "glm5_next", "unlimited_ocr",
+    "qwen3_next", "bamba", "mamba2", "lfm2", "falcon_h1", "zamba", "zamba2_two_blocks", "zaya", "inkling_text",
+    "inkling2_text", "glm5_next", "unlimited_ocr",
 ]
 
 
 @pytest.fixture(scope="module")
 def hybrid_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("hybrid-models")
-    return {name: build_tiny_hybrid(root / name, name) for name in RUN_FAMILIES}
+    models = {name: build_tiny_hybrid(root / name, name) for name in RUN_FAMILIES if name in FAMILIES}
+    models["zamba2_two_blocks"] = build_tiny_hybrid(root / "zamba2_two_blocks", "zamba2", **ZAMBA2_TWO_BLOCKS)
+    return models
 
 
 def test_a_saved_mamba2_config_carries_tagged_infinity_and_compiles(hybrid_models, tmp_path):
@@ -54,14 +59,15 @@ def test_a_cpu_plan_generates_the_tokens_of_plain_transformers(hybrid_models, tm
     assert [c.token_ids for c in outcome.completions] == plain_transformers_tokens(model, PROMPTS, MAX_NEW_TOKENS)
 
 
-def _offloaded_and_whole_tokens(model, folder) -> tuple[list, list]:
-    """Tokens of a CPU plan with half the weights on disk, and those of plain transformers."""
+def _offloaded_and_whole_tokens(model, folder, resident: float = 0.5) -> tuple[list, list]:
+    """Tokens of a CPU plan with room for `resident` of the weights (the rest on disk), and those of
+    plain transformers."""
     (folder / "roomy").mkdir()
     roomy = load_lock(compile_to(folder / "roomy", CPU_SPEC.format(model=model, policy="")))
     ledger = roomy.memory[0]
     running = ledger.total - ledger.weights - CPU_PROCESS_RESERVE
     largest_unit = max(ledger.weights // len(roomy.device_map), 1)
-    cpu_memory = CPU_PROCESS_RESERVE + int(running * 1.05) + 2 * largest_unit + ledger.weights // 2
+    cpu_memory = CPU_PROCESS_RESERVE + int(running * 1.05) + 2 * largest_unit + int(ledger.weights * resident)
     spec = f"""\
 planc: 1
 model: {{path: {model}}}
@@ -77,14 +83,19 @@ policy: {{offload: disk}}
     return [c.token_ids for c in outcome.completions], plain_transformers_tokens(model, PROMPTS, MAX_NEW_TOKENS)
 
 
-@pytest.mark.parametrize("family", ["qwen3_next", "bamba"])
-def test_layers_offloaded_to_disk_generate_the_same_tokens(hybrid_models, tmp_path, family):
+# Zamba2's two shared blocks (with every caller's adapters) are 68% of its weights and stay resident.
+@pytest.mark.parametrize(("family", "resident"), [("qwen3_next", 0.5), ("bamba", 0.5), ("zamba2_two_blocks", 0.72)])
+def test_layers_offloaded_to_disk_generate_the_same_tokens(hybrid_models, tmp_path, family, resident):
     """Disk entries keep their weights off the device; accelerate's hooks load them per module, and
     the decode step's causal_conv1d_update reads conv1d.weight without calling conv1d: transformers
     5.23 fires that hook for it (force_accelerate_hooks), so the tokens match the model in memory."""
-    offloaded, whole = _offloaded_and_whole_tokens(hybrid_models[family], tmp_path)
+    offloaded, whole = _offloaded_and_whole_tokens(hybrid_models[family], tmp_path, resident)
 
     assert offloaded == whole
+    if family == "zamba2_two_blocks":
+        # The layers sharing a block stay resident on the CPU with it; others went to disk.
+        placed = load_lock(tmp_path / "plan.lock").device_map
+        assert {placed[f"model.layers.{i}"] for i in (1, 3, 5, 7)} == {"cpu"}
 
 
 def test_without_transformers_hook_fix_the_offloaded_plan_breaks(hybrid_models, tmp_path, monkeypatch):

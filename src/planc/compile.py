@@ -831,6 +831,26 @@ def _planner_decisions(spec, graph, placement, chunk, inventory) -> list[Decisio
             source=SOLVER_SOURCE,
         )
     ]
+    from planc.solver import shared_layer_groups
+
+    groups = shared_layer_groups(graph)
+    if groups:
+        index = {unit.name: unit.layer_index for unit in graph.units}
+        where = "; ".join(
+            f"layers {', '.join(str(index[name]) for name in group)} on "
+            f"{_device_name(placement.device_of[group[0]], inventory)}"
+            for group in groups
+        )
+        out.append(
+            Decision(
+                id="solver.shared-blocks",
+                decision=f"layers sharing a block on the block's device: {where}",
+                reason="these layers call one block whose tied parameters are a single tensor, on the device its "
+                "checkpoint entry is loaded to; accelerate's hook on a resident layer moves only the inputs, so "
+                "each caller runs there (the hidden states go to it and back, its KV cache and state stay there)",
+                source=SOLVER_SOURCE,
+            )
+        )
     if placement.offloaded_units:
         out.append(
             Decision(

@@ -7,7 +7,9 @@ Terms (per device):
 - weights: parameters and buffers resident there.
 - kv_cache: for each layer executing there, the cache its layer kind keeps at batch x
   max_seq_len (`planc.model.cache.LayerCache`: KV per token, capped for sliding windows, plus the
-  fixed per-sequence state of linear-attention, state-space and short-conv layers).
+  fixed per-sequence state of linear-attention, state-space, short-conv and recurrent layers);
+  where transformers keeps every layer's state on the input device (RWKV, xLSTM), the whole of
+  it with the input embeddings.
 - activations: the largest transient of one layer's forward (hidden-state copies, then the
   larger of its sequence mixer's transient and its feed-forward's: q/k/v and the attention scores
   when the backend materialises them, an indexer's scores, a linear-attention or SSM mixer's on
@@ -130,8 +132,16 @@ def layer_activation_bytes(
     return hidden + max(mixer, feed_forward) + quantized
 
 
-def logits_bytes(shapes: Shapes, workload: Workload, dtype: str) -> int:
-    """Last-position logits in the model dtype and generate's fp32 copy."""
+def logits_bytes(shapes: Shapes, workload: Workload, dtype: str, every_position: bool = False) -> int:
+    """Last-position logits in the model dtype and generate's fp32 copy.
+
+    `every_position`: the forward takes no `logits_to_keep` (xLSTM), so generate's prefill gets
+    the logits of every token of the step: in the model dtype, then upcast to fp32, and at the
+    output soft cap three fp32 copies at once (xLSTMForCausalLM.forward: soft_cap(lm_head(h).float())).
+    """
+    if every_position:
+        per_logit = max(DTYPE_BYTES[dtype] + 4, 3 * 4)
+        return workload.batch_size * workload.step_tokens * shapes.vocab_size * per_logit
     return workload.batch_size * shapes.vocab_size * (DTYPE_BYTES[dtype] + 4)
 
 
@@ -235,9 +245,12 @@ def unit_costs(
                 activation = vision_peak if unit.vision else 0
             per_unit[unit.name] = UnitCost(
                 weights=unit.weight_bytes,
-                kv=unit_kv_bytes(unit, workload) if is_layer else 0,
+                # A layer's cache; the embedding unit's is the state some recurrent models keep
+                # on the input device for every layer (model/graph.py: _state_on_input_device).
+                kv=unit_kv_bytes(unit, workload),
                 activation=activation,
-                logits=logits_bytes(shapes, workload, graph.dtype) if unit.kind == "post" and unit.name == graph.units[-1].name else 0,
+                logits=logits_bytes(shapes, workload, graph.dtype, graph.every_position_logits)
+                if unit.kind == "post" and unit.name == graph.units[-1].name else 0,
                 decode_bytes=decode_read_bytes(unit, graph.shapes_of(unit), workload),
                 host_weights=unit.host_weight_bytes,
                 host_decode_bytes=decode_read_bytes(unit, graph.shapes_of(unit), workload, offloaded=True),

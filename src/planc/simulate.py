@@ -617,7 +617,9 @@ def _place(model, device_map: dict[str, Any], main_device: str) -> dict[str, Any
     GPU entries: on their virtual device. Offloaded entries: parameters become fake host tensors
     in the returned weights map and stay on meta in the module; buffers go to the main device
     (accelerate's offload_buffers=False). A parameter shared by modules (tied weights) gets one
-    tensor per device, as after accelerate's hooks moved each end to its execution device.
+    tensor per device its entries name; simulate_plan then re-ties them (retie_parameters, as
+    dispatch_model does), so one tensor is left, as after loading: accelerate's hook on a resident
+    entry moves its inputs, never its weights.
     """
     import torch
 
@@ -779,12 +781,18 @@ def _execution_error(exc: Exception, module: str) -> str:
 
 
 def _initial_cache(plan: Plan, model):
-    """The cache generate starts with: transformers' QuantizedCache for a quantized KV cache, else its default."""
-    if plan.generation.cache_implementation != "quantized":
-        return None
-    from transformers.cache_utils import QuantizedCache
+    """The cache generate starts with (`_prepare_cache_for_generation`): transformers' QuantizedCache
+    for a quantized KV cache; a DynamicCache of the text config for a model that takes one, made
+    before the first forward (RecurrentGemma then allocates its module-held states per layer, on
+    the layer's device, not all on the input device as its own `_setup_cache` would); else none,
+    and the model makes its own (RWKV's state list, xLSTMCache, Mamba's cache_params)."""
+    from transformers.cache_utils import DynamicCache, QuantizedCache
 
-    return QuantizedCache(config=model.config, **dict(plan.generation.cache_config or {}))
+    if plan.generation.cache_implementation == "quantized":
+        return QuantizedCache(config=model.config, **dict(plan.generation.cache_config or {}))
+    if model._is_stateful and cache_keyword(model) == "past_key_values" and model._supports_default_dynamic_cache():
+        return DynamicCache(config=model.config.get_text_config(decoder=True))
+    return None
 
 
 def _run_generation(
@@ -803,7 +811,11 @@ def _run_generation(
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{keyword: cache}, **extra)
         # generate keeps an fp32 copy of the last position's logits to pick the next token.
         next_tokens = torch.argmax(out.logits[:, -1, :].to(copy=True, dtype=torch.float32), dim=-1)
-        return next_tokens, getattr(out, keyword, None)
+        # A model that updates the cache it is given in place and returns none (RecurrentGemma) keeps
+        # it, as generate does (`_update_model_kwargs_for_generation` takes only a returned cache); one
+        # that keeps none (OpenAI GPT) was given None and goes on without.
+        returned = getattr(out, keyword, None)
+        return next_tokens, cache if returned is None else returned
 
     tracker.start_phase()
     for start in range(0, seq, chunk or seq):
@@ -843,10 +855,10 @@ def _run_vision(model, plan: Plan, input_device: str, tracker) -> str | None:
     return f"vision tower ran over {images} images of {side} x {side} pixels before the prefill"
 
 
-def _cache_bytes(cache) -> dict[str, int]:
-    """Bytes of cache tensors (KV, states, indexer keys, compressed entries) per device."""
+def _cache_bytes(cache, model) -> dict[str, int]:
+    """Bytes of cache tensors (KV, states, indexer keys, compressed entries, module-held states) per device."""
     held: dict[str, int] = defaultdict(int)
-    for tensors in layer_tensors(cache):
+    for tensors in layer_tensors(cache, model):
         for tensor in tensors:
             held[str(tensor.device)] += tensor.untyped_storage().nbytes()
     return held
@@ -930,7 +942,7 @@ def simulate_plan(
                     cache, prefill_peak, decode_peak = _run_generation(
                         model, batch, seq, chunk, decode_steps, main_device, tracker, _initial_cache(plan, model)
                     )
-                cache_held = _cache_bytes(cache)
+                cache_held = _cache_bytes(cache, model)
                 del cache
             except Exception as exc:  # noqa: BLE001 - any failure of the run is the plan's finding
                 error = _execution_error(exc, stack.innermost())
@@ -1057,7 +1069,7 @@ def _simulate_one_rank(plan: Plan, lock_dir: Path, ranks: int, key: str, backend
             tracker.pinned = False
             with _make_device_shims({key: backends} if backends else {}):
                 cache, prefill_peak, decode_peak = _run_generation(model, batch, seq, chunk, decode_steps, key, tracker)
-            cache_held = _cache_bytes(cache)
+            cache_held = _cache_bytes(cache, model)
             del cache
     except Exception as exc:  # noqa: BLE001 - any failure of the run is the plan's finding
         error = _execution_error(exc, stack.innermost())

@@ -6,6 +6,15 @@ rest is cut into contiguous segments, one per device, in some order of the GPUs,
 optional suffix offloaded to CPU and then disk. accelerate executes offloaded units on its main
 device (the device of the first entry), so their KV cache and a staging copy land there.
 
+Decoder layers tied to one another (Zamba's hybrid layers share one transformer block; Zamba2
+cycles through `num_mem_blocks` of them) form a tie group that leaves the chain too and goes
+whole onto one GPU of the solver's choosing, wherever its members sit in the chain. A tied
+parameter is one tensor, on the device its checkpoint entry was loaded to; accelerate's hook on
+a GPU-resident layer moves only the inputs, so a member on another GPU would fail its forward
+(weights and activations on different devices). On the group's GPU every member runs, holds its
+own KV cache and states, and the hidden states come to it and go back: what accelerate's own
+infer_auto_device_map does, placing a module's tied modules with it.
+
 Exactness. For a fixed GPU order and a fixed offloaded suffix, the best contiguous split is a
 shortest path in a DAG whose nodes are (device, first unit not yet placed); we solve it by
 dynamic programming over that DAG. Orders are enumerated up to identical cards. The objective is
@@ -15,7 +24,8 @@ lexicographic:
 2. `latency`: least predicted decode time, then lowest peak utilisation;
    `balance`: lowest peak utilisation, then least decode time.
 Mixing a sum and a max is handled by bisecting on a utilisation cap U: the DP minimises the sum
-among segments whose utilisation is at most U. tests/test_solver.py checks the result against
+among segments whose utilisation is at most U. Tie groups add to the DP's node the set of groups
+already placed: each device's segment may take any of the groups not yet placed. tests/test_solver.py checks the result against
 brute force over every contiguous assignment.
 """
 
@@ -44,9 +54,11 @@ INF = float("inf")
 PICO = 10**12
 # solve() runs the DP once per GPU order at no cap, then up to ~41 more times while it bisects the
 # utilisation cap; one DP at no cap tries about gpus x units^2 / 2 segments, a capped one about
-# units^2. One segment step costs ~3.4 us on one core, so this bound keeps the search under about
-# half a minute; a larger one is refused at once rather than searched for minutes.
-MAX_SEARCH_STEPS = 10_000_000
+# units^2. Counted that way one step takes 70-100 ns on one shared core (Llama-3.1-70B over 4+4
+# cards of two kinds, 70 orders: 2.2e7 steps in 1.6 s; over 3+3+2 cards, 560 orders: 1.8e8 in 17 s;
+# 1024 layers on 8 identical cards: 4.8e7 in 3.7 s), so this bound keeps the search under about half
+# a minute; a larger one is refused at once rather than searched for minutes.
+MAX_SEARCH_STEPS = 300_000_000
 BISECTION_PASSES = 41
 
 
@@ -120,6 +132,7 @@ class _Problem:
     pinned: dict[str, str]  # unit -> partner it shares a device with
     head: int  # the first `head` chain units (all before the first layer) stay on the main GPU
     costs: dict  # backend -> unit -> UnitCost
+    groups: tuple[tuple[str, ...], ...] = ()  # tied decoder layers, each group whole on one GPU
     orders: list = field(init=False)  # GPU orders up to identical cards
     masks: dict = field(init=False)  # backend -> (main device, other devices) mask bytes
     evaluators: dict = field(init=False, default_factory=dict)
@@ -143,29 +156,49 @@ class _Problem:
         return ev
 
 
-def _split_chain(graph: ModelGraph) -> tuple[list[str], dict[str, str], int]:
-    """The chain, the units pinned to a tied partner, and how many chain units the main GPU must hold.
+def _split_chain(graph: ModelGraph) -> tuple[list[str], dict[str, str], int, tuple[tuple[str, ...], ...]]:
+    """The chain, the units pinned to a tied partner, how many chain units the main GPU must hold,
+    and the tie groups that float (decoder layers tied to one another).
 
     Every unit before the first decoder layer stays on the main GPU: the model's own forward
     combines their outputs outside any hooked module (GPT-2 adds wte and wpe, Gemma 3n projects its
     per-layer embeddings), where accelerate moves nothing. A pinned unit (lm_head tied to the
-    embedding) executes on its partner's device, which is therefore the main GPU too.
+    embedding) executes on its partner's device, which is therefore the main GPU too. A tie group
+    whose first unit is a decoder layer leaves the chain whole: the solver puts it on one GPU.
     """
     position = {unit.name: i for i, unit in enumerate(graph.units)}
+    kinds = {unit.name: unit.kind for unit in graph.units}
     pinned: dict[str, str] = {}
+    groups: list[tuple[str, ...]] = []
     for group in graph.tied_unit_groups():
         ordered = sorted(group, key=position.__getitem__)
+        if kinds[ordered[0]] == "layer":
+            groups.append(tuple(ordered))
+            continue
         for later in ordered[1:]:
             pinned[later] = ordered[0]
-    chain = [unit.name for unit in graph.units if unit.name not in pinned]
+    floating = {name for group in groups for name in group}
+    chain = [unit.name for unit in graph.units if unit.name not in pinned and unit.name not in floating]
     index = {name: i for i, name in enumerate(chain)}
-    kinds = {unit.name: unit.kind for unit in graph.units}
     head = max([index[u.name] + 1 for u in graph.units if u.kind == "pre" and u.name in index], default=1)
     for unit, partner in pinned.items():
-        if kinds[partner] == "layer":
-            raise ModelError(f"{unit} is tied to {partner}, a decoder layer: planc cannot place that tie yet")
         head = max(head, index[partner] + 1)
-    return chain, pinned, head
+    return chain, pinned, head, tuple(sorted(groups, key=lambda g: position[g[0]]))
+
+
+def shared_layer_groups(graph: ModelGraph) -> tuple[tuple[str, ...], ...]:
+    """Decoder layers tied to one another (callers of one shared block), each group in execution order."""
+    return _split_chain(graph)[3]
+
+
+def _subsets(mask: int):
+    """Every subset of the bits of `mask`, the empty one first."""
+    subset = 0
+    while True:
+        yield subset
+        if subset == mask:
+            return
+        subset = (subset - mask) & mask
 
 
 class _Evaluator:
@@ -185,16 +218,24 @@ class _Evaluator:
         self.placeable = len(problem.chain) - len(offloaded)
         self._rows: dict[tuple, list[tuple[int, int, float]]] = {}
 
-    def ledger(self, target: Target, names: Sequence[str], is_main: bool) -> DeviceLedger:
-        load = self.start(target, is_main)
+    def ledger(self, target: Target, names: Sequence[str], is_main: bool, groups: int = 0) -> DeviceLedger:
+        load = self.start(target, is_main, groups)
         for name in names:
             self.add(load, target, name)
-        return self.finish(load, target, tuple(names))
+        return self.finish(load, target, tuple(names) + self.members(groups))
 
-    def start(self, target: Target, is_main: bool) -> Load:
+    def members(self, groups: int) -> tuple[str, ...]:
+        """The units of the tie groups in the bit set `groups`."""
+        return tuple(name for g, group in enumerate(self.p.groups) if groups >> g & 1 for name in group)
+
+    def start(self, target: Target, is_main: bool, groups: int = 0) -> Load:
         if is_main:
-            return replace(self.main_extra)  # a fresh copy: the DP grows it unit by unit
-        return Load(mask=self.p.masks[target.backend][1])
+            load = replace(self.main_extra)  # a fresh copy: the DP grows it unit by unit
+        else:
+            load = Load(mask=self.p.masks[target.backend][1])
+        for name in self.members(groups):
+            self.add(load, target, name)
+        return load
 
     def add(self, load: Load, target: Target, name: str) -> None:
         load.add(self.p.cost(target.backend, name))
@@ -219,21 +260,24 @@ class _Evaluator:
         """Decode time of one unit on a GPU, in picoseconds (integers add exactly)."""
         return -(-self.p.cost(target.backend, name).decode_bytes * PICO // target.bandwidth)
 
-    def row(self, target: Target, is_main: bool, start: int) -> list[tuple[int, int, float]]:
-        """(end, decode cost, utilisation) of the segment chain[start:end] on `target`, for every end
-        while it fits. The DP reads these for each cap of the bisection and each GPU order, and
-        identical cards share them, so each segment is costed once per solve."""
-        key = (target.capacity, target.headroom, target.bandwidth, target.backend, target.gpu, is_main, start)
+    def row(self, target: Target, is_main: bool, start: int, groups: int = 0) -> list[tuple[int, int, float]]:
+        """(end, decode cost, utilisation) of the segment chain[start:end] on `target`, with the tie
+        groups in the bit set `groups`, for every end while it fits; end == start (the groups alone)
+        leads when there are groups. The DP reads these for each cap of the bisection and each GPU
+        order, and identical cards share them, so each segment is costed once per solve."""
+        key = (target.capacity, target.headroom, target.bandwidth, target.backend, target.gpu, is_main, start, groups)
         row = self._rows.get(key)
         if row is not None:
             return row
         row = []
-        load = self.start(target, is_main)
-        cost = 0
-        for end in range(start + 1, self.placeable + 1):
-            name = self.p.chain[end - 1]
-            self.add(load, target, name)
-            cost += self.seg_cost(target, name)
+        load = self.start(target, is_main, groups)
+        cost = sum(self.seg_cost(target, name) for name in self.members(groups))
+        ends = range(start + (0 if groups else 1), self.placeable + 1)
+        for end in ends:
+            if end > start:
+                name = self.p.chain[end - 1]
+                self.add(load, target, name)
+                cost += self.seg_cost(target, name)
             # Rounded so that placements equal up to float noise (sums in another order)
             # tie on utilisation and are told apart by decode time.
             util = round(self.total(load, target) / target.budget, 9)
@@ -255,15 +299,20 @@ def _offload_split(problem: _Problem, offloaded: list[str], main: Target | None)
     # CPU ledger: resident weights; when the CPU executes (no GPUs) also every offloaded layer's
     # KV cache and activations, and a staging copy of the largest unit read back from disk.
     fixed = Load(executes=executing_on_cpu, mask=problem.masks[cpu.backend][0], main=True)
+    floating = 0
     if executing_on_cpu:
         for name in offloaded:
             fixed.add(problem.cost(cpu.backend, name), resident=False)
+        # Without GPUs the tie groups run on the CPU too, their weights resident (never on disk).
+        for name in _group_members(problem):
+            fixed.add(problem.cost(cpu.backend, name))
+            floating += _host_cost(problem, cpu, name, True)[0]
     activations = fixed.activations(problem.graph.shapes, problem.workload, problem.graph.dtype)
     # Weights kept for a GPU to stream in are the host copies (bitsandbytes leaves those dense); a
     # CPU-only plan holds them as the CPU runs them.
     weights = [_host_cost(problem, cpu, name, executing_on_cpu)[0] for name in offloaded]
     kept = None
-    resident = 0
+    resident = floating
     for prefix in range(len(offloaded) + 1):
         if prefix:
             resident += weights[prefix - 1]
@@ -282,7 +331,7 @@ def _offload_split(problem: _Problem, offloaded: list[str], main: Target | None)
     # Per token: offloaded weights cross PCIe (or are read from DRAM when the CPU computes), disk
     # ones are read from disk first.
     cost = 0
-    for name in offloaded:
+    for name in offloaded + (list(_group_members(problem)) if executing_on_cpu else []):
         held, read = _host_cost(problem, cpu, name, executing_on_cpu)
         if executing_on_cpu:
             cost += -(-read * PICO // CPU_BANDWIDTH)
@@ -291,6 +340,10 @@ def _offload_split(problem: _Problem, offloaded: list[str], main: Target | None)
         if name in on_disk:
             cost += -(-held * PICO // DISK_BANDWIDTH)
     return on_cpu, on_disk, cost
+
+
+def _group_members(problem: _Problem) -> tuple[str, ...]:
+    return tuple(name for group in problem.groups for name in group)
 
 
 def _host_cost(problem: _Problem, cpu: Target, name: str, executing_on_cpu: bool) -> tuple[int, int]:
@@ -338,11 +391,17 @@ def count_orders(gpus: Sequence[Target]) -> int:
     return orders
 
 
-def _check_search_size(graph: ModelGraph, chain: list[str], gpus: Sequence[Target]) -> None:
+def _check_search_size(
+    graph: ModelGraph, chain: list[str], head: int, gpus: Sequence[Target], groups: int = 0
+) -> None:
     """Refuse, naming the numbers, a search the exact solver cannot finish in reasonable time."""
     orders = count_orders(gpus)
-    units = len(chain)
-    steps = orders * units * units * (len(gpus) / 2 + BISECTION_PASSES)
+    # The units before the first layer stay together on the main GPU (_split_chain): no segment
+    # starts or ends among them, so for the search they are one unit (Phi-4-multimodal's 700
+    # vision and audio encoder modules count once).
+    units = len(chain) - head + 1
+    # Each segment step is tried with every split of the tie groups not yet placed: 3^groups in all.
+    steps = orders * units * units * (len(gpus) / 2 + BISECTION_PASSES) * 3**groups
     if steps <= MAX_SEARCH_STEPS:
         return
     if orders > 1 and units * units * (len(gpus) / 2 + BISECTION_PASSES) <= MAX_SEARCH_STEPS:
@@ -361,9 +420,10 @@ def _check_search_size(graph: ModelGraph, chain: list[str], gpus: Sequence[Targe
 
 
 def _solve_fixed(problem: _Problem, order: tuple[Target, ...], m: int, cap: float):
-    """Best split of the chain prefix over `order` with the last m units offloaded.
+    """Best split of the chain prefix over `order` with the last m units offloaded, each tie group
+    whole on one GPU of the order.
 
-    Returns (gpu_cost, offload_cost, peak_util, segments, offload) or None.
+    Returns (gpu_cost, offload_cost, peak_util, segments, offload, groups per segment) or None.
     """
     chain = problem.chain
     n = len(chain) - m
@@ -374,45 +434,54 @@ def _solve_fixed(problem: _Problem, order: tuple[Target, ...], m: int, cap: floa
         return None
     on_cpu, on_disk, offload_cost = split
     if not order:
-        return (0, offload_cost, 0.0, [], (on_cpu, on_disk)) if n == 0 else None
+        return (0, offload_cost, 0.0, [], (on_cpu, on_disk), []) if n == 0 else None
     if n < problem.head:
         return None  # the main GPU holds every unit before the first layer
     if any(not problem.cost(main.backend, name).offloadable for name in offloaded):
         return None  # weights accelerate cannot stream from the host (mxfp4's swizzled experts)
     ev = problem.evaluator(main, offloaded)
     k = len(order)
-    # best[i]: (cost, util) having placed chain[:i] on the devices so far; parents for the path.
-    best: list[tuple[int, float] | None] = [None] * (n + 1)
-    best[0] = (0, 0.0)
-    parents: list[list[int | None]] = []
+    every = (1 << len(problem.groups)) - 1
+    # best[placed][i]: (cost, util) having placed chain[:i] and the tie groups in the bit set
+    # `placed` on the devices so far; parents for the path.
+    best: list[list[tuple[int, float] | None]] = [[None] * (n + 1) for _ in range(every + 1)]
+    best[0][0] = (0, 0.0)
+    parents: list[list[list[tuple[int, int] | None]]] = []
     for j, target in enumerate(order):
-        new: list[tuple[int, float] | None] = [None] * (n + 1)
-        parent: list[int | None] = [None] * (n + 1)
-        for i in range(n + 1):
-            if best[i] is None:
-                continue
-            base_cost, base_util = best[i]
-            if j > 0:
-                _relax(new, parent, i, i, base_cost, base_util)  # this GPU stays unused
-            for end, seg_cost, util in ev.row(target, j == 0, i):
-                if util > cap:
-                    break
-                if j == 0 and end < problem.head:
+        new: list[list[tuple[int, float] | None]] = [[None] * (n + 1) for _ in range(every + 1)]
+        parent: list[list[tuple[int, int] | None]] = [[None] * (n + 1) for _ in range(every + 1)]
+        for placed in range(every + 1):
+            for i in range(n + 1):
+                if best[placed][i] is None:
                     continue
-                _relax(new, parent, end, i, base_cost + seg_cost, max(base_util, util))
+                base_cost, base_util = best[placed][i]
+                if j > 0:
+                    _relax(new[placed], parent[placed], i, (i, placed), base_cost, base_util)  # this GPU stays unused
+                for groups in _subsets(every & ~placed):
+                    after = new[placed | groups]
+                    for end, seg_cost, util in ev.row(target, j == 0, i, groups):
+                        if util > cap:
+                            break
+                        if j == 0 and end < problem.head:
+                            continue
+                        _relax(after, parent[placed | groups], end, (i, placed), base_cost + seg_cost,
+                               max(base_util, util))
         best = new
         parents.append(parent)
         if j == 0:
-            best[0] = None  # the first GPU runs the first unit
-    if best[n] is None:
+            for row in best:
+                row[0] = None  # the first GPU runs the first unit
+    if best[every][n] is None:
         return None
-    # Walk back the segments.
-    cuts = [n]
+    # Walk back the segments and the groups each took.
+    cuts = [(n, every)]
     for j in range(k - 1, -1, -1):
-        cuts.append(parents[j][cuts[-1]])
+        i, placed = cuts[-1]
+        cuts.append(parents[j][placed][i])
     cuts.reverse()
-    segments = [chain[cuts[j]:cuts[j + 1]] for j in range(k)]
-    return best[n][0], offload_cost, best[n][1], segments, (on_cpu, on_disk)
+    segments = [chain[cuts[j][0]:cuts[j + 1][0]] for j in range(k)]
+    masks = [cuts[j + 1][1] & ~cuts[j][1] for j in range(k)]
+    return best[every][n][0], offload_cost, best[every][n][1], segments, (on_cpu, on_disk), masks
 
 
 def _relax(new, parent, end, start, cost, util):
@@ -460,14 +529,21 @@ def _fits_fixed(problem: _Problem, order: tuple[Target, ...], m: int) -> bool:
     if not order or n < problem.head:
         return not order and n == 0  # without GPUs all is offloaded; with them the main GPU runs the pre-layer units
     ev = problem.evaluator(main, offloaded)
-    reached = 0
+    every = (1 << len(problem.groups)) - 1
+    # Per set of tie groups placed, the farthest the chain reaches: a farther reach with the same
+    # groups placed can continue wherever a shorter one can.
+    reached = {0: 0}
     for j, target in enumerate(order):
-        row = ev.row(target, j == 0, reached)
-        if row:
-            reached = row[-1][0]
-        if j == 0 and reached < problem.head:
-            return False
-        if reached == n:
+        further = dict(reached) if j > 0 else {}
+        for placed, start in reached.items():
+            for groups in _subsets(every & ~placed):
+                row = ev.row(target, j == 0, start, groups)
+                if not row or (j == 0 and row[-1][0] < problem.head):
+                    continue
+                key = placed | groups
+                further[key] = max(further.get(key, 0), row[-1][0])
+        reached = further
+        if reached.get(every) == n:
             return True
     return False
 
@@ -483,11 +559,11 @@ def _min_offload(problem: _Problem, allow_offload: bool) -> int | None:
 
 
 def _problem(graph, gpus, cpu, disk, workload, reserve, objective, mixer_path: str = FALLBACK) -> _Problem:
-    chain, pinned, head = _split_chain(graph)
-    _check_search_size(graph, chain, gpus)
+    chain, pinned, head, groups = _split_chain(graph)
+    _check_search_size(graph, chain, head, gpus, len(groups))
     backends = sorted({t.backend for t in gpus} | ({cpu.backend} if cpu else set()))
     return _Problem(graph, gpus, cpu, disk, workload, reserve, objective, chain, pinned, head,
-                    unit_costs(graph, workload, backends, mixer_path))
+                    unit_costs(graph, workload, backends, mixer_path), groups)
 
 
 def feasible(
@@ -551,25 +627,29 @@ def _segment_utilisations(problem: _Problem, m: int) -> set[float]:
     """Every utilisation a segment of a placement with m units offloaded can have."""
     offloaded = problem.chain[len(problem.chain) - m:]
     found: set[float] = set()
+    every = (1 << len(problem.groups)) - 1
     for main in {order[0] for order in problem.orders}:
         ev = problem.evaluator(main, offloaded)
-        found.update(util for _, _, util in ev.row(main, True, 0))
-        for target in problem.gpus:
-            for start in range(ev.placeable):
-                found.update(util for _, _, util in ev.row(target, False, start))
+        for groups in _subsets(every):
+            found.update(util for end, _, util in ev.row(main, True, 0, groups) if end >= problem.head)
+            for target in problem.gpus:
+                # A later GPU starts after the head; one holding a tie group may hold no chain unit.
+                for start in range(problem.head, ev.placeable + (1 if groups else 0)):
+                    found.update(util for _, _, util in ev.row(target, False, start, groups))
     return found
 
 
 def _placement(problem: _Problem, best, m: int) -> Placement:
-    (_, util), order, (gpu_cost, offload_cost, _, segments, (on_cpu, on_disk)) = best
+    (_, util), order, (gpu_cost, offload_cost, _, segments, (on_cpu, on_disk), masks) = best
     chain = problem.chain
     offloaded = chain[len(chain) - m:]
     device_of: dict[str, int | str] = {}
     main = order[0] if order else None
-    for target, names in zip(order, segments):
-        for name in names:
+    ev = _Evaluator(problem, main, offloaded) if order else None
+    for target, names, groups in zip(order, segments, masks):
+        for name in names + list(ev.members(groups)):
             device_of[name] = target.key
-    for name in on_cpu:
+    for name in on_cpu + (list(_group_members(problem)) if not order else []):
         device_of[name] = "cpu"
     for name in on_disk:
         device_of[name] = "disk"
@@ -578,10 +658,9 @@ def _placement(problem: _Problem, best, m: int) -> Placement:
     device_of = {unit.name: device_of[unit.name] for unit in problem.graph.units}
     ledgers = []
     if order:
-        ev = _Evaluator(problem, main, offloaded)
-        for j, (target, names) in enumerate(zip(order, segments)):
-            if names or j == 0:
-                ledgers.append(ev.ledger(target, names, j == 0))
+        for j, (target, names, groups) in enumerate(zip(order, segments, masks)):
+            if names or groups or j == 0:
+                ledgers.append(ev.ledger(target, names, j == 0, groups))
     ledgers.extend(_host_ledgers(problem, main, on_cpu, on_disk))
     peak = max(((l.total + l.headroom) / l.capacity for l in ledgers if isinstance(l.key, int)), default=0.0)
     return Placement(device_of, tuple(ledgers), (gpu_cost + offload_cost) / PICO, peak, m)
@@ -594,6 +673,8 @@ def _host_ledgers(problem: _Problem, main: Target | None, on_cpu: list[str], on_
         return ledgers
     executing = main is None
     load = Load(executes=executing, mask=problem.masks[cpu.backend][0], main=True)
+    if executing:
+        on_cpu = on_cpu + list(_group_members(problem))  # without GPUs the tie groups run here too
     for name in on_cpu + (on_disk if executing else []):
         c = problem.cost(cpu.backend, name)
         if executing:
@@ -632,5 +713,8 @@ def _closest(problem: _Problem) -> Infeasible:
             bound += order[j].budget / total_budget * total_weight
         acc += w
     cuts += [len(problem.chain)] * (len(order) + 1 - len(cuts))
-    ledgers = tuple(ev.ledger(t, problem.chain[cuts[j]:cuts[j + 1]], j == 0) for j, t in enumerate(order))
+    every = (1 << len(problem.groups)) - 1  # the tie groups on the main GPU, where their first members run
+    ledgers = tuple(
+        ev.ledger(t, problem.chain[cuts[j]:cuts[j + 1]], j == 0, every if j == 0 else 0) for j, t in enumerate(order)
+    )
     return Infeasible(ledgers)

@@ -13,7 +13,8 @@ What maps from the lock (vLLM's engine arguments, long names as YAML keys):
 - quantization: when the plan's checkpoint is quantized.
 - distributed-executor-backend: mp on one node, ray across nodes.
 Refused, with the reason: compute capability below 7.5 (vLLM's CUDA wheels), heads a TP group
-does not divide, a TP group of different cards, disk offload (vLLM has none), and a plan whose
+does not divide, a TP group of different cards, disk offload (vLLM has none), a device_map whose
+layers visit a GPU more than once (Zamba's callers of a shared block), and a plan whose
 budget cannot take vLLM's uniform per-worker KV size.
 """
 
@@ -110,6 +111,12 @@ def vllm_export(plan: Plan, lock_dir: Path, model: str | None, revision: str | N
         nodes = len({rank.node for rank in ranks})
     else:
         order = _layers_per_gpu(plan)
+        if len({device for device, _ in order}) < len(order):
+            raise ExportError(
+                "the plan's decoder layers visit a GPU more than once (layers sharing a block sit on the block's "
+                "GPU between layers on another); vLLM's pipeline stages are contiguous layer ranges: export to "
+                "transformers or accelerate, or plan one GPU"
+            )
         tp, pp = 1, max(1, len(order))
         used = [gpus[(0, device)] for device, _ in order]
         start, stages = 0, []

@@ -15,12 +15,18 @@ mixer; this module maps layer types to them:
   sequence mixer, one module per family (`delta_rule.py`: gated DeltaNet and Kimi delta
   attention, GLM-5-Next's too; `mamba.py`: Mamba1 and Mamba2; `short_conv.py`: LFM2's gated
   convolution and Inkling's residual short convolutions; `lightning.py`: MiniMax's lightning
-  attention; `cca.py`: ZAYA's compressed convolutional attention), plus the attention KV for
-  `hybrid` / `hybrid_sliding` layers;
-- mlp / moe / dummy layers: nothing.
+  attention; `cca.py`: ZAYA's compressed convolutional attention; `rg_lru.py`: RecurrentGemma's
+  recurrent blocks), plus the attention KV for `hybrid` / `hybrid_sliding` layers;
+- mlp / moe / dummy layers: nothing;
+- models recurrent throughout, whose configs declare no layer types (`Mixer.every_layer`): one
+  `recurrent` cache per decoder layer read from the model (`rwkv.py`, `xlstm.py`).
 
-Families whose state transformers keeps outside the cache, or in cache classes planc does not
-size, are refused with the reason (`UNSIZED`): planning them as attention would be wrong.
+Some families keep their state outside DynamicCache layers, and the ledger follows them:
+RecurrentGemma on its modules (per layer, on the layer's device), RWKV in the `state` list its
+forward returns and xLSTM in its own xLSTMCache, both allocated for every layer on the input
+embeddings' device (`Mixer.state_on_input_device`: the graph charges that state to the
+embedding unit). `layer_tensors` reads all of them. Layer kinds whose state no formula here
+describes yet are refused with the reason (`UNSIZED`): planning them as attention would be wrong.
 """
 
 from __future__ import annotations
@@ -60,6 +66,15 @@ class Mixer:
     # transformers' modeling functions that run this family through its kernel packages (and
     # fall back to torch without them): what `planc simulate` stands in for on a kernels plan.
     kernel_functions: ClassVar[tuple[str, ...]] = ()
+    # Every decoder layer of the family's models is this block, and their configs declare no
+    # layer types (RWKV, xLSTM): planc reads the layers from the model, not from layer_types.
+    every_layer: ClassVar[bool] = False
+    # transformers allocates the state of every layer on the device the input embeddings run on,
+    # not on each layer's (RWKV's state list, xLSTMCache): the ledger charges it there.
+    state_on_input_device: ClassVar[bool] = False
+    # The state lives in the Cache object the caller passes, so one cache per sequence keeps
+    # sequences apart; False where the model keeps it elsewhere (its modules, its own state list).
+    state_in_cache: ClassVar[bool] = True
 
     @classmethod
     def module_of(cls, layer_module, index: int):
@@ -96,6 +111,9 @@ class LayerCache:
     buffer_bytes_per_token: int = 0
     quantized: str | None = None  # the QuantizedCache backend storing it (fp8), None for the model dtype
     fixed_bytes: int = 0  # per layer whatever the batch (a quantized cache's scales)
+    # The state is kept on the input embeddings' device, whichever device runs the layer: the
+    # graph charges it to the embedding unit and leaves this layer's state_bytes 0.
+    on_input_device: bool = False
 
     def tokens_held(self, workload: Workload) -> int:
         """Tokens of cache the layer holds at its peak.
@@ -134,10 +152,6 @@ class LayerCache:
 # model_type -> why planc does not size it. Each keeps its recurrent state where the cache
 # formulas cannot see it, or in a cache class no formula here describes yet.
 UNSIZED = {
-    "xlstm": "xLSTM keeps its mLSTM matrix states in its own xLSTMCache (not DynamicCache layers), which planc does not size",
-    "rwkv": "RWKV keeps its recurrent state in a tensor list the model returns (`state`), outside any cache planc sizes",
-    "recurrent_gemma": "RecurrentGemma keeps its RG-LRU and convolution states on the modules, allocated on the input "
-    "device at setup, outside the cache planc sizes",
     "qwen4_exp": "Qwen4-Exp's indexed layers keep block-compressed indexer keys that planc does not size yet",
 }
 
@@ -170,6 +184,9 @@ def layer_caches(
     text = text_config(config)
     model_type = getattr(text, "model_type", "")
     refuse_unsized(model_type)
+    family = mixer_family(model_type)
+    if family is not None and family.every_layer:
+        return [recurrent_layer_cache(model_type, module, index, dtype) for index, module in enumerate(layer_modules or ())]
     layer_types, kwargs = get_layer_types_and_kwargs(text)
     declared = list(getattr(text, "layer_types", None) or [])
     modules = list(layer_modules or ())
@@ -218,19 +235,37 @@ def layer_caches(
 
 # Modules with the state formulas of each sequence-mixer family; each maps the model types whose
 # layers it describes to its Mixer class (`MIXERS`).
-MIXER_MODULES = ("delta_rule", "mamba", "short_conv", "lightning", "cca")
+MIXER_MODULES = ("delta_rule", "mamba", "short_conv", "lightning", "cca", "rg_lru", "xlstm", "rwkv")
 
 
-def mixer_of(model_type: str, layer_type: str, layer_module, index: int) -> Mixer:
-    """The sequence mixer of one state-keeping layer, with its dimensions read from the module."""
+def mixer_family(model_type: str) -> type[Mixer] | None:
+    """The Mixer class describing this model type's state-keeping layers, if a family module has one."""
     import importlib
 
     for name in MIXER_MODULES:
         family = importlib.import_module(f"planc.model.{name}")
         if model_type in family.MIXERS:
-            if layer_module is None:
-                raise ModelError(f"{model_type}: layer {index} ({layer_type}) needs its module to be sized")
-            return family.MIXERS[model_type].from_layer(layer_module, index)
+            return family.MIXERS[model_type]
+    return None
+
+
+def recurrent_layer_cache(model_type: str, layer_module, index: int, dtype: str) -> LayerCache:
+    """A decoder layer of a model that is recurrent throughout (every_layer families): its state,
+    with where transformers keeps it."""
+    mixer = mixer_of(model_type, "recurrent", layer_module, index)
+    return LayerCache(
+        "recurrent", state_bytes=mixer.state_bytes(dtype), mixer=mixer, attention=False,
+        on_input_device=mixer.state_on_input_device,
+    )
+
+
+def mixer_of(model_type: str, layer_type: str, layer_module, index: int) -> Mixer:
+    """The sequence mixer of one state-keeping layer, with its dimensions read from the module."""
+    family = mixer_family(model_type)
+    if family is not None:
+        if layer_module is None:
+            raise ModelError(f"{model_type}: layer {index} ({layer_type}) needs its module to be sized")
+        return family.from_layer(layer_module, index)
     raise ModelError(
         f"{model_type}: its {layer_type} layers keep a recurrent state whose layout planc does not know yet"
     )
@@ -258,27 +293,42 @@ def conv_window(mixer_module, index: int) -> tuple[int, int]:
     raise ModelError(f"decoder layer {index}: {type(mixer_module).__name__} has no depthwise Conv1d")
 
 
-def kernel_functions(family: str) -> tuple[str, ...]:
-    """transformers' modeling functions that a mixer family runs on its kernel packages."""
+def family_mixer(family: str) -> type[Mixer] | None:
+    """The Mixer class of a mixer family by its name (as a lock's mixers section lists it)."""
     import importlib
 
     for name in MIXER_MODULES:
         for mixer in importlib.import_module(f"planc.model.{name}").MIXERS.values():
             if mixer.family == family:
-                return mixer.kernel_functions
-    return ()
+                return mixer
+    return None
 
 
-def layer_tensors(cache) -> list[list]:
-    """Per decoder layer, the tensors a transformers cache object holds for it right now (KV, conv
-    and recurrent states, indexer keys, compressed KV), each storage once: what the ledger's cache
-    terms are held to, in the tests and in `planc simulate`."""
+def kernel_functions(family: str) -> tuple[str, ...]:
+    """transformers' modeling functions that a mixer family runs on its kernel packages."""
+    mixer = family_mixer(family)
+    return mixer.kernel_functions if mixer is not None else ()
+
+
+def layer_tensors(cache, model=None) -> list[list]:
+    """Per decoder layer, the tensors a model keeps for it between steps right now (KV, conv and
+    recurrent states, indexer keys, compressed KV), each storage once, under the first layer that
+    holds it: what the ledger's cache terms are held to, in the tests and in `planc simulate`.
+
+    `cache` is what the forward returns under `cache_keyword`: a transformers Cache with `.layers`
+    (MiniMaxCache also keeps `linear_cache`), xLSTM's xLSTMCache (`rnn_state`: per layer the
+    matrix, normaliser and max states), or RWKV's `state`, a list of tensors stacking every
+    layer along the last dimension (all of it listed under layer 0). `model`: where it is given,
+    state its decoder layers keep on their modules outside any cache (RecurrentGemma's conv
+    window and RG-LRU state) is added to their layer's list.
+    """
     import torch
     from torch.multiprocessing.reductions import StorageWeakRef
 
     per_layer: list[list] = []
+    seen: set = set()
 
-    def collect(value, into: list, seen: set) -> None:
+    def collect(value, into: list) -> None:
         if isinstance(value, torch.Tensor):
             # An empty view still keeps its storage alive (DeepSeek-V4's drained buffers).
             key = StorageWeakRef(value.untyped_storage()).cdata
@@ -287,27 +337,58 @@ def layer_tensors(cache) -> list[list]:
                 into.append(value)
         elif isinstance(value, dict):
             for item in value.values():
-                collect(item, into, seen)
+                collect(item, into)
         elif isinstance(value, (list, tuple)):
             for item in value:
-                collect(item, into, seen)
+                collect(item, into)
         elif hasattr(value, "__dict__") and not isinstance(value, (torch.nn.Module, type)):
             for name, item in vars(value).items():
-                if name != "_sliding_window_tensor":  # a 0-d bookkeeping scalar, not cache
-                    collect(item, into, seen)
+                # 0-d bookkeeping counters, not cache; a config is no state
+                if name not in ("_sliding_window_tensor", "seqlen_offset", "config"):
+                    collect(item, into)
 
-    layers = list(getattr(cache, "layers", ()) or ())
+    if isinstance(cache, (list, tuple)):
+        layers: list = [list(cache)]  # RWKV: every layer's state in the same few tensors
+    elif hasattr(cache, "rnn_state"):
+        layers = [cache.rnn_state[index] for index in sorted(cache.rnn_state)]  # xLSTMCache
+    else:
+        layers = list(getattr(cache, "layers", ()) or ())
     # MiniMaxCache keeps lightning-attention states beside its (attention-only) layers.
     side = list(getattr(cache, "linear_cache", ()) or ())
-    for index in range(max(len(layers), len(side))):
+    held_on_modules = [module_states(layer) for layer in decoder_layers(model)] if model is not None else []
+    for index in range(max(len(layers), len(side), len(held_on_modules))):
         tensors: list = []
-        seen: set = set()
-        if index < len(layers):
-            collect(layers[index], tensors, seen)
-        if index < len(side):
-            collect(side[index], tensors, seen)
+        for source in (layers, side, held_on_modules):
+            if index < len(source):
+                collect(source[index], tensors)
         per_layer.append(tensors)
     return per_layer
+
+
+def decoder_layers(model) -> list:
+    """The decoder layers of a transformers model, in order: the children of the first ModuleList
+    whose blocks are of a class the model keeps whole (`_no_split_modules`)."""
+    import torch
+
+    no_split = set(getattr(model, "_no_split_modules", None) or ())
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and module and all(type(m).__name__ in no_split for m in module):
+            return list(module)
+    return []
+
+
+def module_states(layer) -> list:
+    """Tensors a decoder layer's modules keep as plain attributes (neither parameters nor buffers):
+    state a model holds on its modules between steps (RecurrentGemma's `conv1d_state`,
+    `rg_lru.recurrent_states`)."""
+    import torch
+
+    return [
+        value
+        for module in layer.modules()
+        for name, value in vars(module).items()
+        if isinstance(value, torch.Tensor) and not name.startswith("_")
+    ]
 
 
 def held_bytes(tensors) -> int:
@@ -316,10 +397,14 @@ def held_bytes(tensors) -> int:
 
 
 def cache_keyword(model) -> str:
-    """The forward argument (and output attribute) a causal LM passes its cache in: Mamba, Mamba2
-    and Falcon-Mamba call it `cache_params`, every other model `past_key_values` (some, such as
-    Evolla, take it through **kwargs)."""
+    """The forward argument (and output attribute) a causal LM passes its cache in: Mamba, Mamba2,
+    Falcon-Mamba and xLSTM call it `cache_params`, RWKV `state`, every other model
+    `past_key_values` (some, such as Evolla, take it through **kwargs)."""
     import inspect
 
     parameters = inspect.signature(model.forward).parameters
-    return "cache_params" if "cache_params" in parameters and "past_key_values" not in parameters else "past_key_values"
+    if "past_key_values" not in parameters:
+        for keyword in ("cache_params", "state"):
+            if keyword in parameters:
+                return keyword
+    return "past_key_values"

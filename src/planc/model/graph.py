@@ -9,8 +9,9 @@ every distinct tensor is counted once (fp32 rotary buffers stay fp32, tied weigh
 
 from __future__ import annotations
 
+import inspect
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from planc.errors import ModelError
@@ -92,6 +93,7 @@ class ModelGraph:
     config_class: str | None = None  # set when config.json's model_type is unknown and `architectures` resolved it
     vision: Vision | None = None  # the vision tower's numbers, for image-text-to-text models
     position_limit: int | None = None  # positions of a learned position table (GPT-2's wpe): tokens past it fail
+    every_position_logits: bool = False  # the forward takes no logits_to_keep: a prefill computes every token's logits
     position_table: str = ""  # what holds those positions (a learned table, MPT's ALiBi bias)
     needs_images: bool = False  # generate requires pixel_values (BLIP, BLIP-2): no text-only prompt runs
 
@@ -203,6 +205,45 @@ def _encoder_derived(model) -> bool:
     return encoder_family and not getattr(text, "is_decoder", True)
 
 
+def _no_cached_decode(model) -> str | None:
+    """Why transformers' generate() of this model is no decode over a KV cache, which is what planc
+    plans (and what accelerate's map, a placement of weights, does not check); None when it is."""
+    import inspect
+
+    import transformers
+    from transformers import DynamicCache
+
+    cls = type(model)
+    if not cls.can_generate():
+        # PI0 samples robot actions by flow matching (sample_actions): a forward pass, no tokens.
+        return (
+            "does not generate tokens: transformers gives the class no generate() (it does not inherit "
+            "GenerationMixin: can_generate() is False), so there is no decode loop over a KV cache to plan; "
+            "accelerate's map only places its weights for a forward pass"
+        )
+    if "MaskedLMOutput" in str(inspect.signature(cls.forward).return_annotation):
+        text = text_config(model.config)
+        both_ways = " with attention both ways (config.causal is false)" if getattr(text, "causal", None) is False else ""
+        return (
+            "is a masked LM: its forward returns MaskedLMOutput, which carries no past_key_values, so generate() "
+            f"keeps no KV cache and re-encodes the whole sequence plus a mask token at every step{both_ways}; "
+            "planc plans decoding over a KV cache, and accelerate's map only places the weights: use a causal LM"
+        )
+    if cls._supports_default_dynamic_cache():
+        # What generate() builds before the first step (GenerationMixin._prepare_cache_for_generation).
+        decoder = model.config.get_text_config(decoder=True)
+        try:
+            DynamicCache(config=decoder)
+        except Exception as exc:  # noqa: BLE001 - whatever stops generate is the reason
+            return (
+                f"cannot build its KV cache in transformers {transformers.__version__}: generate() starts with "
+                f"DynamicCache(config={type(decoder).__name__}), which raises {type(exc).__name__}: {exc}; "
+                "so generate fails (with use_cache=False it re-encodes the whole sequence at every step, which "
+                "planc does not plan), and accelerate's map places weights for a forward generate cannot run"
+            )
+    return None
+
+
 def _call_order(model, layer_names: list[str]) -> dict[str, int] | None:
     """Module path -> when it first runs in a two-token forward under fake tensors, the decoder
     layers passed through (their order is known; running them would cost seconds); None when the
@@ -310,7 +351,6 @@ def _group_caches(caches: list[LayerCache], layers: int) -> list[LayerCache]:
         return caches
     if len(caches) % layers:
         return caches
-    from dataclasses import replace
 
     k = len(caches) // layers
     grouped = []
@@ -361,6 +401,9 @@ def build_model_graph(
             f"{architecture}: config.is_decoder is false, so this encoder's LM head attends both ways and keeps no "
             "KV cache: it does not generate; set is_decoder: true in config.json for a causal LM"
         )
+    refusal = _no_cached_decode(model)
+    if refusal:
+        raise ModelError(f"{architecture} {refusal}")
     layer_names, guessed = _decoder_layers(model, set(declared), towers)
     if not layer_names:
         raise ModelError(
@@ -504,6 +547,7 @@ def build_model_graph(
     if calls is not None:
         # After the layers, in the order they run (Gemma 3n unembeds its altup streams, then norms).
         post.sort(key=lambda unit: len(calls) if call_of(unit.name) is None else call_of(unit.name))
+    pre, layers = _state_on_input_device(model, pre, layers)
     units = tuple(pre + layers + post)
     all_records = [r for r in (held(m) for m in model.modules()) if r is not None]
     dense_bytes = sum(u.weight_bytes for u in units) + sum(r.dense_bytes - r.quantized_bytes for r in all_records)
@@ -559,7 +603,34 @@ def build_model_graph(
         position_table=position_table,
         needs_images=generates_from_images(model),
         parallel=parallel,
+        every_position_logits="logits_to_keep" not in inspect.signature(model.forward).parameters,
     )
+
+
+def _state_on_input_device(model, pre: list[Unit], layers: list[Unit]) -> tuple[list[Unit], list[Unit]]:
+    """Move the state transformers keeps on the input embeddings' device (RWKV, xLSTM allocate
+    every layer's state from `inputs_embeds`) from the layers to the embedding unit, so that the
+    ledger charges it to the device the embeddings run on, wherever the layers go."""
+    held = sum(unit.cache.state_bytes for unit in layers if unit.cache is not None and unit.cache.on_input_device)
+    if not held:
+        return pre, layers
+    embeddings = model.get_input_embeddings()
+    name = next((n for n, module in model.named_modules() if module is embeddings), None)
+    if name is None or not any(unit.name == name for unit in pre):
+        raise ModelError(
+            f"{type(model).__name__} keeps its recurrent state on the input embeddings' device, and planc finds no "
+            "embedding unit before the layers to charge it to"
+        )
+    pre = [
+        replace(unit, cache=LayerCache("input_device_state", state_bytes=held, attention=False)) if unit.name == name else unit
+        for unit in pre
+    ]
+    layers = [
+        replace(unit, cache=replace(unit.cache, state_bytes=0))
+        if unit.cache is not None and unit.cache.on_input_device else unit
+        for unit in layers
+    ]
+    return pre, layers
 
 
 def _text_prefixes(model, decoder_prefix: str, towers: dict[str, str]) -> list[str]:
@@ -676,7 +747,6 @@ KEY_PROJECTIONS = ("k_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn")
 
 def _parallel_support(model, units: tuple[Unit, ...], layer_prefix: str) -> tuple[tuple[Unit, ...], ParallelSupport]:
     """Units with their TP shards and collectives, and what TP and PP can run (both read on the meta model)."""
-    from dataclasses import replace
 
     tp_plan = bool(model.supports_tp_plan)
     expanded: dict[str, str] = {}

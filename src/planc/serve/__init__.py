@@ -54,6 +54,13 @@ def serve_plan(
             f"planc serve runs a plan in one process; this one is {plan.parallel.strategy} over "
             f"{len(plan.parallel.ranks)} ranks: serve it with vLLM (planc export --to vllm)"
         )
+    outside = [f for f in (plan.mixers.families if plan.mixers else ()) if not _state_in_cache(f)]
+    if outside:
+        raise UsageError(
+            f"planc serve keeps one cache per sequence, and this model's {', '.join(outside)} layers keep their "
+            "state outside it (on the modules or in a state the forward returns), so concurrent sequences "
+            "would share it: generate with planc run"
+        )
     if batching not in ("exact", "fast"):
         raise UsageError(f"--batching must be exact or fast, not {batching!r}")
     if log_level not in LOG_LEVELS:
@@ -75,6 +82,13 @@ def serve_plan(
                 "(its generate requires pixel_values): use planc run --image"
             )
         return _serve(session, listener, name, max_queue, batching, log_level)
+
+
+def _state_in_cache(family: str) -> bool:
+    from planc.model.cache import family_mixer
+
+    mixer = family_mixer(family)
+    return mixer is None or mixer.state_in_cache
 
 
 def served_name(plan) -> str:
