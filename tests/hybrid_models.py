@@ -22,6 +22,10 @@ SMALL = dict(
 )
 LINEAR = ["linear_attention", "full_attention", "linear_attention", "linear_attention"]
 ZAMBA = ["linear_attention", "hybrid", "linear_attention", "linear_attention", "hybrid", "linear_attention"]
+HYBRID = ["hybrid_sliding", "hybrid", "hybrid_sliding", "hybrid"]
+# Inkling's sliding layers have heads of their own; relative-position logits over a short extent.
+INKLING = dict(sliding_window_size=16, swa_num_attention_heads=4, swa_num_key_value_heads=4, swa_head_dim=8, d_rel=4,
+               rel_extent=32)
 MOE_AFTER_DENSE = dict(first_k_dense_replace=1, n_group=1, topk_group=1, num_key_value_heads=4)
 
 # model_type -> overrides on top of SMALL: the layer pattern and what the family's validators need.
@@ -61,6 +65,28 @@ FAMILIES = {
     "zamba2": dict(layers_block_type=ZAMBA, attention_hidden_size=128, attention_head_dim=32, n_mamba_heads=2,
                    mamba_headdim=64, hybrid_layer_ids=[1, 4], mamba_ngroups=1, num_query_groups=4,
                    num_key_value_heads=4),
+    # ZAYA's CCA: a depthwise and a grouped kernel of different widths (a window of 1 + 2 tokens).
+    "zaya": dict(layer_types=HYBRID, sliding_window=16, router_hidden_size=16, cca_time1=3, num_experts_per_tok=1),
+    "inkling_text": dict(layer_types=HYBRID, mlp_layer_types=["dense", "sparse", "sparse", "sparse"], **INKLING),
+    "inkling2_text": dict(layer_types=HYBRID, n_layers_per_attn_res_block=2, **INKLING),
+    # Image-text-to-text models: the text model shrunk as above, the vision tower to one block.
+    "glm5_next": dict(
+        text_config=dict(layer_types=["linear_attention", "indexed_attention", "linear_attention", "linear_attention"],
+                         mlp_layer_types=["dense", "sparse", "sparse", "sparse"], qk_rope_head_dim=0, index_kpool=4,
+                         num_key_value_heads=4),
+        vision_config=dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=64,
+                           projection_intermediate_size=64),
+    ),
+    "unlimited_ocr": dict(
+        # A window shorter than the prompts: prefill tokens stay, generated ones slide.
+        text_config=dict(layer_types=["reference_sliding_attention"] * 4, mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+                         sliding_window=4),
+        vision_config=dict(
+            sam_config=dict(hidden_size=32, output_channels=16, num_hidden_layers=1, num_attention_heads=2, mlp_dim=64,
+                            global_attn_indexes=[0]),
+            encoder_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+        ),
+    ),
 }
 LAYERS = {"zamba": 6, "zamba2": 6}
 # Zamba2 with two shared blocks used in turn (hybrid layers 1 and 5 share one, 3 and 7 the other)
@@ -87,17 +113,44 @@ def tiny_config(model_type: str) -> dict:
 
     layers = LAYERS.get(model_type, 4)
     config = AutoConfig.for_model(model_type).to_dict()
+    overrides = dict({**FAMILIES, **RECURRENT}[model_type])
+    # A multimodal model's text model is shrunk like a text-only one.
+    text = config.get("text_config") if "text_config" in overrides else config
     for key, value in SMALL.items():
-        if key in config:
-            config[key] = value
+        if key in text:
+            text[key] = value
     for key in ("layer_types", "layers_block_type", "mlp_layer_types", "block_types"):
-        if isinstance(config.get(key), list):
-            config[key] = (config[key] * layers)[:layers]
-    config["num_hidden_layers"] = layers
-    config.update({**FAMILIES, **RECURRENT}[model_type])
+        if isinstance(text.get(key), list):
+            text[key] = (text[key] * layers)[:layers]
+    text["num_hidden_layers"] = layers
+    for key in ("text_config", "vision_config"):
+        if key in overrides:
+            _merge(config[key], overrides.pop(key))
+    config.update(overrides)
     config.pop("transformers_version", None)
     # As save_pretrained writes it: Mamba2-family `time_step_limit: [0.0, Infinity]` as tagged floats.
     return PretrainedConfig._encode_special_floats(config)
+
+
+def _merge(into: dict, overrides: dict) -> None:
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def tiny_model(config_dict: dict, dtype: str):
+    """A random model of a tiny config, as `from_pretrained` holds it: the class planc plans
+    (image-text-to-text where there is no causal LM), the tensors transformers keeps in fp32 in fp32."""
+    import torch
+
+    from planc.model.build import keep_in_fp32, resolve
+
+    config, cls = resolve(config_dict)
+    model = cls._from_config(config, dtype=getattr(torch, dtype))
+    keep_in_fp32(model, dtype)
+    return model.eval()
 
 
 # Mixer families at their real sizes (the class default configs, which are released models'
@@ -113,12 +166,17 @@ AT_SCALE = {
     "jamba": (dict(), 0),  # Mamba1, Jamba
     "lfm2": (dict(layer_types=["conv", "full_attention"], num_hidden_layers=2), 0),
     "minimax": (dict(layer_types=["linear_attention", "full_attention"], num_hidden_layers=2), 0),
+    "zaya": (dict(), 0),  # CCA, ZAYA1-8B
+    "inkling_text": (dict(), 0),  # residual short convolutions: the hidden-wide one
+    "inkling2_text": (dict(layer_types=["hybrid_sliding", "hybrid"]), 1),  # the dynamic key convolution
 }
 
 
 def mixer_prefill_peak(model_type: str, tokens: int, batch: int, dtype: str = "bfloat16") -> tuple[int, object]:
     """(bytes the mixer of one layer allocates over a prefill of batch x tokens under fake tensors,
     the ledger's Mixer for that layer) at the family's real size."""
+    import inspect
+
     import torch
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
@@ -136,7 +194,10 @@ def mixer_prefill_peak(model_type: str, tokens: int, batch: int, dtype: str = "b
     module = type(mixer).module_of(layer, index)
 
     def inputs():
-        hidden = torch.empty(batch, tokens, config.hidden_size, dtype=getattr(torch, dtype))
+        # Inkling's residual convolutions run over their own channels (the keys' and values' for
+        # some), Inkling2's dynamic ones with per-token taps projected from the hidden state.
+        width = type(mixer).convolution_width(module) if hasattr(module, "conv_idx") else config.hidden_size
+        hidden = torch.empty(batch, tokens, width, dtype=getattr(torch, dtype))
         if model_type == "minimax":
             from transformers.models.minimax.modeling_minimax import MiniMaxCache
 
@@ -144,8 +205,14 @@ def mixer_prefill_peak(model_type: str, tokens: int, batch: int, dtype: str = "b
             return (hidden,), {"past_key_values": MiniMaxCache(), "attention_mask": None,
                                "position_embeddings": (rotary, rotary)}
         cache = DynamicCache(config=model.config)
-        keyword = "past_key_values" if "past_key_values" in module.forward.__code__.co_varnames else "cache_params"
-        return (hidden,), {keyword: cache, "attention_mask": None}
+        arguments = inspect.signature(module.forward).parameters
+        if "dynamic_input" in arguments:
+            taps_input = torch.empty(batch, tokens, config.hidden_size, dtype=hidden.dtype)
+            return (hidden, taps_input), {"past_key_values": cache, "conv_mask": None}
+        keyword = "past_key_values" if "past_key_values" in arguments else "cache_params"
+        # No padding: the mixer's mask argument (ZAYA's CCA calls it conv_mask) stays None.
+        mask = "attention_mask" if "attention_mask" in arguments else "conv_mask"
+        return (hidden,), {keyword: cache, mask: None}
 
     return forward_peak(module, inputs), mixer
 
@@ -154,17 +221,18 @@ def build_tiny_hybrid(folder, model_type: str, seed: int = 0, **overrides):
     """Save a tiny random model of one family (config `overrides` on top) with save_pretrained,
     beside the tests' tokenizer."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from conftest import save_tiny_tokenizer
-    from planc.model import make_config
 
     tokenizer = save_tiny_tokenizer(folder)
     config = {**tiny_config(model_type), **overrides}
-    config.update(
+    tokens = dict(
         vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    config.get("text_config", config).update(tokens)
+    if "text_config" in config:
+        config["text_config"].pop("tie_word_embeddings", None)
     torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(make_config(config), dtype=torch.float32).save_pretrained(folder)
+    tiny_model(config, "float32").save_pretrained(folder)
     return folder

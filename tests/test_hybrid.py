@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from hybrid_models import AT_SCALE, FAMILIES, mixer_prefill_peak, tiny_config
+from hybrid_models import AT_SCALE, FAMILIES, mixer_prefill_peak, tiny_config, tiny_model
 from planc.memory import Workload, unit_kv_bytes
 from planc.model import build_model_graph, make_config
 from planc.model.cache import FALLBACK, cache_keyword, held_bytes, layer_tensors
@@ -23,10 +23,9 @@ BATCH, PROMPT, DECODE = 2, 37, 2
 def _run_cache(config_dict: dict, dtype: str):
     """Prefill BATCH x PROMPT tokens, then DECODE single-token steps; the cache after each phase."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(make_config(config_dict), dtype=getattr(torch, dtype)).eval()
+    model = tiny_model(config_dict, dtype)
     ids = torch.randint(0, 100, (BATCH, PROMPT))
     keyword = cache_keyword(model)
     phases = []
@@ -43,7 +42,8 @@ def _run_cache(config_dict: dict, dtype: str):
 # bfloat16 tells the model-dtype conv window from the fp32 recurrent state; float32 once per family.
 CASES = [(model_type, "bfloat16") for model_type in sorted(FAMILIES)] + [
     (model_type, "float32")
-    for model_type in ("qwen3_next", "kimi_linear", "bamba", "jamba", "lfm2", "minimax", "deepseek_v32", "deepseek_v4")
+    for model_type in ("qwen3_next", "kimi_linear", "bamba", "jamba", "lfm2", "minimax", "deepseek_v32", "deepseek_v4",
+                       "zaya", "inkling_text")
 ]
 
 
@@ -102,6 +102,20 @@ SIMULATED = [
     # DeepSeek-V4's hyper-connection head (model.hc_head's own tensors) runs after the layers: it
     # goes with the final norm on the last GPU.
     pytest.param("deepseek_v4", dict(), 2, 1024, "fallback", id="compressed-deepseek-v4"),
+    pytest.param("zaya", dict(layer_types=["hybrid"] * 4), 2, 1024, "fallback", id="cca-zaya"),
+    # Contexts within the sliding windows (512 and 1024): after the decode step every layer holds
+    # what the ledger planned.
+    pytest.param("inkling_text", dict(layer_types=["hybrid_sliding", "hybrid"] * 2, mlp_layer_types=["sparse"] * 4), 2, 512,
+                 "fallback",
+                 id="residual-short-conv-inkling"),
+    pytest.param("inkling2_text", dict(layer_types=["hybrid_sliding", "hybrid"] * 2), 2, 1024, "fallback",
+                 id="residual-short-conv-inkling2"),
+    # Image-text-to-text models: their text model cut to four layers.
+    pytest.param("glm5_next", dict(text_config=dict(layer_types=_LINEAR, mlp_layer_types=["dense"] + ["sparse"] * 3)),
+                 2, 1024, "fallback", id="kimi-delta-and-k-pool-indexer-glm5-next"),
+    pytest.param("unlimited_ocr", dict(text_config=dict(layer_types=["reference_sliding_attention"] * 4,
+                                                        mlp_layer_types=["dense"] + ["sparse"] * 3)),
+                 2, 1024, "fallback", id="reference-sliding-unlimited-ocr"),
     # HY-V4's hc_head too; its layers return (hidden states, top-k) pairs, which the call-order
     # trace must pass through to see the head run after them.
     pytest.param("hy_v4", dict(layer_types=["indexed_attention"] * 4, mlp_layer_types=["dense", "sparse"] * 2),
@@ -119,7 +133,10 @@ def test_simulated_hybrid_plans_agree_with_the_ledger(tmp_path, model_type, over
     from test_simulate import LEDGER_TOLERANCE
 
     config = AutoConfig.for_model(model_type).to_dict()
-    config.update({"num_hidden_layers": 4, **overrides})
+    overrides = dict(overrides)
+    text = config["text_config"] if "text_config" in overrides else config
+    text.update({"num_hidden_layers": 4, **overrides.pop("text_config", {})})
+    config.update(overrides)
     config.pop("transformers_version", None)
     (tmp_path / "config.json").write_text(json.dumps(PretrainedConfig._encode_special_floats(config)))
     (tmp_path / "spec.yaml").write_text(
@@ -146,7 +163,7 @@ def test_simulated_hybrid_plans_agree_with_the_ledger(tmp_path, model_type, over
             assert planned <= held, device
 
 
-@pytest.mark.parametrize("model_type", ["zaya", "inkling_text", "qwen4_exp_text"])
+@pytest.mark.parametrize("model_type", ["qwen4_exp_text"])
 def test_families_planc_does_not_size_are_refused_with_the_reason(model_type):
     """Planning their recurrent state as attention KV would be wrong; each says why, in one line."""
     from transformers import AutoConfig

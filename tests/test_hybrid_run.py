@@ -18,11 +18,16 @@ from planc.run import run_plan
 from test_run import CPU_SPEC, MAX_NEW_TOKENS, PROMPTS, compile_to, plain_transformers_tokens, planc_cli
 
 # Gated DeltaNet, Mamba2 beside attention, pure Mamba2 (its cache passed as cache_params), a short
-# convolution, Falcon-H1's hybrid layers (attention and Mamba2 in one layer), and Zamba / Zamba2,
+# convolution, Falcon-H1's hybrid layers (attention and Mamba2 in one layer), Zamba / Zamba2,
 # whose hybrid layers call a transformer block they share (tied weights; Zamba2 with two blocks
-# used in turn and per-layer adapters); the other families' caches are held to the real ones in
-# test_hybrid.py.
-RUN_FAMILIES = ["qwen3_next", "bamba", "mamba2", "lfm2", "falcon_h1", "zamba", "zamba2_two_blocks"]
+# used in turn and per-layer adapters), ZAYA's and Inkling's attention with convolution states,
+# Kimi delta attention beside GLM-5-Next's k-pool indexer, and Unlimited-OCR's reference sliding
+# window (generated tokens slide past the prompt's); the other families' caches are held to the
+# real ones in test_hybrid.py.
+RUN_FAMILIES = [
+    "qwen3_next", "bamba", "mamba2", "lfm2", "falcon_h1", "zamba", "zamba2_two_blocks", "zaya", "inkling_text",
+    "inkling2_text", "glm5_next", "unlimited_ocr",
+]
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +155,7 @@ def test_kernels_for_a_cpu_only_plan_are_bad_input(hybrid_models, tmp_path):
 
 
 
-@pytest.mark.parametrize("family", ["qwen3_next", "bamba"])
+@pytest.mark.parametrize("family", ["qwen3_next", "bamba", "unlimited_ocr"])
 def test_a_chunked_prefill_carries_the_states_across_chunks(hybrid_models, tmp_path, family):
     """Fallback plans lean on chunked prefill to fit the mixers' transients: each chunk starts from
     the conv window and recurrent state the previous one left, and the tokens are those of an

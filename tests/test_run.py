@@ -55,10 +55,14 @@ def cpu_lock(folder: Path, model: Path, policy: str = "") -> Path:
 def plain_transformers_tokens(model: Path, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
     """What users get without planc: greedy generate in float32 on one left-padded batch."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     tokenizer = AutoTokenizer.from_pretrained(model, padding_side="left")
-    reference = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    # Image-text-to-text models without a causal-LM class (GLM-5-Next, Unlimited-OCR) generate text too.
+    causal = type(AutoConfig.from_pretrained(model)) in MODEL_FOR_CAUSAL_LM_MAPPING
+    auto = AutoModelForCausalLM if causal else AutoModelForImageTextToText
+    reference = auto.from_pretrained(model, dtype=torch.float32)
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     output = reference.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
     rows = output[:, batch["input_ids"].shape[1] :].tolist()

@@ -523,6 +523,49 @@ def _eager_experts_worst_iteration(self, hidden_states, top_k_index, top_k_weigh
     return final_hidden_states
 
 
+def _all_pools_kept(self, packed_states):
+    """GLM-5-Next's k-pool indexer (Glm5NextTextIndexer.get_pooled_states) keeping every pool.
+
+    transformers drops the pools no sequence of the batch can use (`pool_keys[:, keep]`, a boolean
+    index whose size depends on values fake tensors do not have); keeping them all bounds it.
+    """
+    import torch
+
+    keys, gate_scores, valid_keys = torch.split(packed_states, [self.head_dim, self.head_dim, 1], dim=-1)
+    valid_keys = valid_keys.bool().squeeze(-1)
+    batch_size, seq_len = keys.shape[:2]
+    number_of_pools = (seq_len + self.index_kpool - 1) // self.index_kpool
+    first_key = torch.where(
+        valid_keys.any(-1),
+        valid_keys.long().argmax(-1),
+        torch.full((batch_size,), seq_len, dtype=torch.long, device=keys.device),
+    )
+    pool_offsets = torch.arange(number_of_pools * self.index_kpool, device=keys.device)
+    pool_indices = first_key[:, None, None] + pool_offsets.view(1, number_of_pools, self.index_kpool)
+    batch_idx = torch.arange(batch_size, device=keys.device)[:, None, None]
+    safe_indices = pool_indices.clamp(0, seq_len - 1)
+    grouped_keys = keys[batch_idx, safe_indices]
+    grouped_gate_scores = gate_scores[batch_idx, safe_indices]
+    grouped_valid_keys = valid_keys[batch_idx, safe_indices] & (pool_indices < seq_len)
+    pool_valid = grouped_valid_keys.all(-1)
+    pool_indices = pool_indices.masked_fill(~grouped_valid_keys, -1)
+    logits = grouped_gate_scores.float() + self.index_kpool_compress_ape.float()[None, None]
+    logits = logits.masked_fill(~grouped_valid_keys[..., None], float("-inf"))
+    probabilities = torch.nan_to_num(logits.softmax(dim=2)).to(grouped_keys.dtype)
+    pool_keys = (probabilities * grouped_keys).sum(dim=2)
+    return pool_keys, pool_indices, pool_valid
+
+
+def _bound_pooled_indexers(model) -> int:
+    """Run every k-pool indexer's pooling through `_all_pools_kept`; returns how many."""
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "index_kpool") and hasattr(module, "get_pooled_states"):
+            module.get_pooled_states = types.MethodType(_all_pools_kept, module)
+            count += 1
+    return count
+
+
 def _bound_eager_experts(model) -> int:
     """Run every eager experts module through `_eager_experts_worst_iteration`; returns how many."""
     count = 0
@@ -874,6 +917,8 @@ def simulate_plan(
             offloaded = _place(model, plan.device_map, main_device)
             if getattr(model.config, "_experts_implementation", None) == "eager" and _bound_eager_experts(model):
                 notes.append("eager MoE experts: each loop simulated at its worst iteration (one expert, every token)")
+            if _bound_pooled_indexers(model):
+                notes.append("k-pool indexers score every pool (transformers drops the ones no sequence can use)")
             if quantization is not None and simulated_forwards(model, quantization):
                 notes.append(
                     f"{quantization.method} kernels modelled as the memory they allocate (fake tensors cannot run them)"
@@ -1015,6 +1060,7 @@ def _simulate_one_rank(plan: Plan, lock_dir: Path, ranks: int, key: str, backend
     try:
         with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True), tracker:
             _shard_tensor_parallel(model, ranks, key)
+            _bound_pooled_indexers(model)
             if getattr(model.config, "_experts_implementation", None) == "eager" and _bound_eager_experts(model):
                 notes.append("eager MoE experts: each loop simulated at its worst iteration (one expert, every token)")
             handles = _install_collectives(model, ranks)

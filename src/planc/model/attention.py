@@ -1,4 +1,11 @@
-"""Softmax attention layers (full, sliding window, chunked; GQA and MLA): their cache and their transients.
+"""Softmax attention layers (full, sliding window, chunked, reference sliding; GQA and MLA): their cache
+and their transients.
+
+Reference sliding-window attention (Unlimited-OCR's `reference_sliding_attention`,
+`UnlimitedOcrDynamicReferenceSlidingWindowLayer`) keeps every prefill token and a sliding window over
+the generated ones. The prompt's share of `max_seq_len` is not in the workload, and a prompt of at
+least max_seq_len - window tokens keeps the whole context, so the ledger plans it as full attention;
+its mask is always built (the prefill overlay is a mask function).
 
 Cache bytes are as transformers' DynamicCache stores them, verified against real caches in
 tests/test_memory.py; transients are checked against the fake-tensor simulation (planc simulate).
@@ -10,7 +17,9 @@ from planc.model.cache import LayerCache
 from planc.model.config import DTYPE_BYTES, Shapes
 from planc.workload import Workload
 
-LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention", "reference_sliding_attention")
+# Window kinds: the cache keeps at most `sliding_window` tokens (the reference kind keeps the prompt too).
+WINDOWED = ("sliding_attention", "chunked_attention")
 
 
 def kv_bytes_per_token(shapes: Shapes, dtype: str) -> int:
@@ -57,7 +66,7 @@ def dequantized_kv_bytes(shapes: Shapes, workload: Workload, dtype: str, mixer: 
 def layer_cache(layer_type: str, layer_kwargs: dict, shapes: Shapes, dtype: str, layer_module=None) -> LayerCache:
     """The cache of one attention layer of `layer_type` (one of LAYER_TYPES), with what its
     attention module does beyond softmax attention (`layer_module`: the decoder layer on meta)."""
-    window = None if layer_type == "full_attention" else int(layer_kwargs["sliding_window"])
+    window = int(layer_kwargs["sliding_window"]) if layer_type in WINDOWED else None
     return LayerCache(layer_type, kv_bytes_per_token(shapes, dtype), window,
                       dynamic_mask_keep=_dynamic_mask_keep(layer_module))
 
@@ -178,8 +187,12 @@ def mask_bytes(units, workload: Workload, backend: str, dtype: str) -> tuple[int
     attending = [unit.cache for unit in units if unit.kind == "layer" and unit.cache.attention]
     windows = {cache.window for cache in attending}
     # Indexed (sparse) attention always builds its mask: the indexer needs it for causality; so
-    # does dynamic mask attention, which adds its own onto it.
-    forced = any(cache.kind == "indexed_attention" or cache.dynamic_mask_keep for cache in attending)
+    # does reference sliding attention, whose prefill overlay is a mask function, and dynamic mask
+    # attention, which adds its own onto it.
+    forced = any(
+        cache.kind in ("indexed_attention", "reference_sliding_attention") or cache.dynamic_mask_keep
+        for cache in attending
+    )
     chunked = t < full
     sizes = []
     for window in windows:

@@ -125,9 +125,37 @@ def meta_model(
             model = cls._from_config(config, **kwargs)
     except Exception as exc:  # noqa: BLE001 - transformers' constructors fail in many ways on odd configs
         raise _build_error(config_dict, cls.__name__, exc) from None
+    keep_in_fp32(model, dtype)
     if quantization is not None:
         from planc.model.quant import prepare
 
         with init_empty_weights(include_buffers=True), local_torch_dtype(torch_dtype(dtype)):
             prepare(model, quantization, dtype, offloaded)
     return model
+
+
+def keep_in_fp32(model, dtype: str) -> int:
+    """Upcast what `from_pretrained` loads in fp32 whatever the requested half dtype: the tensors its
+    `_keep_in_fp32_modules_strict` names (Inkling's short convolutions, MoE routers' correction
+    biases), matched as transformers matches checkpoint keys (modeling_utils.py `_get_dtype_plan`,
+    core_model_loading.py). `_from_config` builds them in the requested dtype. Returns how many."""
+    import torch
+    from transformers.core_model_loading import build_glob_alternation
+
+    names = sorted(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    if not names or dtype not in ("bfloat16", "float16"):
+        return 0
+    pattern, _, _ = build_glob_alternation(names)
+    upcast = 0
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        for name, parameter in list(module._parameters.items()):
+            if parameter is not None and parameter.is_floating_point() and parameter.dtype != torch.float32 and pattern.search(prefix + name):
+                module._parameters[name] = torch.nn.Parameter(parameter.to(torch.float32), parameter.requires_grad)
+                upcast += 1
+        for name, buffer in list(module._buffers.items()):
+            persistent = name not in module._non_persistent_buffers_set  # only checkpoint tensors are loaded
+            if buffer is not None and persistent and buffer.is_floating_point() and buffer.dtype != torch.float32 and pattern.search(prefix + name):
+                module._buffers[name] = buffer.to(torch.float32)
+                upcast += 1
+    return upcast

@@ -5,15 +5,18 @@ per `config.layer_types` entry (after `remap_legacy_layer_types`: `mamba` -> `li
 `*_sparse_attention` -> `indexed_attention`). Each kind's byte formula lives in the module of its
 mixer; this module maps layer types to them:
 
-- full / sliding / chunked attention: `attention.py` (KV per token, capped by a window);
-- indexed attention (DeepSeek sparse attention): `indexed.py` (KV plus the indexer's keys);
+- full / sliding / chunked attention: `attention.py` (KV per token, capped by a window); also
+  Unlimited-OCR's reference sliding attention (every prefill token plus a window of generated ones);
+- indexed attention (DeepSeek sparse attention): `indexed.py` (KV plus the indexer's keys, or
+  GLM-5-Next's packed k-pool rows);
 - compressed attention (DeepSeek-V4's heavily compressed / compressed sparse attention):
   `compressed.py` (a sliding window plus one compressed entry per few tokens);
 - linear attention, conv and hybrid layers: a fixed-size state per sequence from the layer's
   sequence mixer, one module per family (`delta_rule.py`: gated DeltaNet and Kimi delta
-  attention; `mamba.py`: Mamba1 and Mamba2; `short_conv.py`: LFM2's gated convolution;
-  `lightning.py`: MiniMax's lightning attention; `rg_lru.py`: RecurrentGemma's recurrent blocks),
-  plus the attention KV for `hybrid` layers;
+  attention, GLM-5-Next's too; `mamba.py`: Mamba1 and Mamba2; `short_conv.py`: LFM2's gated
+  convolution and Inkling's residual short convolutions; `lightning.py`: MiniMax's lightning
+  attention; `cca.py`: ZAYA's compressed convolutional attention; `rg_lru.py`: RecurrentGemma's
+  recurrent blocks), plus the attention KV for `hybrid` / `hybrid_sliding` layers;
 - mlp / moe / dummy layers: nothing;
 - models recurrent throughout, whose configs declare no layer types (`Mixer.every_layer`): one
   `recurrent` cache per decoder layer read from the model (`rwkv.py`, `xlstm.py`).
@@ -99,6 +102,7 @@ class LayerCache:
     attention: bool = True  # runs softmax attention over its cached tokens (its transients, its masks)
     indexer_heads: int = 0  # indexed attention: heads of the indexer that scores every cached token
     indexer_head_dim: int = 0
+    indexer_pool: int = 0  # GLM-5-Next's k-pool indexer: scores one pooled key per this many tokens
     # Compressed attention (DeepSeek-V4): one entry of `compressed_bytes` per `compress_rate`
     # tokens, and the projections awaiting compression, which the cache keeps as views of the
     # last step's storage (`buffer_bytes_per_token`).
@@ -151,8 +155,6 @@ class LayerCache:
 # model_type -> why planc does not size it. Each keeps its recurrent state where the cache
 # formulas cannot see it, or in a cache class no formula here describes yet.
 UNSIZED = {
-    "zaya": "ZAYA's hybrid layers keep convolution states of its CCA projection that planc does not size yet",
-    "inkling": "Inkling's hybrid layers keep four fp32 short-convolution states per layer that planc does not size yet",
     "qwen4_exp": "Qwen4-Exp's indexed layers keep block-compressed indexer keys that planc does not size yet",
 }
 
@@ -236,7 +238,7 @@ def layer_caches(
 
 # Modules with the state formulas of each sequence-mixer family; each maps the model types whose
 # layers it describes to its Mixer class (`MIXERS`).
-MIXER_MODULES = ("delta_rule", "mamba", "short_conv", "lightning", "rg_lru", "xlstm", "rwkv")
+MIXER_MODULES = ("delta_rule", "mamba", "short_conv", "lightning", "cca", "rg_lru", "xlstm", "rwkv")
 
 
 def mixer_family(model_type: str) -> type[Mixer] | None:

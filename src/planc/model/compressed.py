@@ -13,7 +13,7 @@ against real caches in tests/test_hybrid.py):
   series);
 - CSA's overlap state: the last window's first series, compress_rate x (head_dim +
   index_head_dim) for kv and gate.
-All in the model dtype.
+All in the model dtype but the overlap's gate, fp32 as the fp32 position bias it adds.
 
 Transients: DeepSeek-V4 runs eager attention with sinks over the window and the compressed
 entries (its attention.py transient with those columns), and CSA's indexer scores every query
@@ -48,7 +48,9 @@ def layer_cache(layer_type: str, config, dtype: str) -> LayerCache:
         layer_type,
         bytes_per_token=head_dim * e,
         window=config.sliding_window,
-        state_bytes=2 * rate * (head_dim + index_dim) * e,
+        # The overlap's kv in the model dtype, its gate in fp32: the gate adds the compressor's
+        # position_bias, which transformers keeps in fp32 (_keep_in_fp32_modules_strict).
+        state_bytes=rate * (head_dim + index_dim) * (e + 4),
         indexer_heads=config.index_n_heads,
         indexer_head_dim=index_dim,
         compress_rate=rate,

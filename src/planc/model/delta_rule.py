@@ -153,4 +153,5 @@ MIXERS: dict[str, type[Mixer]] = {
     "olmo_hybrid": GatedDeltaNet,
     "kimi_linear": KimiDeltaAttention,
     "bailing_hybrid": KimiDeltaAttention,
+    "glm5_next_text": KimiDeltaAttention,  # Glm5NextTextLinearAttention: Kimi's module with a gate lower bound
 }

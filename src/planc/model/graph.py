@@ -499,8 +499,13 @@ def build_model_graph(
     raw_units: list[tuple[str, Any, list[Any]]] = []  # (name, module or None, direct tensors)
 
     def visit(prefix: str, module) -> None:
+        # Children without tensors give nothing to split, and a module kept whole gets accelerate's
+        # hook (Inkling2's final_input: its own `query` and a weightless norm; split, the hook-less
+        # offloaded parameter would never reach the execution device).
         splittable = (
-            prefix not in layer_set and type(module).__name__ not in no_split and any(True for _ in module.children())
+            prefix not in layer_set and type(module).__name__ not in no_split
+            and any(next(child.parameters(), None) is not None or next(child.buffers(), None) is not None
+                    for child in module.children())
         )
         if not splittable:
             raw_units.append((prefix, module, list(module.parameters()) + list(module.buffers())))

@@ -153,7 +153,9 @@ def prepare(model, quantization, dtype: str, offloaded: tuple[str, ...]) -> None
         if isinstance(module, Conv1D):
             in_features, out_features = module.weight.shape
         else:
-            in_features, out_features = module.in_features, module.out_features
+            # int(): a model may build its Linear from 0-d tensors (Inkling's vision folds), which
+            # nn.Linear keeps as its in_features / out_features.
+            in_features, out_features = int(module.in_features), int(module.out_features)
         has_bias = module.bias is not None
         weights = in_features * out_features
         with torch.device("meta"):

@@ -50,7 +50,7 @@ def _features(module) -> tuple[int, int]:
     if isinstance(module, Conv1D):
         in_features, out_features = module.weight.shape
         return in_features, out_features
-    return module.in_features, module.out_features
+    return int(module.in_features), int(module.out_features)  # 0-d tensors in some models (Inkling's vision)
 
 
 def _stand_in_class():
