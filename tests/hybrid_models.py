@@ -236,3 +236,25 @@ def build_tiny_hybrid(folder, model_type: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     tiny_model(config, "float32").save_pretrained(folder)
     return folder
+
+
+def compile_for_a100s(folder, config: dict, gpus: int, seq: int, batch: int = 1, policy: str = ""):
+    """Write `config` (a class default config, edited; special floats as save_pretrained writes
+    them) and a spec for `gpus` A100-80GB, compile it into folder/plan.lock; return the plan."""
+    import json
+
+    from transformers import PretrainedConfig
+
+    from planc.compile import compile_spec
+    from planc.plan import write_if_changed
+
+    config = {key: value for key, value in config.items() if key != "transformers_version"}
+    (folder / "config.json").write_text(json.dumps(PretrainedConfig._encode_special_floats(config)))
+    (folder / "spec.yaml").write_text(
+        f"planc: 1\nmodel: {{config: config.json}}\nhardware: {{gpus: [{{type: a100-sxm4-80gb, count: {gpus}}}], "
+        f"cpu_memory: 64GiB}}\nworkload: {{batch_size: {batch}, max_seq_len: {seq}}}\n"
+        + (f"policy: {{{policy}}}\n" if policy else "")
+    )
+    plan, text = compile_spec(folder / "spec.yaml", folder / "plan.lock")
+    write_if_changed(folder / "plan.lock", text)
+    return plan

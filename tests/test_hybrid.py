@@ -8,11 +8,9 @@ its real size, is held to a fake-tensor execution of the real module.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from hybrid_models import AT_SCALE, FAMILIES, mixer_prefill_peak, tiny_config, tiny_model
+from hybrid_models import AT_SCALE, FAMILIES, compile_for_a100s, mixer_prefill_peak, tiny_config, tiny_model
 from planc.memory import Workload, unit_kv_bytes
 from planc.model import build_model_graph, make_config
 from planc.model.cache import FALLBACK, cache_keyword, held_bytes, layer_tensors
@@ -125,10 +123,9 @@ SIMULATED = [
 
 @pytest.mark.parametrize(("model_type", "overrides", "gpus", "seq", "kernels"), SIMULATED)
 def test_simulated_hybrid_plans_agree_with_the_ledger(tmp_path, model_type, overrides, gpus, seq, kernels):
-    from transformers import AutoConfig, PretrainedConfig
+    from transformers import AutoConfig
 
-    from planc.compile import compile_spec
-    from planc.plan import load_lock, write_if_changed
+    from planc.plan import load_lock
     from planc.simulate import simulate_plan
     from test_simulate import LEDGER_TOLERANCE
 
@@ -137,14 +134,7 @@ def test_simulated_hybrid_plans_agree_with_the_ledger(tmp_path, model_type, over
     text = config["text_config"] if "text_config" in overrides else config
     text.update({"num_hidden_layers": 4, **overrides.pop("text_config", {})})
     config.update(overrides)
-    config.pop("transformers_version", None)
-    (tmp_path / "config.json").write_text(json.dumps(PretrainedConfig._encode_special_floats(config)))
-    (tmp_path / "spec.yaml").write_text(
-        f"planc: 1\nmodel: {{config: config.json}}\nhardware: {{gpus: [{{type: a100-sxm4-80gb, count: {gpus}}}], "
-        f"cpu_memory: 64GiB}}\nworkload: {{batch_size: 1, max_seq_len: {seq}}}\npolicy: {{mixer_kernels: {kernels}}}\n"
-    )
-    plan, text = compile_spec(tmp_path / "spec.yaml", tmp_path / "plan.lock")
-    write_if_changed(tmp_path / "plan.lock", text)
+    plan = compile_for_a100s(tmp_path, config, gpus, seq, policy=f"mixer_kernels: {kernels}")
     assert plan.mixers is None or plan.mixers.path == kernels
     assert len({str(device) for device in plan.device_map.values()}) == gpus  # split, so the ledger is per GPU
 
@@ -253,21 +243,14 @@ TIED_BLOCKS = [
 
 
 def _tied_block_plan(folder, model_type: str, overrides: dict, seq: int):
-    from transformers import AutoConfig, PretrainedConfig
+    from transformers import AutoConfig
 
-    from planc.compile import compile_spec
-    from planc.plan import load_lock, write_if_changed
+    from planc.plan import load_lock
 
     config = AutoConfig.for_model(model_type).to_dict()
     config.update({"num_hidden_layers": len(overrides["layers_block_type"]), **overrides})
     config.pop("transformers_version", None)
-    (folder / "config.json").write_text(json.dumps(PretrainedConfig._encode_special_floats(config)))
-    (folder / "spec.yaml").write_text(
-        "planc: 1\nmodel: {config: config.json}\nhardware: {gpus: [{type: a100-sxm4-80gb, count: 2}], "
-        f"cpu_memory: 64GiB}}\nworkload: {{batch_size: 1, max_seq_len: {seq}}}\n"
-    )
-    _, text = compile_spec(folder / "spec.yaml", folder / "plan.lock")
-    write_if_changed(folder / "plan.lock", text)
+    compile_for_a100s(folder, config, 2, seq)
     return load_lock(folder / "plan.lock"), config
 
 

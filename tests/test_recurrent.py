@@ -9,11 +9,9 @@ widths holds under `planc simulate`, with each device's cache where transformers
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from hybrid_models import RECURRENT, build_tiny_hybrid, tiny_config
+from hybrid_models import RECURRENT, build_tiny_hybrid, compile_for_a100s, tiny_config
 from planc.memory import Workload, unit_kv_bytes
 from planc.model import build_model_graph, make_config
 from planc.model.cache import FALLBACK, cache_keyword, held_bytes, layer_tensors
@@ -170,24 +168,16 @@ SIMULATED = {
 
 @pytest.mark.parametrize("model_type", sorted(SIMULATED))
 def test_a_two_gpu_plan_holds_under_simulation(tmp_path, model_type):
-    from transformers import AutoConfig, PretrainedConfig
+    from transformers import AutoConfig
 
-    from planc.compile import compile_spec
-    from planc.plan import load_lock, write_if_changed
+    from planc.plan import load_lock
     from planc.simulate import simulate_plan
     from test_simulate import LEDGER_TOLERANCE
 
     overrides, seq = SIMULATED[model_type]
     config = AutoConfig.for_model(model_type).to_dict()
     config.update(overrides)
-    config.pop("transformers_version", None)
-    (tmp_path / "config.json").write_text(json.dumps(PretrainedConfig._encode_special_floats(config)))
-    (tmp_path / "spec.yaml").write_text(
-        "planc: 1\nmodel: {config: config.json}\nhardware: {gpus: [{type: a100-sxm4-80gb, count: 2}], "
-        f"cpu_memory: 64GiB}}\nworkload: {{batch_size: 1, max_seq_len: {seq}}}\n"
-    )
-    plan, text = compile_spec(tmp_path / "spec.yaml", tmp_path / "plan.lock")
-    write_if_changed(tmp_path / "plan.lock", text)
+    plan = compile_for_a100s(tmp_path, config, 2, seq)
     layer_devices = {device for name, device in plan.device_map.items() if ".layers." in name or ".blocks." in name}
     assert len({str(device) for device in plan.device_map.values()}) == 2
 

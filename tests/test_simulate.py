@@ -37,14 +37,16 @@ policy: {{offload: {offload}}}
 
 
 def compile_lock(
-    folder: Path, config: str, gpus: str, seq: int, batch: int = 1, offload: str = "none", model: str = ""
+    folder: Path, config, gpus: str, seq: int, batch: int = 1, offload: str = "none", model: str = ""
 ) -> Path:
-    """Compile a spec for `config` (a folder under bench/corpus) into folder/plan.lock.
+    """Compile a spec for `config` (a folder under bench/corpus, or a transformers config object)
+    into folder/plan.lock.
 
     `model`: more model options, e.g. ", quantize: bnb-4bit".
     """
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text((CORPUS / config / "config.json").read_text())
+    text = (CORPUS / config / "config.json").read_text() if isinstance(config, str) else config.to_json_string()
+    (folder / "config.json").write_text(text)
     spec = folder / "spec.yaml"
     spec.write_text(SPEC.format(config="config.json", gpus=gpus, batch=batch, seq=seq, offload=offload, model=model))
     lock = folder / "plan.lock"
@@ -315,13 +317,7 @@ def test_list_indexing_runs_on_virtual_gpus(tmp_path):
         vocab_size=512, hidden_size=256, num_hidden_layers=4, num_attention_heads=8, multi_query=True,
         new_decoder_architecture=False, alibi=False, architectures=["FalconForCausalLM"],
     )
-    tmp_path.mkdir(exist_ok=True)
-    (tmp_path / "config.json").write_text(config.to_json_string())
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(SPEC.format(config="config.json", gpus="{type: t4, count: 2}", batch=2, seq=1024, offload="none", model=""))
-    lock = tmp_path / "plan.lock"
-    _, text = compile_spec(spec, lock)
-    write_if_changed(lock, text)
+    lock = compile_lock(tmp_path, config, "{type: t4, count: 2}", seq=1024, batch=2)
 
     report = simulate(lock)
 
@@ -337,12 +333,7 @@ def test_a_model_without_a_cache_decodes_by_running_the_whole_sequence(tmp_path)
 
     config = OpenAIGPTConfig(vocab_size=512, n_positions=256, n_embd=128, n_layer=4, n_head=4,
                              architectures=["OpenAIGPTLMHeadModel"])
-    (tmp_path / "config.json").write_text(config.to_json_string())
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(SPEC.format(config="config.json", gpus="{type: t4, count: 2}", batch=1, seq=256, offload="none", model=""))
-    lock = tmp_path / "plan.lock"
-    _, text = compile_spec(spec, lock)
-    write_if_changed(lock, text)
+    lock = compile_lock(tmp_path, config, "{type: t4, count: 2}", seq=256)
 
     report = simulate(lock, max_seq_len=254, decode_steps=2)  # 256 positions in all
 

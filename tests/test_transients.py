@@ -6,12 +6,10 @@ ledger was more than 10% below the simulated peak).
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from planc.compile import compile_spec
-from planc.plan import load_lock, write_if_changed
+from hybrid_models import compile_for_a100s
+from planc.plan import load_lock
 from planc.simulate import simulate_plan
 from test_simulate import LEDGER_TOLERANCE
 
@@ -24,19 +22,12 @@ OVER_TOLERANCE = 0.25
 def simulated_errors(folder, model_type: str, overrides: dict, seq: int, gpus: int = 2, batch: int = 1) -> dict:
     """Compile the class default config of `model_type` with `overrides` for `gpus` A100s, simulate
     the plan; per GPU (planned tensors - simulated peak) / simulated peak."""
-    from transformers import AutoConfig, PretrainedConfig
+    from transformers import AutoConfig
 
     config = AutoConfig.for_model(model_type).to_dict()
     for key, value in overrides.items():  # a sub-config's overrides update it
         config[key] = {**config[key], **value} if isinstance(value, dict) else value
-    config.pop("transformers_version", None)
-    (folder / "config.json").write_text(json.dumps(PretrainedConfig._encode_special_floats(config)))
-    (folder / "spec.yaml").write_text(
-        f"planc: 1\nmodel: {{config: config.json}}\nhardware: {{gpus: [{{type: a100-sxm4-80gb, count: {gpus}}}], "
-        f"cpu_memory: 64GiB}}\nworkload: {{batch_size: {batch}, max_seq_len: {seq}}}\n"
-    )
-    plan, text = compile_spec(folder / "spec.yaml", folder / "plan.lock")
-    write_if_changed(folder / "plan.lock", text)
+    plan = compile_for_a100s(folder, config, gpus, seq, batch)
     assert len({str(device) for device in plan.device_map.values()}) == gpus  # split: the ledger is per GPU
     report = simulate_plan(load_lock(folder / "plan.lock"), folder, decode_steps=1)
     assert report.ok, report.error
