@@ -62,6 +62,7 @@ REASONS: list[tuple[str, str]] = [
     ("encoder-decoder model", r"encoder-decoder model"),
     ("encoder LM head without is_decoder", r"is_decoder is false"),
     ("no decoder layer list to place", r"no decoder layers found|parallel lists"),
+    ("blocks without a cache between the decoder layers", r"blocks that keep no cache"),
     ("cache layers do not match decoder layers", r"cache layers for"),
     ("transformers cannot generate with the default config", r"generates only with an attention layer"),
     ("unsupported tie", r"is tied to"),

@@ -480,3 +480,17 @@ def test_blt_generate_fails_where_it_builds_its_cache():
     with pytest.raises(AttributeError, match="no attribute 'num_hidden_layers'"):
         model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False)
     assert not PI0ForConditionalGeneration.can_generate() and not hasattr(PI0ForConditionalGeneration, "generate")
+
+
+def test_blocks_that_keep_no_cache_between_the_layers_are_refused_with_what_they_are():
+    """Idefics runs a gated cross-attention block (no cache) before each decoder layer, from a list
+    of its own: planc says so rather than that the config's cache is miscounted."""
+    from transformers import IdeficsConfig
+
+    from planc.model import build_model_graph
+
+    config = IdeficsConfig(architectures=["IdeficsForVisionText2Text"]).to_dict()
+    config.pop("transformers_version", None)
+    with pytest.raises(ModelError, match=r"64 blocks of 2 kinds \(32 IdeficsDecoderLayer, 32 "
+                                         r"IdeficsGatedCrossAttentionLayer\) for the config's 32 cache layers"):
+        build_model_graph(config, "bfloat16")

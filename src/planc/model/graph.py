@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -486,6 +487,16 @@ def build_model_graph(
         caches = _group_caches(caches, len(layer_names), _cache_owners(model, layer_names))
     per_layer = config_layers if len(config_layers) == len(layer_names) else [shapes] * len(layer_names)
     if len(caches) != len(layer_names):
+        # Several kinds of block in the layer lists, one of them as many as the cache layers
+        # (Idefics' gated cross-attention layers, a list of their own that keeps no cache).
+        kinds = Counter(type(module).__name__ for module in layer_modules)
+        if len(kinds) > 1 and len(caches) in kinds.values():
+            listed = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items()))
+            raise ModelError(
+                f"{architecture}: its layer lists hold {len(layer_names)} blocks of {len(kinds)} kinds ({listed}) "
+                f"for the config's {len(caches)} cache layers: planc does not yet place blocks that keep no cache "
+                "between the decoder layers"
+            )
         raise ModelError(
             f"{architecture}: config describes {len(caches)} cache layers for {len(layer_names)} decoder layers "
             "(transformers' DynamicCache is built from the config's layer count, so generate would fail or the "
