@@ -258,3 +258,14 @@ def compile_for_a100s(folder, config: dict, gpus: int, seq: int, batch: int = 1,
     plan, text = compile_spec(folder / "spec.yaml", folder / "plan.lock")
     write_if_changed(folder / "plan.lock", text)
     return plan
+
+
+def simulate_lock(folder) -> tuple[object, dict]:
+    """`planc simulate` of folder/plan.lock (prefill, one decode step), which must run: the report
+    and, per GPU, (planned tensors - simulated peak) / simulated peak."""
+    from planc.plan import load_lock
+    from planc.simulate import simulate_plan
+
+    report = simulate_plan(load_lock(folder / "plan.lock"), folder, decode_steps=1)
+    assert report.ok, report.error
+    return report, {device.index: round(device.ledger_error, 3) for device in report.devices}

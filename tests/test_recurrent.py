@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from hybrid_models import RECURRENT, build_tiny_hybrid, compile_for_a100s, tiny_config
+from hybrid_models import RECURRENT, build_tiny_hybrid, compile_for_a100s, simulate_lock, tiny_config
 from planc.memory import Workload, unit_kv_bytes
 from planc.model import build_model_graph, make_config
 from planc.model.cache import FALLBACK, cache_keyword, held_bytes, layer_tensors
@@ -170,8 +170,6 @@ SIMULATED = {
 def test_a_two_gpu_plan_holds_under_simulation(tmp_path, model_type):
     from transformers import AutoConfig
 
-    from planc.plan import load_lock
-    from planc.simulate import simulate_plan
     from test_simulate import LEDGER_TOLERANCE
 
     overrides, seq = SIMULATED[model_type]
@@ -181,10 +179,8 @@ def test_a_two_gpu_plan_holds_under_simulation(tmp_path, model_type):
     layer_devices = {device for name, device in plan.device_map.items() if ".layers." in name or ".blocks." in name}
     assert len({str(device) for device in plan.device_map.values()}) == 2
 
-    report = simulate_plan(load_lock(tmp_path / "plan.lock"), tmp_path, decode_steps=1)
+    report, errors = simulate_lock(tmp_path)
 
-    assert report.ok, report.error
-    errors = {device.index: round(device.ledger_error, 3) for device in report.devices}
     assert all(abs(error) <= LEDGER_TOLERANCE for error in errors.values()), errors
     # After the decode step each device holds the ledger's cache for max_seq_len tokens, and one
     # token more of local-attention KV: the states are where the ledger put them, on the layers'

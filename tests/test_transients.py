@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from hybrid_models import compile_for_a100s
-from planc.plan import load_lock
-from planc.simulate import simulate_plan
+from hybrid_models import compile_for_a100s, simulate_lock
 from test_simulate import LEDGER_TOLERANCE
 
 # Short by more than LEDGER_TOLERANCE fails (the plan can run out of memory); so does a ledger a
@@ -29,9 +27,7 @@ def simulated_errors(folder, model_type: str, overrides: dict, seq: int, gpus: i
         config[key] = {**config[key], **value} if isinstance(value, dict) else value
     plan = compile_for_a100s(folder, config, gpus, seq, batch)
     assert len({str(device) for device in plan.device_map.values()}) == gpus  # split: the ledger is per GPU
-    report = simulate_plan(load_lock(folder / "plan.lock"), folder, decode_steps=1)
-    assert report.ok, report.error
-    return {device.index: round(device.ledger_error, 3) for device in report.devices}
+    return simulate_lock(folder)[1]
 
 
 CASES = [

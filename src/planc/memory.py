@@ -154,9 +154,8 @@ def logits_bytes(
 def returned_logits_bytes(graph: ModelGraph, workload: Workload) -> int:
     """What the root module's hook copies to the main device: the head's output (fp32 where xLSTM
     soft-caps it, else the model dtype) and generate's fp32 copy of the last position."""
-    positions = workload.step_tokens if graph.logits_every_position else 1
-    per_logit = 4 if graph.logits_every_position and graph.logits_soft_capped else DTYPE_BYTES[graph.dtype]
-    return workload.batch_size * graph.shapes.vocab_size * (positions * per_logit + 4)
+    upcast = graph.logits_every_position and graph.logits_soft_capped
+    return logits_bytes(graph.shapes, workload, "float32" if upcast else graph.dtype, graph.logits_every_position)
 
 
 def decode_read_bytes(unit: Unit, shapes: Shapes, workload: Workload, offloaded: bool = False) -> int:

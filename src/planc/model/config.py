@@ -8,6 +8,7 @@ from typing import Any
 from planc.errors import ModelError
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+FP32 = DTYPE_BYTES["float32"]  # what recurrent states, scores and upcasts are held in
 
 
 @dataclass(frozen=True)

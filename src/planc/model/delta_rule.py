@@ -23,11 +23,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from planc.model.cache import FALLBACK, Mixer, conv_window
-from planc.model.config import DTYPE_BYTES
+from planc.model.config import DTYPE_BYTES, FP32
 from planc.workload import Workload
 
 CHUNK = 64  # chunk_size of transformers' torch fallbacks and of fla's chunked kernels
-FP32 = 4
 
 
 def _padded(tokens: int) -> int:

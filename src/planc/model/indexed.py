@@ -23,10 +23,8 @@ transient of attention.py.
 from __future__ import annotations
 
 from planc.model.cache import LayerCache
-from planc.model.config import DTYPE_BYTES, Shapes
+from planc.model.config import DTYPE_BYTES, FP32, Shapes
 from planc.workload import Workload
-
-FP32 = 4
 
 
 def _indexer_of(layer_module):

@@ -29,10 +29,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from planc.model.cache import Mixer
-from planc.model.config import DTYPE_BYTES
+from planc.model.config import DTYPE_BYTES, FP32
 from planc.workload import Workload
-
-FP32 = 4
 
 
 @dataclass(frozen=True)

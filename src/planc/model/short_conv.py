@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from planc.model.cache import Mixer, conv_window
-from planc.model.config import DTYPE_BYTES
+from planc.model.config import DTYPE_BYTES, FP32
 from planc.workload import Workload
 
 
@@ -58,9 +58,6 @@ class ShortConv(Mixer):
         b, t = workload.batch_size, workload.step_tokens
         # in_proj (3 rows), B x x, the convolution's output (padded by kernel - 1), the output.
         return b * (6 * t + self.kernel - 1) * self.channels * DTYPE_BYTES[dtype]
-
-
-FP32 = 4
 
 
 @dataclass(frozen=True)
