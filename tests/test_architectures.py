@@ -482,15 +482,159 @@ def test_blt_generate_fails_where_it_builds_its_cache():
     assert not PI0ForConditionalGeneration.can_generate() and not hasattr(PI0ForConditionalGeneration, "generate")
 
 
-def test_blocks_that_keep_no_cache_between_the_layers_are_refused_with_what_they_are():
-    """Idefics runs a gated cross-attention block (no cache) before each decoder layer, from a list
-    of its own: planc says so rather than that the config's cache is miscounted."""
-    from transformers import IdeficsConfig
+# ------------------------------------------------------------------ gated cross-attention (Idefics)
+
+
+def build_tiny_idefics(folder: Path, resampler: bool = True, qk_norms: bool = False) -> Path:
+    """Save a tiny Idefics (a cross-attention block before every other decoder layer) and its processor.
+
+    Images are 32 x 32 pixels in 8-pixel patches: 17 tokens out of the tower, 4 latents out of the
+    resampler. alpha_initializer "ones" opens the gates and initializer_range 0.2 makes the weights
+    large enough that the images change the tokens.
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (
+        IdeficsConfig, IdeficsForVisionText2Text, IdeficsImageProcessorPil, IdeficsProcessor, PreTrainedTokenizerFast,
+    )
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    special = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<fake_token_around_image>"]
+    tokenizer.train_from_iterator(SENTENCES, trainers.BpeTrainer(vocab_size=300, special_tokens=special))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    processor = IdeficsProcessor(image_processor=IdeficsImageProcessorPil(image_size=32), tokenizer=fast, image_size=32)
+    processor.save_pretrained(folder)
+    config = IdeficsConfig(
+        vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        max_position_embeddings=512, cross_layer_interval=2, alpha_initializer="ones", use_resampler=resampler,
+        qk_layer_norms=qk_norms, initializer_range=0.2,
+        vision_config=dict(embed_dim=32, image_size=32, patch_size=8, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2),
+        perceiver_config=dict(use_resampler=resampler, resampler_n_latents=4, resampler_depth=1, resampler_n_heads=2,
+                              resampler_head_dim=8),
+        bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
+        architectures=["IdeficsForVisionText2Text"],
+    )
+    torch.manual_seed(0)
+    IdeficsForVisionText2Text(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_idefics(tmp_path_factory) -> Path:
+    return build_tiny_idefics(tmp_path_factory.mktemp("models") / "tiny-idefics")
+
+
+def test_idefics_chain_holds_each_cross_attention_block_before_the_layer_it_runs_before(tiny_idefics):
+    """The units' order is the real forward's: hooks on the blocks of a real run with an image."""
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, IdeficsForVisionText2Text
 
     from planc.model import build_model_graph
 
-    config = IdeficsConfig(architectures=["IdeficsForVisionText2Text"]).to_dict()
+    graph = build_model_graph(json.loads((tiny_idefics / "config.json").read_text()), "float32")
+    chain = [(unit.kind, unit.name) for unit in graph.units if unit.kind in ("layer", "cross")]
+    assert chain == [
+        ("cross", "model.gated_cross_attn_layers.0"), ("layer", "model.layers.0"), ("layer", "model.layers.1"),
+        ("cross", "model.gated_cross_attn_layers.1"), ("layer", "model.layers.2"), ("layer", "model.layers.3"),
+    ]
+    crosses = [unit for unit in graph.units if unit.kind == "cross"]
+    assert all(unit.cache is None for unit in crosses)
+    assert [unit.layer_index for unit in graph.units if unit.kind == "layer"] == [0, 1, 2, 3]
+    # The tower and the resampler run before the layers, once per prefill over the images.
+    assert all(unit.kind == "pre" and unit.vision for unit in graph.units if ".perceiver_resampler." in unit.name)
+    assert graph.needs_images and graph.parallel.pp_refusal
+
+    model = IdeficsForVisionText2Text.from_pretrained(tiny_idefics, dtype=torch.float32)
+    ran = []
+    for kind, name in chain:
+        model.get_submodule(name).register_forward_pre_hook(lambda _m, _a, name=name: ran.append(name))
+    processor = AutoProcessor.from_pretrained(tiny_idefics)
+    batch = processor(text=["A device map"], images=[[Image.new("RGB", (32, 32))]], return_tensors="pt")
+    model(**batch)
+    assert ran == [name for _, name in chain]
+
+
+def test_idefics_needs_images_and_refuses_text_only_prompts(tiny_idefics, tmp_path):
+    """Its forward raises without pixel values (plain generate from text alone fails), so a plan
+    without images is refused, and so is a text prompt to a plan with them."""
+    import torch
+    from transformers import AutoTokenizer, IdeficsForVisionText2Text
+
+    model = IdeficsForVisionText2Text.from_pretrained(tiny_idefics, dtype=torch.float32)
+    text = AutoTokenizer.from_pretrained(tiny_idefics)(["A device map"], return_tensors="pt")
+    with pytest.raises(ValueError, match="Exactly 1 of pixel_values"):
+        model.generate(**text, max_new_tokens=2, do_sample=False)
+    with pytest.raises(SpecError, match="IdeficsForVisionText2Text generates only from an image"):
+        compile_to(tmp_path, CPU_SPEC.format(model=tiny_idefics, workload=""))
+    lock = compile_to(tmp_path, CPU_SPEC.format(model=tiny_idefics, workload=", images_per_sequence: 1"))
+    with pytest.raises(UsageError, match="generates only from an image .* give each prompt an image"):
+        run_plan(lock, prompts=["A device map"], max_new_tokens=2, quiet=True)
+
+
+def test_idefics_runs_image_prompts_with_the_tokens_of_plain_transformers(tiny_idefics, tmp_path):
+    from PIL import Image
+    from transformers import AutoProcessor, IdeficsForVisionText2Text
+
+    lock = compile_to(tmp_path, CPU_SPEC.format(model=tiny_idefics, workload=", images_per_sequence: 1"))
+    prompts = ["The quick brown fox", "A device map"]
+    outcomes, expected = [], []
+    processor = AutoProcessor.from_pretrained(tiny_idefics)
+    processor.tokenizer.padding_side = "left"
+    for seed in (0, 1):
+        picture = image(tmp_path, seed)
+        outcomes.append([c.token_ids for c in run_plan(lock, prompts=prompts, max_new_tokens=MAX_NEW_TOKENS,
+                                                       images=[picture], quiet=True).completions])
+        rgb = Image.open(picture).convert("RGB")
+        batch = processor(text=prompts, images=[[rgb], [rgb]], return_tensors="pt", padding=True)
+        expected.append(plain_generate(IdeficsForVisionText2Text, tiny_idefics, dict(batch)))
+    assert outcomes == expected
+    assert outcomes[0] != outcomes[1]  # the cross-attention blocks read the image at every step
+
+
+@pytest.mark.parametrize(("resampler", "qk_norms", "images"), [(True, False, 16), (False, False, 8), (True, True, 16)])
+def test_idefics_two_gpu_plan_simulates_within_ten_percent_of_its_ledger(tmp_path, resampler, qk_norms, images):
+    """Each GPU's ledger (cross-attention transients over every image token, the image states and
+    pixels generate keeps, the image mask) against the fake-tensor run of prefill and decode."""
+    from planc.simulate import simulate_plan
+
+    model = build_tiny_idefics(tmp_path / "model", resampler, qk_norms)
+    shutil.copy(model / "config.json", tmp_path / "config.json")
+    workload = f", images_per_sequence: {images}"
+    lock = compile_to(tmp_path, TWO_GPU_SPEC.format(config="config.json", memory="1GiB", workload=workload))
+    plan = load_lock(lock)
+    gpu_of = {name: device for name, device in plan.device_map.items()}
+    assert set(gpu_of.values()) == {0, 1}
+    assert gpu_of["model.gated_cross_attn_layers.0"] == 0 and gpu_of["model.layers.3"] == 1
+    report = simulate_plan(plan, tmp_path, decode_steps=2)
+    assert report.ok, report.error
+    assert any("image states to every decode step" in note for note in report.notes), report.notes
+    for device in report.devices:
+        assert abs(device.ledger_error) <= 0.10, device
+
+
+def test_only_idefics_layout_of_cross_attention_blocks_is_placed():
+    """A layout that is not Idefics' (here its cross-attention list one block short of
+    num_hidden_layers // cross_layer_interval) is not taken for it: the cache-count refusal stands."""
+    from transformers import IdeficsConfig
+
+    from planc.model.build import meta_model
+    from planc.model.gated_cross import gated_cross_of
+    from planc.model.graph import _decoder_layers, _towers
+
+    config = IdeficsConfig(architectures=["IdeficsForVisionText2Text"], num_hidden_layers=4).to_dict()
     config.pop("transformers_version", None)
-    with pytest.raises(ModelError, match=r"64 blocks of 2 kinds \(32 IdeficsDecoderLayer, 32 "
-                                         r"IdeficsGatedCrossAttentionLayer\) for the config's 32 cache layers"):
-        build_model_graph(config, "bfloat16")
+    model = meta_model(config, "bfloat16", False)
+    layers, _ = _decoder_layers(model, set(model._no_split_modules), _towers(model))
+    decoder, found = gated_cross_of(model, layers, 4)
+    assert decoder == [f"model.layers.{i}" for i in range(4)] and found.before == (0, 1, 2, 3)
+    assert gated_cross_of(model, layers, 3) is None  # a cache count that is not the decoder's
+    del model.model.gated_cross_attn_layers[3]
+    assert gated_cross_of(model, layers[:-1], 4) is None

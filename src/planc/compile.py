@@ -694,6 +694,19 @@ def _model_decisions(graph) -> list[Decision]:
                 source="planc.model.vision",
             )
         )
+    if graph.gated_cross is not None:
+        cross = graph.gated_cross
+        out.append(
+            Decision(
+                id="model.gated-cross-attention",
+                decision=f"{len(cross.blocks)} gated cross-attention blocks placed in the chain, each before decoder "
+                f"layer {', '.join(str(i) for i in cross.before[:3])}{', ...' if len(cross.before) > 3 else ''}",
+                reason="IdeficsModel runs a block of gated_cross_attn_layers before every cross_layer_interval-th "
+                "decoder layer; it keeps no cache, so every step (prefill and decode) projects K and V of all the "
+                "image tokens again, and generate keeps the image states and pixel values on the main device",
+                source="planc.model.gated_cross",
+            )
+        )
     return out
 
 

@@ -9,12 +9,14 @@ Terms (per device):
   max_seq_len (`planc.model.cache.LayerCache`: KV per token, capped for sliding windows, plus the
   fixed per-sequence state of linear-attention, state-space, short-conv and recurrent layers);
   where transformers keeps every layer's state on the input device (RWKV, xLSTM), the whole of
-  it with the input embeddings.
+  it with the input embeddings; the image hidden states (and pixel values) generate keeps
+  between steps for Idefics' cross-attention blocks, on the main device with the vision units.
 - activations: the largest transient of one layer's forward (hidden-state copies, then the
   larger of its sequence mixer's transient and its feed-forward's: q/k/v and the attention scores
   when the backend materialises them, an indexer's scores, a linear-attention or SSM mixer's on
   the path the plan assumes (`model/cache.py: MIXER_PATHS`), the MLP or routed-expert
-  intermediates; a vision block's over all images of the batch, `planc.model.vision`), plus one
+  intermediates; a vision block's over all images of the batch, `planc.model.vision`; a gated
+  cross-attention block's over the step and every image token, `planc.model.gated_cross`), plus one
   layer's KV (torch.cat in DynamicCache.update copies the part that grows with tokens each step;
   states are updated in place), plus the logits of the last position on the device holding
   lm_head (generate keeps only the last position and upcasts it to fp32; every position of the
@@ -135,6 +137,22 @@ def layer_activation_bytes(
     return hidden + max(mixer, feed_forward) + quantized
 
 
+def image_states_unit(graph: ModelGraph) -> str | None:
+    """The unit charged with the image states generate keeps for gated cross-attention blocks: the
+    last vision unit, which makes them (before the first layer, so on the main device, where the
+    root module's hook returns them and every step reads them)."""
+    if graph.gated_cross is None:
+        return None
+    return next((unit.name for unit in reversed(graph.units) if unit.vision), None)
+
+
+def main_mask_bytes(graph: ModelGraph, workload: Workload) -> int:
+    """Masks the main device holds through a step beyond the attention masks: Idefics' image mask."""
+    if graph.gated_cross is None or graph.vision is None:
+        return 0
+    return graph.gated_cross.mask_bytes(graph.vision, workload, graph.dtype)
+
+
 def logits_bytes(
     shapes: Shapes, workload: Workload, dtype: str, every_position: bool = False, soft_capped: bool = False
 ) -> int:
@@ -248,22 +266,32 @@ def unit_costs(
     output = {}
     for backend in backend_of:
         per_unit = {}
+        cross = graph.gated_cross
         vision_peak = (
-            vision.transient_bytes(graph.vision, workload, graph.dtype, backend, shapes.hidden_size) if graph.vision else 0
+            vision.transient_bytes(graph.vision, workload, graph.dtype, backend, shapes.hidden_size, cross is not None)
+            if graph.vision else 0
         )
+        if cross is not None and graph.vision is not None:
+            # Then, on the main device before the layers: the resampler, and the image mask's building.
+            vision_peak = max(vision_peak, cross.resampler_transient_bytes(graph.vision, workload, graph.dtype),
+                              cross.mask_building_bytes(graph.vision, workload, graph.dtype, shapes.hidden_size))
+        states_unit = image_states_unit(graph)
         for unit in graph.units:
             is_layer = unit.kind == "layer"
             if is_layer:
                 activation = layer_activation_bytes(
                     graph.shapes_of(unit), unit, workload, graph.dtype, backend, graph.model_type, mixer_path
                 )
+            elif unit.kind == "cross":
+                activation = cross.transient_bytes(shapes, graph.vision, workload, graph.dtype, backend)
             else:
                 activation = vision_peak if unit.vision else 0
             per_unit[unit.name] = UnitCost(
                 weights=unit.weight_bytes,
                 # A layer's cache; the embedding unit's is the state some recurrent models keep
                 # on the input device for every layer (model/graph.py: _state_on_input_device).
-                kv=unit_kv_bytes(unit, workload),
+                kv=unit_kv_bytes(unit, workload)
+                + (cross.kept_bytes(graph.vision, workload, graph.dtype) if unit.name == states_unit else 0),
                 activation=activation,
                 logits=logits_bytes(shapes, workload, graph.dtype, graph.logits_every_position, graph.logits_soft_capped)
                 if unit.name == graph.logits_unit else 0,

@@ -796,19 +796,33 @@ def _initial_cache(plan: Plan, model):
 
 
 def _run_generation(
-    model, batch: int, seq: int, chunk: int | None, decode_steps: int, input_device: str, tracker, cache=None
+    model, batch: int, seq: int, chunk: int | None, decode_steps: int, input_device: str, tracker, cache=None,
+    images: tuple[int, int] | None = None,
 ):
-    """What generate runs: the prefill (whole or chunked) with logits_to_keep=1, then decode steps."""
+    """What generate runs: the prefill (whole or chunked) with logits_to_keep=1, then decode steps.
+
+    `images` (per sequence, pixels per side): a model whose every forward takes the images
+    (Idefics' gated cross-attention, planc.model.gated_cross) gets their pixels in the first
+    step and, as generate carries them, the image states it returned in every later one."""
     import torch
+
+    from planc.model import gated_cross
 
     input_ids = torch.empty(batch, seq, dtype=torch.long, device=input_device)
     mask = torch.ones(batch, seq + decode_steps, dtype=torch.long, device=input_device) if batch > 1 else None
 
     keyword = cache_keyword(model)
+    kept: dict = {}  # what generate keeps between steps besides the cache (model_kwargs)
 
     def step(ids, cache, length: int):
         extra = {"attention_mask": mask[:, :length]} if mask is not None else {}
+        if images and not kept:
+            extra.update(gated_cross.prefill_inputs(model, batch, images[0], images[1], ids.shape[1], input_device))
+        elif images:
+            extra.update(gated_cross.step_inputs(model, kept["states"], batch, images[0], ids.shape[1], input_device))
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{keyword: cache}, **extra)
+        if images:
+            kept["states"] = out.image_hidden_states
         # generate keeps an fp32 copy of the last position's logits to pick the next token.
         next_tokens = torch.argmax(out.logits[:, -1, :].to(copy=True, dtype=torch.float32), dim=-1)
         # A model that updates the cache it is given in place and returns none (RecurrentGemma) keeps
@@ -853,6 +867,17 @@ def _run_vision(model, plan: Plan, input_device: str, tracker) -> str | None:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
         return f"vision tower not simulated from {images} x {channels} x {side} x {side} pixels: {first}"
     return f"vision tower ran over {images} images of {side} x {side} pixels before the prefill"
+
+
+def _images_every_step(model, plan: Plan) -> tuple[int, int] | None:
+    """(images per sequence, pixels per side) for a model whose every forward takes the images
+    (Idefics' gated cross-attention blocks); None for the others."""
+    from planc.model.gated_cross import runs_image_cross_attention
+
+    if not plan.workload.images_per_sequence or not runs_image_cross_attention(model):
+        return None
+    side = plan.workload.image_size or model.config.vision_config.image_size
+    return plan.workload.images_per_sequence, side
 
 
 def _cache_bytes(cache, model) -> dict[str, int]:
@@ -936,11 +961,16 @@ def simulate_plan(
                             "(their per-chunk workspace is not simulated)"
                         )
                     tracker.start_phase()
-                    vision_note = _run_vision(model, plan, main_device, tracker)
+                    images = _images_every_step(model, plan)
+                    vision_note = _run_vision(model, plan, main_device, tracker) if images is None else (
+                        f"{images[0]} images of {images[1]} x {images[1]} pixels per sequence given to the prefill; "
+                        "their image states to every decode step, as generate carries them"
+                    )
                     if vision_note:
                         notes.append(vision_note)
                     cache, prefill_peak, decode_peak = _run_generation(
-                        model, batch, seq, chunk, decode_steps, main_device, tracker, _initial_cache(plan, model)
+                        model, batch, seq, chunk, decode_steps, main_device, tracker, _initial_cache(plan, model),
+                        images,
                     )
                 cache_held = _cache_bytes(cache, model)
                 del cache

@@ -43,6 +43,7 @@ from planc.memory import (
     Load,
     Reserve,
     Workload,
+    main_mask_bytes,
     reserve_bytes,
     returned_logits_bytes,
     unit_costs,
@@ -140,9 +141,12 @@ class _Problem:
 
     def __post_init__(self) -> None:
         self.orders = _orders(self.gpus) if self.gpus else [()]
-        self.masks = {
-            backend: mask_bytes(self.graph.units, self.workload, backend, self.graph.dtype) for backend in self.costs
-        }
+        self.masks = {backend: self._masks(backend) for backend in self.costs}
+
+    def _masks(self, backend: str) -> tuple[int, int]:
+        main, other = mask_bytes(self.graph.units, self.workload, backend, self.graph.dtype)
+        # The main device also holds the image mask of gated cross-attention blocks (Idefics).
+        return main + main_mask_bytes(self.graph, self.workload), other
 
     def cost(self, backend: str, name: str):
         return self.costs[backend][name]

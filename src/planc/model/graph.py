@@ -19,6 +19,7 @@ from planc.errors import ModelError
 from planc.model.build import meta_model
 from planc.model.cache import LayerCache, cache_keyword, layer_caches, refuse_unsized
 from planc.model.config import Shapes, config_value, checkpoint_dtype, known_model_type, layer_shapes, shapes_of, text_config
+from planc.model.gated_cross import GatedCrossAttention, gated_cross_of, runs_image_cross_attention
 from planc.model.vision import Vision, vision_of
 
 if TYPE_CHECKING:
@@ -33,7 +34,9 @@ class Unit:
 
     name: str
     weight_bytes: int
-    kind: str  # "pre" (before the layers), "layer", "post" (after the layers)
+    # "pre" (before the layers), "layer", "cross" (a block between the layers that keeps no cache:
+    # Idefics' gated cross-attention, planc.model.gated_cross), "post" (after the layers)
+    kind: str
     layer_index: int | None = None
     cache: LayerCache | None = None  # what a decoder layer keeps between steps; None for other units
     moe: bool = False
@@ -98,7 +101,8 @@ class ModelGraph:
     vision: Vision | None = None  # the vision tower's numbers, for image-text-to-text models
     position_limit: int | None = None  # positions of a learned position table (GPT-2's wpe): tokens past it fail
     position_table: str = ""  # what holds those positions (a learned table, MPT's ALiBi bias)
-    needs_images: bool = False  # generate requires pixel_values (BLIP, BLIP-2): no text-only prompt runs
+    needs_images: bool = False  # generate requires pixel_values (BLIP, BLIP-2, Idefics): no text-only prompt runs
+    gated_cross: GatedCrossAttention | None = None  # Idefics' cross-attention blocks between the decoder layers
     # The forward takes no logits_to_keep (generate passes it only where the signature has it): the
     # head computes logits for every position of a step, not the last one only.
     logits_every_position: bool = False
@@ -476,7 +480,6 @@ def build_model_graph(
         raise ModelError(
             f"{architecture}: no decoder layers found (no ModuleList of {', '.join(declared) or 'blocks of one class'})"
         )
-    layer_set = set(layer_names)
     # Where no declared no-split block is a decoder layer, each decoder layer is kept whole (as one would be).
     inferred = tuple(sorted({type(model.get_submodule(n)).__name__ for n in layer_names})) if guessed else ()
     no_split = set(declared) | set(inferred)
@@ -486,9 +489,20 @@ def build_model_graph(
     if len(caches) != len(layer_names):
         caches = _group_caches(caches, len(layer_names), _cache_owners(model, layer_names))
     per_layer = config_layers if len(config_layers) == len(layer_names) else [shapes] * len(layer_names)
+    gated = gated_cross_of(model, layer_names, len(caches)) if len(caches) != len(layer_names) else None
+    if gated is not None:
+        # Idefics: the decoder layers keep the caches; its gated cross-attention blocks, a list of
+        # their own, run between them and keep none (placed in the chain below).
+        layer_names, gated_cross = gated
+        layer_modules = [model.get_submodule(name) for name in layer_names]
+        caches = layer_caches(config, shapes, dtype, layer_modules, config_layers, kv_cache)
+        per_layer = config_layers if len(config_layers) == len(layer_names) else [shapes] * len(layer_names)
+    else:
+        gated_cross = None
+    cross_set = set(gated_cross.blocks) if gated_cross else set()
     if len(caches) != len(layer_names):
-        # Several kinds of block in the layer lists, one of them as many as the cache layers
-        # (Idefics' gated cross-attention layers, a list of their own that keeps no cache).
+        # Several kinds of block in the layer lists, one of them as many as the cache layers, in a
+        # layout other than Idefics' (model.gated_cross): a list of their own that keeps no cache.
         kinds = Counter(type(module).__name__ for module in layer_modules)
         if len(kinds) > 1 and len(caches) in kinds.values():
             listed = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items()))
@@ -503,6 +517,7 @@ def build_model_graph(
             "cache would not be what planc sizes)"
         )
     _refuse_cache_without_attention(model, caches)
+    layer_set = set(layer_names)
     output_embeddings = model.get_output_embeddings()
 
     # Tensors are shared when tied; count each once, on the first unit (execution order) that holds it.
@@ -514,7 +529,7 @@ def build_model_graph(
         # hook (Inkling2's final_input: its own `query` and a weightless norm; split, the hook-less
         # offloaded parameter would never reach the execution device).
         splittable = (
-            prefix not in layer_set and type(module).__name__ not in no_split
+            prefix not in layer_set and prefix not in cross_set and type(module).__name__ not in no_split
             and any(next(child.parameters(), None) is not None or next(child.buffers(), None) is not None
                     for child in module.children())
         )
@@ -531,6 +546,12 @@ def build_model_graph(
     layer_prefix = layer_names[0].rsplit(".", 1)[0]
     decoder_prefix = layer_prefix.rsplit(".", 1)[0] if "." in layer_prefix else ""
     vision_towers = tuple(name for name, key in towers.items() if key == "vision_config")
+    # Idefics' perceiver resampler runs over the tower's output before the layers, like the tower.
+    resampler = gated_cross.resampler if gated_cross else None
+
+    def in_resampler(name: str) -> bool:
+        return resampler is not None and (name == resampler or name.startswith(resampler + "."))
+
     text_prefixes = _text_prefixes(model, decoder_prefix, towers)
 
     # Norms outside the layers are taken to run after them, unless there are several or one is named
@@ -539,6 +560,7 @@ def build_model_graph(
     loose_norms = [
         name for name, module, _ in raw_units
         if module is not None and "norm" in type(module).__name__.lower() and not name.startswith(layer_prefix)
+        and name not in cross_set and not in_resampler(name)
         and not any(name == t or name.startswith(t + ".") for t in towers)
     ]
     suspicious = len(loose_norms) > 1 or any("emb" in name.rsplit(".", 1)[-1] for name in loose_norms)
@@ -547,7 +569,8 @@ def build_model_graph(
     unusual = [
         name for name, module, _ in raw_units
         if module is not None and module is not output_embeddings and not name.startswith(layer_prefix)
-        and not isinstance(module, torch.nn.Embedding) and "rotary" not in type(module).__name__.lower()
+        and name not in cross_set and not isinstance(module, torch.nn.Embedding)
+        and "rotary" not in type(module).__name__.lower()
         and "norm" not in type(module).__name__.lower() and not any(name == t or name.startswith(t + ".") for t in towers)
     ]
     # And so do a module's own tensors where that module is not one the layers run inside
@@ -578,7 +601,7 @@ def build_model_graph(
         # defined after its layers and runs before them); otherwise a norm outside the layers is post.
         if module is not None and module is output_embeddings:
             return True
-        in_tower = any(name.startswith(t + ".") or name == t for t in towers)
+        in_tower = any(name.startswith(t + ".") or name == t for t in towers) or in_resampler(name)
         if in_tower or name.startswith(layer_prefix) or (module is None and name not in detached_set):
             return False
         call = call_of(name)
@@ -589,6 +612,7 @@ def build_model_graph(
     tied_groups = tuple(tuple(sorted(group)) for group in find_tied_parameters(model))
     tied_names = {name for group in tied_groups for name in group}
     pre, layers, post = [], [], []
+    crosses: dict[str, Unit] = {}
     layer_index = 0
     for name, module, tensors in raw_units:
         unique = [t for t in tensors if id(t) not in owners]
@@ -611,6 +635,8 @@ def build_model_graph(
                      every_expert=experts > 0 and _runs_every_expert(module), **quant)
             )
             layer_index += 1
+        elif name in cross_set:
+            crosses[name] = Unit(name, weight, "cross", **quant)
         elif is_post(name, module):
             post.append(Unit(name, weight, "post", **quant))
         else:
@@ -619,7 +645,7 @@ def build_model_graph(
             if isinstance(module, torch.nn.Embedding) and f"{name}.weight" not in tied_names:
                 row = module.embedding_dim * module.weight.element_size()
             # The tower's units, and the projector between it and the decoder (a unit outside both).
-            in_vision = any(name == t or name.startswith(t + ".") for t in vision_towers)
+            in_vision = any(name == t or name.startswith(t + ".") for t in vision_towers) or in_resampler(name)
             vision = in_vision or bool(vision_towers) and not any(
                 name == p or name.startswith(p + ".") for p in text_prefixes
             ) and not any(name == t or name.startswith(t + ".") for t in towers)
@@ -628,6 +654,8 @@ def build_model_graph(
         # After the layers, in the order they run (Gemma 3n unembeds its altup streams, then norms).
         post.sort(key=lambda unit: len(calls) if call_of(unit.name) is None else call_of(unit.name))
     pre, layers = _state_on_input_device(model, pre, layers)
+    if gated_cross:
+        layers = _interleave(layers, crosses, gated_cross)
     units = tuple(pre + layers + post)
     all_records = [r for r in (held(m) for m in model.modules()) if r is not None]
     dense_bytes = sum(u.weight_bytes for u in units) + sum(r.dense_bytes - r.quantized_bytes for r in all_records)
@@ -682,12 +710,26 @@ def build_model_graph(
         position_limit=position_limit,
         position_table=position_table,
         needs_images=generates_from_images(model),
+        gated_cross=gated_cross,
         logits_every_position="logits_to_keep" not in inspect.signature(model.forward).parameters,
         head=next((name for name, module, tensors in raw_units if tensors and module is not None
                    and module is output_embeddings), None),
         logits_soft_capped=getattr(text_config(config), "output_logit_soft_cap", None) is not None,
         parallel=parallel,
     )
+
+
+def _interleave(layers: list[Unit], crosses: dict[str, Unit], gated_cross: GatedCrossAttention) -> list[Unit]:
+    """The decoder layers with each gated cross-attention block just before the layer it runs
+    before: the chain in call order, which the solver cuts into contiguous device ranges."""
+    before: dict[int, list[Unit]] = {}
+    for name, index in zip(gated_cross.blocks, gated_cross.before):
+        before.setdefault(index, []).append(crosses[name])
+    chain: list[Unit] = []
+    for layer in layers:
+        chain.extend(before.pop(layer.layer_index, []))
+        chain.append(layer)
+    return chain
 
 
 def _state_on_input_device(model, pre: list[Unit], layers: list[Unit]) -> tuple[list[Unit], list[Unit]]:
@@ -736,14 +778,17 @@ def _text_prefixes(model, decoder_prefix: str, towers: dict[str, str]) -> list[s
 
 def generates_from_images(model) -> bool:
     """Whether the model's generate (or forward) requires pixel_values: BLIP and BLIP-2 generate
-    text from the image's embeddings, so a text-only prompt fails with a TypeError."""
+    text from the image's embeddings, so a text-only prompt fails with a TypeError; Idefics
+    cross-attends to the images at every step, and its forward raises a ValueError without them."""
     import inspect
 
     for method in (model.generate, model.forward):
         parameter = inspect.signature(method).parameters.get("pixel_values")
         if parameter is not None and parameter.default is inspect.Parameter.empty:
             return True
-    return False
+    # Idefics' forward raises without pixel values (or image embeddings): its gated
+    # cross-attention blocks run at every step and need the image states.
+    return runs_image_cross_attention(model)
 
 
 def _quantized_terms(weight: int, records, quantization) -> dict[str, Any]:
@@ -897,6 +942,11 @@ def _pp_units(model) -> tuple[str, str, str]:
 def _pp_refusal(model, layer_prefix: str) -> str | None:
     """transformers' apply_pipeline_parallelism replaces `base_model.layers[i]`, `embed_tokens`, `norm` and
     `lm_head` by name; a model laid out otherwise cannot be split by it."""
+    if runs_image_cross_attention(model):
+        return (
+            "transformers' pipeline split moves the decoder layers by index and knows nothing of the gated "
+            "cross-attention blocks between them, nor of the image states each stage would need"
+        )
     prefix = model.base_model_prefix
     base = getattr(model, prefix, None)
     missing = [

@@ -67,13 +67,17 @@ def vision_of(config, towers: tuple[str, ...]) -> Vision | None:
     return Vision(shapes, int(patch) or 14, int(image_size) if image_size else None, towers)
 
 
-def transient_bytes(vision: Vision, workload: Workload, dtype: str, backend: str, text_hidden: int) -> int:
+def transient_bytes(
+    vision: Vision, workload: Workload, dtype: str, backend: str, text_hidden: int, last_state_only: bool = False
+) -> int:
     """Peak transient bytes of the vision tower's run over all images of the batch (0 without images).
 
     One block's transient, plus what outlives the blocks: the hidden states of every block
     (LLaVA-style models select a layer from `output_hidden_states`, so all of them stay alive until
     the tower returns), and the projector's output and intermediate in the text width. A class token
-    is counted per image (CLIP-style towers add one).
+    is counted per image (CLIP-style towers add one). `last_state_only`: the model takes the tower's
+    last_hidden_state to no projector (Idefics' cross-attention blocks project it themselves), so
+    only the block and its input stay alive.
     """
     images = workload.batch_size * workload.images_per_sequence
     if not images:
@@ -85,6 +89,8 @@ def transient_bytes(vision: Vision, workload: Workload, dtype: str, backend: str
     hidden = 4 * width * vision.shapes.hidden_size
     mixer = attention.transient_bytes(vision.shapes, None, step, dtype, backend)
     block = hidden + max(mixer, mlp.transient_bytes(vision.shapes, False, step, dtype))
+    if last_state_only:
+        return block
     held = (vision.shapes.num_layers + 1) * width * vision.shapes.hidden_size
     projector = 3 * width * text_hidden
     return block + held + projector
