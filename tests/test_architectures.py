@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SENTENCES
-from planc.errors import ModelError, SpecError, UsageError
+from planc.errors import InfeasibleError, ModelError, SpecError, UsageError
 from planc.plan import load_lock
 from planc.run import run_plan
 from test_run import compile_to
@@ -32,6 +32,16 @@ hardware:
   gpus: [{{name: card, memory: {memory}, compute_capability: "8.0", bandwidth: 1000GB/s, count: 2}}]
   cpu_memory: 8GiB
 workload: {{batch_size: 2, max_seq_len: 64{workload}}}
+"""
+
+
+ONE_GPU_LONG_SPEC = """\
+planc: 1
+model: {{config: config.json}}
+hardware:
+  gpus: [{{name: card, memory: {memory}, compute_capability: "8.0", bandwidth: 1000GB/s}}]
+  cpu_memory: 8GiB
+workload: {{batch_size: 4, max_seq_len: 16384{workload}}}
 """
 
 
@@ -78,6 +88,21 @@ def test_vlm_plan_places_the_vision_tower_and_plans_its_peak_per_image(tiny_vlm,
             text_only = plan.memory[0].activations
     # 2 x 4 images of (256 / 8)^2 patches through a CLIP block outweigh the text's 2 x 64 tokens.
     assert with_images > text_only
+
+
+def test_prompts_with_images_prefill_whole(tiny_vlm, tmp_path):
+    # transformers' generate raises on a chunked first step that carries pixel values
+    # ("Chunked prefill cannot split the raw multimodal inputs"): a text plan that needs a chunk
+    # to fit is planned chunked; with images it is refused with what fits, and a spec's chunk is
+    # bad input.
+    shutil.copy(tiny_vlm / "config.json", tmp_path / "config.json")
+    spec = ONE_GPU_LONG_SPEC.format(memory="1GiB", workload="")
+    assert load_lock(compile_to(tmp_path, spec)).generation.prefill_chunk_size == 4096
+    with pytest.raises(InfeasibleError, match="would fit: max_seq_len"):
+        compile_to(tmp_path, ONE_GPU_LONG_SPEC.format(memory="1GiB", workload=", images_per_sequence: 1, image_size: 64"))
+    chunked = ", images_per_sequence: 1, image_size: 64, prefill_chunk_size: 4096"
+    with pytest.raises(SpecError, match="cannot split a prompt's images into prefill chunks"):
+        compile_to(tmp_path, ONE_GPU_LONG_SPEC.format(memory="1GiB", workload=chunked))
 
 
 def test_a_model_that_generates_only_from_an_image_needs_images(tmp_path):

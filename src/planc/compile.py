@@ -63,6 +63,17 @@ class ModelInput:
     config_path: str | None  # relative to the lock
 
 
+def _prefill_chunks(workload, max_seq_len: int | None = None) -> list[int | None]:
+    """The prefill chunks compile may choose from, whole first: the spec's own, or the candidates;
+    only the whole prefill with images, which generate cannot split into chunks (the spec refuses
+    a chunk with images)."""
+    if workload.prefill_chunk_size:
+        return [workload.prefill_chunk_size]
+    if workload.images_per_sequence:
+        return [None]
+    return _chunk_candidates(max_seq_len or workload.max_seq_len)
+
+
 def _chunk_candidates(max_seq_len: int) -> list[int | None]:
     """Whole prefill first, then power-of-two chunks from large to small (largest that fits wins)."""
     chunks: list[int | None] = [None]
@@ -122,8 +133,7 @@ def _fits(graph, inventory, runtime, spec, batch: int, seq: int) -> bool:
     from planc.solver import feasible
 
     levels = _levels(spec.policy.offload, bool(inventory.gpus))
-    chunk = spec.workload.prefill_chunk_size
-    chunks = [chunk] if chunk else _chunk_candidates(seq)[-1:]
+    chunks = _prefill_chunks(spec.workload, seq)[-1:]
     gpus, cpu, disk = _targets(inventory, runtime, spec.policy.headroom, levels[-1])
     return feasible(
         graph, gpus, cpu, disk, _workload(spec, batch, seq, chunks[0]), Reserve.from_policy(spec.policy.reserve),
@@ -484,7 +494,7 @@ def _strategy_plan(spec, inventory, model, packages, disk, builder: _Builder, gr
 
     wl = spec.workload
     reserve = Reserve.from_policy(spec.policy.reserve)
-    chunks = [wl.prefill_chunk_size] if wl.prefill_chunk_size else _chunk_candidates(wl.max_seq_len)
+    chunks = _prefill_chunks(wl)
     candidates = plan_strategies(
         graph, inventory, runtime, spec, [_workload(spec, wl.batch_size, wl.max_seq_len, chunk) for chunk in chunks],
         reserve, lambda: _device_map_candidate(graph, inventory, runtime, spec),
@@ -811,7 +821,7 @@ def _place(graph, inventory: Inventory, runtime, spec: Spec):
     from planc.solver import Placement
 
     wl = spec.workload
-    chunks = [wl.prefill_chunk_size] if wl.prefill_chunk_size else _chunk_candidates(wl.max_seq_len)
+    chunks = _prefill_chunks(wl)
     result = None
     for level in _levels(spec.policy.offload, bool(inventory.gpus)):
         for chunk in chunks:

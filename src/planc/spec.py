@@ -280,7 +280,8 @@ class Workload(_Strict):
     )
     prefill_chunk_size: int | None = Field(
         None, ge=1, le=MAX_SEQ_LEN,
-        description=f"Prefill in chunks of this many tokens (at most {MAX_SEQ_LEN}); unset lets the compiler choose.",
+        description=f"Prefill in chunks of this many tokens (at most {MAX_SEQ_LEN}); unset lets the compiler choose. "
+        "Prompts with images prefill whole: transformers cannot split raw images into chunks.",
     )
     images_per_sequence: int = added(
         0,
@@ -295,6 +296,18 @@ class Workload(_Strict):
         "resize; unset: the vision config's image_size (required for towers that take any resolution).",
         ge=1, le=MAX_IMAGE_SIZE,
     )
+
+    @model_validator(mode="after")
+    def _whole_prefill_with_images(self) -> "Workload":
+        # generate() raises on a chunked first step that carries pixel values ("Chunked prefill
+        # cannot split the raw multimodal inputs", GenerationMixin._prefill in transformers 5.23).
+        if self.images_per_sequence and self.prefill_chunk_size and self.prefill_chunk_size < self.max_seq_len:
+            raise ValueError(
+                f"prefill_chunk_size {self.prefill_chunk_size} with images_per_sequence {self.images_per_sequence}: "
+                "transformers' generate cannot split a prompt's images into prefill chunks; leave prefill_chunk_size "
+                "unset (prompts with images prefill whole)"
+            )
+        return self
 
 
 class RuntimeReserve(_Strict):
