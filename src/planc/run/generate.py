@@ -76,7 +76,11 @@ def load_tokenizer(folder: Path, plan: Plan):
 
 
 def encode(tokenizer, prompts: list[str], plan: Plan, max_new_tokens: int):
-    """The padded batch, refused when a sequence would outgrow the plan's max_seq_len."""
+    """The padded batch, refused when a sequence would outgrow the plan's max_seq_len (an
+    encoder-decoder's prompt: its source_tokens)."""
+    if plan.workload.source_tokens:
+        # The encoder reads the prompt from position 0 (learned position tables count from the left).
+        tokenizer.padding_side = "right"
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     _check_length(batch, plan, max_new_tokens)
     return batch
@@ -145,6 +149,9 @@ def encode_with_images(processor, prompts: list[str], images: list, plan: Plan, 
 
 
 def _check_length(batch, plan: Plan, max_new_tokens: int, what: str = "") -> None:
+    if plan.workload.source_tokens:
+        _check_source_length(batch, plan, max_new_tokens)
+        return
     lengths = batch["attention_mask"].sum(dim=1).tolist()
     # Left padding gives every row the longest prompt's length, and the KV cache holds the padding too.
     longest = batch["input_ids"].shape[1]
@@ -154,6 +161,24 @@ def _check_length(batch, plan: Plan, max_new_tokens: int, what: str = "") -> Non
             f"prompt {which} {what}is {longest} tokens; with max_new_tokens {max_new_tokens} that is "
             f"{longest + max_new_tokens} > the plan's max_seq_len {plan.workload.max_seq_len}; shorten it, lower "
             "--max-new-tokens, or recompile with a larger workload.max_seq_len"
+        )
+
+
+def _check_source_length(batch, plan: Plan, max_new_tokens: int) -> None:
+    """An encoder-decoder's prompt is the encoder's source (workload.source_tokens, padding included);
+    its decoder holds the start token and the generated ones (max_seq_len)."""
+    source = batch["input_ids"].shape[1]
+    if source > plan.workload.source_tokens:
+        raise UsageError(
+            f"the prompt is {source} tokens > the plan's source_tokens {plan.workload.source_tokens} (the encoder's "
+            "activations, its output and the cross-attention caches were planned for that many); shorten it, or "
+            "recompile with a larger workload.source_tokens"
+        )
+    if max_new_tokens + 1 > plan.workload.max_seq_len:
+        raise UsageError(
+            f"max_new_tokens {max_new_tokens} plus the decoder's start token is {max_new_tokens + 1} > the plan's "
+            f"max_seq_len {plan.workload.max_seq_len} (the decoder's tokens); lower --max-new-tokens, or recompile "
+            "with a larger workload.max_seq_len"
         )
 
 
@@ -200,7 +225,10 @@ def generate(
             output = model.generate(**inputs, generation_config=config, streamer=streamer, **(extra or {}))
     except RuntimeError as exc:  # out of memory included: the plan's prediction was wrong here
         raise RunError(f"generate failed: {exc}") from None
-    new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
+    # An encoder-decoder's output is the decoder's tokens from its start token; a decoder-only
+    # model's continues the prompt.
+    skip = 1 if model.config.is_encoder_decoder else inputs["input_ids"].shape[1]
+    new_tokens = output[:, skip:].tolist()
     end = _end_token_ids(config)
     completions = []
     lengths = batch["attention_mask"].sum(dim=1).tolist()

@@ -46,6 +46,19 @@ class Session:
         )
 
         check_batch(self.plan, prompts)
+        if self.plan.workload.source_tokens:
+            encoder = self.model.get_encoder()
+            if getattr(encoder, "main_input_name", "input_ids") != "input_ids":
+                raise UsageError(
+                    f"{type(self.model).__name__}'s encoder reads {encoder.main_input_name}, and planc run feeds an "
+                    "encoder-decoder's encoder the prompt's tokens only: it cannot run this plan yet (load it with "
+                    "the lock's device_map: planc export --to accelerate)"
+                )
+            if images:
+                raise UsageError(
+                    f"{type(self.model).__name__} is an encoder-decoder model whose encoder reads text: --image has "
+                    "nowhere to go"
+                )
         if images:
             if self.processor is None:
                 self.processor = load_processor(self.machine.folder, self.plan)
