@@ -244,3 +244,13 @@ def test_source_tokens_where_the_model_takes_none_or_decides_it_is_bad_input(seq
     assert result.returncode == 2
     assert result.stderr == ("error: workload.source_tokens: this model's encoder reads one image of 197 patch tokens "
                              "(its image size and patch size decide it), not 100; leave source_tokens unset\n")
+
+
+def test_a_source_past_the_encoders_position_table_is_bad_input(seq2seq_models, tmp_path):
+    """The tiny BART's encoder has 128 learned positions: its source may not be longer; unset, the
+    source is max_seq_len, so a longer decoder context is refused unless source_tokens says less."""
+    spec = CPU_SPEC.format(model=seq2seq_models["bart"], workload=", source_tokens: 200")
+    with pytest.raises(SpecError, match="workload.source_tokens 200 exceeds the 128 positions of the encoder's learned "
+                                        "position table"):
+        compile_to(tmp_path, spec)
+    assert not (tmp_path / "plan.lock").exists()

@@ -63,6 +63,7 @@ class Encoder:
     input_bytes_per_token: int = 0
     input_elements_per_token: int = 0
     input_elements_per_image: int = 0
+    position_limit: int | None = None  # positions of the encoder's learned position table (BART's embed_positions)
 
     def source_tokens(self, requested: int | None, max_seq_len: int) -> int:
         """Tokens the encoder reads per sequence for the spec's `workload.source_tokens` (None: unset)."""
@@ -73,9 +74,15 @@ class Encoder:
                     f"(its image size and patch size decide it), not {requested}; leave source_tokens unset"
                 )
             return self.image_tokens
-        if self.source == PATCHES:
-            return requested or self.default_patches
-        return requested or max_seq_len
+        tokens = (requested or self.default_patches) if self.source == PATCHES else (requested or max_seq_len)
+        if self.position_limit is not None and tokens > self.position_limit:
+            given = f"workload.source_tokens {requested}" if requested else f"the source ({tokens} tokens: source_tokens unset)"
+            raise SpecError(
+                f"{given} exceeds the {self.position_limit} positions of the encoder's learned position table: "
+                f"source tokens past it have no position (generate fails there); plan at most {self.position_limit} "
+                "source tokens"
+            )
+        return tokens
 
     def output_bytes(self, batch: int, source_tokens: int, dtype: str) -> int:
         """encoder_outputs.last_hidden_state, which generate keeps for every step."""

@@ -657,6 +657,8 @@ def build_model_graph(
         blocks = sum(1 for name, module, _ in raw_units
                      if module is not None and name.startswith(encoder + ".") and type(module).__name__ in no_split)
         encoder_info = encoder_of(model, blocks)
+        encoder_limit, _ = _position_limit(model, [u.name for u in pre if u.encoder], model.get_submodule(encoder).config)
+        encoder_info = replace(encoder_info, position_limit=encoder_limit)
         pre = _encoder_output_on_last_unit(pre, encoder_info, dtype)
     units = tuple(pre + layers + post)
     all_records = [r for r in (held(m) for m in model.modules()) if r is not None]
