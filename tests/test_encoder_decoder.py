@@ -44,6 +44,46 @@ def build_tiny_seq2seq(folder: Path, model_type: str, seed: int = 0) -> Path:
     return folder
 
 
+def build_tiny_image_seq2seq(folder: Path, model_type: str, seed: int = 0) -> Path:
+    """A tiny random VisionEncoderDecoder (ViT encoder of 32 x 32 images in 8-pixel patches, BERT
+    decoder; TrOCRProcessor) or Pix2Struct (16 patches of 8 x 8; Pix2StructProcessor), saved with
+    their processors."""
+    import torch
+    from transformers import (
+        BertConfig, Pix2StructConfig, Pix2StructForConditionalGeneration, Pix2StructImageProcessor,
+        Pix2StructProcessor, TrOCRProcessor, ViTConfig, ViTImageProcessor, VisionEncoderDecoderConfig,
+        VisionEncoderDecoderModel,
+    )
+
+    fast = save_tiny_tokenizer(folder)
+    if model_type == "vision-encoder-decoder":
+        TrOCRProcessor(image_processor=ViTImageProcessor(size={"height": 32, "width": 32}), tokenizer=fast).save_pretrained(folder)
+        config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(
+            ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64),
+            BertConfig(vocab_size=len(fast), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, max_position_embeddings=64, pad_token_id=fast.pad_token_id),
+        )
+        config.decoder_start_token_id, config.pad_token_id = fast.bos_token_id, fast.pad_token_id
+        config.eos_token_id = fast.eos_token_id
+        cls = VisionEncoderDecoderModel
+    else:
+        image_processor = Pix2StructImageProcessor(patch_size={"height": 8, "width": 8}, max_patches=16)
+        Pix2StructProcessor(image_processor=image_processor, tokenizer=fast).save_pretrained(folder)
+        config = Pix2StructConfig(
+            text_config=dict(vocab_size=len(fast), hidden_size=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                             pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id,
+                             decoder_start_token_id=fast.pad_token_id),
+            vision_config=dict(hidden_size=32, patch_embed_hidden_size=8 * 8 * 3, d_ff=64, d_kv=8, num_hidden_layers=2,
+                               num_attention_heads=4, seq_len=16),
+        )
+        cls = Pix2StructForConditionalGeneration
+    config.architectures = [cls.__name__]
+    torch.manual_seed(seed)
+    cls(config).to(torch.float32).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def seq2seq_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("seq2seq-models")
@@ -191,6 +231,63 @@ def test_a_prompt_longer_than_the_planned_source_is_refused(seq2seq_models, tmp_
     result = planc_cli("run", "plan.lock", "-p", "fox", "--max-new-tokens", "16", cwd=tmp_path)
     assert result.returncode == 2 and "max_new_tokens 16 plus the decoder's start token is 17 > the plan's max_seq_len 16" \
         in result.stderr
+
+
+@pytest.fixture(scope="module")
+def image_seq2seq_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("image-seq2seq-models")
+    return {name: build_tiny_image_seq2seq(root / name, name) for name in ("vision-encoder-decoder", "pix2struct")}
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory) -> Path:
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("image") / "card.png"
+    Image.new("RGB", (40, 30), (200, 30, 90)).save(path)
+    return path
+
+
+def plain_image_seq2seq_tokens(model: Path, image: Path, sequences: int, max_new_tokens: int, **options):
+    """Greedy generate from the image through the folder's image processor, in float32."""
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model)
+    reference = AutoModelForImageTextToText.from_pretrained(model, dtype=torch.float32)
+    with Image.open(image) as picture:
+        inputs = processor.image_processor([picture.convert("RGB")] * sequences, return_tensors="pt", **options)
+    output = reference.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    eos = reference.generation_config.eos_token_id
+    return [row[: row.index(eos) + 1] if eos in row else row for row in output[:, 1:].tolist()]
+
+
+# The ViT's source is its 16 patches and class token; Pix2Struct's the processor's max_patches.
+@pytest.mark.parametrize(("name", "source", "workload", "options"), [
+    ("vision-encoder-decoder", 17, "", {}),
+    ("pix2struct", 16, ", source_tokens: 16", {"max_patches": 16}),
+])
+def test_an_image_encoder_plan_generates_from_the_image_the_tokens_of_plain_transformers(
+    image_seq2seq_models, image_file, tmp_path, name, source, workload, options
+):
+    from planc.plan import load_lock
+    from planc.run import run_plan
+
+    model = image_seq2seq_models[name]
+    lock = compile_to(tmp_path, CPU_SPEC.format(model=model, workload=workload))
+    assert load_lock(lock).workload.source_tokens == source
+
+    outcome = run_plan(lock, prompts=["", ""], images=[image_file], max_new_tokens=MAX_NEW_TOKENS, quiet=True)
+
+    assert outcome.exit_code == 0
+    assert [c.token_ids for c in outcome.completions] == plain_image_seq2seq_tokens(
+        model, image_file, 2, MAX_NEW_TOKENS, **options
+    )
+    with pytest.raises(UsageError, match="encoder reads an image \\(pixel_values|flattened_patches"):
+        run_plan(lock, prompts=[""], max_new_tokens=2, quiet=True)
+    with pytest.raises(UsageError, match="the prompt's text has nowhere to go; pass --prompt ''"):
+        run_plan(lock, prompts=["describe it"], images=[image_file], max_new_tokens=2, quiet=True)
 
 
 # ------------------------------------------------------------------ what planc does not do for them

@@ -91,7 +91,12 @@ def read_images(paths: list[Path], plan: Plan) -> list:
     if not paths:
         return []
     planned = plan.workload.images_per_sequence
-    if len(paths) > planned:
+    if plan.workload.source_tokens and len(paths) > 1:
+        raise UsageError(
+            f"{len(paths)} images per prompt: an encoder-decoder's image encoder reads one image per sequence (its "
+            f"{plan.workload.source_tokens} source tokens); pass one --image"
+        )
+    if len(paths) > planned and not plan.workload.source_tokens:
         raise UsageError(
             f"{len(paths)} images per prompt exceed the plan's images_per_sequence {planned} (the vision tower's "
             "activations were planned for that many); pass fewer, or recompile with a larger "
@@ -145,6 +150,40 @@ def encode_with_images(processor, prompts: list[str], images: list, plan: Plan, 
     except (ValueError, TypeError) as exc:
         raise UsageError(f"the processor refuses the prompt and images: {exc}") from None
     _check_length(batch, plan, max_new_tokens, "with its images ")
+    return batch
+
+
+def encode_source_image(processor, model, prompts: list[str], image, plan: Plan, max_new_tokens: int):
+    """An image encoder's input for every sequence: the image through the processor's image processor
+    (Pix2Struct's at the plan's source_tokens as max_patches), refused where it is not the source the
+    plan sized. The decoder starts from its start token, so a prompt's text has nowhere to go."""
+    import torch
+
+    encoder = model.get_encoder()
+    name = encoder.main_input_name
+    if any(prompt.strip() for prompt in prompts):
+        raise UsageError(
+            f"{type(model).__name__}'s encoder reads only the image and its decoder starts from its start token: the "
+            "prompt's text has nowhere to go; pass --prompt '' (one per sequence) with --image"
+        )
+    options = {"max_patches": plan.workload.source_tokens} if name == "flattened_patches" else {}
+    try:
+        inputs = processor.image_processor([image] * len(prompts), return_tensors="pt", **options)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"the image processor refuses the image: {exc}") from None
+    batch = {name: inputs[name]}
+    if name == "flattened_patches":
+        batch["attention_mask"] = inputs["attention_mask"]
+        source = inputs[name].shape[1]
+    else:
+        side = getattr(encoder.config, "image_size", None)
+        if isinstance(side, int) and tuple(inputs[name].shape[-2:]) != (side, side):
+            raise UsageError(
+                f"the image processor gives {tuple(inputs[name].shape[-2:])} pixels, and the plan sized the encoder for "
+                f"its config's {side} x {side} ({plan.workload.source_tokens} source tokens): fix the processor's size"
+            )
+        source = plan.workload.source_tokens
+    _check_source_length({"input_ids": torch.empty(len(prompts), source)}, plan, max_new_tokens)
     return batch
 
 
@@ -231,7 +270,8 @@ def generate(
     new_tokens = output[:, skip:].tolist()
     end = _end_token_ids(config)
     completions = []
-    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    # An image encoder's sequences have no prompt tokens (the image is the source).
+    lengths = batch["attention_mask"].sum(dim=1).tolist() if "input_ids" in batch else [0] * len(prompts)
     for prompt, prompt_tokens, ids in zip(prompts, lengths, new_tokens):
         stop = next((index + 1 for index, token in enumerate(ids) if token in end), len(ids))
         ids = ids[:stop]
