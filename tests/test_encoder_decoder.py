@@ -351,3 +351,12 @@ def test_a_source_past_the_encoders_position_table_is_bad_input(seq2seq_models, 
                                         "position table"):
         compile_to(tmp_path, spec)
     assert not (tmp_path / "plan.lock").exists()
+
+
+def test_show_names_the_source_tokens(seq2seq_models, tmp_path):
+    from test_run import planc_cli
+
+    compile_to(tmp_path, CPU_SPEC.format(model=seq2seq_models["t5"], workload=", source_tokens: 12"))
+    result = planc_cli("show", "plan.lock", cwd=tmp_path)
+    assert result.returncode == 0
+    assert "batch 2 x 16 tokens (12 source tokens to the encoder)" in " ".join(result.stdout.split())

@@ -9,7 +9,9 @@ plan's skip_keys; tied weights re-tied afterwards, as retie_parameters does). Th
 what `generate` runs: a prefill of batch x max_seq_len tokens (in the plan's chunks, the
 DynamicCache fed from one chunk to the next) with logits_to_keep=1, then single-token decode
 steps; an image-text-to-text plan with images first runs its vision tower over batch x
-images_per_sequence images (`get_image_features`, where the tower takes pixel tensors). A
+images_per_sequence images (`get_image_features`, where the tower takes pixel tensors); an
+encoder-decoder plan runs its encoder over batch x source tokens, then its decoder one token a
+step from a self-attention cache given the context's K/V (`_run_encoder_decoder`). A
 TorchDispatchMode records the storage of every tensor an op produces, per device, and
 drops it when the storage dies: the peak per GPU is what the caching allocator must hold, less
 the CUDA context, workspaces and fragmentation, which fake tensors cannot see (the plan's

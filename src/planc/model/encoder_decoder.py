@@ -36,7 +36,7 @@ IMAGE = "image"  # pixel_values of one fixed-size image: its patches
 PATCHES = "patches"  # Pix2Struct's flattened_patches: up to max_patches patches
 
 # Cross-attention modules of the families transformers ships, by (lower-cased) name or class name.
-CROSS_ATTENTION_MARKS = ("encoder_attn", "encdecattention", "crossattention", "cross_attn", "crossattention")
+CROSS_ATTENTION_MARKS = ("encoder_attn", "encdecattention", "crossattention", "cross_attn")
 KEY_NAMES = ("k_proj", "k", "key")
 VALUE_NAMES = ("v_proj", "v", "value")
 
