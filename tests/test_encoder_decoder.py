@@ -353,10 +353,24 @@ def test_a_source_past_the_encoders_position_table_is_bad_input(seq2seq_models, 
     assert not (tmp_path / "plan.lock").exists()
 
 
-def test_show_names_the_source_tokens(seq2seq_models, tmp_path):
+def test_show_names_the_source_tokens_and_check_finds_the_lock_fresh_until_they_change(seq2seq_models, tmp_path):
     from test_run import planc_cli
 
     compile_to(tmp_path, CPU_SPEC.format(model=seq2seq_models["t5"], workload=", source_tokens: 12"))
     result = planc_cli("show", "plan.lock", cwd=tmp_path)
     assert result.returncode == 0
     assert "batch 2 x 16 tokens (12 source tokens to the encoder)" in " ".join(result.stdout.split())
+    assert planc_cli("-q", "compile", "--check", "spec.yaml", cwd=tmp_path).returncode == 0
+
+    (tmp_path / "spec.yaml").write_text(CPU_SPEC.format(model=seq2seq_models["t5"], workload=", source_tokens: 10"))
+    result = planc_cli("compile", "--check", "spec.yaml", cwd=tmp_path)
+    assert result.returncode == 1 and "workload.source_tokens 12 -> 10" in result.stdout + result.stderr
+
+
+def test_a_quantized_kv_cache_is_refused(seq2seq_models, tmp_path):
+    from planc.errors import ModelError
+
+    spec = CPU_SPEC.format(model=seq2seq_models["bart"], workload="").replace(
+        "model: {path: ", "model: {kv_cache: fp8, path: ")
+    with pytest.raises(ModelError, match="generate builds no QuantizedCache for an encoder-decoder model"):
+        compile_to(tmp_path, spec)
