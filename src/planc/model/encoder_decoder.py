@@ -12,14 +12,19 @@ of the whole source (cache_utils.py: EncoderDecoderCache, `is_updated`), fixed a
 
 What the ledger charges, and where:
 - the encoder's units ("pre" units, `Unit.encoder`) run on the main GPU before the decoder; their
-  peak is one encoder block over batch x source tokens, attending both ways (no causal mask);
-- the encoder output, alive for the whole generation, on the main GPU (the encoder's last unit);
-- per decoder layer, the cross-attention K/V of the source tokens (`LayerCache.bytes_per_source_token`).
+  peak is one encoder block over batch x source tokens, attending both ways (no causal mask), with
+  T5's relative position bias where the encoder has one, and the encoder's inputs;
+- the encoder output, alive for the whole generation, on the main GPU (a `LayerCache` of the
+  encoder's last unit, d_model bytes-wide per source token);
+- per decoder layer, the cross-attention K/V of the source tokens (`LayerCache.bytes_per_source_token`)
+  and the cross-attention's transients; the decoder's steps are one token each
+  (`Workload.step_tokens`), its self-attention cache max_seq_len tokens.
 
 `workload.source_tokens` is the source length: the prompt's tokens for a text encoder (T5, BART),
-unset meaning max_seq_len; for an encoder of fixed-size images (ViT, PP-FormulaNet's) the
-patches of one image, which the image decides (a value is refused); for Pix2Struct's patch list,
-the processor's max_patches (unset: the vision config's seq_len).
+unset meaning max_seq_len; for an encoder of fixed-size images (a ViT) the patches of one image and
+its class token, which the image decides (a value is refused); for Pix2Struct's patch list, the
+processor's max_patches (unset: the vision config's seq_len). Checked against real caches and
+fake-tensor executions in tests/test_encoder_decoder.py.
 """
 
 from __future__ import annotations
@@ -83,10 +88,6 @@ class Encoder:
                 "source tokens"
             )
         return tokens
-
-    def output_bytes(self, batch: int, source_tokens: int, dtype: str) -> int:
-        """encoder_outputs.last_hidden_state, which generate keeps for every step."""
-        return batch * source_tokens * self.output_width * DTYPE_BYTES[dtype]
 
 
 def encoder_path(model) -> str | None:

@@ -770,9 +770,9 @@ def _refuse_short_decoder_cache(model, layers: int) -> None:
 
 
 def _decoder_cache_config(config, layers: int):
-    """The decoder's config as its self-attention DynamicCache sees it, with one cache layer per
-    decoder layer (T5's config counts the encoder's num_layers; DynamicCache appends layers as the
-    decoder's layers update it, cache_utils.py DynamicCache.update)."""
+    """The decoder's config with one cache layer per decoder layer: T5's config counts the encoder's
+    num_layers, and where the decoder has fewer, the cache layers past them stay empty (more are
+    refused by _refuse_short_decoder_cache)."""
     import copy
 
     text = text_config(config)
