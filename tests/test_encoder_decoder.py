@@ -374,3 +374,26 @@ def test_a_quantized_kv_cache_is_refused(seq2seq_models, tmp_path):
         "model: {path: ", "model: {kv_cache: fp8, path: ")
     with pytest.raises(ModelError, match="generate builds no QuantizedCache for an encoder-decoder model"):
         compile_to(tmp_path, spec)
+
+
+@pytest.mark.parametrize(("model_type", "architecture", "overrides", "reason"), [
+    ("florence2", "Florence2ForConditionalGeneration", {}, "whose encoder reads the prompt's tokens and the image's "
+     "(pixel_values beside input_ids): planc plans encoders of text alone or of images alone"),
+    ("udop", "UdopForConditionalGeneration", {}, "whose encoder reads the prompt's tokens and the image's"),
+    ("t5gemma2", "T5Gemma2ForConditionalGeneration", {}, "whose encoder reads the prompt's tokens and the image's"),
+    ("pp_formulanet", "PPFormulaNetForConditionalGeneration", {}, "whose image encoder resamples its patches after "
+     "the patch embedding (neck.conv1, neck.conv2)"),
+    ("t5", "T5ForConditionalGeneration", dict(num_layers=2, num_decoder_layers=3), "its 3 decoder layers update a "
+     "self-attention cache that generate builds with 2 layers"),
+])
+def test_encoder_decoders_planc_cannot_size_are_refused_with_the_reason(model_type, architecture, overrides, reason):
+    from transformers import AutoConfig
+
+    from planc.errors import ModelError
+    from planc.model import build_model_graph
+
+    config = AutoConfig.for_model(model_type).to_dict()
+    config.update(overrides, architectures=[architecture])
+    with pytest.raises(ModelError) as refused:
+        build_model_graph(config, "bfloat16")
+    assert reason in str(refused.value) and "\n" not in str(refused.value)
