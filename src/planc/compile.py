@@ -136,15 +136,28 @@ def _fits(graph, inventory, runtime, spec, batch: int, seq: int) -> bool:
     chunks = _prefill_chunks(spec.workload, seq)[-1:]
     gpus, cpu, disk = _targets(inventory, runtime, spec.policy.headroom, levels[-1])
     return feasible(
-        graph, gpus, cpu, disk, _workload(spec, batch, seq, chunks[0]), Reserve.from_policy(spec.policy.reserve),
+        graph, gpus, cpu, disk, _workload(spec, graph, batch, seq, chunks[0]), Reserve.from_policy(spec.policy.reserve),
         runtime.mixer_path or FALLBACK,
     )
 
 
-def _workload(spec: Spec, batch: int, seq: int, chunk: int | None = None) -> Workload:
-    """The ledger's workload: the spec's images with the given batch, context and prefill chunk."""
+def _workload(spec: Spec, graph, batch: int, seq: int, chunk: int | None = None) -> Workload:
+    """The ledger's workload: the spec's images and source with the given batch, context and prefill chunk."""
     wl = spec.workload
-    return Workload(batch, seq, chunk, wl.images_per_sequence, wl.image_size)
+    return Workload(batch, seq, chunk, wl.images_per_sequence, wl.image_size, _source_tokens(spec, graph))
+
+
+def _source_tokens(spec: Spec, graph) -> int:
+    """The source tokens an encoder-decoder's encoder reads per sequence (0 for decoder-only models)."""
+    wl = spec.workload
+    if graph.encoder is None:
+        if wl.source_tokens is not None:
+            raise SpecError(
+                f"workload.source_tokens is set but {graph.architecture} is no encoder-decoder model: its prompt "
+                "counts within max_seq_len"
+            )
+        return 0
+    return graph.encoder.source_tokens(wl.source_tokens, wl.max_seq_len)
 
 
 def largest_below(predicate: Callable[[int], bool], upper: int) -> int:
@@ -354,6 +367,7 @@ def compile_plan(
     probe = builder.graph(probe_dtype, quantization.with_native(False) if quantization and quantization.origin == "checkpoint" else None)
     builder.facts = _model_facts(probe, quantization.method if quantization else None)
     _check_images(spec, probe)
+    _source_tokens(spec, probe)  # a source_tokens the model cannot take is refused before the search
     limit = getattr(probe, "position_limit", None)
     if limit and spec.workload.max_seq_len > limit:
         raise SpecError(
@@ -378,6 +392,22 @@ def compile_plan(
                 reason=f"planc sizes {what} for one process only: the model's TP plan shards dense tensors, and "
                 "the quantized layouts' per-rank shares are not modelled",
                 source="planc.model.quant; transformers distributed/tensor_parallel.py",
+            )
+            wanted = {"device_map"}
+    if probe.encoder is not None:
+        if spec.policy.parallelism in ("tensor", "pipeline"):
+            raise SpecError(
+                f"policy.parallelism {spec.policy.parallelism}: {probe.architecture} is an encoder-decoder model, and "
+                "planc plans those for one process (an accelerate device_map) only; set policy.parallelism: "
+                "device_map or auto"
+            )
+        if wanted != {"device_map"}:
+            strategy_note = Decision(
+                id="parallel.encoder-decoder-device-map",
+                decision="one process (accelerate device_map); tensor and pipeline parallelism not weighed",
+                reason=f"{probe.architecture} is an encoder-decoder model: transformers' pipeline split moves a "
+                "decoder-only layout, and planc does not size an encoder's or a cross-attention's per-rank shares",
+                source="planc.model.encoder_decoder",
             )
             wanted = {"device_map"}
     if wanted == {"device_map"}:
@@ -496,10 +526,10 @@ def _strategy_plan(spec, inventory, model, packages, disk, builder: _Builder, gr
     reserve = Reserve.from_policy(spec.policy.reserve)
     chunks = _prefill_chunks(wl)
     candidates = plan_strategies(
-        graph, inventory, runtime, spec, [_workload(spec, wl.batch_size, wl.max_seq_len, chunk) for chunk in chunks],
+        graph, inventory, runtime, spec, [_workload(spec, graph, wl.batch_size, wl.max_seq_len, chunk) for chunk in chunks],
         reserve, lambda: _device_map_candidate(graph, inventory, runtime, spec),
     )
-    chosen = choose(candidates, graph, _workload(spec, wl.batch_size, wl.max_seq_len))
+    chosen = choose(candidates, graph, _workload(spec, graph, wl.batch_size, wl.max_seq_len))
     decision = Decision(
         id="parallel.strategy",
         decision=f"{chosen.label}",
@@ -618,7 +648,7 @@ def _assemble_distributed(spec, inventory, model, packages, disk, graph, runtime
                         weight_bytes=graph.weight_bytes),
         devices=devices,
         host=Host(cpu_memory=inventory.cpu_memory, disk=disk),
-        workload=_lock_workload(spec),
+        workload=_lock_workload(spec, graph),
         dtype=runtime.dtype,
         device_map={},
         max_memory={},
@@ -641,15 +671,17 @@ def _assemble_distributed(spec, inventory, model, packages, disk, graph, runtime
     ).sealed()
 
 
-def _lock_workload(spec: Spec) -> LockWorkload:
+def _lock_workload(spec: Spec, graph) -> LockWorkload:
     wl = spec.workload
     return LockWorkload(batch_size=wl.batch_size, max_seq_len=wl.max_seq_len,
-                        images_per_sequence=wl.images_per_sequence, image_size=wl.image_size)
+                        images_per_sequence=wl.images_per_sequence, image_size=wl.image_size,
+                        source_tokens=_source_tokens(spec, graph))
 
 
 def _uses_1_1_fields(spec: Spec, graph, mixers: Mixers | None) -> bool:
     """Whether the plan writes a 1.1 field (model.config_class, workload images, the mixers section)."""
-    return bool(graph.config_class or spec.workload.images_per_sequence or spec.workload.image_size or mixers)
+    return bool(graph.config_class or spec.workload.images_per_sequence or spec.workload.image_size or mixers
+                or graph.encoder is not None)
 
 
 def _check_images(spec: Spec, graph) -> None:
@@ -668,7 +700,7 @@ def _check_images(spec: Spec, graph) -> None:
         raise SpecError(
             f"workload.images_per_sequence is {wl.images_per_sequence} but {graph.architecture} has no vision tower"
         )
-    graph.vision.patches_per_image(_workload(spec, wl.batch_size, wl.max_seq_len))
+    graph.vision.patches_per_image(_workload(spec, graph, wl.batch_size, wl.max_seq_len))
 
 
 def _model_decisions(graph) -> list[Decision]:
@@ -692,6 +724,19 @@ def _model_decisions(graph) -> list[Decision]:
                 reason=f"{graph.architecture} declares no _no_split_modules; planc cuts only between decoder layers "
                 "(accelerate would otherwise split a layer's modules across devices)",
                 source="planc.model.graph",
+            )
+        )
+    if graph.encoder is not None:
+        out.append(
+            Decision(
+                id="model.encoder",
+                decision=f"encoder ({graph.encoder.path}, {graph.encoder.source} source) placed as units ahead of the "
+                "decoder layers, on the main GPU",
+                reason="generate runs the encoder once per prompt and keeps its output (batch x source tokens x "
+                f"{graph.encoder.output_width}) on the input device for every step; each decoder layer keeps the "
+                "source's cross-attention K/V, fixed after the first step",
+                source="planc.model.encoder_decoder; transformers generation/utils.py, cache_utils.py "
+                "EncoderDecoderCache",
             )
         )
     if graph.vision is not None:
@@ -825,7 +870,7 @@ def _place(graph, inventory: Inventory, runtime, spec: Spec):
     result = None
     for level in _levels(spec.policy.offload, bool(inventory.gpus)):
         for chunk in chunks:
-            result = _solve(graph, inventory, runtime, spec, _workload(spec, wl.batch_size, wl.max_seq_len, chunk), level)
+            result = _solve(graph, inventory, runtime, spec, _workload(spec, graph, wl.batch_size, wl.max_seq_len, chunk), level)
             if isinstance(result, Placement):
                 return result, chunk, None
     return None, None, result
@@ -963,7 +1008,7 @@ def _assemble(spec, inventory, model: ModelInput, packages, disk, graph, runtime
             for g in inventory.gpus
         ],
         host=Host(cpu_memory=inventory.cpu_memory, disk=disk),
-        workload=_lock_workload(spec),
+        workload=_lock_workload(spec, graph),
         dtype=runtime.dtype,
         quantization=_quantization_section(graph, runtime, placement),
         device_map=dict(placement.device_of),
@@ -1133,6 +1178,8 @@ def _spec_changes(spec: Spec, plan: Plan) -> list[str]:
         changes.append(f"workload.batch_size {plan.workload.batch_size} -> {spec.workload.batch_size}")
     if spec.workload.max_seq_len != plan.workload.max_seq_len:
         changes.append(f"workload.max_seq_len {plan.workload.max_seq_len} -> {spec.workload.max_seq_len}")
+    if spec.workload.source_tokens is not None and spec.workload.source_tokens != plan.workload.source_tokens:
+        changes.append(f"workload.source_tokens {plan.workload.source_tokens} -> {spec.workload.source_tokens}")
     for name in ("images_per_sequence", "image_size"):
         before, after = getattr(plan.workload, name), getattr(spec.workload, name)
         if before != after:

@@ -10,13 +10,17 @@ Terms (per device):
   fixed per-sequence state of linear-attention, state-space, short-conv and recurrent layers);
   where transformers keeps every layer's state on the input device (RWKV, xLSTM), the whole of
   it with the input embeddings; the image hidden states (and pixel values) generate keeps
-  between steps for Idefics' cross-attention blocks, on the main device with the vision units.
+  between steps for Idefics' cross-attention blocks, on the main device with the vision units;
+  an encoder-decoder's cross-attention K/V of the source tokens per decoder layer, and its
+  encoder output (kept for every step) with the encoder's last unit.
 - activations: the largest transient of one layer's forward (hidden-state copies, then the
   larger of its sequence mixer's transient and its feed-forward's: q/k/v and the attention scores
   when the backend materialises them, an indexer's scores, a linear-attention or SSM mixer's on
   the path the plan assumes (`model/cache.py: MIXER_PATHS`), the MLP or routed-expert
   intermediates; a vision block's over all images of the batch, `planc.model.vision`; a gated
-  cross-attention block's over the step and every image token, `planc.model.gated_cross`), plus one
+  cross-attention block's over the step and every image token, `planc.model.gated_cross`; an
+  encoder-decoder's encoder block over the source tokens and a decoder layer's cross-attention,
+  `planc.model.encoder_decoder`), plus one
   layer's KV (torch.cat in DynamicCache.update copies the part that grows with tokens each step;
   states are updated in place), plus the logits of the last position on the device holding
   lm_head (generate keeps only the last position and upcasts it to fp32; every position of the
@@ -30,7 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planc.model import attention, indexed, mlp, vision
+from planc.model import attention, encoder_decoder, indexed, mlp, vision
 from planc.model.cache import FALLBACK
 from planc.model.config import DTYPE_BYTES, Shapes
 from planc.model.graph import ModelGraph, Unit
@@ -95,6 +99,9 @@ def mixer_activation_bytes(
     cache = unit.cache
     attends = cache is None or cache.attention
     mixing = attention.transient_bytes(shapes, cache, workload, dtype, backend) if attends else 0
+    if cache is not None and cache.bytes_per_source_token:
+        # An encoder-decoder's layer cross-attends after its self-attention (they do not overlap).
+        mixing = max(mixing, encoder_decoder.cross_attention_transient_bytes(shapes, cache, workload, dtype, backend))
     if cache is not None and cache.indexer_heads:
         mixing += indexed.indexer_transient_bytes(cache, shapes, workload, dtype)
     if cache is not None and cache.mixer is not None:
@@ -276,6 +283,9 @@ def unit_costs(
             vision_peak = max(vision_peak, cross.resampler_transient_bytes(graph.vision, workload, graph.dtype),
                               cross.mask_building_bytes(graph.vision, workload, graph.dtype, shapes.hidden_size))
         states_unit = image_states_unit(graph)
+        encoder_peak = (
+            encoder_decoder.transient_bytes(graph.encoder, workload, graph.dtype, backend) if graph.encoder else 0
+        )
         for unit in graph.units:
             is_layer = unit.kind == "layer"
             if is_layer:
@@ -284,6 +294,8 @@ def unit_costs(
                 )
             elif unit.kind == "cross":
                 activation = cross.transient_bytes(shapes, graph.vision, workload, graph.dtype, backend)
+            elif unit.encoder:
+                activation = encoder_peak
             else:
                 activation = vision_peak if unit.vision else 0
             per_unit[unit.name] = UnitCost(

@@ -156,6 +156,11 @@ class Workload(_Lock):
     image_size: int | None = optional(
         "Image side in pixels the vision peak was planned at; unset: the config's.", ge=1, le=MAX_IMAGE_SIZE
     )
+    source_tokens: int = optional(
+        "Encoder-decoder models: source tokens per sequence the encoder, its output and the cross-attention "
+        "caches were planned for (max_seq_len then counts the decoder's tokens); 0 for decoder-only models.",
+        0, ge=0, le=MAX_SEQ_LEN,
+    )
 
 
 class Attention(_Lock):

@@ -115,10 +115,11 @@ def show_plan(plan: Plan, console: Console | None = None) -> None:
     console = console or _console()
     wl = plan.workload
     quantized = f" with {plan.quantization.method} weights ({plan.quantization.weights})" if plan.quantization else ""
+    source = f" ({wl.source_tokens} source tokens to the encoder)" if wl.source_tokens else ""
     console.print(Text.assemble(
         (plan.model.architecture, "bold"),
         f" {plan.model.parameters / 1e9:.2f}B params, {plan.dtype}{quantized}, "
-        f"batch {wl.batch_size} x {wl.max_seq_len} tokens; objective {plan.objective.name}: "
+        f"batch {wl.batch_size} x {wl.max_seq_len} tokens{source}; objective {plan.objective.name}: "
         f"{plan.objective.decode_ms_per_token:.2f} ms/token predicted, peak utilisation "
         f"{plan.objective.peak_utilisation:.0%}",
     ))

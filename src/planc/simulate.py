@@ -9,7 +9,9 @@ plan's skip_keys; tied weights re-tied afterwards, as retie_parameters does). Th
 what `generate` runs: a prefill of batch x max_seq_len tokens (in the plan's chunks, the
 DynamicCache fed from one chunk to the next) with logits_to_keep=1, then single-token decode
 steps; an image-text-to-text plan with images first runs its vision tower over batch x
-images_per_sequence images (`get_image_features`, where the tower takes pixel tensors). A
+images_per_sequence images (`get_image_features`, where the tower takes pixel tensors); an
+encoder-decoder plan runs its encoder over batch x source tokens, then its decoder one token a
+step from a self-attention cache given the context's K/V (`_run_encoder_decoder`). A
 TorchDispatchMode records the storage of every tensor an op produces, per device, and
 drops it when the storage dies: the peak per GPU is what the caching allocator must hold, less
 the CUDA context, workspaces and fragmentation, which fake tensors cannot see (the plan's
@@ -847,6 +849,90 @@ def _run_generation(
     return cache, prefill_peak, dict(tracker.phase_peak)
 
 
+def _encoder_inputs(model, encoder, batch: int, source: int, input_device: str) -> dict:
+    """What generate hands an encoder-decoder's encoder: the prompt's ids (with a padding mask for a
+    batch), one image's pixels, or Pix2Struct's patch list with its mask."""
+    import torch
+
+    name = encoder.main_input_name
+    config = encoder.config
+    if name == "pixel_values":
+        side = config.image_size if isinstance(config.image_size, int) else max(config.image_size)
+        channels = getattr(config, "num_channels", 3)
+        return {name: torch.empty(batch, channels, side, side, dtype=model.dtype, device=input_device)}
+    mask = torch.ones(batch, source, dtype=torch.long, device=input_device)
+    if name == "flattened_patches":
+        width = config.patch_embed_hidden_size + 2  # row and column indices, then the patch's pixels
+        return {name: torch.empty(batch, source, width, dtype=model.dtype, device=input_device), "attention_mask": mask}
+    inputs = {name: torch.empty(batch, source, dtype=torch.long, device=input_device)}
+    return {**inputs, "attention_mask": mask} if batch > 1 else inputs
+
+
+def _run_encoder_decoder(model, plan: Plan, batch: int, seq: int, decode_steps: int, input_device: str, tracker):
+    """What generate runs for an encoder-decoder model: the encoder once over the source (its hook
+    returning the output to the input device, as `_prepare_text_encoder_decoder_kwargs_for_generation`
+    sets it), then the decoder one token a step over an EncoderDecoderCache, from its start token.
+
+    Stepping the decoder through `seq` tokens one at a time would take a forward per token; instead
+    its self-attention cache is given the `seq - 1` tokens' K/V those steps would have stored (each
+    layer's, on its device, in the shapes its first step shows), and the first step then runs at the
+    full context, filling the cross-attention cache, before `decode_steps` more steps. Returns
+    (cache, encoder output, peak of the encoder and the first step, peak of the decode steps).
+    """
+    import inspect
+
+    import torch
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    encoder = model.get_encoder()
+    if hasattr(encoder, "_hf_hook"):
+        encoder._hf_hook.io_same_device = True
+    else:
+        add_hook_to_module(encoder, AlignDevicesHook(io_same_device=True))
+    inputs = _encoder_inputs(model, encoder, batch, plan.workload.source_tokens, input_device)
+    decoder_config = model.config.get_text_config(decoder=True)
+    extra = {"attention_mask": inputs["attention_mask"]} if "attention_mask" in inputs else {}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        extra["logits_to_keep"] = 1
+
+    def fresh_cache():
+        return EncoderDecoderCache(DynamicCache(config=decoder_config), DynamicCache(config=decoder_config))
+
+    def step(ids, cache, encoder_outputs):
+        out = model(decoder_input_ids=ids, encoder_outputs=encoder_outputs, past_key_values=cache, use_cache=True,
+                    **extra)
+        next_tokens = torch.argmax(out.logits[:, -1, :].to(copy=True, dtype=torch.float32), dim=-1)
+        return next_tokens, out.past_key_values
+
+    start = torch.zeros(batch, 1, dtype=torch.long, device=input_device)
+    tracker.start_phase()
+    encoder_outputs = encoder(**inputs, return_dict=True)
+    cache = fresh_cache()
+    if seq > 1:
+        tracker.paused += 1  # a scratch step, for the shapes and devices of each layer's K/V
+        try:
+            scratch = fresh_cache()
+            step(start, scratch, encoder_outputs)
+            shapes = [(layer.keys.shape, layer.values.shape, layer.keys.dtype, layer.keys.device)
+                      for layer in scratch.self_attention_cache.layers]
+            del scratch
+        finally:
+            tracker.paused -= 1
+        for index, (keys, values, dtype, device) in enumerate(shapes):
+            cache.self_attention_cache.update(
+                torch.empty(*keys[:-2], seq - 1, keys[-1], dtype=dtype, device=device),
+                torch.empty(*values[:-2], seq - 1, values[-1], dtype=dtype, device=device),
+                index,
+            )
+    next_tokens, cache = step(start, cache, encoder_outputs)
+    prefill_peak = dict(tracker.phase_peak)
+    tracker.start_phase()
+    for _ in range(decode_steps):
+        next_tokens, cache = step(next_tokens[:, None], cache, encoder_outputs)
+    return cache, encoder_outputs.last_hidden_state, prefill_peak, dict(tracker.phase_peak)
+
+
 def _run_vision(model, plan: Plan, input_device: str, tracker) -> str | None:
     """The vision tower over every image of the batch, as the prefill runs it first; a note when it
     cannot be driven from the config alone (towers taking patch lists and grids rather than images)."""
@@ -968,12 +1054,22 @@ def simulate_plan(
                     )
                     if vision_note:
                         notes.append(vision_note)
-                    cache, prefill_peak, decode_peak = _run_generation(
-                        model, batch, seq, chunk, decode_steps, main_device, tracker, _initial_cache(plan, model),
-                        images,
-                    )
+                    if getattr(model.config, "is_encoder_decoder", False):
+                        cache, encoded, prefill_peak, decode_peak = _run_encoder_decoder(
+                            model, plan, batch, seq, decode_steps, main_device, tracker
+                        )
+                        notes.append(f"encoder ran over {plan.workload.source_tokens} source tokens per sequence")
+                    else:
+                        cache, prefill_peak, decode_peak = _run_generation(
+                            model, batch, seq, chunk, decode_steps, main_device, tracker, _initial_cache(plan, model),
+                            images,
+                        )
+                        encoded = None
                 cache_held = _cache_bytes(cache, model)
-                del cache
+                if encoded is not None:
+                    # generate keeps the encoder output for every step: the ledger's cache term holds it.
+                    cache_held[str(encoded.device)] = cache_held.get(str(encoded.device), 0) + encoded.untyped_storage().nbytes()
+                del cache, encoded
             except Exception as exc:  # noqa: BLE001 - any failure of the run is the plan's finding
                 error = _execution_error(exc, stack.innermost())
     finally:

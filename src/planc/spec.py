@@ -296,6 +296,16 @@ class Workload(_Strict):
         "resize; unset: the vision config's image_size (required for towers that take any resolution).",
         ge=1, le=MAX_IMAGE_SIZE,
     )
+    source_tokens: int | None = added(
+        None,
+        f"Encoder-decoder models (T5, BART, Pix2Struct, VisionEncoderDecoder): tokens the encoder reads per "
+        f"sequence (at most {MAX_SEQ_LEN}), whose output and cross-attention K/V the decoder keeps for every step. "
+        "A text encoder's: the prompt's tokens (unset: max_seq_len); Pix2Struct's: the processor's max_patches "
+        "(unset: the vision config's seq_len); an encoder of fixed-size images takes one token per patch, which "
+        "the image decides (leave it unset). max_seq_len then counts the decoder's tokens: its start token plus "
+        "the generated ones.",
+        ge=1, le=MAX_SEQ_LEN,
+    )
 
     @model_validator(mode="after")
     def _whole_prefill_with_images(self) -> "Workload":

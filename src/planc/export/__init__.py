@@ -50,6 +50,12 @@ def export_plan(
         raise SpecError(f"--to {target} writes {', '.join(chosen.formats)}, not {fmt!r}")
     lock_path = Path(lock_path)
     plan = load_lock(lock_path)
+    if fmt == "python" and target != "vllm" and plan.workload.source_tokens:
+        raise SpecError(
+            f"--format python writes a decoder-only generate() (it continues the prompt), and "
+            f"{plan.model.architecture} is an encoder-decoder model: export --format json or yaml for its loader "
+            "arguments, or generate with planc run"
+        )
     context = ExportContext(
         plan=plan, lock_path=lock_path, output_dir=Path(output).parent if output else Path("."), model=model,
         output_name=Path(output).name if output else None,

@@ -99,6 +99,12 @@ def vllm_export(plan: Plan, lock_dir: Path, model: str | None, revision: str | N
     parallel = plan.parallel
     env = dict(plan.env)
     notes: list[str] = []
+    if plan.workload.source_tokens:
+        raise ExportError(
+            f"{plan.model.architecture} is an encoder-decoder model, and planc's vLLM export writes decoder-only "
+            "deployments (its layer split and KV sizes have no encoder or cross-attention cache): export to "
+            "transformers or accelerate"
+        )
     if "disk" in plan.device_map.values():
         raise ExportError("the plan offloads layers to disk; vLLM offloads to CPU memory only (cpu-offload-gb)")
     if plan.distributed:

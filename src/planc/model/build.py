@@ -28,20 +28,23 @@ def torch_dtype(name: str):
 
 
 def generative_class_names() -> frozenset[str]:
-    """Classes transformers maps as causal LMs or image-text-to-text models."""
+    """Classes transformers maps as causal LMs, image-text-to-text or text-to-text (seq2seq) models."""
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
     )
 
-    return frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) | frozenset(
-        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values()
+    return (
+        frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+        | frozenset(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values())
+        | frozenset(MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES.values())
     )
 
 
 def model_class(config, config_dict: dict[str, Any]):
     """The generative class for `config`: `architectures[0]` when shipped, else the auto classes' pick."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSeq2SeqLM
 
     architectures = config_dict.get("architectures") or []
     named = architectures[0] if architectures else None
@@ -49,7 +52,7 @@ def model_class(config, config_dict: dict[str, Any]):
         cls = shipped_class(named)
         if cls is not None:
             return cls
-    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSeq2SeqLM):
         try:
             return auto._model_mapping[type(config)]
         except KeyError:
@@ -58,7 +61,7 @@ def model_class(config, config_dict: dict[str, Any]):
             raise _build_error(config_dict, auto.__name__, exc) from None
     named_text = f" (architectures names {named}, which is not one)" if named else ""
     raise ModelError(
-        f"transformers has no causal-LM or image-text-to-text class for model_type {config_dict.get('model_type')!r}"
+        f"transformers has no causal-LM or image-text-to-text class (nor a seq2seq one) for model_type {config_dict.get('model_type')!r}"
         f"{named_text}: planc plans generative models only"
     )
 

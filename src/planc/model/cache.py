@@ -117,6 +117,10 @@ class LayerCache:
     # The state is kept on the input embeddings' device, whichever device runs the layer: the
     # graph charges it to the embedding unit and leaves this layer's state_bytes 0.
     on_input_device: bool = False
+    # An encoder-decoder's decoder layer keeps the K/V of every source token for its cross-attention
+    # (EncoderDecoderCache.cross_attention_cache), filled at the first step and fixed afterwards; the
+    # encoder's last unit keeps the encoder output, as wide per source token (model/encoder_decoder.py).
+    bytes_per_source_token: int = 0
 
     def tokens_held(self, workload: Workload) -> int:
         """Tokens of cache the layer holds at its peak.
@@ -149,7 +153,8 @@ class LayerCache:
     def bytes(self, workload: Workload) -> int:
         """Peak cache bytes of this layer for the whole batch."""
         buffers = self.buffered_tokens(workload) * self.buffer_bytes_per_token
-        return self.token_bytes(workload) + workload.batch_size * (self.state_bytes + buffers) + self.fixed_bytes
+        source = workload.source_tokens * self.bytes_per_source_token
+        return self.token_bytes(workload) + workload.batch_size * (self.state_bytes + buffers + source) + self.fixed_bytes
 
 
 # model_type -> why planc does not size it. Each keeps its recurrent state where the cache
@@ -319,7 +324,8 @@ def layer_tensors(cache, model=None) -> list[list]:
     holds it: what the ledger's cache terms are held to, in the tests and in `planc simulate`.
 
     `cache` is what the forward returns under `cache_keyword`: a transformers Cache with `.layers`
-    (MiniMaxCache also keeps `linear_cache`), xLSTM's xLSTMCache (`rnn_state`: per layer the
+    (MiniMaxCache also keeps `linear_cache`; an EncoderDecoderCache gives each decoder layer its
+    self-attention and cross-attention layers), xLSTM's xLSTMCache (`rnn_state`: per layer the
     matrix, normaliser and max states), or RWKV's `state`, a list of tensors stacking every
     layer along the last dimension (all of it listed under layer 0). `model`: where it is given,
     state its decoder layers keep on their modules outside any cache (RecurrentGemma's conv
@@ -354,6 +360,11 @@ def layer_tensors(cache, model=None) -> list[list]:
         layers: list = [list(cache)]  # RWKV: every layer's state in the same few tensors
     elif hasattr(cache, "rnn_state"):
         layers = [cache.rnn_state[index] for index in sorted(cache.rnn_state)]  # xLSTMCache
+    elif hasattr(cache, "cross_attention_cache"):
+        # EncoderDecoderCache: per decoder layer, its self-attention layer and its cross-attention layer.
+        own, cross = (list(c.layers) for c in (cache.self_attention_cache, cache.cross_attention_cache))
+        layers = [[own[i] if i < len(own) else None, cross[i] if i < len(cross) else None]
+                  for i in range(max(len(own), len(cross)))]
     else:
         layers = list(getattr(cache, "layers", ()) or ())
     # MiniMaxCache keeps lightning-attention states beside its (attention-only) layers.

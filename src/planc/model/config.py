@@ -217,10 +217,10 @@ def _shapes(text, index: int | None = None) -> Shapes:
         mla_latent = mla_rank + get("qk_rope_head_dim")
     else:
         # Pure state-space models (Mamba, Mamba2) have no attention heads at all.
-        head_dim = get("head_dim", default=hidden // heads if heads else 0)
+        head_dim = get("head_dim", "d_kv", default=hidden // heads if heads else 0)  # d_kv: T5's
         v_head_dim = head_dim
         mla_latent = 0
-    intermediate = get("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)
+    intermediate = get("intermediate_size", "n_inner", "ffn_dim", "d_ff", default=4 * hidden)
     num_experts = get("num_experts", "num_local_experts", "n_routed_experts")
     moe_intermediate = get("moe_intermediate_size", default=intermediate if num_experts else 0)
     shared = get("shared_expert_intermediate_size")

@@ -20,6 +20,7 @@ from planc.model.build import meta_model
 from planc.model.cache import LayerCache, cache_keyword, layer_caches, refuse_unsized
 from planc.model.config import Shapes, config_value, checkpoint_dtype, known_model_type, layer_shapes, shapes_of, text_config
 from planc.model.gated_cross import GatedCrossAttention, gated_cross_of, runs_image_cross_attention
+from planc.model.encoder_decoder import Encoder, cross_attention_bytes_per_token, decoder_shapes, encoder_of, encoder_path
 from planc.model.vision import Vision, vision_of
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ class Unit:
     every_expert: bool = False
     shapes: Shapes | None = None  # this layer's own numbers where the config varies them by layer; else the model's
     vision: bool = False  # the vision tower or its projector: runs once per prefill over the images
+    encoder: bool = False  # an encoder-decoder's encoder (model.get_encoder()): runs once per prefill over the source
     # Under the model's tensor-parallel plan: (size of the split dimension, bytes) per tensor the
     # plan shards across ranks (the rest of the unit is replicated), and (kind, elements per
     # token) per collective its forward makes ("all_reduce" of partial sums, "all_gather" of shards).
@@ -99,6 +101,7 @@ class ModelGraph:
     inferred_no_split: tuple[str, ...] = ()  # decoder-layer classes kept whole where the model declares none
     config_class: str | None = None  # set when config.json's model_type is unknown and `architectures` resolved it
     vision: Vision | None = None  # the vision tower's numbers, for image-text-to-text models
+    encoder: "Encoder | None" = None  # an encoder-decoder model's encoder (planc.model.encoder_decoder)
     position_limit: int | None = None  # positions of a learned position table (GPT-2's wpe): tokens past it fail
     position_table: str = ""  # what holds those positions (a learned table, MPT's ALiBi bias)
     needs_images: bool = False  # generate requires pixel_values (BLIP, BLIP-2, Idefics): no text-only prompt runs
@@ -462,12 +465,15 @@ def build_model_graph(
     shapes = shapes_of(config)
     declared = tuple(sorted(model._no_split_modules or ()))
     towers = _towers(model)
+    encoder = encoder_path(model)
     if getattr(config, "is_encoder_decoder", False):
-        raise ModelError(
-            f"{architecture} is an encoder-decoder model: planc plans decoder-only generation (the encoder's "
-            "output and cross-attention caches are not sized)"
-        )
-    if _encoder_derived(model):
+        _refuse_unplanned_encoder(model, encoder)
+        # The encoder runs once per prefill, before the decoder, like a vision tower: its modules are
+        # units ahead of the decoder layers, and its block lists are no decoder layers.
+        towers = {name: key for name, key in towers.items() if not name.startswith(encoder + ".")}
+        towers[encoder] = "encoder"
+        shapes = decoder_shapes(config, shapes)
+    if encoder is None and _encoder_derived(model):
         raise ModelError(
             f"{architecture}: config.is_decoder is false, so this encoder's LM head attends both ways and keeps no "
             "KV cache: it does not generate; set is_decoder: true in config.json for a causal LM"
@@ -483,9 +489,19 @@ def build_model_graph(
     # Where no declared no-split block is a decoder layer, each decoder layer is kept whole (as one would be).
     inferred = tuple(sorted({type(model.get_submodule(n)).__name__ for n in layer_names})) if guessed else ()
     no_split = set(declared) | set(inferred)
-    config_layers = layer_shapes(config)
+    # An encoder-decoder's config counts and sizes its encoder's layers too (BART's num_hidden_layers is
+    # encoder_layers): every decoder layer has the decoder's numbers.
+    config_layers = layer_shapes(config) if encoder is None else [shapes] * len(layer_names)
     layer_modules = [model.get_submodule(name) for name in layer_names]
-    caches = layer_caches(config, shapes, dtype, layer_modules, config_layers, kv_cache)
+    if encoder is not None and kv_cache is not None:
+        raise ModelError(
+            f"model.kv_cache {kv_cache}: transformers' generate builds no QuantizedCache for an encoder-decoder "
+            "model (it raises: 'This model does not support the quantized cache'); leave model.kv_cache unset"
+        )
+    if encoder is not None:
+        _refuse_short_decoder_cache(model, len(layer_names))
+    cache_config = _decoder_cache_config(config, len(layer_names)) if encoder is not None else config
+    caches = layer_caches(cache_config, shapes, dtype, layer_modules, config_layers, kv_cache)
     if len(caches) != len(layer_names):
         caches = _group_caches(caches, len(layer_names), _cache_owners(model, layer_names))
     per_layer = config_layers if len(config_layers) == len(layer_names) else [shapes] * len(layer_names)
@@ -518,6 +534,12 @@ def build_model_graph(
         )
     _refuse_cache_without_attention(model, caches)
     layer_set = set(layer_names)
+    if encoder is not None:
+        # Each decoder layer also keeps the source's K/V for its cross-attention, fixed after the first step.
+        caches = [
+            replace(cache, bytes_per_source_token=cross_attention_bytes_per_token(module, dtype, cache.bytes_per_token))
+            for cache, module in zip(caches, layer_modules)
+        ]
     output_embeddings = model.get_output_embeddings()
 
     # Tensors are shared when tied; count each once, on the first unit (execution order) that holds it.
@@ -649,13 +671,23 @@ def build_model_graph(
             vision = in_vision or bool(vision_towers) and not any(
                 name == p or name.startswith(p + ".") for p in text_prefixes
             ) and not any(name == t or name.startswith(t + ".") for t in towers)
-            pre.append(Unit(name, weight, "pre", row_bytes=row, vision=vision, **quant))
+            in_encoder = encoder is not None and (name == encoder or name.startswith(encoder + "."))
+            pre.append(Unit(name, weight, "pre", row_bytes=row, vision=vision and not in_encoder, encoder=in_encoder,
+                            **quant))
     if calls is not None:
         # After the layers, in the order they run (Gemma 3n unembeds its altup streams, then norms).
         post.sort(key=lambda unit: len(calls) if call_of(unit.name) is None else call_of(unit.name))
     pre, layers = _state_on_input_device(model, pre, layers)
     if gated_cross:
         layers = _interleave(layers, crosses, gated_cross)
+    encoder_info = None
+    if encoder is not None:
+        blocks = sum(1 for name, module, _ in raw_units
+                     if module is not None and name.startswith(encoder + ".") and type(module).__name__ in no_split)
+        encoder_info = encoder_of(model, blocks)
+        encoder_limit, _ = _position_limit(model, [u.name for u in pre if u.encoder], model.get_submodule(encoder).config)
+        encoder_info = replace(encoder_info, position_limit=encoder_limit)
+        pre = _encoder_output_on_last_unit(pre, encoder_info, dtype)
     units = tuple(pre + layers + post)
     all_records = [r for r in (held(m) for m in model.modules()) if r is not None]
     dense_bytes = sum(u.weight_bytes for u in units) + sum(r.dense_bytes - r.quantized_bytes for r in all_records)
@@ -716,6 +748,7 @@ def build_model_graph(
                    and module is output_embeddings), None),
         logits_soft_capped=getattr(text_config(config), "output_logit_soft_cap", None) is not None,
         parallel=parallel,
+        encoder=encoder_info,
     )
 
 
@@ -730,6 +763,76 @@ def _interleave(layers: list[Unit], crosses: dict[str, Unit], gated_cross: Gated
         chain.extend(before.pop(layer.layer_index, []))
         chain.append(layer)
     return chain
+def _refuse_unplanned_encoder(model, encoder: str | None) -> None:
+    """Encoder-decoder models whose source planc cannot size yet: an encoder that is no submodule, or
+    one that merges image features into the text encoder's tokens (Florence2, Udop, T5Gemma2), where
+    the source length is the prompt's tokens plus tokens of the image that planc does not count yet."""
+    architecture = type(model).__name__
+    if encoder is None:
+        raise ModelError(f"{architecture} is an encoder-decoder model whose get_encoder() is no submodule planc can place")
+    module = model.get_submodule(encoder)
+    main_input = getattr(module, "main_input_name", "input_ids")
+    image_inputs = {"pixel_values", "image", "images"} & set(inspect.signature(model.forward).parameters)
+    if main_input == "pixel_values":
+        import torch
+
+        convolutions = [name for name, child in module.named_modules() if isinstance(child, torch.nn.Conv2d)]
+        if len(convolutions) > 1:
+            raise ModelError(
+                f"{architecture} is an encoder-decoder model whose image encoder resamples its patches after the "
+                f"patch embedding ({', '.join(convolutions[1:3])}): the decoder's source is not the patch grid, and "
+                "planc sizes image encoders whose output is one token per patch"
+            )
+    if main_input == "input_ids" and image_inputs:
+        raise ModelError(
+            f"{architecture} is an encoder-decoder model whose encoder reads the prompt's tokens and the image's "
+            f"({', '.join(sorted(image_inputs))} beside input_ids): planc plans encoders of text alone or of images "
+            "alone, and does not yet count the tokens an image adds to the encoder's source"
+        )
+
+
+def _refuse_short_decoder_cache(model, layers: int) -> None:
+    """generate's DynamicCache(config=decoder config) has one layer per num_hidden_layers, which T5's
+    config maps to the encoder's num_layers: with more decoder layers than that, the first step past
+    them raises IndexError (cache_utils.py DynamicCache.update appends layers only for caches built
+    without a config)."""
+    import transformers
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    if cache.layer_class_to_replicate is None and len(cache.layers) < layers:
+        raise ModelError(
+            f"{type(model).__name__} cannot generate in transformers {transformers.__version__}: its {layers} decoder "
+            f"layers update a self-attention cache that generate builds with {len(cache.layers)} layers (the config's "
+            "num_hidden_layers, its encoder's count), and the step past them raises IndexError; give the config as "
+            "many encoder as decoder layers"
+        )
+
+
+def _decoder_cache_config(config, layers: int):
+    """The decoder's config with one cache layer per decoder layer: T5's config counts the encoder's
+    num_layers, and where the decoder has fewer, the cache layers past them stay empty (more are
+    refused by _refuse_short_decoder_cache)."""
+    import copy
+
+    text = text_config(config)
+    if getattr(text, "layer_types", None) or config_value(text, "num_hidden_layers", default=layers) == layers:
+        return config
+    view = copy.deepcopy(text)
+    view.num_hidden_layers = layers
+    return view
+
+
+def _encoder_output_on_last_unit(pre: list[Unit], encoder: "Encoder", dtype: str) -> list[Unit]:
+    """The encoder output generate keeps for every step, charged to the encoder's last unit: the encoder
+    runs on the main GPU, and its io_same_device hook returns the output to the input device, the main GPU."""
+    from planc.model.config import DTYPE_BYTES
+
+    last = max((i for i, unit in enumerate(pre) if unit.encoder), default=None)
+    if last is None:
+        return pre
+    held = LayerCache("encoder_output", attention=False, bytes_per_source_token=encoder.output_width * DTYPE_BYTES[dtype])
+    return [replace(unit, cache=held) if i == last else unit for i, unit in enumerate(pre)]
 
 
 def _state_on_input_device(model, pre: list[Unit], layers: list[Unit]) -> tuple[list[Unit], list[Unit]]:

@@ -76,7 +76,11 @@ def load_tokenizer(folder: Path, plan: Plan):
 
 
 def encode(tokenizer, prompts: list[str], plan: Plan, max_new_tokens: int):
-    """The padded batch, refused when a sequence would outgrow the plan's max_seq_len."""
+    """The padded batch, refused when a sequence would outgrow the plan's max_seq_len (an
+    encoder-decoder's prompt: its source_tokens)."""
+    if plan.workload.source_tokens:
+        # The encoder reads the prompt from position 0 (learned position tables count from the left).
+        tokenizer.padding_side = "right"
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     _check_length(batch, plan, max_new_tokens)
     return batch
@@ -87,7 +91,12 @@ def read_images(paths: list[Path], plan: Plan) -> list:
     if not paths:
         return []
     planned = plan.workload.images_per_sequence
-    if len(paths) > planned:
+    if plan.workload.source_tokens and len(paths) > 1:
+        raise UsageError(
+            f"{len(paths)} images per prompt: an encoder-decoder's image encoder reads one image per sequence (its "
+            f"{plan.workload.source_tokens} source tokens); pass one --image"
+        )
+    if len(paths) > planned and not plan.workload.source_tokens:
         raise UsageError(
             f"{len(paths)} images per prompt exceed the plan's images_per_sequence {planned} (the vision tower's "
             "activations were planned for that many); pass fewer, or recompile with a larger "
@@ -144,7 +153,44 @@ def encode_with_images(processor, prompts: list[str], images: list, plan: Plan, 
     return batch
 
 
+def encode_source_image(processor, model, prompts: list[str], image, plan: Plan, max_new_tokens: int):
+    """An image encoder's input for every sequence: the image through the processor's image processor
+    (Pix2Struct's at the plan's source_tokens as max_patches), refused where it is not the source the
+    plan sized. The decoder starts from its start token, so a prompt's text has nowhere to go."""
+    import torch
+
+    encoder = model.get_encoder()
+    name = encoder.main_input_name
+    if any(prompt.strip() for prompt in prompts):
+        raise UsageError(
+            f"{type(model).__name__}'s encoder reads only the image and its decoder starts from its start token: the "
+            "prompt's text has nowhere to go; pass --prompt '' (one per sequence) with --image"
+        )
+    options = {"max_patches": plan.workload.source_tokens} if name == "flattened_patches" else {}
+    try:
+        inputs = processor.image_processor([image] * len(prompts), return_tensors="pt", **options)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"the image processor refuses the image: {exc}") from None
+    batch = {name: inputs[name]}
+    if name == "flattened_patches":
+        batch["attention_mask"] = inputs["attention_mask"]
+        source = inputs[name].shape[1]
+    else:
+        side = getattr(encoder.config, "image_size", None)
+        if isinstance(side, int) and tuple(inputs[name].shape[-2:]) != (side, side):
+            raise UsageError(
+                f"the image processor gives {tuple(inputs[name].shape[-2:])} pixels, and the plan sized the encoder for "
+                f"its config's {side} x {side} ({plan.workload.source_tokens} source tokens): fix the processor's size"
+            )
+        source = plan.workload.source_tokens
+    _check_source_length({"input_ids": torch.empty(len(prompts), source)}, plan, max_new_tokens)
+    return batch
+
+
 def _check_length(batch, plan: Plan, max_new_tokens: int, what: str = "") -> None:
+    if plan.workload.source_tokens:
+        _check_source_length(batch, plan, max_new_tokens)
+        return
     lengths = batch["attention_mask"].sum(dim=1).tolist()
     # Left padding gives every row the longest prompt's length, and the KV cache holds the padding too.
     longest = batch["input_ids"].shape[1]
@@ -154,6 +200,24 @@ def _check_length(batch, plan: Plan, max_new_tokens: int, what: str = "") -> Non
             f"prompt {which} {what}is {longest} tokens; with max_new_tokens {max_new_tokens} that is "
             f"{longest + max_new_tokens} > the plan's max_seq_len {plan.workload.max_seq_len}; shorten it, lower "
             "--max-new-tokens, or recompile with a larger workload.max_seq_len"
+        )
+
+
+def _check_source_length(batch, plan: Plan, max_new_tokens: int) -> None:
+    """An encoder-decoder's prompt is the encoder's source (workload.source_tokens, padding included);
+    its decoder holds the start token and the generated ones (max_seq_len)."""
+    source = batch["input_ids"].shape[1]
+    if source > plan.workload.source_tokens:
+        raise UsageError(
+            f"the prompt is {source} tokens > the plan's source_tokens {plan.workload.source_tokens} (the encoder's "
+            "activations, its output and the cross-attention caches were planned for that many); shorten it, or "
+            "recompile with a larger workload.source_tokens"
+        )
+    if max_new_tokens + 1 > plan.workload.max_seq_len:
+        raise UsageError(
+            f"max_new_tokens {max_new_tokens} plus the decoder's start token is {max_new_tokens + 1} > the plan's "
+            f"max_seq_len {plan.workload.max_seq_len} (the decoder's tokens); lower --max-new-tokens, or recompile "
+            "with a larger workload.max_seq_len"
         )
 
 
@@ -200,10 +264,14 @@ def generate(
             output = model.generate(**inputs, generation_config=config, streamer=streamer, **(extra or {}))
     except RuntimeError as exc:  # out of memory included: the plan's prediction was wrong here
         raise RunError(f"generate failed: {exc}") from None
-    new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
+    # An encoder-decoder's output is the decoder's tokens from its start token; a decoder-only
+    # model's continues the prompt.
+    skip = 1 if model.config.is_encoder_decoder else inputs["input_ids"].shape[1]
+    new_tokens = output[:, skip:].tolist()
     end = _end_token_ids(config)
     completions = []
-    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    # An image encoder's sequences have no prompt tokens (the image is the source).
+    lengths = batch["attention_mask"].sum(dim=1).tolist() if "input_ids" in batch else [0] * len(prompts)
     for prompt, prompt_tokens, ids in zip(prompts, lengths, new_tokens):
         stop = next((index + 1 for index, token in enumerate(ids) if token in end), len(ids))
         ids = ids[:stop]

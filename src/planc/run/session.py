@@ -42,11 +42,28 @@ class Session:
         prompt shows `images` (PIL images, at most the plan's images_per_sequence) when given."""
         from planc.run.apply import pinned_attention
         from planc.run.generate import (
-            check_batch, encode, encode_with_images, generate, generation_config, input_device, load_processor,
+            check_batch, encode, encode_source_image, encode_with_images, generate, generation_config, input_device,
+            load_processor,
         )
 
         check_batch(self.plan, prompts)
-        if images:
+        encoder = self.model.get_encoder() if self.plan.workload.source_tokens else None
+        if encoder is not None and getattr(encoder, "main_input_name", "input_ids") != "input_ids":
+            # An image encoder (ViT, Pix2Struct): the image is the source, the decoder starts from its start token.
+            if not images:
+                raise UsageError(
+                    f"{type(self.model).__name__}'s encoder reads an image ({encoder.main_input_name}): give each "
+                    "sequence one (--image)"
+                )
+            if self.processor is None:
+                self.processor = load_processor(self.machine.folder, self.plan)
+            batch = encode_source_image(self.processor, self.model, prompts, images[0], self.plan, max_new_tokens)
+        elif encoder is not None and images:
+            raise UsageError(
+                f"{type(self.model).__name__} is an encoder-decoder model whose encoder reads text: --image has "
+                "nowhere to go"
+            )
+        elif images:
             if self.processor is None:
                 self.processor = load_processor(self.machine.folder, self.plan)
             batch = encode_with_images(self.processor, prompts, images, self.plan, max_new_tokens)

@@ -54,6 +54,12 @@ def serve_plan(
             f"planc serve runs a plan in one process; this one is {plan.parallel.strategy} over "
             f"{len(plan.parallel.ranks)} ranks: serve it with vLLM (planc export --to vllm)"
         )
+    if plan.workload.source_tokens:
+        raise UsageError(
+            f"planc serve decodes decoder-only models; {plan.model.architecture} is an encoder-decoder model "
+            "(its prompt goes to the encoder, and its batched decoding keeps cross-attention caches the server does "
+            "not manage): generate with planc run"
+        )
     outside = [f for f in (plan.mixers.families if plan.mixers else ()) if not _state_in_cache(f)]
     if outside:
         raise UsageError(

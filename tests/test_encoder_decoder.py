@@ -1,0 +1,399 @@
+"""Encoder-decoder models (T5, BART, Pix2Struct, VisionEncoderDecoder): the encoder placed ahead of the
+decoder, its output and the decoder's cross-attention caches sized once (planc.model.encoder_decoder),
+held to the EncoderDecoderCache a real generate keeps and to `planc simulate` of two-GPU plans, and
+`planc run` generating the tokens plain transformers gives; what planc does not do for them refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import save_tiny_tokenizer
+from hybrid_models import compile_for_a100s, simulate_lock
+from planc.errors import SpecError, UsageError
+from test_run import compile_to
+
+PROMPTS = ["The quick brown fox jumps", "A device map"]
+MAX_NEW_TOKENS = 6
+
+
+def build_tiny_seq2seq(folder: Path, model_type: str, seed: int = 0) -> Path:
+    """A tiny random T5 or BART with the BPE tokenizer of conftest, saved with save_pretrained."""
+    import torch
+    from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
+
+    fast = save_tiny_tokenizer(folder)
+    special = dict(pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id, bos_token_id=fast.bos_token_id)
+    if model_type == "t5":
+        # d_kv x heads (32) is not d_model (24): the cache is sized from the heads' width.
+        config = T5Config(vocab_size=len(fast), d_model=24, d_kv=8, d_ff=64, num_layers=3, num_decoder_layers=3,
+                          num_heads=4, decoder_start_token_id=fast.pad_token_id, **special)
+        cls = T5ForConditionalGeneration
+    else:
+        # Decoder heads and widths apart from the encoder's (decoder_attention_heads, decoder_ffn_dim).
+        config = BartConfig(vocab_size=len(fast), d_model=32, encoder_layers=2, decoder_layers=3,
+                            encoder_attention_heads=4, decoder_attention_heads=2, encoder_ffn_dim=64,
+                            decoder_ffn_dim=48, max_position_embeddings=128,
+                            decoder_start_token_id=fast.eos_token_id, forced_eos_token_id=None, **special)
+        cls = BartForConditionalGeneration
+    config.architectures = [cls.__name__]
+    torch.manual_seed(seed)
+    model = cls(config).to(torch.float32)
+    model.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_image_seq2seq(folder: Path, model_type: str, seed: int = 0) -> Path:
+    """A tiny random VisionEncoderDecoder (ViT encoder of 32 x 32 images in 8-pixel patches, BERT
+    decoder; TrOCRProcessor) or Pix2Struct (16 patches of 8 x 8; Pix2StructProcessor), saved with
+    their processors."""
+    import torch
+    from transformers import (
+        BertConfig, Pix2StructConfig, Pix2StructForConditionalGeneration, Pix2StructImageProcessor,
+        Pix2StructProcessor, TrOCRProcessor, ViTConfig, ViTImageProcessor, VisionEncoderDecoderConfig,
+        VisionEncoderDecoderModel,
+    )
+
+    fast = save_tiny_tokenizer(folder)
+    if model_type == "vision-encoder-decoder":
+        TrOCRProcessor(image_processor=ViTImageProcessor(size={"height": 32, "width": 32}), tokenizer=fast).save_pretrained(folder)
+        config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(
+            ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64),
+            BertConfig(vocab_size=len(fast), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, max_position_embeddings=64, pad_token_id=fast.pad_token_id),
+        )
+        config.decoder_start_token_id, config.pad_token_id = fast.bos_token_id, fast.pad_token_id
+        config.eos_token_id = fast.eos_token_id
+        cls = VisionEncoderDecoderModel
+    else:
+        image_processor = Pix2StructImageProcessor(patch_size={"height": 8, "width": 8}, max_patches=16)
+        Pix2StructProcessor(image_processor=image_processor, tokenizer=fast).save_pretrained(folder)
+        config = Pix2StructConfig(
+            text_config=dict(vocab_size=len(fast), hidden_size=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                             pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id,
+                             decoder_start_token_id=fast.pad_token_id),
+            vision_config=dict(hidden_size=32, patch_embed_hidden_size=8 * 8 * 3, d_ff=64, d_kv=8, num_hidden_layers=2,
+                               num_attention_heads=4, seq_len=16),
+        )
+        cls = Pix2StructForConditionalGeneration
+    config.architectures = [cls.__name__]
+    torch.manual_seed(seed)
+    cls(config).to(torch.float32).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def seq2seq_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seq2seq-models")
+    # BART at seed 3: its greedy tokens run past the end-of-sequence token (at seed 0 it ends at once).
+    return {name: build_tiny_seq2seq(root / name, name, seed) for name, seed in (("t5", 0), ("bart", 3))}
+
+
+def plain_seq2seq_tokens(model: Path, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+    """What users get without planc: greedy generate in float32 on one right-padded batch."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model, padding_side="right")
+    reference = AutoModelForSeq2SeqLM.from_pretrained(model, dtype=torch.float32)
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    output = reference.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+    eos = reference.generation_config.eos_token_id
+    rows = output[:, 1:].tolist()  # after the decoder's start token
+    return [row[: row.index(eos) + 1] if eos in row else row for row in rows]
+
+
+CPU_SPEC = """\
+planc: 1
+model: {{path: {model}}}
+hardware: {{gpus: [], cpu_memory: 8GiB}}
+workload: {{batch_size: 2, max_seq_len: 16{workload}}}
+policy: {{offload: cpu}}
+"""
+
+
+# ------------------------------------------------------------------ the cache, to the byte
+
+
+@pytest.mark.parametrize("name", ["t5", "bart"])
+def test_the_planned_caches_are_the_encoder_decoder_cache_generate_keeps(seq2seq_models, name):
+    """After a real generate, every decoder layer holds its self-attention K/V of the decoder's tokens
+    and its cross-attention K/V of the source, and the encoder output is batch x source x d_model:
+    the bytes the graph's caches give at that workload."""
+    import json
+
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from planc.model import build_model_graph
+    from planc.model.cache import held_bytes, layer_tensors
+    from planc.workload import Workload
+
+    folder = seq2seq_models[name]
+    tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="right")
+    model = AutoModelForSeq2SeqLM.from_pretrained(folder, dtype=torch.float32)
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    steps = 5
+    out = model.generate(**batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                         return_dict_in_generate=True)
+    encoded = model.get_encoder()(**batch).last_hidden_state
+    source = batch["input_ids"].shape[1]
+
+    graph = build_model_graph(json.loads((folder / "config.json").read_text()), "float32")
+    # The last token generated is not fed back: the decoder's cache holds the start token and steps - 1.
+    workload = Workload(len(PROMPTS), steps, source_tokens=source)
+    layers = [unit for unit in graph.units if unit.kind == "layer"]
+    held = [held_bytes(tensors) for tensors in layer_tensors(out.past_key_values)]
+    assert held == [unit.cache.bytes(workload) for unit in layers]
+    assert all(unit.cache.bytes_per_source_token for unit in layers)
+    (output_unit,) = [unit for unit in graph.units if unit.cache is not None and unit.kind == "pre"]
+    assert output_unit.encoder and output_unit.cache.bytes(workload) == held_bytes([encoded])
+    assert graph.encoder.source_tokens(None, 64) == 64  # a text encoder's source: the prompt, max_seq_len unless set
+
+
+# ------------------------------------------------------------------ two GPUs, simulated
+
+SIMULATED = [
+    # A text encoder with T5's relative position bias, at batch 1 (no mask: the bias is the sdpa mask).
+    pytest.param("t5", "T5ForConditionalGeneration", dict(num_layers=4, num_decoder_layers=4), 1, 1024, id="t5"),
+    # A padded batch: the encoder's and the cross-attention's masks are built.
+    pytest.param("bart", "BartForConditionalGeneration", dict(encoder_layers=4, decoder_layers=4), 2, 1024, id="bart"),
+    # Image encoders: a ViT's 197 patch tokens (BERT decoder), Pix2Struct's 4096 patches (its seq_len).
+    pytest.param("vision-encoder-decoder", "VisionEncoderDecoderModel", {}, 2, 256, id="vit-bert"),
+    pytest.param("pix2struct", "Pix2StructForConditionalGeneration",
+                 dict(text_config=dict(num_layers=4), vision_config=dict(num_hidden_layers=4)), 1, 1024,
+                 id="pix2struct"),
+]
+
+
+@pytest.mark.parametrize(("model_type", "architecture", "overrides", "batch", "seq"), SIMULATED)
+def test_simulated_encoder_decoder_plans_agree_with_the_ledger(tmp_path, model_type, architecture, overrides, batch, seq):
+    from transformers import AutoConfig
+
+    from test_simulate import LEDGER_TOLERANCE
+
+    config = AutoConfig.for_model(model_type).to_dict()
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            config[key].update(value)
+        else:
+            config[key] = value
+    config["architectures"] = [architecture]
+    plan = compile_for_a100s(tmp_path, config, 2, seq, batch)
+    assert plan.workload.source_tokens > 0
+    # The encoder stays on the main GPU with the embeddings; decoder layers go to both.
+    assert {device for name, device in plan.device_map.items() if ".layer" in name or ".block" in name} == {0, 1}
+
+    report, errors = simulate_lock(tmp_path)
+
+    assert all(abs(error) <= LEDGER_TOLERANCE for error in errors.values()), errors
+    held = {device.index: device.simulated_kv_cache for device in report.devices}
+    planned = {ledger.device: ledger.kv_cache for ledger in plan.memory}
+    for device in held:
+        # The decode step adds a token to the self-attention caches beyond the plan's max_seq_len.
+        assert planned[device] <= held[device] <= planned[device] * (seq + 1) / seq, device
+
+
+# ------------------------------------------------------------------ planc run
+
+
+@pytest.mark.parametrize("name", ["t5", "bart"])
+def test_a_cpu_plan_generates_the_tokens_of_plain_transformers(seq2seq_models, tmp_path, name):
+    from planc.plan import load_lock
+    from planc.run import run_plan
+
+    lock = compile_to(tmp_path, CPU_SPEC.format(model=seq2seq_models[name], workload=", source_tokens: 12"))
+    plan = load_lock(lock)
+    assert (plan.workload.source_tokens, plan.workload.max_seq_len) == (12, 16)
+    assert any(decision.id == "model.encoder" for decision in plan.decisions)
+
+    outcome = run_plan(lock, prompts=PROMPTS, max_new_tokens=MAX_NEW_TOKENS, quiet=True)
+
+    assert outcome.exit_code == 0
+    tokens = [c.token_ids for c in outcome.completions]
+    assert tokens == plain_seq2seq_tokens(seq2seq_models[name], PROMPTS, MAX_NEW_TOKENS)
+    assert all(len(row) == MAX_NEW_TOKENS for row in tokens)  # the decoder's start token is not returned
+
+
+def test_a_prompt_longer_than_the_planned_source_is_refused(seq2seq_models, tmp_path):
+    from test_run import planc_cli
+
+    compile_to(tmp_path, CPU_SPEC.format(model=seq2seq_models["t5"], workload=", source_tokens: 2"))
+
+    result = planc_cli("run", "plan.lock", "-p", PROMPTS[0], "--max-new-tokens", "4", cwd=tmp_path)
+
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: the prompt is ") and "> the plan's source_tokens 2" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+    result = planc_cli("run", "plan.lock", "-p", "fox", "--max-new-tokens", "16", cwd=tmp_path)
+    assert result.returncode == 2 and "max_new_tokens 16 plus the decoder's start token is 17 > the plan's max_seq_len 16" \
+        in result.stderr
+
+
+@pytest.fixture(scope="module")
+def image_seq2seq_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("image-seq2seq-models")
+    return {name: build_tiny_image_seq2seq(root / name, name) for name in ("vision-encoder-decoder", "pix2struct")}
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory) -> Path:
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("image") / "card.png"
+    Image.new("RGB", (40, 30), (200, 30, 90)).save(path)
+    return path
+
+
+def plain_image_seq2seq_tokens(model: Path, image: Path, sequences: int, max_new_tokens: int, **options):
+    """Greedy generate from the image through the folder's image processor, in float32."""
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model)
+    reference = AutoModelForImageTextToText.from_pretrained(model, dtype=torch.float32)
+    with Image.open(image) as picture:
+        inputs = processor.image_processor([picture.convert("RGB")] * sequences, return_tensors="pt", **options)
+    output = reference.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    eos = reference.generation_config.eos_token_id
+    return [row[: row.index(eos) + 1] if eos in row else row for row in output[:, 1:].tolist()]
+
+
+# The ViT's source is its 16 patches and class token; Pix2Struct's the processor's max_patches.
+@pytest.mark.parametrize(("name", "source", "workload", "options"), [
+    ("vision-encoder-decoder", 17, "", {}),
+    ("pix2struct", 16, ", source_tokens: 16", {"max_patches": 16}),
+])
+def test_an_image_encoder_plan_generates_from_the_image_the_tokens_of_plain_transformers(
+    image_seq2seq_models, image_file, tmp_path, name, source, workload, options
+):
+    from planc.plan import load_lock
+    from planc.run import run_plan
+
+    model = image_seq2seq_models[name]
+    lock = compile_to(tmp_path, CPU_SPEC.format(model=model, workload=workload))
+    assert load_lock(lock).workload.source_tokens == source
+
+    outcome = run_plan(lock, prompts=["", ""], images=[image_file], max_new_tokens=MAX_NEW_TOKENS, quiet=True)
+
+    assert outcome.exit_code == 0
+    assert [c.token_ids for c in outcome.completions] == plain_image_seq2seq_tokens(
+        model, image_file, 2, MAX_NEW_TOKENS, **options
+    )
+    with pytest.raises(UsageError, match="encoder reads an image \\(pixel_values|flattened_patches"):
+        run_plan(lock, prompts=[""], max_new_tokens=2, quiet=True)
+    with pytest.raises(UsageError, match="the prompt's text has nowhere to go; pass --prompt ''"):
+        run_plan(lock, prompts=["describe it"], images=[image_file], max_new_tokens=2, quiet=True)
+
+
+# ------------------------------------------------------------------ what planc does not do for them
+
+
+def test_serve_vllm_python_export_and_parallel_plans_are_refused(seq2seq_models, tmp_path):
+    from planc.export import export_plan
+    from planc.export.vllm import ExportError
+    from planc.serve import serve_plan
+
+    lock = compile_to(tmp_path, CPU_SPEC.format(model=seq2seq_models["bart"], workload=""))
+    with pytest.raises(UsageError, match="planc serve decodes decoder-only models; BartForConditionalGeneration is an "
+                                         "encoder-decoder model"):
+        serve_plan(lock, port=0, quiet=True)
+    with pytest.raises(ExportError, match="is an encoder-decoder model, and planc's vLLM export writes decoder-only"):
+        export_plan(lock, "vllm")
+    with pytest.raises(SpecError, match="--format python writes a decoder-only generate"):
+        export_plan(lock, "transformers", "python")
+    assert '"device_map"' in export_plan(lock, "accelerate", "json")  # the loader's arguments still export
+
+    (tmp_path / "tp").mkdir()
+    with pytest.raises(SpecError, match="policy.parallelism tensor: BartForConditionalGeneration is an encoder-decoder "
+                                        "model, and planc plans those for one process"):
+        compile_to(tmp_path / "tp", CPU_SPEC.format(model=seq2seq_models["bart"], workload="").replace(
+            "hardware: {gpus: [], cpu_memory: 8GiB}", "hardware: {gpus: [{type: a100-sxm4-80gb, count: 2}], cpu_memory: 8GiB}"
+        ).replace("policy: {offload: cpu}", "policy: {parallelism: tensor}"))
+
+
+def test_source_tokens_where_the_model_takes_none_or_decides_it_is_bad_input(seq2seq_models, tiny_model, tmp_path):
+    from test_run import planc_cli
+
+    (tmp_path / "llm").mkdir()
+    (tmp_path / "llm" / "spec.yaml").write_text(CPU_SPEC.format(model=tiny_model, workload=", source_tokens: 8"))
+    result = planc_cli("-q", "compile", "spec.yaml", cwd=tmp_path / "llm")
+    assert result.returncode == 2
+    assert result.stderr == ("error: workload.source_tokens is set but Qwen3ForCausalLM is no encoder-decoder model: its "
+                             "prompt counts within max_seq_len\n")
+    assert not (tmp_path / "llm" / "plan.lock").exists()
+
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("vision-encoder-decoder")
+    config.architectures = ["VisionEncoderDecoderModel"]
+    (tmp_path / "ved").mkdir()
+    (tmp_path / "ved" / "config.json").write_text(config.to_json_string())
+    (tmp_path / "ved" / "spec.yaml").write_text(
+        "planc: 1\nmodel: {config: config.json}\nhardware: {gpus: [{type: a100-sxm4-80gb}], cpu_memory: 64GiB}\n"
+        "workload: {batch_size: 1, max_seq_len: 64, source_tokens: 100}\n"
+    )
+    result = planc_cli("-q", "compile", "spec.yaml", cwd=tmp_path / "ved")
+    assert result.returncode == 2
+    assert result.stderr == ("error: workload.source_tokens: this model's encoder reads one image of 197 patch tokens "
+                             "(its image size and patch size decide it), not 100; leave source_tokens unset\n")
+
+
+def test_a_source_past_the_encoders_position_table_is_bad_input(seq2seq_models, tmp_path):
+    """The tiny BART's encoder has 128 learned positions: its source may not be longer; unset, the
+    source is max_seq_len, so a longer decoder context is refused unless source_tokens says less."""
+    spec = CPU_SPEC.format(model=seq2seq_models["bart"], workload=", source_tokens: 200")
+    with pytest.raises(SpecError, match="workload.source_tokens 200 exceeds the 128 positions of the encoder's learned "
+                                        "position table"):
+        compile_to(tmp_path, spec)
+    assert not (tmp_path / "plan.lock").exists()
+
+
+def test_show_names_the_source_tokens_and_check_finds_the_lock_fresh_until_they_change(seq2seq_models, tmp_path):
+    from test_run import planc_cli
+
+    compile_to(tmp_path, CPU_SPEC.format(model=seq2seq_models["t5"], workload=", source_tokens: 12"))
+    result = planc_cli("show", "plan.lock", cwd=tmp_path)
+    assert result.returncode == 0
+    assert "batch 2 x 16 tokens (12 source tokens to the encoder)" in " ".join(result.stdout.split())
+    assert planc_cli("-q", "compile", "--check", "spec.yaml", cwd=tmp_path).returncode == 0
+
+    (tmp_path / "spec.yaml").write_text(CPU_SPEC.format(model=seq2seq_models["t5"], workload=", source_tokens: 10"))
+    result = planc_cli("compile", "--check", "spec.yaml", cwd=tmp_path)
+    assert result.returncode == 1 and "workload.source_tokens 12 -> 10" in result.stdout + result.stderr
+
+
+def test_a_quantized_kv_cache_is_refused(seq2seq_models, tmp_path):
+    from planc.errors import ModelError
+
+    spec = CPU_SPEC.format(model=seq2seq_models["bart"], workload="").replace(
+        "model: {path: ", "model: {kv_cache: fp8, path: ")
+    with pytest.raises(ModelError, match="generate builds no QuantizedCache for an encoder-decoder model"):
+        compile_to(tmp_path, spec)
+
+
+@pytest.mark.parametrize(("model_type", "architecture", "overrides", "reason"), [
+    ("florence2", "Florence2ForConditionalGeneration", {}, "whose encoder reads the prompt's tokens and the image's "
+     "(pixel_values beside input_ids): planc plans encoders of text alone or of images alone"),
+    ("udop", "UdopForConditionalGeneration", {}, "whose encoder reads the prompt's tokens and the image's"),
+    ("t5gemma2", "T5Gemma2ForConditionalGeneration", {}, "whose encoder reads the prompt's tokens and the image's"),
+    ("pp_formulanet", "PPFormulaNetForConditionalGeneration", {}, "whose image encoder resamples its patches after "
+     "the patch embedding (neck.conv1, neck.conv2)"),
+    ("t5", "T5ForConditionalGeneration", dict(num_layers=2, num_decoder_layers=3), "its 3 decoder layers update a "
+     "self-attention cache that generate builds with 2 layers"),
+])
+def test_encoder_decoders_planc_cannot_size_are_refused_with_the_reason(model_type, architecture, overrides, reason):
+    from transformers import AutoConfig
+
+    from planc.errors import ModelError
+    from planc.model import build_model_graph
+
+    config = AutoConfig.for_model(model_type).to_dict()
+    config.update(overrides, architectures=[architecture])
+    with pytest.raises(ModelError) as refused:
+        build_model_graph(config, "bfloat16")
+    assert reason in str(refused.value) and "\n" not in str(refused.value)
