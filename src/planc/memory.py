@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planc.model import attention, indexed, mlp, vision
+from planc.model import attention, indexed, mlp, norm, vision
 from planc.model.cache import FALLBACK
 from planc.model.config import DTYPE_BYTES, Shapes
 from planc.model.graph import ModelGraph, Unit
@@ -130,7 +130,8 @@ def layer_activation_bytes(
     # the int-packed kernels dequantize a whole weight for a prefill; fp8 quantizes its input.
     quantized = unit.quant_prefill_transient + unit.quant_token_transient * b * t
     feed_forward = mlp.transient_bytes(
-        shapes, unit.moe, workload, dtype, model_type, unit.experts_token_transient, unit.every_expert
+        shapes, unit.moe, workload, dtype, model_type, unit.experts_token_transient, unit.every_expert,
+        unit.mlp_activation,
     )
     return hidden + max(mixer, feed_forward) + quantized
 
@@ -185,8 +186,11 @@ class Load:
     logits: int = 0
     staging: int = 0
     executes: bool = False
+    layers: int = 0  # layers executing here
+    carried: int = 0  # what a layer leaves alive while the next one runs (attention.kept_scores_bytes)
     mask: int = 0  # attention masks held while this device's layers run (see mask_bytes)
     main: bool = False  # the main device builds the masks, whether or not it runs layers
+    mask_build: int = 0  # the main device's peak while it builds them, before any layer runs
     # The head's logits, which the root module's hook (io_same_device) copies to the main device
     # after every layer ran: held there alone, whichever device computed them.
     returned_logits: int = 0
@@ -199,6 +203,8 @@ class Load:
         self.layer_activation = max(self.layer_activation, cost.activation)
         self.layer_kv = max(self.layer_kv, cost.kv_copy)
         self.logits = max(self.logits, cost.logits)
+        self.carried = max(self.carried, cost.carried)
+        self.layers += cost.is_layer
         self.executes = True
 
     def activations(self, shapes: Shapes, workload: Workload, dtype: str) -> int:
@@ -210,11 +216,15 @@ class Load:
         # device holding just lm_head gets none).
         mask = self.mask if (self.main or self.layer_activation) else 0
         step = max(self.layer_activation, floor) + mask
+        if self.layers > 1:
+            # A layer's kept output beside the next layer's peak, where both run here.
+            step += self.carried
         # DynamicCache.update's torch.cat copies one layer's cache: at every decode step, and at
         # every prefill chunk after the first (while that chunk's activations are alive).
         if workload.step_tokens < workload.max_seq_len:
             step += self.layer_kv
-        return max(max(step, self.layer_kv) + self.logits, self.returned_logits)
+        building = floor + self.mask_build if self.main else 0
+        return max(max(step, self.layer_kv, building) + self.logits, self.returned_logits)
 
 
 def reserve_bytes(reserve: Reserve, kv: int, activations: int, staging: int, gpu: bool) -> int:
@@ -237,6 +247,8 @@ class UnitCost:
     host_decode_bytes: int = 0  # decode_bytes when offloaded
     offloadable: bool = True
     kv_copy: int = 0  # what one cache update copies (the token-growing part of kv)
+    is_layer: bool = False
+    carried: int = 0  # bytes of its output the model keeps while the next layer runs
 
 
 def unit_costs(
@@ -259,6 +271,10 @@ def unit_costs(
                 )
             else:
                 activation = vision_peak if unit.vision else 0
+            if unit.fp32_norm_after:
+                # The norm runs on this unit's device, beside the rotary cos/sin tables made there.
+                rotary = 2 * workload.batch_size * workload.step_tokens * shapes.head_dim * DTYPE_BYTES[graph.dtype]
+                activation = max(activation, norm.fp32_norm_transient_bytes(shapes.hidden_size, workload, graph.dtype) + rotary)
             per_unit[unit.name] = UnitCost(
                 weights=unit.weight_bytes,
                 # A layer's cache; the embedding unit's is the state some recurrent models keep
@@ -272,6 +288,9 @@ def unit_costs(
                 host_decode_bytes=decode_read_bytes(unit, graph.shapes_of(unit), workload, offloaded=True),
                 offloadable=unit.offloadable,
                 kv_copy=unit_kv_copy_bytes(unit, workload) if is_layer else 0,
+                is_layer=is_layer,
+                carried=attention.kept_scores_bytes(graph.shapes_of(unit), unit.cache, workload, graph.dtype, backend)
+                if is_layer else 0,
             )
         output[backend] = per_unit
     return output
