@@ -75,6 +75,19 @@ OWN_EAGER_SCORES = {
 }
 
 
+# Attention modules that meet fp32 tensors with the weights' dtype on the path generate takes, so
+# that the model generates only in float32. XLNetRelativeAttention: generate's
+# prepare_inputs_for_generation always passes target_mapping, and the two-stream branch of its
+# forward takes `torch.einsum("ibh,hnd->ibnd", r, self.r)` with the relative position encodings
+# `r` that relative_positional_encoding builds in fp32 (only the one-stream branch casts them).
+FP32_ONLY_ATTENTION = {"XLNetRelativeAttention"}
+
+
+def half_precision_generates(model) -> bool:
+    """generate can run the model (on meta) in bfloat16 or float16: no module of FP32_ONLY_ATTENTION in it."""
+    return not any(type(module).__name__ in FP32_ONLY_ATTENTION for module in model.modules())
+
+
 def layer_cache(layer_type: str, layer_kwargs: dict, shapes: Shapes, dtype: str, layer_module=None) -> LayerCache:
     """The cache of one attention layer of `layer_type` (one of LAYER_TYPES), with what its
     attention module does beyond softmax attention (`layer_module`: the decoder layer on meta)."""

@@ -19,6 +19,7 @@ from planc.errors import ModelError
 from planc.model.build import meta_model
 from planc.model.cache import LayerCache, cache_keyword, layer_caches, refuse_unsized
 from planc.model.config import Shapes, config_value, checkpoint_dtype, known_model_type, layer_shapes, shapes_of, text_config
+from planc.model.attention import half_precision_generates
 from planc.model.mlp import sized_activation
 from planc.model.vision import Vision, vision_of
 
@@ -114,6 +115,8 @@ class ModelGraph:
     # the model names none; the last unit then. (Not always the last unit: a vision projector's
     # norm outside the decoder is ordered after it.)
     head: str | None = None
+    # generate runs it in bfloat16 and float16 (planc.model.attention.half_precision_generates).
+    half_precision_generates: bool = True
 
     def shapes_of(self, unit: Unit) -> Shapes:
         """The numbers a unit's formulas use: its own where the config varies them by layer."""
@@ -713,6 +716,7 @@ def build_model_graph(
         head=next((name for name, module, tensors in raw_units if tensors and module is not None
                    and module is output_embeddings), None),
         logits_soft_capped=getattr(text_config(config), "output_logit_soft_cap", None) is not None,
+        half_precision_generates=half_precision_generates(model),
         parallel=parallel,
     )
 
