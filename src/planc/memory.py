@@ -14,11 +14,16 @@ Terms (per device):
   larger of its sequence mixer's transient and its feed-forward's: q/k/v and the attention scores
   when the backend materialises them, an indexer's scores, a linear-attention or SSM mixer's on
   the path the plan assumes (`model/cache.py: MIXER_PATHS`), the MLP or routed-expert
-  intermediates; a vision block's over all images of the batch, `planc.model.vision`), plus one
+  intermediates; a vision block's over all images of the batch, `planc.model.vision`; what a
+  module keeps beyond those formulas: an fp32 rotary, an activation's branches, the scores an
+  attention of its own keeps, some while the next layer runs), plus one
   layer's KV (torch.cat in DynamicCache.update copies the part that grows with tokens each step;
   states are updated in place), plus the logits of the last position on the device holding
   lm_head (generate keeps only the last position and upcasts it to fp32; every position of the
-  step where the forward takes no logits_to_keep), and on the main device their copy.
+  step where the forward takes no logits_to_keep), and on the main device their copy; the main
+  device also peaks while it builds the attention masks, before any layer runs
+  (`attention.mask_build_bytes`), and the embeddings' device runs a parameter-free fp32 norm
+  placed before the layers (`planc.model.norm`).
 - staging: weights of offloaded (cpu/disk) units are copied to their execution device one unit
   at a time (accelerate's AlignDevicesHook); the largest such unit.
 - reserve: CUDA context + cuBLAS workspace + allocator slack on (kv + activations + staging).
@@ -104,6 +109,11 @@ def mixer_activation_bytes(
     return mixing
 
 
+def rotary_tables_bytes(shapes: Shapes, workload: Workload, dtype: str) -> int:
+    """The step's rotary cos and sin tables (b x t x head_dim each, in the model dtype)."""
+    return 2 * workload.batch_size * workload.step_tokens * shapes.head_dim * DTYPE_BYTES[dtype]
+
+
 def layer_activation_bytes(
     shapes: Shapes,
     unit: Unit,
@@ -124,7 +134,7 @@ def layer_activation_bytes(
     b, t, h = workload.batch_size, workload.step_tokens, shapes.hidden_size
     # Residual stream, its normed copy, the incoming copy a device hop makes, the block output,
     # and the rotary cos/sin tables.
-    hidden = 4 * b * t * h * e + 2 * b * t * shapes.head_dim * e
+    hidden = 4 * b * t * h * e + rotary_tables_bytes(shapes, workload, dtype)
     mixer = mixer_activation_bytes(shapes, unit, workload, dtype, backend, mixer_path)
     # A quantized module's kernel allocates beside the block's own intermediates: bitsandbytes and
     # the int-packed kernels dequantize a whole weight for a prefill; fp8 quantizes its input.
@@ -273,8 +283,8 @@ def unit_costs(
                 activation = vision_peak if unit.vision else 0
             if unit.fp32_norm_after:
                 # The norm runs on this unit's device, beside the rotary cos/sin tables made there.
-                rotary = 2 * workload.batch_size * workload.step_tokens * shapes.head_dim * DTYPE_BYTES[graph.dtype]
-                activation = max(activation, norm.fp32_norm_transient_bytes(shapes.hidden_size, workload, graph.dtype) + rotary)
+                normed = norm.fp32_norm_transient_bytes(shapes.hidden_size, workload, graph.dtype)
+                activation = max(activation, normed + rotary_tables_bytes(shapes, workload, graph.dtype))
             per_unit[unit.name] = UnitCost(
                 weights=unit.weight_bytes,
                 # A layer's cache; the embedding unit's is the state some recurrent models keep

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from planc.errors import ModelError
+from planc.model.attention import half_precision_generates
 from planc.model.build import meta_model
 from planc.model.cache import LayerCache, cache_keyword, layer_caches, refuse_unsized
 from planc.model.config import Shapes, config_value, checkpoint_dtype, known_model_type, layer_shapes, shapes_of, text_config
-from planc.model.attention import half_precision_generates
 from planc.model.mlp import sized_activation
 from planc.model.vision import Vision, vision_of
 
@@ -615,7 +615,7 @@ def build_model_graph(
     tied_names = {name for group in tied_groups for name in group}
     first_layer_call = min((calls.get(n, len(calls)) for n in layer_names), default=0) if calls else 0
     input_norm = any(calls.get(name, first_layer_call) < first_layer_call for name in weightless_norms) if calls else False
-    input_embeddings = model.get_input_embeddings()
+    input_embeddings = model.get_input_embeddings() if input_norm else None
     pre, layers, post = [], [], []
     layer_index = 0
     for name, module, tensors in raw_units:
