@@ -60,6 +60,7 @@ CASES = [
     # the fp32 softmax, and the probabilities each block returns kept by the model's loop while the
     # next block runs (two blocks per GPU here).
     pytest.param("bloom", dict(n_layer=4, hidden_size=64, n_head=8), 1024, 1, id="own-eager-scores-bloom"),
+    pytest.param("xlnet", dict(n_layer=2, d_model=256, n_head=4, d_inner=1024), 1024, 1, id="own-eager-scores-xlnet"),
     # A rotary embedding computed in fp32 (ERNIE 4.5's apply_rotary_pos_emb: three fp32 copies of q at once).
     pytest.param("ernie4_5", dict(num_hidden_layers=2), 2048, 1, id="fp32-rotary-ernie4_5"),
     # xIELU's Python path: torch.where over both branches, each with its temporaries.

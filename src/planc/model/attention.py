@@ -72,6 +72,10 @@ OWN_EAGER_SCORES = {
     # whatever output_attentions says, and BloomModel's loop holds that `outputs` tuple until the
     # next block has returned.
     "BloomAttention": (2, True),
+    # XLNetRelativeAttention.rel_attn_core (float32: the only dtype it generates in): the content
+    # scores `ac` and the shifted position scores `bd` stay referenced beside their sum
+    # attn_score, and the softmax's result beside all three.
+    "XLNetRelativeAttention": (3, False),
 }
 
 
