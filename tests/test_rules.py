@@ -418,7 +418,7 @@ def test_xlnet_generates_only_in_float32_so_auto_plans_it_there_and_half_precisi
     prompt = torch.tensor([[1, 2, 3]])
     model = XLNetLMHeadModel(config).eval()
     with torch.no_grad():
-        assert model.generate(prompt, max_new_tokens=2, do_sample=False).shape == (1, 5)
+        assert model.generate(prompt, max_new_tokens=2, min_new_tokens=2, do_sample=False).shape == (1, 5)
         for dtype in (torch.bfloat16, torch.float16):
             with pytest.raises(RuntimeError, match="same dtype"):
                 model.to(dtype).generate(prompt, max_new_tokens=2, do_sample=False)

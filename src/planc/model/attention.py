@@ -13,6 +13,8 @@ tests/test_memory.py; transients are checked against the fake-tensor simulation 
 
 from __future__ import annotations
 
+import functools
+
 from planc.model.cache import LayerCache
 from planc.model.config import DTYPE_BYTES, FP32, Shapes
 from planc.workload import Workload
@@ -114,19 +116,23 @@ def rotary_upcasts(layer_module, shapes: Shapes) -> bool:
     """
     import sys
 
+    if layer_module is None or not shapes.num_attention_heads or not shapes.head_dim:
+        return False
+    modeling = (sys.modules.get(type(module).__module__) for module in layer_module.modules())
+    function = next((f for f in (getattr(m, "apply_rotary_pos_emb", None) for m in modeling) if callable(f)), None)
+    if function is None:
+        return False
+    return _upcasts(function, shapes.num_attention_heads, shapes.num_key_value_heads, shapes.head_dim)
+
+
+@functools.lru_cache(maxsize=64)
+def _upcasts(function, heads: int, kv_heads: int, head_dim: int) -> bool:
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
-    if layer_module is None or not shapes.num_attention_heads or not shapes.head_dim:
-        return False
-    function = next((getattr(sys.modules.get(type(m).__module__), "apply_rotary_pos_emb", None)
-                     for m in layer_module.modules()
-                     if callable(getattr(sys.modules.get(type(m).__module__), "apply_rotary_pos_emb", None))), None)
-    if function is None:
-        return False
-    tokens, dim = 4, shapes.head_dim
-    queries = 1 * shapes.num_attention_heads * tokens * dim
+    tokens = 4
+    queries = heads * tokens * head_dim
     upcast = []
 
     class Dtypes(TorchDispatchMode):
@@ -141,8 +147,8 @@ def rotary_upcasts(layer_module, shapes: Shapes) -> bool:
 
     try:
         with Dtypes():
-            function(empty(1, shapes.num_attention_heads, tokens, dim), empty(1, shapes.num_key_value_heads, tokens, dim),
-                     empty(1, tokens, dim), empty(1, tokens, dim))
+            function(empty(1, heads, tokens, head_dim), empty(1, kv_heads, tokens, head_dim),
+                     empty(1, tokens, head_dim), empty(1, tokens, head_dim))
     except Exception:  # noqa: BLE001 - a rotary of another signature (partial, multimodal sections)
         return False
     return any(upcast)
