@@ -179,6 +179,17 @@ def test_balance_evens_out_identical_cards():
     assert abs(layers.count(0) - layers.count(1)) <= 1
 
 
+def test_among_equal_splits_the_idle_gpus_are_the_last():
+    # GPU 0 holds the tied embedding and head, the heaviest segment whatever the split: every
+    # spread of the layers over the other cards that stays under it is optimal, with or without
+    # some cards idle. The plan a user reads uses GPUs 0..k and leaves the rest.
+    graph = make_graph([100] * 6, 300, 0, tied=True)
+    gpus = [gpu(index, 1000, 900) for index in range(8)]
+    result = solve(graph, gpus, None, None, WORKLOAD, RESERVE, "latency")
+    used = sorted({device for device in result.device_of.values()})
+    assert used == list(range(len(used))) and len(used) < len(gpus), result.device_of
+
+
 def test_offload_only_when_needed_and_as_little_as_possible():
     graph = make_graph([200] * 6, 50, 50, tied=False)
     cpu = Target("cpu", 8 * 2**30, 0, 0, "flash", False)

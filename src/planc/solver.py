@@ -454,13 +454,19 @@ def _solve_fixed(problem: _Problem, order: tuple[Target, ...], m: int, cap: floa
     for j, target in enumerate(order):
         new: list[list[tuple[int, float] | None]] = [[None] * (n + 1) for _ in range(every + 1)]
         parent: list[list[tuple[int, int] | None]] = [[None] * (n + 1) for _ in range(every + 1)]
+        if j > 0:
+            # This GPU stays unused. Tried before every segment, so that among equal splits the one
+            # whose earlier GPUs hold the units wins (GPUs 0-6 of 8, not 0 and 2-7): the idle GPUs
+            # come last.
+            for placed in range(every + 1):
+                for i in range(n + 1):
+                    if best[placed][i] is not None:
+                        _relax(new[placed], parent[placed], i, (i, placed), *best[placed][i])
         for placed in range(every + 1):
             for i in range(n + 1):
                 if best[placed][i] is None:
                     continue
                 base_cost, base_util = best[placed][i]
-                if j > 0:
-                    _relax(new[placed], parent[placed], i, (i, placed), base_cost, base_util)  # this GPU stays unused
                 for groups in _subsets(every & ~placed):
                     after = new[placed | groups]
                     for end, seg_cost, util in ev.row(target, j == 0, i, groups):
