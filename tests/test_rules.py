@@ -403,3 +403,35 @@ def test_the_bundled_rules_use_the_whole_language():
     assert set().union(*(_condition_keys(rule.when) for rule in rules)) == set(planc.rules._CONDITIONS)
     assert {key for rule in rules for key, _ in rule.effect} == set(planc.rules._EFFECTS)
     assert {rule.stage for rule in rules} == set(planc.rules.STAGES)
+
+
+def test_xlnet_generates_only_in_float32_so_auto_plans_it_there_and_half_precision_is_refused(tmp_path):
+    # Held to transformers itself: when its XLNet generates in bfloat16, these rules must go.
+    import torch
+    from click.testing import CliRunner
+    from hybrid_models import compile_for_a100s
+    from transformers import XLNetConfig, XLNetLMHeadModel
+
+    from planc.cli import main
+
+    config = XLNetConfig(vocab_size=64, d_model=32, n_layer=2, n_head=2, d_inner=64, architectures=["XLNetLMHeadModel"])
+    prompt = torch.tensor([[1, 2, 3]])
+    model = XLNetLMHeadModel(config).eval()
+    with torch.no_grad():
+        assert model.generate(prompt, max_new_tokens=2, min_new_tokens=2, do_sample=False).shape == (1, 5)
+        for dtype in (torch.bfloat16, torch.float16):
+            with pytest.raises(RuntimeError, match="same dtype"):
+                model.to(dtype).generate(prompt, max_new_tokens=2, do_sample=False)
+
+    plan = compile_for_a100s(tmp_path, config.to_dict(), 1, 64)
+    assert plan.dtype == "float32"
+    assert "dtype.auto-float32-half-precision-fails" in [d.id for d in plan.decisions]
+
+    spec = (tmp_path / "spec.yaml").read_text().replace("model: {config: config.json}",
+                                                       "model: {config: config.json, dtype: bfloat16}")
+    (tmp_path / "spec.yaml").write_text(spec)
+    result = CliRunner().invoke(main, ["compile", str(tmp_path / "spec.yaml"), "-o", str(tmp_path / "half.lock")])
+    assert result.exit_code == 2
+    assert "generates only in float32" in result.output and "set dtype to float32 or auto" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "half.lock").exists()

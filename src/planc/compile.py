@@ -281,6 +281,7 @@ def _model_facts(graph, quantization: str | None = None):
         skip_keys=graph.skip_keys,
         quantization=quantization,
         mixer_families=graph.mixer_families,
+        half_precision_generates=graph.half_precision_generates,
     )
 
 

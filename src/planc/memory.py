@@ -20,11 +20,16 @@ Terms (per device):
   intermediates; a vision block's over all images of the batch, `planc.model.vision`; a gated
   cross-attention block's over the step and every image token, `planc.model.gated_cross`; an
   encoder-decoder's encoder block over the source tokens and a decoder layer's cross-attention,
-  `planc.model.encoder_decoder`), plus one
+  `planc.model.encoder_decoder`; what a module keeps beyond those formulas: an fp32 rotary, an
+  activation's branches, the scores an attention of its own keeps, some while the next layer
+  runs), plus one
   layer's KV (torch.cat in DynamicCache.update copies the part that grows with tokens each step;
   states are updated in place), plus the logits of the last position on the device holding
   lm_head (generate keeps only the last position and upcasts it to fp32; every position of the
-  step where the forward takes no logits_to_keep), and on the main device their copy.
+  step where the forward takes no logits_to_keep), and on the main device their copy; the main
+  device also peaks while it builds the attention masks, before any layer runs
+  (`attention.mask_build_bytes`), and the embeddings' device runs a parameter-free fp32 norm
+  placed before the layers (`planc.model.norm`).
 - staging: weights of offloaded (cpu/disk) units are copied to their execution device one unit
   at a time (accelerate's AlignDevicesHook); the largest such unit.
 - reserve: CUDA context + cuBLAS workspace + allocator slack on (kv + activations + staging).
@@ -34,7 +39,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planc.model import attention, encoder_decoder, indexed, mlp, vision
+from planc.model import attention, encoder_decoder, indexed, mlp, norm, vision
 from planc.model.cache import FALLBACK
 from planc.model.config import DTYPE_BYTES, Shapes
 from planc.model.graph import ModelGraph, Unit
@@ -113,6 +118,11 @@ def mixer_activation_bytes(
     return mixing
 
 
+def rotary_tables_bytes(shapes: Shapes, workload: Workload, dtype: str) -> int:
+    """The step's rotary cos and sin tables (b x t x head_dim each, in the model dtype)."""
+    return 2 * workload.batch_size * workload.step_tokens * shapes.head_dim * DTYPE_BYTES[dtype]
+
+
 def layer_activation_bytes(
     shapes: Shapes,
     unit: Unit,
@@ -133,13 +143,14 @@ def layer_activation_bytes(
     b, t, h = workload.batch_size, workload.step_tokens, shapes.hidden_size
     # Residual stream, its normed copy, the incoming copy a device hop makes, the block output,
     # and the rotary cos/sin tables.
-    hidden = 4 * b * t * h * e + 2 * b * t * shapes.head_dim * e
+    hidden = 4 * b * t * h * e + rotary_tables_bytes(shapes, workload, dtype)
     mixer = mixer_activation_bytes(shapes, unit, workload, dtype, backend, mixer_path)
     # A quantized module's kernel allocates beside the block's own intermediates: bitsandbytes and
     # the int-packed kernels dequantize a whole weight for a prefill; fp8 quantizes its input.
     quantized = unit.quant_prefill_transient + unit.quant_token_transient * b * t
     feed_forward = mlp.transient_bytes(
-        shapes, unit.moe, workload, dtype, model_type, unit.experts_token_transient, unit.every_expert
+        shapes, unit.moe, workload, dtype, model_type, unit.experts_token_transient, unit.every_expert,
+        unit.mlp_activation,
     )
     return hidden + max(mixer, feed_forward) + quantized
 
@@ -210,8 +221,11 @@ class Load:
     logits: int = 0
     staging: int = 0
     executes: bool = False
+    layers: int = 0  # layers executing here
+    carried: int = 0  # what a layer leaves alive while the next one runs (attention.kept_scores_bytes)
     mask: int = 0  # attention masks held while this device's layers run (see mask_bytes)
     main: bool = False  # the main device builds the masks, whether or not it runs layers
+    mask_build: int = 0  # the main device's peak while it builds them, before any layer runs
     # The head's logits, which the root module's hook (io_same_device) copies to the main device
     # after every layer ran: held there alone, whichever device computed them.
     returned_logits: int = 0
@@ -224,6 +238,8 @@ class Load:
         self.layer_activation = max(self.layer_activation, cost.activation)
         self.layer_kv = max(self.layer_kv, cost.kv_copy)
         self.logits = max(self.logits, cost.logits)
+        self.carried = max(self.carried, cost.carried)
+        self.layers += cost.is_layer
         self.executes = True
 
     def activations(self, shapes: Shapes, workload: Workload, dtype: str) -> int:
@@ -235,11 +251,15 @@ class Load:
         # device holding just lm_head gets none).
         mask = self.mask if (self.main or self.layer_activation) else 0
         step = max(self.layer_activation, floor) + mask
+        if self.layers > 1:
+            # A layer's kept output beside the next layer's peak, where both run here.
+            step += self.carried
         # DynamicCache.update's torch.cat copies one layer's cache: at every decode step, and at
         # every prefill chunk after the first (while that chunk's activations are alive).
         if workload.step_tokens < workload.max_seq_len:
             step += self.layer_kv
-        return max(max(step, self.layer_kv) + self.logits, self.returned_logits)
+        building = floor + self.mask_build if self.main else 0
+        return max(max(step, self.layer_kv, building) + self.logits, self.returned_logits)
 
 
 def reserve_bytes(reserve: Reserve, kv: int, activations: int, staging: int, gpu: bool) -> int:
@@ -262,6 +282,8 @@ class UnitCost:
     host_decode_bytes: int = 0  # decode_bytes when offloaded
     offloadable: bool = True
     kv_copy: int = 0  # what one cache update copies (the token-growing part of kv)
+    is_layer: bool = False
+    carried: int = 0  # bytes of its output the model keeps while the next layer runs
 
 
 def unit_costs(
@@ -298,6 +320,10 @@ def unit_costs(
                 activation = encoder_peak
             else:
                 activation = vision_peak if unit.vision else 0
+            if unit.fp32_norm_after:
+                # The norm runs on this unit's device, beside the rotary cos/sin tables made there.
+                normed = norm.fp32_norm_transient_bytes(shapes.hidden_size, workload, graph.dtype)
+                activation = max(activation, normed + rotary_tables_bytes(shapes, workload, graph.dtype))
             per_unit[unit.name] = UnitCost(
                 weights=unit.weight_bytes,
                 # A layer's cache; the embedding unit's is the state some recurrent models keep
@@ -312,6 +338,9 @@ def unit_costs(
                 host_decode_bytes=decode_read_bytes(unit, graph.shapes_of(unit), workload, offloaded=True),
                 offloadable=unit.offloadable,
                 kv_copy=unit_kv_copy_bytes(unit, workload) if is_layer else 0,
+                is_layer=is_layer,
+                carried=attention.kept_scores_bytes(graph.shapes_of(unit), unit.cache, workload, graph.dtype, backend)
+                if is_layer else 0,
             )
         output[backend] = per_unit
     return output

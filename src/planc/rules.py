@@ -79,6 +79,8 @@ class ModelFacts:
     quantization: str | None = None  # planc's method name (planc.model.quant), None for dense weights
     # Families of the model's state-keeping sequence mixers (gated_deltanet, mamba2, ...), sorted.
     mixer_families: tuple[str, ...] = ()
+    # transformers' generate runs the model in bfloat16 and float16 (not XLNet's: planc.model.attention.FP32_ONLY_ATTENTION).
+    half_precision_generates: bool = True
 
     def __post_init__(self):
         # The caller normalises config.dtype; anything else here is a bug in the caller.
@@ -248,6 +250,7 @@ _CONDITIONS: dict[str, _Condition] = {
     ),
     "checkpoint_dtype": _Condition(_parse_choice(*DTYPES, None), lambda s, v: _holds(s.facts.checkpoint_dtype in v)),
     "is_moe": _Condition(_parse_bool, lambda s, v: _holds(s.facts.is_moe == v)),
+    "half_precision_generates": _Condition(_parse_bool, lambda s, v: _holds(s.facts.half_precision_generates == v)),
     "head_dim_at_most": _Condition(_parse_int, lambda s, v: _holds(s.facts.head_dim <= v)),
     "forced_attn_implementation": _Condition(
         _parse_names, lambda s, v: _holds(s.facts.forced_attn_implementation in v)

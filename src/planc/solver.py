@@ -136,7 +136,7 @@ class _Problem:
     costs: dict  # backend -> unit -> UnitCost
     groups: tuple[tuple[str, ...], ...] = ()  # tied decoder layers, each group whole on one GPU
     orders: list = field(init=False)  # GPU orders up to identical cards
-    masks: dict = field(init=False)  # backend -> (main device, other devices) mask bytes
+    masks: dict = field(init=False)  # backend -> (main device, other devices, main's build peak) mask bytes
     evaluators: dict = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -213,7 +213,8 @@ class _Evaluator:
         self.p = problem
         self.main = main
         # The main GPU runs offloaded units (weights elsewhere) and pinned ones (weights here).
-        extra = Load(executes=True, mask=problem.masks[main.backend][0], main=True,
+        held, _, building = problem.masks[main.backend]
+        extra = Load(executes=True, mask=held, main=True, mask_build=building,
                      returned_logits=returned_logits_bytes(problem.graph, problem.workload))
         for name in offloaded:
             extra.add(problem.cost(main.backend, name), resident=False)
@@ -304,7 +305,8 @@ def _offload_split(problem: _Problem, offloaded: list[str], main: Target | None)
     executing_on_cpu = main is None
     # CPU ledger: resident weights; when the CPU executes (no GPUs) also every offloaded layer's
     # KV cache and activations, and a staging copy of the largest unit read back from disk.
-    fixed = Load(executes=executing_on_cpu, mask=problem.masks[cpu.backend][0], main=True)
+    held, _, building = problem.masks[cpu.backend]
+    fixed = Load(executes=executing_on_cpu, mask=held, main=True, mask_build=building)
     floating = 0
     if executing_on_cpu:
         for name in offloaded:
@@ -684,7 +686,8 @@ def _host_ledgers(problem: _Problem, main: Target | None, on_cpu: list[str], on_
     if cpu is None:
         return ledgers
     executing = main is None
-    load = Load(executes=executing, mask=problem.masks[cpu.backend][0], main=True)
+    held, _, building = problem.masks[cpu.backend]
+    load = Load(executes=executing, mask=held, main=True, mask_build=building)
     if executing:
         on_cpu = on_cpu + list(_group_members(problem))  # without GPUs the tie groups run here too
     for name in on_cpu + (on_disk if executing else []):

@@ -114,6 +114,13 @@ class LayerCache:
     # whole context, built in the model dtype beside the causal mask (attention.dynamic_mask_bytes).
     dynamic_mask_keep: int = 0
     fixed_bytes: int = 0  # per layer whatever the batch (a quantized cache's scales)
+    # What the layer's attention module does beyond transformers' eager_attention_forward
+    # (attention.OWN_EAGER_SCORES, attention.rotary_upcasts): model-dtype copies of the eager
+    # scores alive at the softmax; whether the model keeps the probabilities the layer returns
+    # while the next layer runs; whether its rotary embedding is computed in fp32.
+    eager_score_copies: int = 1
+    scores_outlive_layer: bool = False
+    fp32_rotary: bool = False
     # The state is kept on the input embeddings' device, whichever device runs the layer: the
     # graph charges it to the embedding unit and leaves this layer's state_bytes 0.
     on_input_device: bool = False

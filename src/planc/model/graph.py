@@ -16,11 +16,13 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from planc.errors import ModelError
+from planc.model.attention import half_precision_generates
 from planc.model.build import meta_model
 from planc.model.cache import LayerCache, cache_keyword, layer_caches, refuse_unsized
 from planc.model.config import Shapes, config_value, checkpoint_dtype, known_model_type, layer_shapes, shapes_of, text_config
 from planc.model.gated_cross import GatedCrossAttention, gated_cross_of, runs_image_cross_attention
 from planc.model.encoder_decoder import Encoder, cross_attention_bytes_per_token, decoder_shapes, encoder_of, encoder_path
+from planc.model.mlp import sized_activation
 from planc.model.vision import Vision, vision_of
 
 if TYPE_CHECKING:
@@ -52,9 +54,14 @@ class Unit:
     # Its experts take no routing (Llama 4's Llama4TextExperts): every token runs through every
     # expert, scaled by the router's scores, rather than through its top k.
     every_expert: bool = False
+    # Its activation module's class when its peak is sized apart (planc.model.mlp.ACTIVATION_PEAK_BYTES).
+    mlp_activation: str = ""
     shapes: Shapes | None = None  # this layer's own numbers where the config varies them by layer; else the model's
     vision: bool = False  # the vision tower or its projector: runs once per prefill over the images
     encoder: bool = False  # an encoder-decoder's encoder (model.get_encoder()): runs once per prefill over the source
+    # A parameter-free norm computing in fp32 runs on this unit's output before the layers, on its
+    # device (NanoChat's model.norm after embed_tokens; it has no weights, so no device of its own).
+    fp32_norm_after: bool = False
     # Under the model's tensor-parallel plan: (size of the split dimension, bytes) per tensor the
     # plan shards across ranks (the rest of the unit is replicated), and (kind, elements per
     # token) per collective its forward makes ("all_reduce" of partial sums, "all_gather" of shards).
@@ -115,6 +122,8 @@ class ModelGraph:
     # the model names none; the last unit then. (Not always the last unit: a vision projector's
     # norm outside the decoder is ordered after it.)
     head: str | None = None
+    # generate runs it in bfloat16 and float16 (planc.model.attention.half_precision_generates).
+    half_precision_generates: bool = True
 
     def shapes_of(self, unit: Unit) -> Shapes:
         """The numbers a unit's formulas use: its own where the config varies them by layer."""
@@ -323,6 +332,14 @@ def _traced_order(model, layer_names: list[str], pair: bool) -> dict[str, int] |
             else:
                 layer.forward = own
     return order
+
+
+def _native_norm(module) -> bool:
+    """A torch norm (one kernel, no fp32 copies beside its output), not a transformers RMSNorm that upcasts."""
+    import torch
+
+    native = (torch.nn.LayerNorm, torch.nn.GroupNorm, getattr(torch.nn, "RMSNorm", torch.nn.LayerNorm))
+    return isinstance(module, native)
 
 
 def _position_limit(model, pre_units: list[str], text) -> tuple[int | None, str]:
@@ -606,7 +623,15 @@ def build_model_graph(
         if module is None and owner_of(name) and not layer_prefix.startswith(owner_of(name) + ".")
         and not name.startswith(layer_prefix) and not any(name.startswith(t + ".") for t in towers)
     ]
-    calls = _call_order(model, layer_names) if suspicious or unusual or detached else None
+    # And so do parameter-free norms outside the layers: accelerate places nothing for them, so
+    # they run wherever their input is, the input embeddings' device when they run before the layers.
+    weightless_norms = [
+        name for name, module in model.named_modules()
+        if name and "norm" in type(module).__name__.lower() and not _native_norm(module)
+        and next(module.parameters(), None) is None and next(module.buffers(), None) is None
+        and not name.startswith(layer_prefix + ".") and not any(name == t or name.startswith(t + ".") for t in towers)
+    ]
+    calls = _call_order(model, layer_names) if suspicious or unusual or detached or weightless_norms else None
     last_layer_call = max((calls.get(n, -1) for n in layer_names), default=-1) if calls else -1
     detached_set = set(detached)
 
@@ -633,6 +658,9 @@ def build_model_graph(
 
     tied_groups = tuple(tuple(sorted(group)) for group in find_tied_parameters(model))
     tied_names = {name for group in tied_groups for name in group}
+    first_layer_call = min((calls.get(n, len(calls)) for n in layer_names), default=0) if calls else 0
+    input_norm = any(calls.get(name, first_layer_call) < first_layer_call for name in weightless_norms) if calls else False
+    input_embeddings = model.get_input_embeddings() if input_norm else None
     pre, layers, post = [], [], []
     crosses: dict[str, Unit] = {}
     layer_index = 0
@@ -654,7 +682,8 @@ def build_model_graph(
             layers.append(
                 Unit(name, weight, "layer", layer_index, caches[layer_index], experts > 0, experts,
                      shapes=per_layer[layer_index] if per_layer[layer_index] != shapes else None,
-                     every_expert=experts > 0 and _runs_every_expert(module), **quant)
+                     every_expert=experts > 0 and _runs_every_expert(module),
+                     mlp_activation=sized_activation(module), **quant)
             )
             layer_index += 1
         elif name in cross_set:
@@ -673,7 +702,7 @@ def build_model_graph(
             ) and not any(name == t or name.startswith(t + ".") for t in towers)
             in_encoder = encoder is not None and (name == encoder or name.startswith(encoder + "."))
             pre.append(Unit(name, weight, "pre", row_bytes=row, vision=vision and not in_encoder, encoder=in_encoder,
-                            **quant))
+                            fp32_norm_after=input_norm and module is input_embeddings, **quant))
     if calls is not None:
         # After the layers, in the order they run (Gemma 3n unembeds its altup streams, then norms).
         post.sort(key=lambda unit: len(calls) if call_of(unit.name) is None else call_of(unit.name))
@@ -747,6 +776,7 @@ def build_model_graph(
         head=next((name for name, module, tensors in raw_units if tensors and module is not None
                    and module is output_embeddings), None),
         logits_soft_capped=getattr(text_config(config), "output_logit_soft_cap", None) is not None,
+        half_precision_generates=half_precision_generates(model),
         parallel=parallel,
         encoder=encoder_info,
     )

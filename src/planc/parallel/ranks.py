@@ -142,7 +142,8 @@ def rank_ledgers(
             costs = unit_costs(view, workload, [slot.backend], mixer_path)[slot.backend]
             # Every rank runs the model's forward itself, so each builds its own attention masks.
             stage_layers = [unit for unit in view.units if unit.name in set(names)]
-            load = Load(executes=True, mask=mask_bytes(stage_layers, workload, slot.backend, view.dtype)[0], main=True)
+            held, _, building = mask_bytes(stage_layers, workload, slot.backend, view.dtype)
+            load = Load(executes=True, mask=held, main=True, mask_build=building)
             for name in names:
                 load.add(costs[name])
             if stage < layout.pp - 1:
