@@ -379,36 +379,36 @@ def compile_plan(
 
     wanted = considered_strategies(spec, inventory)
     strategy_note = None
+    # Planned for one process only: (decision id, the refusal's middle, the reason, its source).
+    one_process = None
     if quantization is not None or spec.model.kv_cache is not None:
         what = f"{quantization.method} weights" if quantization is not None else f"a {spec.model.kv_cache} KV cache"
+        one_process = (
+            "parallel.quantized-device-map", f" with {what}: planc sizes quantized layouts",
+            f"planc sizes {what} for one process only: the model's TP plan shards dense tensors, and the quantized "
+            "layouts' per-rank shares are not modelled",
+            "planc.model.quant; transformers distributed/tensor_parallel.py",
+        )
+    elif probe.encoder is not None:
+        one_process = (
+            "parallel.encoder-decoder-device-map",
+            f": {probe.architecture} is an encoder-decoder model, and planc plans those",
+            f"{probe.architecture} is an encoder-decoder model: transformers' pipeline split moves a decoder-only "
+            "layout, and planc does not size an encoder's or a cross-attention's per-rank shares",
+            "planc.model.encoder_decoder",
+        )
+    if one_process is not None:
+        decision_id, refusal, reason, source = one_process
         if spec.policy.parallelism in ("tensor", "pipeline"):
             raise SpecError(
-                f"policy.parallelism {spec.policy.parallelism} with {what}: planc sizes quantized layouts for one "
-                "process (an accelerate device_map) only; set policy.parallelism: device_map or auto"
+                f"policy.parallelism {spec.policy.parallelism}{refusal} "
+                "for one process (an accelerate device_map) only; set policy.parallelism: device_map or auto"
             )
         if wanted != {"device_map"}:
             strategy_note = Decision(
-                id="parallel.quantized-device-map",
+                id=decision_id,
                 decision="one process (accelerate device_map); tensor and pipeline parallelism not weighed",
-                reason=f"planc sizes {what} for one process only: the model's TP plan shards dense tensors, and "
-                "the quantized layouts' per-rank shares are not modelled",
-                source="planc.model.quant; transformers distributed/tensor_parallel.py",
-            )
-            wanted = {"device_map"}
-    if probe.encoder is not None:
-        if spec.policy.parallelism in ("tensor", "pipeline"):
-            raise SpecError(
-                f"policy.parallelism {spec.policy.parallelism}: {probe.architecture} is an encoder-decoder model, and "
-                "planc plans those for one process (an accelerate device_map) only; set policy.parallelism: "
-                "device_map or auto"
-            )
-        if wanted != {"device_map"}:
-            strategy_note = Decision(
-                id="parallel.encoder-decoder-device-map",
-                decision="one process (accelerate device_map); tensor and pipeline parallelism not weighed",
-                reason=f"{probe.architecture} is an encoder-decoder model: transformers' pipeline split moves a "
-                "decoder-only layout, and planc does not size an encoder's or a cross-attention's per-rank shares",
-                source="planc.model.encoder_decoder",
+                reason=reason, source=source,
             )
             wanted = {"device_map"}
     if wanted == {"device_map"}:

@@ -143,10 +143,10 @@ class _Problem:
         self.orders = _orders(self.gpus) if self.gpus else [()]
         self.masks = {backend: self._masks(backend) for backend in self.costs}
 
-    def _masks(self, backend: str) -> tuple[int, int]:
-        main, other = mask_bytes(self.graph.units, self.workload, backend, self.graph.dtype)
+    def _masks(self, backend: str) -> tuple[int, int, int]:
+        main, other, building = mask_bytes(self.graph.units, self.workload, backend, self.graph.dtype)
         # The main device also holds the image mask of gated cross-attention blocks (Idefics).
-        return main + main_mask_bytes(self.graph, self.workload), other
+        return main + main_mask_bytes(self.graph, self.workload), other, building
 
     def cost(self, backend: str, name: str):
         return self.costs[backend][name]
