@@ -31,6 +31,7 @@ MODEL = "tiny-qwen3"
 READY = re.compile(r"serving \S+ on http://127\.0\.0\.1:(\d+)/v1")
 STARTUP_TIMEOUT = 240
 POISON = [5, 5, 5, 5]  # a prompt starting with these token ids fails once it has generated a token
+HOLD = "hold"  # while this file exists in the server's folder, its decoding pauses (FAULTY_LAUNCHER)
 
 SPEC = """\
 planc: 1
@@ -41,6 +42,9 @@ policy: {{offload: cpu{policy}}}
 """
 
 FAULTY_LAUNCHER = f"""\
+import os
+import time
+
 from transformers import LogitsProcessor
 from transformers.generation.utils import GenerationMixin
 
@@ -51,6 +55,10 @@ class Poison(LogitsProcessor):
     def __call__(self, input_ids, scores):
         if input_ids[0, :{len(POISON)}].tolist() == {POISON} and input_ids.shape[1] > self.prompt_length:
             raise RuntimeError("injected fault")
+        # While the test's hold file exists, a decode step of two sequences pauses: the requests in
+        # flight keep their slots however slow the machine is.
+        while os.path.exists("{HOLD}") and input_ids.shape[0] > 1:
+            time.sleep(0.01)
         return scores
 
 original = GenerationMixin._get_logits_processor
@@ -394,6 +402,13 @@ def hold(server: Server, prompt: str, max_tokens: int, started: threading.Event,
     results.append("".join(chunk.choices[0].text for chunk in chunks))
 
 
+def wait_for(condition, server: Server, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, server.health()
+        time.sleep(0.05)
+
+
 def test_beyond_batch_size_requests_queue_and_beyond_the_queue_get_429(tight):
     import openai
 
@@ -401,18 +416,20 @@ def test_beyond_batch_size_requests_queue_and_beyond_the_queue_get_429(tight):
     results: list[str] = []
     threads = [threading.Thread(target=hold, args=(tight, f"A device map {i}", 80, started[i], results))
                for i in range(3)]
-    for thread in threads[:2]:
-        thread.start()
-    assert all(event.wait(120) for event in started[:2])
-    threads[2].start()
-    deadline = time.monotonic() + 60
-    while tight.health()["queued"] < 1:
-        assert time.monotonic() < deadline, tight.health()
-        time.sleep(0.05)
-    assert tight.health()["in_flight"] == 2 and not started[2].is_set()  # waiting: no response yet
+    paused = tight.log.parent / HOLD
+    paused.touch()  # the two in flight keep their slots until the checks are done
+    try:
+        for thread in threads[:2]:
+            thread.start()
+        wait_for(lambda: tight.health()["in_flight"] == 2, tight)
+        threads[2].start()
+        wait_for(lambda: tight.health()["queued"] == 1, tight)
+        assert tight.health()["in_flight"] == 2 and not started[2].is_set()  # waiting: no response yet
 
-    with pytest.raises(openai.RateLimitError) as refused:
-        tight.client().completions.create(model=MODEL, prompt="one more", max_tokens=2)
+        with pytest.raises(openai.RateLimitError) as refused:
+            tight.client().completions.create(model=MODEL, prompt="one more", max_tokens=2)
+    finally:
+        paused.unlink()
 
     response = refused.value.response
     assert response.status_code == 429 and int(response.headers["retry-after"]) >= 1
