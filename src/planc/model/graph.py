@@ -649,6 +649,9 @@ def build_model_graph(
         if module is not None and module is output_embeddings:
             return True
         in_tower = any(name.startswith(t + ".") or name == t for t in towers) or in_resampler(name)
+        # A projector between the vision tower and the text model runs before both (Florence2's
+        # multi_modal_projector.image_proj_norm is a norm outside the layers, and no final norm).
+        in_tower = in_tower or any(part.endswith("projector") for part in name.split(".")[:-1])
         if in_tower or name.startswith(layer_prefix) or (module is None and name not in detached_set):
             return False
         call = call_of(name)
@@ -717,6 +720,9 @@ def build_model_graph(
         encoder_limit, _ = _position_limit(model, [u.name for u in pre if u.encoder], model.get_submodule(encoder).config)
         encoder_info = replace(encoder_info, position_limit=encoder_limit)
         pre = _encoder_output_on_last_unit(pre, encoder_info, dtype)
+    vision = vision_of(config, vision_towers)
+    if vision is not None and vision.stages:
+        vision = replace(vision, extra_tokens=image_tokens_added(model, vision))
     units = tuple(pre + layers + post)
     all_records = [r for r in (held(m) for m in model.modules()) if r is not None]
     dense_bytes = sum(u.weight_bytes for u in units) + sum(r.dense_bytes - r.quantized_bytes for r in all_records)
@@ -767,7 +773,7 @@ def build_model_graph(
         dense_weight_bytes=dense_bytes,
         inferred_no_split=inferred,
         config_class=None if known_model_type(config_dict["model_type"]) else type(config).__name__,
-        vision=vision_of(config, vision_towers),
+        vision=vision,
         position_limit=position_limit,
         position_table=position_table,
         needs_images=generates_from_images(model),
@@ -793,10 +799,46 @@ def _interleave(layers: list[Unit], crosses: dict[str, Unit], gated_cross: Gated
         chain.extend(before.pop(layer.layer_index, []))
         chain.append(layer)
     return chain
+def places_image_features(model) -> bool:
+    """A text encoder whose image tokens are placeholders in input_ids: the model runs its vision tower
+    and projector before the encoder and scatters their features over the image-token positions
+    (Florence2: get_placeholder_mask, masked_scatter), so the encoder's source is the prompt's ids,
+    the processor's image tokens included, and the tower is a vision tower ahead of it."""
+    encoder = model.get_encoder()
+    tower_outside = not any(name.endswith("vision_tower") or name.endswith("vision_model")
+                            for name, _ in encoder.named_modules())
+    return hasattr(model, "get_placeholder_mask") and hasattr(model, "get_image_features") and tower_outside
+
+
+def image_tokens_added(model, vision) -> int:
+    """Tokens get_image_features gives beyond the tower's output grid (Florence2's projector appends a
+    mean-over-positions token), from one run on meta tensors at the smallest side of whole windows."""
+    import torch
+
+    if not vision.stages or not hasattr(model, "get_image_features"):
+        return 0
+    side, stride = vision.stages[-1].window, 1
+    for stage in vision.stages:
+        stride *= stage.stride
+    side *= stride
+    channels = config_value(model.config.vision_config, "in_channels", "num_channels", default=3)
+    pixels = torch.empty(1, channels, side, side, dtype=model.dtype, device="meta")
+    with torch.no_grad():
+        out = model.get_image_features(pixel_values=pixels)
+    features = getattr(out, "pooler_output", None)
+    features = out if features is None else features
+    from planc.workload import Workload
+
+    grid = vision.patches_per_image(Workload(1, 1, image_size=side))
+    return int(features.shape[1]) - grid
+
+
 def _refuse_unplanned_encoder(model, encoder: str | None) -> None:
     """Encoder-decoder models whose source planc cannot size yet: an encoder that is no submodule, or
-    one that merges image features into the text encoder's tokens (Florence2, Udop, T5Gemma2), where
-    the source length is the prompt's tokens plus tokens of the image that planc does not count yet."""
+    one that merges image features into the text encoder's tokens inside the encoder (T5Gemma2) or
+    beside the text (Udop's combine_image_text_embeddings), where the source length is the prompt's
+    tokens plus tokens of the image that planc does not count yet. Florence2's placeholders are
+    counted (places_image_features)."""
     architecture = type(model).__name__
     if encoder is None:
         raise ModelError(f"{architecture} is an encoder-decoder model whose get_encoder() is no submodule planc can place")
@@ -813,7 +855,7 @@ def _refuse_unplanned_encoder(model, encoder: str | None) -> None:
                 f"patch embedding ({', '.join(convolutions[1:3])}): the decoder's source is not the patch grid, and "
                 "planc sizes image encoders whose output is one token per patch"
             )
-    if main_input == "input_ids" and image_inputs:
+    if main_input == "input_ids" and image_inputs and not places_image_features(model):
         raise ModelError(
             f"{architecture} is an encoder-decoder model whose encoder reads the prompt's tokens and the image's "
             f"({', '.join(sorted(image_inputs))} beside input_ids): planc plans encoders of text alone or of images "

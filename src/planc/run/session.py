@@ -58,6 +58,12 @@ class Session:
             if self.processor is None:
                 self.processor = load_processor(self.machine.folder, self.plan)
             batch = encode_source_image(self.processor, self.model, prompts, images[0], self.plan, max_new_tokens)
+        elif encoder is not None and images and self.plan.workload.images_per_sequence:
+            # A text encoder whose image tokens are placeholders (Florence2): the processor places the
+            # image's tokens in the source, generate the image's features at them.
+            if self.processor is None:
+                self.processor = load_processor(self.machine.folder, self.plan)
+            batch = encode_with_images(self.processor, prompts, images, self.plan, max_new_tokens)
         elif encoder is not None and images:
             raise UsageError(
                 f"{type(self.model).__name__} is an encoder-decoder model whose encoder reads text: --image has "
