@@ -122,7 +122,7 @@ def _staged_vision_of(vision, towers: tuple[str, ...]) -> Vision:
 def _staged_transient_bytes(vision: Vision, workload: Workload, dtype: str, backend: str, text_hidden: int) -> int:
     """A multi-stage tower's peak: its largest stage block (the residual stream and its copies over the
     stage's grid, then the larger of its window attention, over images x windows of window^2 tokens,
-    and its feed-forward over the grid), and the projector's output in the text width."""
+    and its ungated feed-forward over the grid), and the projector's output in the text width."""
     images = workload.batch_size * workload.images_per_sequence
     e = DTYPE_BYTES[dtype]
     side = vision._side(workload)
@@ -134,10 +134,11 @@ def _staged_transient_bytes(vision: Vision, workload: Workload, dtype: str, back
         windows = images * (padded // stage.window) ** 2
         # Steps of the tower's own tokens (no encoder-decoder source: they run whole, not one a step).
         window_step = Workload(windows, stage.window ** 2)
-        grid_step = Workload(images, tokens)
         hidden = 4 * images * padded * padded * stage.shapes.hidden_size * e
         mixer = attention.transient_bytes(stage.shapes, None, window_step, dtype, backend)
-        peak = max(peak, hidden + max(mixer, mlp.transient_bytes(stage.shapes, False, grid_step, dtype)))
+        # Its feed-forward is fc1 -> activation -> fc2 (Florence2VisionMLP, no gate): two intermediates.
+        feed_forward = 2 * images * tokens * stage.shapes.intermediate_size * e
+        peak = max(peak, hidden + max(mixer, feed_forward))
     projector = 3 * images * vision.image_tokens(workload) * max(text_hidden, vision.shapes.hidden_size) * e
     return peak + projector
 
