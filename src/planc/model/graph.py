@@ -649,14 +649,15 @@ def build_model_graph(
         if module is not None and module is output_embeddings:
             return True
         in_tower = any(name.startswith(t + ".") or name == t for t in towers) or in_resampler(name)
-        # A projector between the vision tower and the text model runs before both (Florence2's
-        # multi_modal_projector.image_proj_norm is a norm outside the layers, and no final norm).
-        in_tower = in_tower or any(part.endswith("projector") for part in name.split(".")[:-1])
         if in_tower or name.startswith(layer_prefix) or (module is None and name not in detached_set):
             return False
         call = call_of(name)
         if call is not None and last_layer_call >= 0:
             return call > last_layer_call
+        # Without a call order: a projector between the vision tower and the text model runs before
+        # both (Florence2's multi_modal_projector.image_proj_norm is a norm outside the layers, and no final norm).
+        if any(part.endswith("projector") for part in name.split(".")[:-1]):
+            return False
         return module is not None and "norm" in type(module).__name__.lower()
 
     tied_groups = tuple(tuple(sorted(group)) for group in find_tied_parameters(model))
