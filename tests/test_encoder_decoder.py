@@ -378,8 +378,10 @@ def test_a_quantized_kv_cache_is_refused(seq2seq_models, tmp_path):
 
 @pytest.mark.parametrize(("model_type", "architecture", "overrides", "reason"), [
     ("udop", "UdopForConditionalGeneration", {}, "whose encoder reads the prompt's tokens and the image's "
-     "(pixel_values beside input_ids): planc plans encoders of text alone or of images alone"),
-    ("t5gemma2", "T5Gemma2ForConditionalGeneration", {}, "whose encoder reads the prompt's tokens and the image's"),
+     "(pixel_values beside input_ids): its encoder embeds the image's patches itself and appends them to the text "
+     "tokens beside their bounding boxes (combine_image_text_embeddings)"),
+    ("t5gemma2", "T5Gemma2ForConditionalGeneration", {}, "whose encoder reads the prompt's tokens and the image's "
+     "(pixel_values beside input_ids): its encoder runs the vision tower itself (get_encoder() holds vision_tower)"),
     ("pp_formulanet", "PPFormulaNetForConditionalGeneration", {}, "whose image encoder resamples its patches after "
      "the patch embedding (neck.conv1, neck.conv2)"),
     ("t5", "T5ForConditionalGeneration", dict(num_layers=2, num_decoder_layers=3), "its 3 decoder layers update a "

@@ -1,4 +1,4 @@
-"""Encoder-decoder models (T5, BART, Pix2Struct, VisionEncoderDecoder, ...): the encoder, its output and the
+"""Encoder-decoder models (T5, BART, Florence2, Pix2Struct, VisionEncoderDecoder, ...): the encoder, its output and the
 decoder's cross-attention cache.
 
 transformers' contract (generation/utils.py `_prepare_text_encoder_decoder_kwargs_for_generation`):
@@ -21,7 +21,9 @@ What the ledger charges, and where:
   (`Workload.step_tokens`), its self-attention cache max_seq_len tokens.
 
 `workload.source_tokens` is the source length: the prompt's tokens for a text encoder (T5, BART),
-unset meaning max_seq_len; for an encoder of fixed-size images (a ViT) the patches of one image and
+unset meaning max_seq_len, image tokens included where the model scatters an image's features over
+image-token placeholders before the encoder (Florence2: the processor's image tokens, as many as
+the graph's `vision.image_tokens`; its tower is a vision tower ahead of the encoder); for an encoder of fixed-size images (a ViT) the patches of one image and
 its class token, which the image decides (a value is refused); for Pix2Struct's patch list, the
 processor's max_patches (unset: the vision config's seq_len). Checked against real caches and
 fake-tensor executions in tests/test_encoder_decoder.py.

@@ -857,10 +857,18 @@ def _refuse_unplanned_encoder(model, encoder: str | None) -> None:
                 "planc sizes image encoders whose output is one token per patch"
             )
     if main_input == "input_ids" and image_inputs and not places_image_features(model):
+        # Florence2's image features fill image-token placeholders before the encoder (planned); these
+        # merge the image inside the encoder, whose units would then hold a vision tower's peak.
+        inside = any(name.endswith(("vision_tower", "vision_model")) for name, _ in module.named_modules())
+        how = ("its encoder runs the vision tower itself (get_encoder() holds vision_tower) and scatters the "
+               "image's features over the prompt's image tokens, a tower inside the encoder that planc does not "
+               "size yet") if inside else (
+               "its encoder embeds the image's patches itself and appends them to the text tokens beside their "
+               "bounding boxes (combine_image_text_embeddings), which planc does not count in the source yet")
         raise ModelError(
             f"{architecture} is an encoder-decoder model whose encoder reads the prompt's tokens and the image's "
-            f"({', '.join(sorted(image_inputs))} beside input_ids): planc plans encoders of text alone or of images "
-            "alone, and does not yet count the tokens an image adds to the encoder's source"
+            f"({', '.join(sorted(image_inputs))} beside input_ids): {how}; planc plans text encoders, image encoders, "
+            "and text encoders whose image features fill image-token placeholders (Florence2)"
         )
 
 
