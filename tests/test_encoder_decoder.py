@@ -519,6 +519,12 @@ def test_a_florence2_plan_generates_from_text_and_image_the_tokens_of_plain_tran
     tokens = [c.token_ids for c in outcome.completions]
     assert tokens == expected and tokens[0] != tokens[1]
 
+    (tmp_path / "text").mkdir()
+    text_only = compile_to(tmp_path / "text", CPU_SPEC.format(model=florence2_model, workload=", source_tokens: 32"))
+    with pytest.raises(UsageError, match="the plan sized Florence2ForConditionalGeneration's encoder source without "
+                                         "images \\(workload.images_per_sequence 0\\): recompile"):
+        run_plan(text_only, prompts=PROMPTS, images=[image_file], max_new_tokens=2, quiet=True)
+
 
 def test_a_florence2_source_without_room_for_its_image_is_bad_input(florence2_model, tmp_path):
     workload = ", source_tokens: 16, images_per_sequence: 1, image_size: 32"
