@@ -861,8 +861,8 @@ def _refuse_unplanned_encoder(model, encoder: str | None) -> None:
         # merge the image inside the encoder, whose units would then hold a vision tower's peak.
         inside = any(name.endswith(("vision_tower", "vision_model")) for name, _ in module.named_modules())
         how = ("its encoder runs the vision tower itself (get_encoder() holds vision_tower) and scatters the "
-               "image's features over the prompt's image tokens, a tower inside the encoder that planc does not "
-               "size yet") if inside else (
+               "image's features over the prompt's image tokens, a tower inside the encoder whose peak planc does not "
+               "charge to the encoder yet") if inside else (
                "its encoder embeds the image's patches itself and appends them to the text tokens beside their "
                "bounding boxes (combine_image_text_embeddings), which planc does not count in the source yet")
         raise ModelError(
