@@ -383,7 +383,8 @@ def test_a_quantized_kv_cache_is_refused(seq2seq_models, tmp_path):
     ("t5gemma2", "T5Gemma2ForConditionalGeneration", {}, "whose encoder reads the prompt's tokens and the image's "
      "(pixel_values beside input_ids): its encoder runs the vision tower itself (get_encoder() holds vision_tower)"),
     ("pp_formulanet", "PPFormulaNetForConditionalGeneration", {}, "whose image encoder resamples its patches after "
-     "the patch embedding (neck.conv1, neck.conv2)"),
+     "the patch embedding (neck.conv1, neck.conv2): its blocks attend over the 32 x 32 patch grid of a 512 x 512 "
+     "image and the decoder cross-attends 64 resampled tokens"),
     ("t5", "T5ForConditionalGeneration", dict(num_layers=2, num_decoder_layers=3), "its 3 decoder layers update a "
      "self-attention cache that generate builds with 2 layers"),
 ])

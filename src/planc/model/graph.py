@@ -834,6 +834,30 @@ def image_tokens_added(model, vision) -> int:
     return int(features.shape[1]) - grid
 
 
+def _resampled_source(encoder) -> str:
+    """What a resampling image encoder gives the decoder, from one run on meta tensors of the config's
+    image size (PP-FormulaNet: a 32 x 32 patch grid, 64 source tokens after its neck and projector)."""
+    import torch
+
+    config = encoder.config
+    side, patch = config_value(config, "image_size", default=0), config_value(config, "patch_size", default=0)
+    side = max(side) if isinstance(side, (list, tuple)) else side
+    patch = max(patch) if isinstance(patch, (list, tuple)) else patch
+    channels = config_value(config, "num_channels", default=3)
+    try:
+        pixels = torch.empty(1, channels, side, side, dtype=encoder.dtype, device="meta")
+        with torch.no_grad():
+            out = encoder(pixel_values=pixels, return_dict=True)
+        source = getattr(out, "pooler_output", None)
+        source = out.last_hidden_state if source is None or source.dim() != 3 else source
+        tokens = int(source.shape[1])
+    except Exception:  # noqa: BLE001 - the measurement only words the refusal
+        return "the decoder's source is not the patch grid"
+    grid = side // patch if patch else 0
+    return (f"its blocks attend over the {grid} x {grid} patch grid of a {side} x {side} image and the decoder "
+            f"cross-attends {tokens} resampled tokens")
+
+
 def _refuse_unplanned_encoder(model, encoder: str | None) -> None:
     """Encoder-decoder models whose source planc cannot size yet: an encoder that is no submodule, or
     one that merges image features into the text encoder's tokens inside the encoder (T5Gemma2) or
@@ -853,8 +877,9 @@ def _refuse_unplanned_encoder(model, encoder: str | None) -> None:
         if len(convolutions) > 1:
             raise ModelError(
                 f"{architecture} is an encoder-decoder model whose image encoder resamples its patches after the "
-                f"patch embedding ({', '.join(convolutions[1:3])}): the decoder's source is not the patch grid, and "
-                "planc sizes image encoders whose output is one token per patch"
+                f"patch embedding ({', '.join(convolutions[1:3])}): {_resampled_source(module)}, and planc sizes "
+                "image encoders whose output is one token per patch (their blocks' peak and the source the decoder "
+                "cross-attends are then the same tokens)"
             )
     if main_input == "input_ids" and image_inputs and not places_image_features(model):
         # Florence2's image features fill image-token placeholders before the encoder (planned); these
