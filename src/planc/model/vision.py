@@ -77,7 +77,8 @@ def vision_of(config, towers: tuple[str, ...]) -> Vision | None:
     if vision is None or not towers:
         return None
     get = lambda *names, default=0: config_value(vision, *names, default=default)  # noqa: E731
-    if isinstance(get("embed_dim", default=None), (list, tuple)):
+    staged = ("embed_dim", "num_heads", "depths", "patch_size", "patch_stride", "patch_padding")
+    if all(isinstance(getattr(vision, name, None), (list, tuple)) for name in staged) and hasattr(vision, "window_size"):
         return _staged_vision_of(vision, towers)
     hidden = get("embed_dim", "hidden_size", "width", "d_model")
     heads = get("num_attention_heads", "num_heads", "heads") or 1
