@@ -834,6 +834,22 @@ def image_tokens_added(model, vision) -> int:
     return int(features.shape[1]) - grid
 
 
+def _resampling_measured(encoder) -> bool:
+    """A resampling image encoder planc sizes (encoder_decoder._resampling_encoder): a fixed image size,
+    a pooler_output of batch x tokens x width from a run on meta tensors, and no class token."""
+    from planc.model.encoder_decoder import resampled_output
+
+    side = config_value(encoder.config, "image_size", default=None)
+    patch = config_value(encoder.config, "patch_size", default=None)
+    if not isinstance(side, int) or not isinstance(patch, int):
+        return False
+    try:
+        resampled_output(encoder, side)
+    except Exception:  # noqa: BLE001 - an output planc cannot read is refused with the reason below
+        return False
+    return getattr(getattr(encoder, "embeddings", None), "cls_token", None) is None
+
+
 def _resampled_source(encoder) -> str:
     """What a resampling image encoder gives the decoder, from one run on meta tensors of the config's
     image size (PP-FormulaNet: a 32 x 32 patch grid, 64 source tokens after its neck and projector)."""
@@ -874,7 +890,7 @@ def _refuse_unplanned_encoder(model, encoder: str | None) -> None:
         import torch
 
         convolutions = [name for name, child in module.named_modules() if isinstance(child, torch.nn.Conv2d)]
-        if len(convolutions) > 1:
+        if len(convolutions) > 1 and not _resampling_measured(module):
             raise ModelError(
                 f"{architecture} is an encoder-decoder model whose image encoder resamples its patches after the "
                 f"patch embedding ({', '.join(convolutions[1:3])}): {_resampled_source(module)}, and planc sizes "
@@ -937,7 +953,9 @@ def _encoder_output_on_last_unit(pre: list[Unit], encoder: "Encoder", dtype: str
     last = max((i for i, unit in enumerate(pre) if unit.encoder), default=None)
     if last is None:
         return pre
-    held = LayerCache("encoder_output", attention=False, bytes_per_source_token=encoder.output_width * DTYPE_BYTES[dtype])
+    # A resampling encoder's neck output (last_hidden_state) is kept beside the source it gives the decoder.
+    held = LayerCache("encoder_output", attention=False, bytes_per_source_token=encoder.output_width * DTYPE_BYTES[dtype],
+                      state_bytes=encoder.output_elements_per_image * DTYPE_BYTES[dtype])
     return [replace(unit, cache=held) if i == last else unit for i, unit in enumerate(pre)]
 
 
