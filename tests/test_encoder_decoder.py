@@ -162,6 +162,9 @@ SIMULATED = [
     pytest.param("bart", "BartForConditionalGeneration", dict(encoder_layers=4, decoder_layers=4), 2, 1024, id="bart"),
     # Image encoders: a ViT's 197 patch tokens (BERT decoder), Pix2Struct's 4096 patches (its seq_len).
     pytest.param("vision-encoder-decoder", "VisionEncoderDecoderModel", {}, 2, 256, id="vit-bert"),
+    # PP-FormulaNet: a SAM-style ViT over its 32 x 32 patch grid (eager scores with relative positions),
+    # resampled to 64 source tokens by its neck and projector.
+    pytest.param("pp_formulanet", "PPFormulaNetForConditionalGeneration", {}, 2, 256, id="pp-formulanet"),
     pytest.param("pix2struct", "Pix2StructForConditionalGeneration",
                  dict(text_config=dict(num_layers=4), vision_config=dict(num_hidden_layers=4)), 1, 1024,
                  id="pix2struct"),
@@ -382,9 +385,6 @@ def test_a_quantized_kv_cache_is_refused(seq2seq_models, tmp_path):
      "tokens beside their bounding boxes (combine_image_text_embeddings)"),
     ("t5gemma2", "T5Gemma2ForConditionalGeneration", {}, "whose encoder reads the prompt's tokens and the image's "
      "(pixel_values beside input_ids): its encoder runs the vision tower itself (get_encoder() holds vision_tower)"),
-    ("pp_formulanet", "PPFormulaNetForConditionalGeneration", {}, "whose image encoder resamples its patches after "
-     "the patch embedding (neck.conv1, neck.conv2): its blocks attend over the 32 x 32 patch grid of a 512 x 512 "
-     "image and the decoder cross-attends 64 resampled tokens"),
     ("t5", "T5ForConditionalGeneration", dict(num_layers=2, num_decoder_layers=3), "its 3 decoder layers update a "
      "self-attention cache that generate builds with 2 layers"),
 ])
@@ -562,3 +562,93 @@ def test_a_simulated_florence2_plan_with_an_image_agrees_with_the_ledger(tmp_pat
 
     assert all(abs(error) <= LEDGER_TOLERANCE for error in errors.values()), errors
     assert any("vision tower ran over 2 images of 768 x 768" in note for note in report.notes)
+
+
+# ------------------------------------------------------------------ PP-FormulaNet: a resampling image encoder
+
+
+def build_tiny_pp_formulanet(folder: Path, seed: int = 2) -> Path:
+    """A tiny random PP-FormulaNet: 128 x 128 images in 16-pixel patches (an 8 x 8 grid, windows of 3 and
+    one global layer), resampled by its neck and two stride-2 convolutions to 4 source tokens; an mBART
+    decoder. Its image processor (PPFormulaNetImageProcessor) needs torchvision, which this environment
+    lacks, so no processor is saved and the pixels are given as a tensor."""
+    import torch
+    from transformers import PPFormulaNetConfig, PPFormulaNetForConditionalGeneration
+
+    fast = save_tiny_tokenizer(folder)
+    config = PPFormulaNetConfig(
+        vision_config=dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2, image_size=128,
+                           patch_size=16, window_size=3, global_attn_indexes=[1], mlp_dim=64, post_conv_in_channels=16,
+                           post_conv_mid_channels=16, post_conv_out_channels=32, decoder_hidden_size=32,
+                           initializer_range=0.02),
+        text_config=dict(vocab_size=len(fast), d_model=32, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64,
+                         max_position_embeddings=64, pad_token_id=fast.pad_token_id, bos_token_id=fast.bos_token_id,
+                         eos_token_id=fast.eos_token_id, decoder_start_token_id=fast.eos_token_id,
+                         forced_eos_token_id=None, init_std=0.3),
+    )
+    config.architectures = ["PPFormulaNetForConditionalGeneration"]
+    torch.manual_seed(seed)
+    PPFormulaNetForConditionalGeneration(config).to(torch.float32).save_pretrained(folder)
+    return folder
+
+
+def test_pp_formulanets_resampled_source_and_neck_output_are_what_generate_keeps(tmp_path):
+    """After a real generate from two images, every decoder layer's cross-attention K/V holds the 4
+    resampled tokens (not the 64 patches), and the encoder output generate keeps (pooler_output, the
+    source, and the neck's last_hidden_state) is the graph's encoder-output bytes."""
+    import json
+
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from planc.model import build_model_graph
+    from planc.model.cache import held_bytes, layer_tensors
+    from planc.workload import Workload
+
+    folder = build_tiny_pp_formulanet(tmp_path / "ppf")
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
+    torch.manual_seed(1)
+    pixels = torch.randn(2, 3, 128, 128)
+    steps = 5
+    out = model.generate(pixel_values=pixels, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                         return_dict_in_generate=True)
+    encoded = model.get_encoder()(pixel_values=pixels)
+
+    graph = build_model_graph(json.loads((folder / "config.json").read_text()), "float32")
+    assert (graph.encoder.image_tokens, graph.encoder.grid_tokens) == (4, 64) == (encoded.pooler_output.shape[1], 64)
+    workload = Workload(2, steps, source_tokens=graph.encoder.source_tokens(None, steps))
+    layers = [unit for unit in graph.units if unit.kind == "layer"]
+    assert [held_bytes(t) for t in layer_tensors(out.past_key_values)] == [u.cache.bytes(workload) for u in layers]
+    (output_unit,) = [unit for unit in graph.units if unit.cache is not None and unit.kind == "pre"]
+    assert output_unit.cache.bytes(workload) == held_bytes([encoded.pooler_output, encoded.last_hidden_state])
+
+
+def test_a_pp_formulanet_plan_loads_and_generates_from_pixels_the_tokens_of_plain_transformers(tmp_path):
+    """Its processor needs torchvision (absent here), so `planc run` cannot read an image for it; the
+    closest real path: the plan's loading (load_model: its class, dtype and device map) and planc's
+    generate over the pixels the image processor would give, against plain generate."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    from planc.plan import load_lock
+    from planc.run.generate import generate, generation_config, input_device
+    from planc.run.load import load_model
+
+    folder = build_tiny_pp_formulanet(tmp_path / "ppf")
+    lock = compile_to(tmp_path, CPU_SPEC.format(model=folder, workload=""))
+    plan = load_lock(lock)
+    assert plan.workload.source_tokens == 4  # the resampled tokens, which the image decides
+    torch.manual_seed(1)
+    pixels = torch.randn(2, 3, 128, 128)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = load_model(plan, folder, tmp_path)
+
+    completions = generate(model, tokenizer, {"pixel_values": pixels}, ["", ""],
+                           generation_config(model, tokenizer, plan, MAX_NEW_TOKENS), input_device(plan), False)
+
+    reference = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
+    output = reference.generate(pixel_values=pixels, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    eos = reference.generation_config.eos_token_id
+    expected = [row[: row.index(eos) + 1] if eos in row else row for row in output[:, 1:].tolist()]
+    tokens = [c.token_ids for c in completions]
+    assert tokens == expected and len(set(tokens[0])) > 1

@@ -24,7 +24,8 @@ What the ledger charges, and where:
 unset meaning max_seq_len, image tokens included where the model scatters an image's features over
 image-token placeholders before the encoder (Florence2: the processor's image tokens, as many as
 the graph's `vision.image_tokens`; its tower is a vision tower ahead of the encoder); for an encoder of fixed-size images (a ViT) the patches of one image and
-its class token, which the image decides (a value is refused); for Pix2Struct's patch list, the
+its class token, which the image decides (a value is refused), or, for an encoder that resamples its
+patch grid (PP-FormulaNet's neck and projector), the pooler_output tokens a run on meta tensors gives; for Pix2Struct's patch list, the
 processor's max_patches (unset: the vision config's seq_len). Checked against real caches and
 fake-tensor executions in tests/test_encoder_decoder.py.
 """
