@@ -146,7 +146,7 @@ def plan_with_planc(config: dict, packages, context: int = CONTEXT, images: int 
     try:
         plan = compile_plan(spec, resolve_inventory(spec.hardware), model, packages, None, build_model_graph)
     except PlancError as exc:
-        table = re.search(r"plan at most (\d+) tokens", str(exc))
+        table = re.search(r"plan at most (\d+) (?:source )?tokens", str(exc))
         if table and context == CONTEXT:
             plan, outcome, detail = plan_with_planc(config, packages, int(table.group(1)), images)
             return plan, outcome, f"at {table.group(1)} tokens (its position table): {detail}"

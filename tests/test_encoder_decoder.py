@@ -162,6 +162,9 @@ SIMULATED = [
     pytest.param("bart", "BartForConditionalGeneration", dict(encoder_layers=4, decoder_layers=4), 2, 1024, id="bart"),
     # Image encoders: a ViT's 197 patch tokens (BERT decoder), Pix2Struct's 4096 patches (its seq_len).
     pytest.param("vision-encoder-decoder", "VisionEncoderDecoderModel", {}, 2, 256, id="vit-bert"),
+    # PP-FormulaNet: a SAM-style ViT over its 32 x 32 patch grid (eager scores with relative positions),
+    # resampled to 64 source tokens by its neck and projector.
+    pytest.param("pp_formulanet", "PPFormulaNetForConditionalGeneration", {}, 2, 256, id="pp-formulanet"),
     pytest.param("pix2struct", "Pix2StructForConditionalGeneration",
                  dict(text_config=dict(num_layers=4), vision_config=dict(num_hidden_layers=4)), 1, 1024,
                  id="pix2struct"),
@@ -377,12 +380,11 @@ def test_a_quantized_kv_cache_is_refused(seq2seq_models, tmp_path):
 
 
 @pytest.mark.parametrize(("model_type", "architecture", "overrides", "reason"), [
-    ("florence2", "Florence2ForConditionalGeneration", {}, "whose encoder reads the prompt's tokens and the image's "
-     "(pixel_values beside input_ids): planc plans encoders of text alone or of images alone"),
-    ("udop", "UdopForConditionalGeneration", {}, "whose encoder reads the prompt's tokens and the image's"),
-    ("t5gemma2", "T5Gemma2ForConditionalGeneration", {}, "whose encoder reads the prompt's tokens and the image's"),
-    ("pp_formulanet", "PPFormulaNetForConditionalGeneration", {}, "whose image encoder resamples its patches after "
-     "the patch embedding (neck.conv1, neck.conv2)"),
+    ("udop", "UdopForConditionalGeneration", {}, "whose encoder reads the prompt's tokens and the image's "
+     "(pixel_values beside input_ids): its encoder embeds the image's patches itself and appends them to the text "
+     "tokens beside their bounding boxes (combine_image_text_embeddings)"),
+    ("t5gemma2", "T5Gemma2ForConditionalGeneration", {}, "whose encoder reads the prompt's tokens and the image's "
+     "(pixel_values beside input_ids): its encoder runs the vision tower itself (get_encoder() holds vision_tower)"),
     ("t5", "T5ForConditionalGeneration", dict(num_layers=2, num_decoder_layers=3), "its 3 decoder layers update a "
      "self-attention cache that generate builds with 2 layers"),
 ])
@@ -397,3 +399,256 @@ def test_encoder_decoders_planc_cannot_size_are_refused_with_the_reason(model_ty
     with pytest.raises(ModelError) as refused:
         build_model_graph(config, "bfloat16")
     assert reason in str(refused.value) and "\n" not in str(refused.value)
+
+
+# ------------------------------------------------------------------ Florence2: image tokens in a text encoder's source
+
+
+def build_tiny_florence2(folder: Path, seed: int = 2) -> Path:
+    """A tiny random Florence2 (a two-stage DaViT of 32 x 32 images: an 8 x 8 then a 4 x 4 grid, and the
+    projector's mean token: 17 image tokens; a BART encoder-decoder) with a Florence2Processor built
+    offline (a BPE tokenizer with an <image> token, a CLIP image processor of image_seq_length 17).
+    init_std 0.3 and seed 2: greedy tokens that differ between prompts and steps."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (
+        CLIPImageProcessorPil, Florence2Config, Florence2ForConditionalGeneration, Florence2Processor,
+        PreTrainedTokenizerFast,
+    )
+
+    from conftest import SENTENCES
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"])
+    tokenizer.train_from_iterator(SENTENCES, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+    image_processor = CLIPImageProcessorPil(size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32},
+                                            do_center_crop=False)
+    image_processor.image_seq_length = 17
+    Florence2Processor(image_processor=image_processor, tokenizer=fast).save_pretrained(folder)
+    config = Florence2Config(
+        vision_config=dict(embed_dim=[16, 32], num_heads=[2, 4], num_groups=[2, 4], depths=[1, 1], patch_size=[7, 3],
+                           patch_stride=[4, 2], patch_padding=[3, 1], patch_prenorm=[False, True], window_size=2,
+                           projection_dim=32, max_position_embeddings=16),
+        text_config=dict(vocab_size=len(fast), d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                         decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+                         pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id, bos_token_id=fast.bos_token_id,
+                         decoder_start_token_id=fast.eos_token_id, forced_eos_token_id=None, init_std=0.3),
+        image_token_id=fast.convert_tokens_to_ids("<image>"),
+    )
+    config.architectures = ["Florence2ForConditionalGeneration"]
+    torch.manual_seed(seed)
+    Florence2ForConditionalGeneration(config).to(torch.float32).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def florence2_model(tmp_path_factory):
+    return build_tiny_florence2(tmp_path_factory.mktemp("florence2"))
+
+
+def florence2_batch(model: Path, prompts: list[str], image: Path):
+    """The processor's batch (right-padded: the encoder reads from position 0), one image per prompt."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model)
+    processor.tokenizer.padding_side = "right"
+    with Image.open(image) as picture:
+        return processor(text=prompts, images=[picture.convert("RGB")] * len(prompts), return_tensors="pt", padding=True)
+
+
+def test_florence2_image_tokens_count_in_the_source_and_its_caches_are_the_ones_generate_keeps(
+    florence2_model, image_file
+):
+    """The processor puts 17 image tokens in the source, as many as the graph's vision numbers give;
+    after a real generate from text and image, the cross-attention K/V, the self-attention K/V and the
+    encoder output (batch x source, image tokens included) are the graph's bytes."""
+    import json
+
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from planc.model import build_model_graph
+    from planc.model.cache import held_bytes, layer_tensors
+    from planc.workload import Workload
+
+    batch = florence2_batch(florence2_model, PROMPTS, image_file)
+    model = AutoModelForImageTextToText.from_pretrained(florence2_model, dtype=torch.float32)
+    steps = 5
+    out = model.generate(**batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                         return_dict_in_generate=True, output_hidden_states=True)
+    source = batch["input_ids"].shape[1]
+    image_id = model.config.image_token_id
+
+    graph = build_model_graph(json.loads((florence2_model / "config.json").read_text()), "float32")
+    workload = Workload(len(PROMPTS), steps, images_per_sequence=1, image_size=32, source_tokens=source)
+    assert graph.vision.image_tokens(workload) == 17 == int((batch["input_ids"][0] == image_id).sum())
+    layers = [unit for unit in graph.units if unit.kind == "layer"]
+    assert [held_bytes(t) for t in layer_tensors(out.past_key_values)] == [u.cache.bytes(workload) for u in layers]
+    (output_unit,) = [unit for unit in graph.units if unit.cache is not None and unit.kind == "pre"]
+    assert output_unit.encoder and output_unit.cache.bytes(workload) == held_bytes([out.encoder_hidden_states[-1]])
+    # The tower and its projector (a norm among them) run before the encoder, as vision units.
+    assert all(unit.vision for unit in graph.units if unit.name.startswith(("model.vision_tower", "model.multi_modal")))
+
+
+def test_a_florence2_plan_generates_from_text_and_image_the_tokens_of_plain_transformers(
+    florence2_model, image_file, tmp_path
+):
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from planc.plan import load_lock
+    from planc.run import run_plan
+
+    workload = ", source_tokens: 32, images_per_sequence: 1, image_size: 32"
+    lock = compile_to(tmp_path, CPU_SPEC.format(model=florence2_model, workload=workload))
+    assert load_lock(lock).workload.source_tokens == 32
+
+    outcome = run_plan(lock, prompts=PROMPTS, images=[image_file], max_new_tokens=MAX_NEW_TOKENS, quiet=True)
+
+    assert outcome.exit_code == 0
+    reference = AutoModelForImageTextToText.from_pretrained(florence2_model, dtype=torch.float32)
+    output = reference.generate(**florence2_batch(florence2_model, PROMPTS, image_file), max_new_tokens=MAX_NEW_TOKENS,
+                                do_sample=False)
+    eos = reference.generation_config.eos_token_id
+    expected = [row[: row.index(eos) + 1] if eos in row else row for row in output[:, 1:].tolist()]
+    tokens = [c.token_ids for c in outcome.completions]
+    assert tokens == expected and tokens[0] != tokens[1]
+
+    (tmp_path / "text").mkdir()
+    text_only = compile_to(tmp_path / "text", CPU_SPEC.format(model=florence2_model, workload=", source_tokens: 32"))
+    with pytest.raises(UsageError, match="the plan sized Florence2ForConditionalGeneration's encoder source without "
+                                         "images \\(workload.images_per_sequence 0\\): recompile"):
+        run_plan(text_only, prompts=PROMPTS, images=[image_file], max_new_tokens=2, quiet=True)
+
+
+def test_a_florence2_source_without_room_for_its_image_is_bad_input(florence2_model, tmp_path):
+    workload = ", source_tokens: 16, images_per_sequence: 1, image_size: 32"
+    with pytest.raises(SpecError, match="workload.source_tokens 16: the encoder's source holds the prompt's text and "
+                                        "its images' 17 tokens"):
+        compile_to(tmp_path, CPU_SPEC.format(model=florence2_model, workload=workload))
+    assert not (tmp_path / "plan.lock").exists()
+
+
+def test_a_simulated_florence2_plan_with_an_image_agrees_with_the_ledger(tmp_path):
+    """The default Florence2 (DaViT of 768 x 768 images: 577 tokens) on two GPUs, batch 2 with 1024
+    source tokens: the tower's stages, the encoder and the cross-attention caches within tolerance."""
+    import json
+
+    from transformers import AutoConfig, PretrainedConfig
+
+    from planc.compile import compile_spec
+    from planc.plan import write_if_changed
+    from test_simulate import LEDGER_TOLERANCE
+
+    config = AutoConfig.for_model("florence2").to_dict()
+    config["architectures"] = ["Florence2ForConditionalGeneration"]
+    config.pop("transformers_version", None)
+    (tmp_path / "config.json").write_text(json.dumps(PretrainedConfig._encode_special_floats(config)))
+    (tmp_path / "spec.yaml").write_text(
+        "planc: 1\nmodel: {config: config.json}\nhardware: {gpus: [{type: a100-sxm4-80gb, count: 2}], cpu_memory: 64GiB}\n"
+        "workload: {batch_size: 2, max_seq_len: 256, source_tokens: 1024, images_per_sequence: 1, image_size: 768}\n"
+    )
+    plan, text = compile_spec(tmp_path / "spec.yaml", tmp_path / "plan.lock")
+    write_if_changed(tmp_path / "plan.lock", text)
+    assert {device for name, device in plan.device_map.items() if ".layers." in name} == {0, 1}
+
+    report, errors = simulate_lock(tmp_path)
+
+    assert all(abs(error) <= LEDGER_TOLERANCE for error in errors.values()), errors
+    assert any("vision tower ran over 2 images of 768 x 768" in note for note in report.notes)
+
+
+# ------------------------------------------------------------------ PP-FormulaNet: a resampling image encoder
+
+
+def build_tiny_pp_formulanet(folder: Path, seed: int = 2) -> Path:
+    """A tiny random PP-FormulaNet: 128 x 128 images in 16-pixel patches (an 8 x 8 grid, windows of 3 and
+    one global layer), resampled by its neck and two stride-2 convolutions to 4 source tokens; an mBART
+    decoder. Its image processor (PPFormulaNetImageProcessor) needs torchvision, which this environment
+    lacks, so no processor is saved and the pixels are given as a tensor."""
+    import torch
+    from transformers import PPFormulaNetConfig, PPFormulaNetForConditionalGeneration
+
+    fast = save_tiny_tokenizer(folder)
+    config = PPFormulaNetConfig(
+        vision_config=dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2, image_size=128,
+                           patch_size=16, window_size=3, global_attn_indexes=[1], mlp_dim=64, post_conv_in_channels=16,
+                           post_conv_mid_channels=16, post_conv_out_channels=32, decoder_hidden_size=32,
+                           initializer_range=0.02),
+        text_config=dict(vocab_size=len(fast), d_model=32, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64,
+                         max_position_embeddings=64, pad_token_id=fast.pad_token_id, bos_token_id=fast.bos_token_id,
+                         eos_token_id=fast.eos_token_id, decoder_start_token_id=fast.eos_token_id,
+                         forced_eos_token_id=None, init_std=0.3),
+    )
+    config.architectures = ["PPFormulaNetForConditionalGeneration"]
+    torch.manual_seed(seed)
+    PPFormulaNetForConditionalGeneration(config).to(torch.float32).save_pretrained(folder)
+    return folder
+
+
+def test_pp_formulanets_resampled_source_and_neck_output_are_what_generate_keeps(tmp_path):
+    """After a real generate from two images, every decoder layer's cross-attention K/V holds the 4
+    resampled tokens (not the 64 patches), and the encoder output generate keeps (pooler_output, the
+    source, and the neck's last_hidden_state) is the graph's encoder-output bytes."""
+    import json
+
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from planc.model import build_model_graph
+    from planc.model.cache import held_bytes, layer_tensors
+    from planc.workload import Workload
+
+    folder = build_tiny_pp_formulanet(tmp_path / "ppf")
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
+    torch.manual_seed(1)
+    pixels = torch.randn(2, 3, 128, 128)
+    steps = 5
+    out = model.generate(pixel_values=pixels, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                         return_dict_in_generate=True)
+    encoded = model.get_encoder()(pixel_values=pixels)
+
+    graph = build_model_graph(json.loads((folder / "config.json").read_text()), "float32")
+    assert (graph.encoder.image_tokens, graph.encoder.grid_tokens) == (4, 64) == (encoded.pooler_output.shape[1], 64)
+    workload = Workload(2, steps, source_tokens=graph.encoder.source_tokens(None, steps))
+    layers = [unit for unit in graph.units if unit.kind == "layer"]
+    assert [held_bytes(t) for t in layer_tensors(out.past_key_values)] == [u.cache.bytes(workload) for u in layers]
+    (output_unit,) = [unit for unit in graph.units if unit.cache is not None and unit.kind == "pre"]
+    assert output_unit.cache.bytes(workload) == held_bytes([encoded.pooler_output, encoded.last_hidden_state])
+
+
+def test_a_pp_formulanet_plan_loads_and_generates_from_pixels_the_tokens_of_plain_transformers(tmp_path):
+    """Its processor needs torchvision (absent here), so `planc run` cannot read an image for it; the
+    closest real path: the plan's loading (load_model: its class, dtype and device map) and planc's
+    generate over the pixels the image processor would give, against plain generate."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    from planc.plan import load_lock
+    from planc.run.generate import generate, generation_config, input_device
+    from planc.run.load import load_model
+
+    folder = build_tiny_pp_formulanet(tmp_path / "ppf")
+    lock = compile_to(tmp_path, CPU_SPEC.format(model=folder, workload=""))
+    plan = load_lock(lock)
+    assert plan.workload.source_tokens == 4  # the resampled tokens, which the image decides
+    torch.manual_seed(1)
+    pixels = torch.randn(2, 3, 128, 128)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = load_model(plan, folder, tmp_path)
+
+    completions = generate(model, tokenizer, {"pixel_values": pixels}, ["", ""],
+                           generation_config(model, tokenizer, plan, MAX_NEW_TOKENS), input_device(plan), False)
+
+    reference = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
+    output = reference.generate(pixel_values=pixels, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    eos = reference.generation_config.eos_token_id
+    expected = [row[: row.index(eos) + 1] if eos in row else row for row in output[:, 1:].tolist()]
+    tokens = [c.token_ids for c in completions]
+    assert tokens == expected and len(set(tokens[0])) > 1

@@ -157,7 +157,18 @@ def _source_tokens(spec: Spec, graph) -> int:
                 "counts within max_seq_len"
             )
         return 0
-    return graph.encoder.source_tokens(wl.source_tokens, wl.max_seq_len)
+    source = graph.encoder.source_tokens(wl.source_tokens, wl.max_seq_len)
+    if wl.images_per_sequence and graph.vision is not None and graph.encoder.source == "text":
+        # Florence2: each image's features take image-token positions of the encoder's source.
+        tokens = wl.images_per_sequence * graph.vision.image_tokens(
+            Workload(wl.batch_size, wl.max_seq_len, image_size=wl.image_size))
+        if source < tokens:
+            raise SpecError(
+                f"workload.source_tokens {source}: the encoder's source holds the prompt's text and its images' "
+                f"{tokens} tokens ({wl.images_per_sequence} x {tokens // wl.images_per_sequence}); plan at least "
+                f"{tokens + 1} source tokens"
+            )
+    return source
 
 
 def largest_below(predicate: Callable[[int], bool], upper: int) -> int:

@@ -930,7 +930,10 @@ def _run_encoder_decoder(model, plan: Plan, batch: int, seq: int, decode_steps: 
     tracker.start_phase()
     for _ in range(decode_steps):
         next_tokens, cache = step(next_tokens[:, None], cache, encoder_outputs)
-    return cache, encoder_outputs.last_hidden_state, prefill_peak, dict(tracker.phase_peak)
+    # generate keeps the whole encoder output: PP-FormulaNet's pooler_output (the decoder's source) and
+    # its neck's last_hidden_state both.
+    kept = [value for value in encoder_outputs.values() if isinstance(value, torch.Tensor)]
+    return cache, kept, prefill_peak, dict(tracker.phase_peak)
 
 
 def _run_vision(model, plan: Plan, input_device: str, tracker) -> str | None:
@@ -1066,9 +1069,9 @@ def simulate_plan(
                         )
                         encoded = None
                 cache_held = _cache_bytes(cache, model)
-                if encoded is not None:
-                    # generate keeps the encoder output for every step: the ledger's cache term holds it.
-                    cache_held[str(encoded.device)] = cache_held.get(str(encoded.device), 0) + encoded.untyped_storage().nbytes()
+                # generate keeps the encoder output for every step: the ledger's cache term holds it.
+                for tensor in encoded or ():
+                    cache_held[str(tensor.device)] = cache_held.get(str(tensor.device), 0) + tensor.untyped_storage().nbytes()
                 del cache, encoded
             except Exception as exc:  # noqa: BLE001 - any failure of the run is the plan's finding
                 error = _execution_error(exc, stack.innermost())

@@ -1,4 +1,4 @@
-"""Encoder-decoder models (T5, BART, Pix2Struct, VisionEncoderDecoder, ...): the encoder, its output and the
+"""Encoder-decoder models (T5, BART, Florence2, Pix2Struct, VisionEncoderDecoder, ...): the encoder, its output and the
 decoder's cross-attention cache.
 
 transformers' contract (generation/utils.py `_prepare_text_encoder_decoder_kwargs_for_generation`):
@@ -21,14 +21,18 @@ What the ledger charges, and where:
   (`Workload.step_tokens`), its self-attention cache max_seq_len tokens.
 
 `workload.source_tokens` is the source length: the prompt's tokens for a text encoder (T5, BART),
-unset meaning max_seq_len; for an encoder of fixed-size images (a ViT) the patches of one image and
-its class token, which the image decides (a value is refused); for Pix2Struct's patch list, the
+unset meaning max_seq_len, image tokens included where the model scatters an image's features over
+image-token placeholders before the encoder (Florence2: the processor's image tokens, as many as
+the graph's `vision.image_tokens`; its tower is a vision tower ahead of the encoder); for an encoder of fixed-size images (a ViT) the patches of one image and
+its class token, which the image decides (a value is refused), or, for an encoder that resamples its
+patch grid (PP-FormulaNet's neck and projector), the pooler_output tokens a run on meta tensors gives; for Pix2Struct's patch list, the
 processor's max_patches (unset: the vision config's seq_len). Checked against real caches and
 fake-tensor executions in tests/test_encoder_decoder.py.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from planc.errors import ModelError, SpecError
@@ -69,6 +73,15 @@ class Encoder:
     input_elements_per_token: int = 0
     input_elements_per_image: int = 0
     position_limit: int | None = None  # positions of the encoder's learned position table (BART's embed_positions)
+    # An image encoder that resamples its patch grid after its blocks (PP-FormulaNet's neck and
+    # projector, stride-2 convolutions): the grid tokens its blocks attend over (image_tokens is then
+    # what the decoder cross-attends), its blocks' windows (window x window tokens; global layers
+    # attend over the whole grid) with decomposed relative positions added to eager scores, and the
+    # neck's output, which generate keeps (encoder_outputs.last_hidden_state) beside the source.
+    grid_tokens: int = 0
+    window: int = 0
+    global_layers: bool = False
+    output_elements_per_image: int = 0
 
     def source_tokens(self, requested: int | None, max_seq_len: int) -> int:
         """Tokens the encoder reads per sequence for the spec's `workload.source_tokens` (None: unset)."""
@@ -129,6 +142,8 @@ def encoder_of(model, block_count: int) -> Encoder:
         width = get("patch_embed_hidden_size") + 2
         return Encoder(path, PATCHES, shapes, hidden, default_patches=int(get("seq_len", default=0)),
                        input_elements_per_token=width, **feed_forward)
+    if main_input == "pixel_values" and resamples_patches(module):
+        return _resampling_encoder(module, path, shapes, get, feed_forward)
     if main_input == "pixel_values":
         side = get("image_size", default=None)
         patch = get("patch_size", default=None)
@@ -149,6 +164,36 @@ def encoder_of(model, block_count: int) -> Encoder:
         f"{type(model).__name__}: its encoder takes {main_input!r}, which planc does not size (text encoders take "
         "input_ids, image encoders pixel_values)"
     )
+
+
+def resamples_patches(encoder_module) -> bool:
+    """An image encoder with convolutions after its patch embedding (PP-FormulaNet's neck and projector)."""
+    import torch
+
+    return sum(isinstance(child, torch.nn.Conv2d) for child in encoder_module.modules()) > 1
+
+
+def resampled_output(encoder_module, side: int):
+    """(source tokens, source width, neck elements per image) of a resampling encoder's output, from
+    one run on meta tensors: the pooler_output the decoder cross-attends, and last_hidden_state."""
+    import torch
+
+    channels = config_value(encoder_module.config, "num_channels", default=3)
+    pixels = torch.empty(1, channels, side, side, dtype=encoder_module.dtype, device="meta")
+    with torch.no_grad():
+        out = encoder_module(pixel_values=pixels, return_dict=True)
+    source = out.pooler_output
+    return int(source.shape[1]), int(source.shape[2]), int(out.last_hidden_state.numel())
+
+
+def _resampling_encoder(module, path: str, shapes: Shapes, get, feed_forward: dict) -> Encoder:
+    side, patch = get("image_size"), get("patch_size")
+    tokens, width, neck = resampled_output(module, side)
+    window = get("window_size", default=0)
+    global_layers = bool(get("global_attn_indexes", default=()) or not window)
+    return Encoder(path, IMAGE, shapes, width, image_tokens=tokens, input_elements_per_image=get("num_channels", default=3)
+                   * side * side, grid_tokens=(side // patch) ** 2, window=window, global_layers=global_layers,
+                   output_elements_per_image=neck, **feed_forward)
 
 
 def _mlp_intermediates(encoder_module) -> int:
@@ -221,6 +266,8 @@ def transient_bytes(encoder: Encoder, workload: Workload, dtype: str, backend: s
     """
     from planc.model import attention
 
+    if encoder.grid_tokens:
+        return _grid_transient_bytes(encoder, workload, dtype)
     step = _source_step(workload)
     e = DTYPE_BYTES[dtype]
     b, s, h = step.batch_size, step.max_seq_len, encoder.shapes.hidden_size
@@ -235,6 +282,35 @@ def transient_bytes(encoder: Encoder, workload: Workload, dtype: str, backend: s
     inputs = b * (s * (encoder.input_bytes_per_token + encoder.input_elements_per_token * e)
                   + encoder.input_elements_per_image * e)
     return hidden + max(mixer + in_attention, feed_forward) + mask + held + inputs
+
+
+def _grid_transient_bytes(encoder: Encoder, workload: Workload, dtype: str) -> int:
+    """A resampling image encoder's peak (PP-FormulaNet's SAM-style ViT): one block over its patch
+    grid, the residual stream and its copies, then the larger of its feed-forward (fc1, activation)
+    and its attention, which computes eager scores whatever the backend: the qkv projection and its
+    reshaped copy, then per (query, key) pair the decomposed relative position bias, the biased
+    scores and their fp32 softmax, all alive at once; over the whole grid in global
+    layers, over window x window tokens (the grid padded to whole windows) in the others. Plus the
+    image's pixels, which generate keeps."""
+    e = DTYPE_BYTES[dtype]
+    b, n, c = workload.batch_size, encoder.grid_tokens, encoder.shapes.hidden_size
+    heads = encoder.shapes.num_attention_heads
+
+    def attention(rows: int, tokens: int) -> int:
+        # Per pair while softmax(dtype=float32) runs: the bias and the biased scores (model dtype), the
+        # scores cast to fp32 and the fp32 result (in fp32 there is no cast, and the cast back's copy
+        # takes its place: 2e + 8 bytes either way).
+        return 2 * 3 * rows * tokens * c * e + rows * heads * tokens * tokens * (2 * e + 8)
+
+    side = math.isqrt(n)
+    windowed = 0
+    if encoder.window:
+        per_side = -(-side // encoder.window)
+        windowed = attention(b * per_side * per_side, encoder.window ** 2)
+    mixer = max(attention(b, n) if encoder.global_layers else 0, windowed)
+    hidden = 4 * b * n * c * e
+    feed_forward = 2 * b * n * encoder.shapes.intermediate_size * e
+    return hidden + max(mixer, feed_forward) + b * encoder.input_elements_per_image * e
 
 
 # Bytes per (query, key) pair of the temporaries T5Attention.compute_bias holds at once while it

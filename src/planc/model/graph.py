@@ -654,6 +654,10 @@ def build_model_graph(
         call = call_of(name)
         if call is not None and last_layer_call >= 0:
             return call > last_layer_call
+        # Without a call order: a projector between the vision tower and the text model runs before
+        # both (Florence2's multi_modal_projector.image_proj_norm is a norm outside the layers, and no final norm).
+        if any(part.endswith("projector") for part in name.split(".")[:-1]):
+            return False
         return module is not None and "norm" in type(module).__name__.lower()
 
     tied_groups = tuple(tuple(sorted(group)) for group in find_tied_parameters(model))
@@ -717,6 +721,9 @@ def build_model_graph(
         encoder_limit, _ = _position_limit(model, [u.name for u in pre if u.encoder], model.get_submodule(encoder).config)
         encoder_info = replace(encoder_info, position_limit=encoder_limit)
         pre = _encoder_output_on_last_unit(pre, encoder_info, dtype)
+    vision = vision_of(config, vision_towers)
+    if vision is not None and vision.stages:
+        vision = replace(vision, extra_tokens=image_tokens_added(model, vision))
     units = tuple(pre + layers + post)
     all_records = [r for r in (held(m) for m in model.modules()) if r is not None]
     dense_bytes = sum(u.weight_bytes for u in units) + sum(r.dense_bytes - r.quantized_bytes for r in all_records)
@@ -767,7 +774,7 @@ def build_model_graph(
         dense_weight_bytes=dense_bytes,
         inferred_no_split=inferred,
         config_class=None if known_model_type(config_dict["model_type"]) else type(config).__name__,
-        vision=vision_of(config, vision_towers),
+        vision=vision,
         position_limit=position_limit,
         position_table=position_table,
         needs_images=generates_from_images(model),
@@ -793,10 +800,86 @@ def _interleave(layers: list[Unit], crosses: dict[str, Unit], gated_cross: Gated
         chain.extend(before.pop(layer.layer_index, []))
         chain.append(layer)
     return chain
+def places_image_features(model) -> bool:
+    """A text encoder whose image tokens are placeholders in input_ids: the model runs its vision tower
+    and projector before the encoder and scatters their features over the image-token positions
+    (Florence2: get_placeholder_mask, masked_scatter), so the encoder's source is the prompt's ids,
+    the processor's image tokens included, and the tower is a vision tower ahead of it."""
+    encoder = model.get_encoder()
+    tower_outside = not any(name.endswith("vision_tower") or name.endswith("vision_model")
+                            for name, _ in encoder.named_modules())
+    return hasattr(model, "get_placeholder_mask") and hasattr(model, "get_image_features") and tower_outside
+
+
+def image_tokens_added(model, vision) -> int:
+    """Tokens get_image_features gives beyond the tower's output grid (Florence2's projector appends a
+    mean-over-positions token), from one run on meta tensors at the smallest side of whole windows."""
+    import torch
+
+    if not vision.stages or not hasattr(model, "get_image_features"):
+        return 0
+    side, stride = vision.stages[-1].window, 1
+    for stage in vision.stages:
+        stride *= stage.stride
+    side *= stride
+    channels = config_value(model.config.vision_config, "in_channels", "num_channels", default=3)
+    pixels = torch.empty(1, channels, side, side, dtype=model.dtype, device="meta")
+    with torch.no_grad():
+        out = model.get_image_features(pixel_values=pixels)
+    features = getattr(out, "pooler_output", None)
+    features = out if features is None else features
+    from planc.workload import Workload
+
+    grid = vision.patches_per_image(Workload(1, 1, image_size=side))
+    return int(features.shape[1]) - grid
+
+
+def _resampling_measured(encoder) -> bool:
+    """A resampling image encoder planc sizes (encoder_decoder._resampling_encoder): a fixed image size,
+    a pooler_output of batch x tokens x width from a run on meta tensors, and no class token."""
+    from planc.model.encoder_decoder import resampled_output
+
+    side = config_value(encoder.config, "image_size", default=None)
+    patch = config_value(encoder.config, "patch_size", default=None)
+    if not isinstance(side, int) or not isinstance(patch, int):
+        return False
+    try:
+        resampled_output(encoder, side)
+    except Exception:  # noqa: BLE001 - an output planc cannot read is refused with the reason below
+        return False
+    return getattr(getattr(encoder, "embeddings", None), "cls_token", None) is None
+
+
+def _resampled_source(encoder) -> str:
+    """What a resampling image encoder gives the decoder, from one run on meta tensors of the config's
+    image size (PP-FormulaNet: a 32 x 32 patch grid, 64 source tokens after its neck and projector)."""
+    import torch
+
+    config = encoder.config
+    side, patch = config_value(config, "image_size", default=0), config_value(config, "patch_size", default=0)
+    side = max(side) if isinstance(side, (list, tuple)) else side
+    patch = max(patch) if isinstance(patch, (list, tuple)) else patch
+    channels = config_value(config, "num_channels", default=3)
+    try:
+        pixels = torch.empty(1, channels, side, side, dtype=encoder.dtype, device="meta")
+        with torch.no_grad():
+            out = encoder(pixel_values=pixels, return_dict=True)
+        source = getattr(out, "pooler_output", None)
+        source = out.last_hidden_state if source is None or source.dim() != 3 else source
+        tokens = int(source.shape[1])
+    except Exception:  # noqa: BLE001 - the measurement only words the refusal
+        return "the decoder's source is not the patch grid"
+    grid = side // patch if patch else 0
+    return (f"its blocks attend over the {grid} x {grid} patch grid of a {side} x {side} image and the decoder "
+            f"cross-attends {tokens} resampled tokens")
+
+
 def _refuse_unplanned_encoder(model, encoder: str | None) -> None:
     """Encoder-decoder models whose source planc cannot size yet: an encoder that is no submodule, or
-    one that merges image features into the text encoder's tokens (Florence2, Udop, T5Gemma2), where
-    the source length is the prompt's tokens plus tokens of the image that planc does not count yet."""
+    one that merges image features into the text encoder's tokens inside the encoder (T5Gemma2) or
+    beside the text (Udop's combine_image_text_embeddings), where the source length is the prompt's
+    tokens plus tokens of the image that planc does not count yet. Florence2's placeholders are
+    counted (places_image_features)."""
     architecture = type(model).__name__
     if encoder is None:
         raise ModelError(f"{architecture} is an encoder-decoder model whose get_encoder() is no submodule planc can place")
@@ -807,17 +890,26 @@ def _refuse_unplanned_encoder(model, encoder: str | None) -> None:
         import torch
 
         convolutions = [name for name, child in module.named_modules() if isinstance(child, torch.nn.Conv2d)]
-        if len(convolutions) > 1:
+        if len(convolutions) > 1 and not _resampling_measured(module):
             raise ModelError(
                 f"{architecture} is an encoder-decoder model whose image encoder resamples its patches after the "
-                f"patch embedding ({', '.join(convolutions[1:3])}): the decoder's source is not the patch grid, and "
-                "planc sizes image encoders whose output is one token per patch"
+                f"patch embedding ({', '.join(convolutions[1:3])}): {_resampled_source(module)}, and planc sizes "
+                "image encoders whose output is one token per patch (their blocks' peak and the source the decoder "
+                "cross-attends are then the same tokens)"
             )
-    if main_input == "input_ids" and image_inputs:
+    if main_input == "input_ids" and image_inputs and not places_image_features(model):
+        # Florence2's image features fill image-token placeholders before the encoder (planned); these
+        # merge the image inside the encoder, whose units would then hold a vision tower's peak.
+        inside = any(name.endswith(("vision_tower", "vision_model")) for name, _ in module.named_modules())
+        how = ("its encoder runs the vision tower itself (get_encoder() holds vision_tower) and scatters the "
+               "image's features over the prompt's image tokens, a tower inside the encoder whose peak planc does not "
+               "charge to the encoder yet") if inside else (
+               "its encoder embeds the image's patches itself and appends them to the text tokens beside their "
+               "bounding boxes (combine_image_text_embeddings), which planc does not count in the source yet")
         raise ModelError(
             f"{architecture} is an encoder-decoder model whose encoder reads the prompt's tokens and the image's "
-            f"({', '.join(sorted(image_inputs))} beside input_ids): planc plans encoders of text alone or of images "
-            "alone, and does not yet count the tokens an image adds to the encoder's source"
+            f"({', '.join(sorted(image_inputs))} beside input_ids): {how}; planc plans text encoders, image encoders, "
+            "and text encoders whose image features fill image-token placeholders (Florence2)"
         )
 
 
@@ -861,7 +953,9 @@ def _encoder_output_on_last_unit(pre: list[Unit], encoder: "Encoder", dtype: str
     last = max((i for i, unit in enumerate(pre) if unit.encoder), default=None)
     if last is None:
         return pre
-    held = LayerCache("encoder_output", attention=False, bytes_per_source_token=encoder.output_width * DTYPE_BYTES[dtype])
+    # A resampling encoder's neck output (last_hidden_state) is kept beside the source it gives the decoder.
+    held = LayerCache("encoder_output", attention=False, bytes_per_source_token=encoder.output_width * DTYPE_BYTES[dtype],
+                      state_bytes=encoder.output_elements_per_image * DTYPE_BYTES[dtype])
     return [replace(unit, cache=held) if i == last else unit for i, unit in enumerate(pre)]
 
 

@@ -18,6 +18,22 @@ from planc.workload import Workload
 
 
 @dataclass(frozen=True)
+class Stage:
+    """One stage of a multi-stage convolutional tower (Florence2's DaViT): a strided convolution that
+    shrinks the grid, then blocks of window attention (window x window tokens) and feed-forward."""
+
+    kernel: int
+    stride: int
+    padding: int
+    shapes: Shapes  # the stage's width, heads and feed-forward size
+    window: int
+
+    def side(self, side: int) -> int:
+        """Grid side after the stage's convolution (Conv2d's output size)."""
+        return (side + 2 * self.padding - self.kernel) // self.stride + 1
+
+
+@dataclass(frozen=True)
 class Vision:
     """The vision encoder's numbers (`config.vision_config`)."""
 
@@ -25,17 +41,34 @@ class Vision:
     patch_size: int
     image_size: int | None  # the config's default input side, pixels; None for dynamic-resolution towers
     towers: tuple[str, ...]  # module paths of the tower(s)
+    # A multi-stage tower (embed_dim per stage): its stages; the tower's output grid is the last stage's.
+    stages: tuple[Stage, ...] = ()
+    # Tokens the projector adds to the output grid (Florence2's mean-over-positions token), measured
+    # by running the model's get_image_features on meta tensors (planc.model.graph).
+    extra_tokens: int = 0
 
-    def patches_per_image(self, workload: Workload) -> int:
-        """Patch tokens the encoder attends over for one image of workload.image_size (or the config's) pixels."""
+    def _side(self, workload: Workload) -> int:
         side = workload.image_size or self.image_size
         if not side:
             raise SpecError(
                 "workload.image_size is required with images_per_sequence for this model: its vision tower takes "
                 "images of any resolution"
             )
+        return side
+
+    def patches_per_image(self, workload: Workload) -> int:
+        """Patch tokens the encoder attends over for one image of workload.image_size (or the config's) pixels."""
+        side = self._side(workload)
+        if self.stages:
+            for stage in self.stages:
+                side = stage.side(side)
+            return side * side
         per_side = -(-side // self.patch_size)
         return per_side * per_side
+
+    def image_tokens(self, workload: Workload) -> int:
+        """Tokens one image becomes in the text model's input: the output grid and the projector's extra tokens."""
+        return self.patches_per_image(workload) + self.extra_tokens
 
 
 def vision_of(config, towers: tuple[str, ...]) -> Vision | None:
@@ -44,6 +77,9 @@ def vision_of(config, towers: tuple[str, ...]) -> Vision | None:
     if vision is None or not towers:
         return None
     get = lambda *names, default=0: config_value(vision, *names, default=default)  # noqa: E731
+    staged = ("embed_dim", "num_heads", "depths", "patch_size", "patch_stride", "patch_padding")
+    if all(isinstance(getattr(vision, name, None), (list, tuple)) for name in staged) and hasattr(vision, "window_size"):
+        return _staged_vision_of(vision, towers)
     hidden = get("embed_dim", "hidden_size", "width", "d_model")
     heads = get("num_attention_heads", "num_heads", "heads") or 1
     mlp_ratio = get("mlp_ratio", default=4)
@@ -67,6 +103,47 @@ def vision_of(config, towers: tuple[str, ...]) -> Vision | None:
     return Vision(shapes, int(patch) or 14, int(image_size) if image_size else None, towers)
 
 
+def _staged_vision_of(vision, towers: tuple[str, ...]) -> Vision:
+    """A DaViT-style tower (Florence2's): per stage a convolution (patch_size, patch_stride, patch_padding)
+    and blocks of embed_dim[i] channels, num_heads[i] heads, windows of window_size."""
+    ratio = getattr(vision, "mlp_ratio", 4.0)
+    stages = []
+    for index, dim in enumerate(vision.embed_dim):
+        heads = vision.num_heads[index]
+        shapes = Shapes(hidden_size=dim, num_attention_heads=heads, num_key_value_heads=heads, head_dim=dim // heads,
+                        v_head_dim=dim // heads, intermediate_size=int(dim * ratio), vocab_size=0,
+                        num_layers=vision.depths[index])
+        stages.append(Stage(vision.patch_size[index], vision.patch_stride[index], vision.patch_padding[index], shapes,
+                            vision.window_size))
+    last = stages[-1].shapes
+    image_size = getattr(vision, "image_size", None)
+    return Vision(last, stages[0].kernel, int(image_size) if isinstance(image_size, int) else None, towers, tuple(stages))
+
+
+def _staged_transient_bytes(vision: Vision, workload: Workload, dtype: str, backend: str, text_hidden: int) -> int:
+    """A multi-stage tower's peak: its largest stage block (the residual stream and its copies over the
+    stage's grid, then the larger of its window attention, over images x windows of window^2 tokens,
+    and its ungated feed-forward over the grid), and the projector's output in the text width."""
+    images = workload.batch_size * workload.images_per_sequence
+    e = DTYPE_BYTES[dtype]
+    side = vision._side(workload)
+    peak = 0
+    for stage in vision.stages:
+        side = stage.side(side)
+        tokens = side * side
+        padded = -(-side // stage.window) * stage.window
+        windows = images * (padded // stage.window) ** 2
+        # Steps of the tower's own tokens (no encoder-decoder source: they run whole, not one a step).
+        window_step = Workload(windows, stage.window ** 2)
+        hidden = 4 * images * padded * padded * stage.shapes.hidden_size * e
+        mixer = attention.transient_bytes(stage.shapes, None, window_step, dtype, backend)
+        # Its feed-forward is fc1 -> activation -> fc2 (Florence2VisionMLP, no gate): two intermediates.
+        feed_forward = 2 * images * tokens * stage.shapes.intermediate_size * e
+        peak = max(peak, hidden + max(mixer, feed_forward))
+    projector = 3 * images * vision.image_tokens(workload) * max(text_hidden, vision.shapes.hidden_size) * e
+    return peak + projector
+
+
 def transient_bytes(
     vision: Vision, workload: Workload, dtype: str, backend: str, text_hidden: int, last_state_only: bool = False
 ) -> int:
@@ -82,8 +159,11 @@ def transient_bytes(
     images = workload.batch_size * workload.images_per_sequence
     if not images:
         return 0
+    if vision.stages:
+        return _staged_transient_bytes(vision, workload, dtype, backend, text_hidden)
     tokens = vision.patches_per_image(workload) + 1
-    step = replace(workload, batch_size=images, max_seq_len=tokens, prefill_chunk_size=None, images_per_sequence=0)
+    step = replace(workload, batch_size=images, max_seq_len=tokens, prefill_chunk_size=None, images_per_sequence=0,
+                   source_tokens=0)
     e = DTYPE_BYTES[dtype]
     width = images * tokens * e
     hidden = 4 * width * vision.shapes.hidden_size

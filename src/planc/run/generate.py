@@ -144,7 +144,13 @@ def with_image_tokens(processor, prompt: str, count: int) -> str:
 def encode_with_images(processor, prompts: list[str], images: list, plan: Plan, max_new_tokens: int):
     """The padded batch of prompts that each show `images`, refused beyond the plan's max_seq_len
     (the tokens the processor expands each image into count)."""
-    texts = [with_image_tokens(processor, prompt, len(images)) for prompt in prompts]
+    if plan.workload.source_tokens:
+        # An encoder-decoder's processor places the image's tokens itself (Florence2's prepare_inputs_layout
+        # puts one image token before the text), and the encoder reads the source from position 0.
+        texts = list(prompts)
+        processor.tokenizer.padding_side = "right"
+    else:
+        texts = [with_image_tokens(processor, prompt, len(images)) for prompt in prompts]
     try:
         batch = processor(text=texts, images=[list(images) for _ in prompts], return_tensors="pt", padding=True)
     except (ValueError, TypeError) as exc:

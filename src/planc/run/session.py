@@ -46,6 +46,8 @@ class Session:
             load_processor,
         )
 
+        from planc.model.graph import places_image_features
+
         check_batch(self.plan, prompts)
         encoder = self.model.get_encoder() if self.plan.workload.source_tokens else None
         if encoder is not None and getattr(encoder, "main_input_name", "input_ids") != "input_ids":
@@ -58,6 +60,18 @@ class Session:
             if self.processor is None:
                 self.processor = load_processor(self.machine.folder, self.plan)
             batch = encode_source_image(self.processor, self.model, prompts, images[0], self.plan, max_new_tokens)
+        elif encoder is not None and images and self.plan.workload.images_per_sequence:
+            # A text encoder whose image tokens are placeholders (Florence2): the processor places the
+            # image's tokens in the source, generate the image's features at them.
+            if self.processor is None:
+                self.processor = load_processor(self.machine.folder, self.plan)
+            batch = encode_with_images(self.processor, prompts, images, self.plan, max_new_tokens)
+        elif encoder is not None and images and places_image_features(self.model):
+            raise UsageError(
+                f"the plan sized {type(self.model).__name__}'s encoder source without images "
+                "(workload.images_per_sequence 0): recompile with images_per_sequence: 1 (and source_tokens room for "
+                "the image's tokens), or run without --image"
+            )
         elif encoder is not None and images:
             raise UsageError(
                 f"{type(self.model).__name__} is an encoder-decoder model whose encoder reads text: --image has "
