@@ -410,22 +410,12 @@ def build_tiny_florence2(folder: Path, seed: int = 2) -> Path:
     offline (a BPE tokenizer with an <image> token, a CLIP image processor of image_seq_length 17).
     init_std 0.3 and seed 2: greedy tokens that differ between prompts and steps."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (
-        CLIPImageProcessorPil, Florence2Config, Florence2ForConditionalGeneration, Florence2Processor,
-        PreTrainedTokenizerFast,
-    )
+    from transformers import CLIPImageProcessorPil, Florence2Config, Florence2ForConditionalGeneration, Florence2Processor
 
-    from conftest import SENTENCES
+    from conftest import image_token_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"])
-    tokenizer.train_from_iterator(SENTENCES, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+    fast = image_token_tokenizer()
     image_processor = CLIPImageProcessorPil(size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32},
                                             do_center_crop=False)
     image_processor.image_seq_length = 17
