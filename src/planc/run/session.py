@@ -43,7 +43,6 @@ class Session:
         from planc.run.apply import pinned_attention
         from planc.run.generate import (
             check_batch, encode, encode_source_image, encode_with_images, generate, generation_config, input_device,
-            load_processor,
         )
 
         from planc.model.graph import places_image_features
@@ -57,15 +56,11 @@ class Session:
                     f"{type(self.model).__name__}'s encoder reads an image ({encoder.main_input_name}): give each "
                     "sequence one (--image)"
                 )
-            if self.processor is None:
-                self.processor = load_processor(self.machine.folder, self.plan)
-            batch = encode_source_image(self.processor, self.model, prompts, images[0], self.plan, max_new_tokens)
+            batch = encode_source_image(self._processor(), self.model, prompts, images[0], self.plan, max_new_tokens)
         elif encoder is not None and images and self.plan.workload.images_per_sequence:
             # A text encoder whose image tokens are placeholders (Florence2): the processor places the
             # image's tokens in the source, generate the image's features at them.
-            if self.processor is None:
-                self.processor = load_processor(self.machine.folder, self.plan)
-            batch = encode_with_images(self.processor, prompts, images, self.plan, max_new_tokens)
+            batch = encode_with_images(self._processor(), prompts, images, self.plan, max_new_tokens)
         elif encoder is not None and images and places_image_features(self.model):
             raise UsageError(
                 f"the plan sized {type(self.model).__name__}'s encoder source without images "
@@ -78,9 +73,7 @@ class Session:
                 "nowhere to go"
             )
         elif images:
-            if self.processor is None:
-                self.processor = load_processor(self.machine.folder, self.plan)
-            batch = encode_with_images(self.processor, prompts, images, self.plan, max_new_tokens)
+            batch = encode_with_images(self._processor(), prompts, images, self.plan, max_new_tokens)
         else:
             from planc.model.graph import generates_from_images
 
@@ -98,6 +91,14 @@ class Session:
             device, extra = rank_device(self.plan, self.rank), generate_kwargs(self.plan, self.model, self.rank)
         with pinned_attention(self.plan):
             return generate(self.model, self.tokenizer, batch, prompts, config, device, stream, extra)
+
+    def _processor(self):
+        """The model folder's processor, loaded on the first image prompt."""
+        from planc.run.generate import load_processor
+
+        if self.processor is None:
+            self.processor = load_processor(self.machine.folder, self.plan)
+        return self.processor
 
     def measured_peaks(self) -> dict[str, int]:
         """Peak bytes per device since the session opened (torch's allocator per GPU, RSS on CPU)."""
