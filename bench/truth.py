@@ -128,7 +128,7 @@ def write_spec(path: Path, folder: Path, gpus: list[str], batch: int, tokens: in
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
 
 
-def measure(lock: Path, plan, model, batch: int, tokens: int, new: int) -> tuple[dict[int, int], dict[int, int]]:
+def measure(plan, model, batch: int, tokens: int, new: int) -> tuple[dict[int, int], dict[int, int]]:
     """Generate batch x tokens (prompt + new) and return torch's allocator peak and cudaMemGetInfo's used bytes per GPU."""
     import torch
 
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
                 loaded, _ = planc.load(lock)
                 placement = key
-            allocated, used = measure(lock, plan, loaded, batch, tokens, min(args.new_tokens, tokens - 1))
+            allocated, used = measure(plan, loaded, batch, tokens, min(args.new_tokens, tokens - 1))
         for device in plan.devices:
             ledger = ledgers[device.index]
             tensors = ledger.weights + ledger.kv_cache + ledger.activations + ledger.staging
