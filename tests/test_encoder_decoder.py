@@ -165,6 +165,8 @@ SIMULATED = [
     # PP-FormulaNet: a SAM-style ViT over its 32 x 32 patch grid (eager scores with relative positions),
     # resampled to 64 source tokens by its neck and projector.
     pytest.param("pp_formulanet", "PPFormulaNetForConditionalGeneration", {}, 2, 256, id="pp-formulanet"),
+    # Udop: T5 with layout biases over each token's box (batch x heads x S x S), a text source here.
+    pytest.param("udop", "UdopForConditionalGeneration", dict(num_layers=4, num_decoder_layers=4), 2, 256, id="udop"),
     pytest.param("pix2struct", "Pix2StructForConditionalGeneration",
                  dict(text_config=dict(num_layers=4), vision_config=dict(num_hidden_layers=4)), 1, 1024,
                  id="pix2struct"),
@@ -380,9 +382,6 @@ def test_a_quantized_kv_cache_is_refused(seq2seq_models, tmp_path):
 
 
 @pytest.mark.parametrize(("model_type", "architecture", "overrides", "reason"), [
-    ("udop", "UdopForConditionalGeneration", {}, "whose encoder reads the prompt's tokens and the image's "
-     "(pixel_values beside input_ids): its encoder embeds the image's patches itself and appends them to the text "
-     "tokens beside their bounding boxes (combine_image_text_embeddings)"),
     ("t5gemma2", "T5Gemma2ForConditionalGeneration", {}, "whose encoder reads the prompt's tokens and the image's "
      "(pixel_values beside input_ids): its encoder runs the vision tower itself (get_encoder() holds vision_tower)"),
     ("t5", "T5ForConditionalGeneration", dict(num_layers=2, num_decoder_layers=3), "its 3 decoder layers update a "
@@ -642,3 +641,78 @@ def test_a_pp_formulanet_plan_loads_and_generates_from_pixels_the_tokens_of_plai
     expected = [row[: row.index(eos) + 1] if eos in row else row for row in output[:, 1:].tolist()]
     tokens = [c.token_ids for c in completions]
     assert tokens == expected and len(set(tokens[0])) > 1
+
+
+# ------------------------------------------------------------------ Udop: a T5 that appends an image's patches
+
+
+def build_tiny_udop(folder: Path, seed: int = 0) -> Path:
+    """A tiny random Udop: 32 x 32 images in 8-pixel patches (16 patches appended after the prompt's
+    tokens), T5 blocks with its 1D, horizontal and vertical relative biases; conftest's tokenizer."""
+    import torch
+    from transformers import UdopConfig, UdopForConditionalGeneration
+
+    fast = save_tiny_tokenizer(folder)
+    config = UdopConfig(vocab_size=len(fast), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                        num_heads=4, image_size=32, patch_size=8, max_2d_position_embeddings=64,
+                        pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id,
+                        decoder_start_token_id=fast.pad_token_id)
+    config.architectures = ["UdopForConditionalGeneration"]
+    torch.manual_seed(seed)
+    UdopForConditionalGeneration(config).to(torch.float32).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("with_image", [True, False], ids=["image", "text"])
+def test_udops_source_is_the_prompt_and_the_images_patches_and_its_caches_are_what_generate_keeps(tmp_path, with_image):
+    """After a real generate from a prompt with boxes (and an image), every decoder layer's cross-attention
+    K/V holds the prompt's tokens plus all 16 patches, and the encoder output generate keeps
+    (last_hidden_state and Udop's extended attention_mask) is the graph's encoder-output bytes."""
+    import json
+
+    import torch
+    from transformers import AutoTokenizer, UdopForConditionalGeneration
+
+    from planc.model import build_model_graph
+    from planc.model.cache import held_bytes, layer_tensors
+    from planc.workload import Workload
+
+    folder = build_tiny_udop(tmp_path / "udop")
+    tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="right")
+    model = UdopForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+    batch = dict(tokenizer(PROMPTS, return_tensors="pt", padding=True))
+    torch.manual_seed(1)
+    batch["bbox"] = torch.rand(*batch["input_ids"].shape, 4)  # layout biases average coordinates: float boxes
+    if with_image:
+        batch["pixel_values"] = torch.randn(len(PROMPTS), 3, 32, 32)
+    steps = 5
+    out = model.generate(**batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                         return_dict_in_generate=True)
+    encoded = model.get_encoder()(**batch)
+
+    graph = build_model_graph(json.loads((folder / "config.json").read_text()), "float32")
+    assert graph.encoder.image_patches == 16 and graph.encoder.layout_biases == 2
+    source = batch["input_ids"].shape[1] + (16 if with_image else 0)
+    assert encoded.last_hidden_state.shape[1] == source
+    workload = Workload(len(PROMPTS), steps, images_per_sequence=int(with_image), source_tokens=source)
+    layers = [unit for unit in graph.units if unit.kind == "layer"]
+    assert [held_bytes(t) for t in layer_tensors(out.past_key_values)] == [u.cache.bytes(workload) for u in layers]
+    (output_unit,) = [unit for unit in graph.units if unit.cache is not None and unit.kind == "pre"]
+    assert output_unit.cache.bytes(workload) == held_bytes([encoded.last_hidden_state, encoded.attention_mask])
+
+
+def test_a_udop_source_without_room_for_its_patches_and_a_run_without_boxes_are_refused(tmp_path, image_file):
+    from planc.run import run_plan
+
+    folder = build_tiny_udop(tmp_path / "udop")
+    with pytest.raises(SpecError, match="workload.source_tokens 16: the encoder's source holds the prompt's tokens and "
+                                        "the image's 16 patches"):
+        compile_to(tmp_path, CPU_SPEC.format(model=folder, workload=", source_tokens: 16, images_per_sequence: 1"))
+    assert not (tmp_path / "plan.lock").exists()
+    with pytest.raises(SpecError, match="patch embedding takes only its config's 32 x 32 images"):
+        compile_to(tmp_path, CPU_SPEC.format(model=folder, workload=", source_tokens: 24, images_per_sequence: 1, "
+                                                                    "image_size: 64"))
+    lock = compile_to(tmp_path, CPU_SPEC.format(model=folder, workload=", source_tokens: 24, images_per_sequence: 1"))
+
+    with pytest.raises(UsageError, match="reads a bounding box for every word of the prompt \\(bbox"):
+        run_plan(lock, prompts=PROMPTS, images=[image_file], max_new_tokens=2, quiet=True)

@@ -158,6 +158,13 @@ def _source_tokens(spec: Spec, graph) -> int:
             )
         return 0
     source = graph.encoder.source_tokens(wl.source_tokens, wl.max_seq_len)
+    patches = graph.encoder.image_patches
+    if wl.images_per_sequence and patches and source <= patches:
+        # Udop: the encoder appends all of one image's patches after the prompt's tokens.
+        raise SpecError(
+            f"workload.source_tokens {source}: the encoder's source holds the prompt's tokens and the image's {patches} "
+            f"patches, which the encoder appends after them; plan at least {patches + 1} source tokens"
+        )
     if wl.images_per_sequence and graph.vision is not None and graph.encoder.source == "text":
         # Florence2: each image's features take image-token positions of the encoder's source.
         tokens = wl.images_per_sequence * graph.vision.image_tokens(
@@ -708,11 +715,29 @@ def _check_images(spec: Spec, graph) -> None:
                 "workload.images_per_sequence"
             )
         return
+    if graph.vision is None and graph.encoder is not None and graph.encoder.image_patches:
+        _check_encoder_image(wl, graph)
+        return
     if graph.vision is None:
         raise SpecError(
             f"workload.images_per_sequence is {wl.images_per_sequence} but {graph.architecture} has no vision tower"
         )
     graph.vision.patches_per_image(_workload(spec, graph, wl.batch_size, wl.max_seq_len))
+
+
+def _check_encoder_image(wl, graph) -> None:
+    """A text encoder that embeds the image itself (Udop) reads one image of its config's size."""
+    side = graph.encoder.image_side
+    if wl.images_per_sequence > 1:
+        raise SpecError(
+            f"workload.images_per_sequence {wl.images_per_sequence}: {graph.architecture}'s encoder appends the "
+            "patches of one image (pixel_values of one per sequence) to the prompt's tokens; plan 1"
+        )
+    if wl.image_size is not None and wl.image_size != side:
+        raise SpecError(
+            f"workload.image_size {wl.image_size}: {graph.architecture}'s patch embedding takes only its config's "
+            f"{side} x {side} images (it raises on any other size); leave image_size unset"
+        )
 
 
 def _model_decisions(graph) -> list[Decision]:

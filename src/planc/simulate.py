@@ -851,11 +851,22 @@ def _run_generation(
 
 def _encoder_inputs(model, encoder, batch: int, source: int, input_device: str) -> dict:
     """What generate hands an encoder-decoder's encoder: the prompt's ids (with a padding mask for a
-    batch), one image's pixels, or Pix2Struct's patch list with its mask."""
+    batch), one image's pixels, or Pix2Struct's patch list with its mask; Udop's prompt with a box per
+    token (float: its layout biases average the coordinates). Udop's image is not given: its
+    combine_image_text_embeddings picks the patches outside the tokens' boxes by value (a Python loop
+    over index tensors), which fake tensors cannot run, so the source runs as that many text tokens
+    (the same blocks, bias and output; the ledger adds the pixels and the embedded patches)."""
     import torch
+
+    from planc.model.encoder_decoder import patch_embedding
 
     name = encoder.main_input_name
     config = encoder.config
+    embedding = patch_embedding(encoder)
+    if embedding is not None:
+        return {name: torch.zeros(batch, source, dtype=torch.long, device=input_device),
+                "bbox": torch.zeros(batch, source, 4, device=input_device),
+                "attention_mask": torch.ones(batch, source, dtype=torch.long, device=input_device)}
     if name == "pixel_values":
         side = config.image_size if isinstance(config.image_size, int) else max(config.image_size)
         channels = getattr(config, "num_channels", 3)
@@ -1062,6 +1073,10 @@ def simulate_plan(
                             model, plan, batch, seq, decode_steps, main_device, tracker
                         )
                         notes.append(f"encoder ran over {plan.workload.source_tokens} source tokens per sequence")
+                        if plan.workload.images_per_sequence and model.get_encoder().main_input_name == "input_ids":
+                            notes.append("the image's patches ran as text tokens of the source (Udop's "
+                                         "combine_image_text_embeddings picks patches by value, which fake tensors "
+                                         "cannot run)")
                     else:
                         cache, prefill_peak, decode_peak = _run_generation(
                             model, batch, seq, chunk, decode_steps, main_device, tracker, _initial_cache(plan, model),

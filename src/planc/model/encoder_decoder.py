@@ -82,6 +82,17 @@ class Encoder:
     window: int = 0
     global_layers: bool = False
     output_elements_per_image: int = 0
+    # Udop: a text encoder that embeds one image's patches itself (embed_patches, a Conv2d) and appends
+    # them after the prompt's tokens (combine_image_text_embeddings pads them to all of the grid's
+    # patches, so an image adds exactly image_patches source tokens), and whose relative bias sums
+    # T5's 1D buckets with layout_biases more over each token's bounding box (horizontal, vertical):
+    # those are bucketed per sequence, so the summed bias is batch x heads x S x S.
+    image_patches: int = 0
+    layout_biases: int = 0
+    image_side: int = 0  # the side of the only image size its patch embedding takes
+    # Bytes per source token that encoder_outputs hold beside last_hidden_state: Udop's attention_mask
+    # (BaseModelOutputWithAttentionMask, int64, extended over the patches), kept by generate with it.
+    output_mask_bytes: int = 0
 
     def source_tokens(self, requested: int | None, max_seq_len: int) -> int:
         """Tokens the encoder reads per sequence for the spec's `workload.source_tokens` (None: unset)."""
@@ -134,6 +145,8 @@ def encoder_of(model, block_count: int) -> Encoder:
         num_layers=block_count,
     )
     feed_forward = dict(mlp_intermediates=_mlp_intermediates(module))
+    if main_input == "input_ids" and patch_embedding(module) is not None:
+        return _layout_encoder(module, path, shapes, hidden, get, feed_forward)
     if main_input == "input_ids":
         return Encoder(path, TEXT, shapes, hidden, relative_bias=bool(get("relative_attention_num_buckets")),
                        input_bytes_per_token=8, **feed_forward)  # int64 ids
@@ -164,6 +177,36 @@ def encoder_of(model, block_count: int) -> Encoder:
         f"{type(model).__name__}: its encoder takes {main_input!r}, which planc does not size (text encoders take "
         "input_ids, image encoders pixel_values)"
     )
+
+
+def patch_embedding(encoder_module):
+    """A text encoder's own patch embedding, through which it appends an image's patches to the
+    prompt's tokens (Udop's UdopStack.embed_patches), or None."""
+    import torch
+
+    embedding = getattr(encoder_module, "embed_patches", None)
+    convolution = getattr(embedding, "proj", None)
+    return embedding if isinstance(convolution, torch.nn.Conv2d) else None
+
+
+# Per source token, what Udop's encoder holds of its inputs: the int64 ids, the bbox (4 coordinates,
+# int64 or float32 as given), its float64 copy with the patches' boxes (combine_image_text_embeddings),
+# alive until the encoder returns, and the int64 attention mask it extends over the patches.
+LAYOUT_INPUT_BYTES_PER_TOKEN = 8 + 4 * 8 + 4 * 8 + 8
+
+
+def _layout_encoder(module, path: str, shapes: Shapes, hidden: int, get, feed_forward: dict) -> Encoder:
+    """Udop's encoder: the prompt's tokens with their boxes, then one image's patches."""
+    embedding = patch_embedding(module)
+    side, patch = embedding.image_size, embedding.patch_size
+    pixels = embedding.num_channels * side[0] * side[1]
+    # Only the horizontal and vertical biases read the boxes; the 1D one is T5's, over positions.
+    biases = list(getattr(getattr(module, "relative_bias", None), "biases", ()))
+    layout = sum(1 for bias in biases if type(bias).__name__ != "RelativePositionBias1D")
+    return Encoder(path, TEXT, shapes, hidden, relative_bias=bool(biases), input_bytes_per_token=LAYOUT_INPUT_BYTES_PER_TOKEN,
+                   input_elements_per_image=pixels, image_patches=embedding.num_patches, layout_biases=layout,
+                   image_side=max(side), output_mask_bytes=8,
+                   **feed_forward)
 
 
 def resamples_patches(encoder_module) -> bool:
@@ -278,9 +321,13 @@ def transient_bytes(encoder: Encoder, workload: Workload, dtype: str, backend: s
     feed_forward = encoder.mlp_intermediates * b * s * encoder.shapes.intermediate_size * e
     mask = b * s * s * (e if backend == "eager" else 1) if b > 1 or backend == "eager" else 0
     held, in_attention = relative_bias_bytes(encoder, step, dtype, backend)
-    # The inputs stay alive until generate returns (its model_kwargs hold them).
-    inputs = b * (s * (encoder.input_bytes_per_token + encoder.input_elements_per_token * e)
-                  + encoder.input_elements_per_image * e)
+    # The inputs stay alive until generate returns (its model_kwargs hold them); a text encoder's
+    # image (Udop's) only where the workload shows one, and its embedded patches (UdopStack.forward's
+    # image_embeddings) until the encoder returns.
+    image = encoder.source != TEXT or bool(workload.images_per_sequence)
+    pixels = encoder.input_elements_per_image * e if image else 0
+    patches = encoder.image_patches * h * e if image else 0
+    inputs = b * (s * (encoder.input_bytes_per_token + encoder.input_elements_per_token * e) + pixels + patches)
     return hidden + max(mixer + in_attention, feed_forward) + mask + held + inputs
 
 
@@ -324,12 +371,19 @@ def relative_bias_bytes(encoder: Encoder, step: Workload, dtype: str, backend: s
     attention's own transients). The bias, 1 x heads x S x S in the model dtype, lives from the first
     layer to the last; inside an attention, the bucketing temporaries while the first layer computes
     it, or where a mask is applied (a padded batch, or eager) each layer's copy of the bias with the
-    mask (sdpa_attention.create_position_bias_mask), whichever is larger."""
+    mask (sdpa_attention.create_position_bias_mask), whichever is larger.
+
+    Udop's (layout_biases): RelativePositionBiasAggregated sums its modules' biases, those over the
+    boxes per sequence, so the bias is batch x heads x S x S; while it sums one module's in, the sum
+    so far, that module's bias or its bucketing temporaries (per pair of each sequence), and the new sum."""
     if not encoder.relative_bias:
         return 0, 0
     e = DTYPE_BYTES[dtype]
     b, s, heads = step.batch_size, step.max_seq_len, encoder.shapes.num_attention_heads
     masked = b * heads * s * s * e if b > 1 or backend == "eager" else 0
+    if encoder.layout_biases:
+        bias = b * heads * s * s * e
+        return bias, max(bias + max(bias, b * s * s * RELATIVE_BUCKETING_BYTES), masked)
     return s * s * heads * e, max(s * s * RELATIVE_BUCKETING_BYTES, masked)
 
 

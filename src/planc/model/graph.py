@@ -21,7 +21,9 @@ from planc.model.build import meta_model
 from planc.model.cache import LayerCache, cache_keyword, layer_caches, refuse_unsized
 from planc.model.config import Shapes, config_value, checkpoint_dtype, known_model_type, layer_shapes, shapes_of, text_config
 from planc.model.gated_cross import GatedCrossAttention, gated_cross_of, runs_image_cross_attention
-from planc.model.encoder_decoder import Encoder, cross_attention_bytes_per_token, decoder_shapes, encoder_of, encoder_path
+from planc.model.encoder_decoder import (
+    Encoder, cross_attention_bytes_per_token, decoder_shapes, encoder_of, encoder_path, patch_embedding,
+)
 from planc.model.mlp import sized_activation
 from planc.model.vision import Vision, vision_of
 
@@ -355,7 +357,10 @@ def _position_limit(model, pre_units: list[str], text) -> tuple[int | None, str]
         # The table may be the unit, or inside it (BertEmbeddings is one no-split block).
         for name, module in modules[unit].named_modules(prefix=unit):
             leaf = name.rsplit(".", 1)[-1]
-            if isinstance(module, torch.nn.Embedding) and ("pos" in leaf or leaf == "wpe"):
+            # Layout tables (Udop's cell_2d_embedding.x_/y_position_embeddings) index a box's
+            # coordinates, not the token's position: any source length fits them.
+            layout = leaf.startswith(("x_position", "y_position"))
+            if isinstance(module, torch.nn.Embedding) and ("pos" in leaf or leaf == "wpe") and not layout:
                 limit = config_value(text, "max_position_embeddings", "n_positions", default=None)
                 table = min(limit, module.num_embeddings) if isinstance(limit, int) else module.num_embeddings
                 return table, "learned position table"
@@ -876,10 +881,10 @@ def _resampled_source(encoder) -> str:
 
 def _refuse_unplanned_encoder(model, encoder: str | None) -> None:
     """Encoder-decoder models whose source planc cannot size yet: an encoder that is no submodule, or
-    one that merges image features into the text encoder's tokens inside the encoder (T5Gemma2) or
-    beside the text (Udop's combine_image_text_embeddings), where the source length is the prompt's
-    tokens plus tokens of the image that planc does not count yet. Florence2's placeholders are
-    counted (places_image_features)."""
+    one that merges image features into the text encoder's tokens inside the encoder (T5Gemma2),
+    where the source length is the prompt's tokens plus tokens of the image that planc does not
+    count yet. Florence2's placeholders (places_image_features) and Udop's patches appended after
+    the text (encoder_decoder.patch_embedding) are counted."""
     architecture = type(model).__name__
     if encoder is None:
         raise ModelError(f"{architecture} is an encoder-decoder model whose get_encoder() is no submodule planc can place")
@@ -897,15 +902,14 @@ def _refuse_unplanned_encoder(model, encoder: str | None) -> None:
                 "image encoders whose output is one token per patch (their blocks' peak and the source the decoder "
                 "cross-attends are then the same tokens)"
             )
-    if main_input == "input_ids" and image_inputs and not places_image_features(model):
+    if main_input == "input_ids" and image_inputs and not places_image_features(model) and patch_embedding(module) is None:
         # Florence2's image features fill image-token placeholders before the encoder (planned); these
         # merge the image inside the encoder, whose units would then hold a vision tower's peak.
         inside = any(name.endswith(("vision_tower", "vision_model")) for name, _ in module.named_modules())
         how = ("its encoder runs the vision tower itself (get_encoder() holds vision_tower) and scatters the "
                "image's features over the prompt's image tokens, a tower inside the encoder whose peak planc does not "
                "charge to the encoder yet") if inside else (
-               "its encoder embeds the image's patches itself and appends them to the text tokens beside their "
-               "bounding boxes (combine_image_text_embeddings), which planc does not count in the source yet")
+               "its encoder merges the image with the text tokens in a way planc does not count in the source yet")
         raise ModelError(
             f"{architecture} is an encoder-decoder model whose encoder reads the prompt's tokens and the image's "
             f"({', '.join(sorted(image_inputs))} beside input_ids): {how}; planc plans text encoders, image encoders, "
@@ -954,7 +958,8 @@ def _encoder_output_on_last_unit(pre: list[Unit], encoder: "Encoder", dtype: str
     if last is None:
         return pre
     # A resampling encoder's neck output (last_hidden_state) is kept beside the source it gives the decoder.
-    held = LayerCache("encoder_output", attention=False, bytes_per_source_token=encoder.output_width * DTYPE_BYTES[dtype],
+    width = encoder.output_width * DTYPE_BYTES[dtype] + encoder.output_mask_bytes
+    held = LayerCache("encoder_output", attention=False, bytes_per_source_token=width,
                       state_bytes=encoder.output_elements_per_image * DTYPE_BYTES[dtype])
     return [replace(unit, cache=held) if i == last else unit for i, unit in enumerate(pre)]
 

@@ -49,6 +49,17 @@ class Session:
 
         check_batch(self.plan, prompts)
         encoder = self.model.get_encoder() if self.plan.workload.source_tokens else None
+        if encoder is not None:
+            from planc.model.encoder_decoder import patch_embedding
+
+            if patch_embedding(encoder) is not None:
+                # Udop's layout biases need a box per token (bbox), which OCR or the caller gives; a
+                # prompt here is text only, and boxes made up for it would change what the model reads.
+                raise UsageError(
+                    f"{type(self.model).__name__} reads a bounding box for every word of the prompt (bbox, from OCR "
+                    "or the caller) beside the image, and planc run takes prompts as text only: generate with the "
+                    "plan's placement through planc.load and UdopProcessor(words, boxes)"
+                )
         if encoder is not None and getattr(encoder, "main_input_name", "input_ids") != "input_ids":
             # An image encoder (ViT, Pix2Struct): the image is the source, the decoder starts from its start token.
             if not images:
