@@ -59,6 +59,7 @@ from typing import Any
 
 from planc.errors import ModelError
 from planc.model.cache import cache_keyword, layer_tensors
+from planc.model.encoder_decoder import patch_embedding
 from planc.plan import Plan
 from planc.run.trust import check_lock_trust
 
@@ -858,8 +859,6 @@ def _encoder_inputs(model, encoder, batch: int, source: int, input_device: str) 
     (the same blocks, bias and output; the ledger adds the pixels and the embedded patches)."""
     import torch
 
-    from planc.model.encoder_decoder import patch_embedding
-
     name = encoder.main_input_name
     config = encoder.config
     embedding = patch_embedding(encoder)
@@ -1073,7 +1072,7 @@ def simulate_plan(
                             model, plan, batch, seq, decode_steps, main_device, tracker
                         )
                         notes.append(f"encoder ran over {plan.workload.source_tokens} source tokens per sequence")
-                        if plan.workload.images_per_sequence and model.get_encoder().main_input_name == "input_ids":
+                        if plan.workload.images_per_sequence and patch_embedding(model.get_encoder()) is not None:
                             notes.append("the image's patches ran as text tokens of the source (Udop's "
                                          "combine_image_text_embeddings picks patches by value, which fake tensors "
                                          "cannot run)")
