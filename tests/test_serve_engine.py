@@ -98,6 +98,32 @@ def test_batched_decoding_gives_every_sequence_its_tokens_alone(name, tokenizer,
         assert sequence.token_ids == alone(model, tokenizer, plan, prompt, new_tokens)
 
 
+@pytest.mark.parametrize("rows", [2, 3, 4, 6, 8])
+def test_every_row_of_a_batched_product_is_its_one_row_product(rows):
+    """nn.Linear (F.linear) and GPT-2's Conv1D (torch.addmm) under the batching mode: each row's
+    bits are those of the row alone. A CPU BLAS takes a GEMM over several rows whose summation order
+    is not the one-row call's (this build's does from 4 rows here, at 2 or 3 on CI's machine)."""
+    import torch
+    import torch.nn.functional as F
+
+    from planc.serve.invariant import RowExactLinear
+
+    generator = torch.Generator().manual_seed(rows)
+    for features, out in ((64, 192), (64, 256), (256, 64)):
+        x = torch.randn(rows, features, generator=generator)
+        weight = torch.randn(features, out, generator=generator)
+        bias = torch.randn(out, generator=generator)
+        alone_linear = [F.linear(x[i : i + 1].clone(), weight.t(), bias) for i in range(rows)]
+        alone_addmm = [torch.addmm(bias, x[i : i + 1].clone(), weight) for i in range(rows)]
+        mode = RowExactLinear()
+        for _ in range(2):  # the first call checks the batched GEMV, the second may take it
+            with mode:
+                linear = F.linear(x, weight.t(), bias)
+                addmm = torch.addmm(bias, x, weight)
+            assert torch.equal(linear, torch.cat(alone_linear))
+            assert torch.equal(addmm, torch.cat(alone_addmm))
+
+
 def test_a_sequence_that_fails_inside_a_batched_step_fails_alone(tokenizer, plan):
     model = tiny_model_of("qwen3-8b", tokenizer)
     engine = Engine(model, tokenizer, plan)

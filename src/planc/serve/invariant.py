@@ -17,7 +17,8 @@ Here the batch keeps each sequence's own arithmetic:
 - every `F.linear` over several rows goes through `RowExactLinear`, which uses a batched GEMV (one
   matrix-vector product per row, `torch.bmm` over an expanded weight) where that has been checked
   to equal the one-row product bit for bit on this device, dtype and shape, and an explicit loop of
-  one-row products otherwise; MoE experts' grouped products (`torch._grouped_mm`) likewise per group;
+  one-row products otherwise; `Conv1D`'s `torch.addmm` (GPT-2 and kin) the same way; MoE experts'
+  grouped products (`torch._grouped_mm`) likewise per group;
 - embeddings, norms, rotary embeddings, activations and residual additions are per row anyway.
 
 `planc.serve.engine` proves the result on the loaded model at start-up (batched logits against
@@ -245,6 +246,8 @@ class RowExactLinear(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.linear:
             return self._linear(func, args, kwargs)
+        if func is torch.addmm:
+            return self._addmm(func, args, kwargs)
         if func is _GROUPED_MM:
             return self._grouped_mm(func, args, kwargs)
         return func(*args, **kwargs)
@@ -266,6 +269,26 @@ class RowExactLinear(TorchFunctionMode):
         exact = torch.cat([F.linear(x[i : i + 1], weight, bias) for i in range(rows)])
         if verdict is None:
             self.verdicts[key] = torch.equal(_batched_gemv(x, weight, bias, rows), exact)
+        return exact
+
+    def _addmm(self, func, args, kwargs):
+        """transformers' `Conv1D` (GPT-2 and kin): `addmm(bias, x.view(-1, features), weight)`, one
+        row per sequence in a decode step. Over several rows the BLAS may pick a GEMM whose
+        summation order differs from the one-row call's (on this build's CPU BLAS from 4 rows on one
+        machine, at 2 or 3 on CI's), so each row runs alone unless the batched GEMV was checked equal."""
+        if len(args) != 3 or kwargs:  # beta / alpha / out: not Conv1D's call
+            return func(*args, **kwargs)
+        bias, x, weight = args
+        rows = x.shape[0] if x.dim() == 2 else 1
+        if rows <= 1 or bias.dim() > 1:
+            return func(*args, **kwargs)
+        key = ("addmm", tuple(weight.shape), weight.dtype, str(weight.device), rows, x.dtype, tuple(bias.shape))
+        verdict = self.verdicts.get(key)
+        if verdict:
+            return _batched_gemv(x, weight.t(), bias, rows)
+        exact = torch.cat([func(bias, x[i : i + 1], weight) for i in range(rows)])
+        if verdict is None:
+            self.verdicts[key] = torch.equal(_batched_gemv(x, weight.t(), bias, rows), exact)
         return exact
 
     def _grouped_mm(self, func, args, kwargs):
