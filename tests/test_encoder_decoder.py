@@ -382,8 +382,6 @@ def test_a_quantized_kv_cache_is_refused(seq2seq_models, tmp_path):
 
 
 @pytest.mark.parametrize(("model_type", "architecture", "overrides", "reason"), [
-    ("t5gemma2", "T5Gemma2ForConditionalGeneration", {}, "whose encoder reads the prompt's tokens and the image's "
-     "(pixel_values beside input_ids): its encoder runs the vision tower itself (get_encoder() holds vision_tower)"),
     ("t5", "T5ForConditionalGeneration", dict(num_layers=2, num_decoder_layers=3), "its 3 decoder layers update a "
      "self-attention cache that generate builds with 2 layers"),
 ])
@@ -716,3 +714,208 @@ def test_a_udop_source_without_room_for_its_patches_and_a_run_without_boxes_are_
 
     with pytest.raises(UsageError, match="reads a bounding box for every word of the prompt \\(bbox"):
         run_plan(lock, prompts=PROMPTS, images=[image_file], max_new_tokens=2, quiet=True)
+
+
+# ------------------------------------------------------------------ T5Gemma2: a vision tower inside the encoder
+
+
+def build_tiny_t5gemma2(folder: Path, seed: int = 0) -> Path:
+    """A tiny random T5Gemma2: a SigLIP tower of 32 x 32 images in 8-pixel patches (a 4 x 4 grid) that
+    its projector pools to 2 x 2, so one image is 4 tokens of the encoder's source (mm_tokens_per_image);
+    sliding (window 4) and full layers with one KV head for two query heads, in the encoder and the
+    decoder. Its Gemma3Processor is built offline: a BPE tokenizer with the start-of-image, image and
+    end-of-image tokens, and a Gemma3 image processor of 32 x 32."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (
+        Gemma3ImageProcessorPil, Gemma3Processor, PreTrainedTokenizerFast, T5Gemma2Config,
+        T5Gemma2ForConditionalGeneration,
+    )
+
+    from conftest import SENTENCES
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokens = {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    special = ["<unk>", "<s>", "</s>", "<pad>", *tokens.values()]
+    tokenizer.train_from_iterator(SENTENCES, trainers.BpeTrainer(vocab_size=300, special_tokens=special))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", extra_special_tokens=tokens)
+    Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=fast,
+                    image_seq_length=4).save_pretrained(folder)
+    ids = {name: fast.convert_tokens_to_ids(token) for name, token in tokens.items()}
+    text = dict(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16, layer_types=["sliding_attention", "full_attention"], sliding_window=4,
+                pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id, bos_token_id=fast.bos_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    config = T5Gemma2Config(
+        encoder=dict(text_config=text, vision_config=vision, mm_tokens_per_image=4, boi_token_index=ids["boi_token"],
+                     eoi_token_index=ids["eoi_token"], image_token_index=ids["image_token"]),
+        decoder=text, image_token_index=ids["image_token"], eoi_token_index=ids["eoi_token"],
+    )
+    config.architectures = ["T5Gemma2ForConditionalGeneration"]
+    torch.manual_seed(seed)
+    model = T5Gemma2ForConditionalGeneration(config).to(torch.float32)
+    model.generation_config.decoder_start_token_id = fast.bos_token_id
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def t5gemma2_model(tmp_path_factory):
+    return build_tiny_t5gemma2(tmp_path_factory.mktemp("t5gemma2"))
+
+
+def t5gemma2_batch(model: Path, prompts: list[str], image: Path | None):
+    """The processor's right-padded batch, with a start-of-image token and the image before each prompt."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model)
+    processor.tokenizer.padding_side = "right"
+    if image is None:
+        return processor.tokenizer(prompts, return_tensors="pt", padding=True)
+    with Image.open(image) as picture:
+        return processor(text=[processor.boi_token + p for p in prompts], images=[[picture.convert("RGB")]] * len(prompts),
+                         return_tensors="pt", padding=True)
+
+
+def test_t5gemma2s_source_holds_its_pooled_image_tokens_and_its_caches_are_what_generate_keeps(
+    t5gemma2_model, image_file
+):
+    """The tower inside the encoder and its projector are vision units ahead of the encoder's text
+    blocks; one image is the 4 pooled tokens the processor puts in the source; after a real generate
+    from text and image, every decoder layer's self (sliding and full) and cross K/V and the encoder
+    output are the graph's bytes."""
+    import json
+
+    import torch
+    from transformers import T5Gemma2ForConditionalGeneration
+
+    from planc.model import build_model_graph
+    from planc.model.cache import held_bytes, layer_tensors
+    from planc.workload import Workload
+
+    batch = t5gemma2_batch(t5gemma2_model, PROMPTS, image_file)
+    model = T5Gemma2ForConditionalGeneration.from_pretrained(t5gemma2_model, dtype=torch.float32)
+    steps = 6  # past the sliding window of 4
+    out = model.generate(**batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                         return_dict_in_generate=True, output_hidden_states=True)
+    source = batch["input_ids"].shape[1]
+
+    graph = build_model_graph(json.loads((t5gemma2_model / "config.json").read_text()), "float32")
+    workload = Workload(len(PROMPTS), steps, images_per_sequence=1, source_tokens=source)
+    image_tokens = int((batch["input_ids"][0] == model.config.encoder.image_token_index).sum())
+    assert graph.vision.image_tokens(workload) == 4 == image_tokens
+    assert graph.vision.towers == ("model.encoder.vision_tower",)
+    layers = [unit for unit in graph.units if unit.kind == "layer"]
+    assert [held_bytes(t) for t in layer_tensors(out.past_key_values)] == [u.cache.bytes(workload) for u in layers]
+    assert all(unit.cache.merged_cross for unit in layers)
+    (output_unit,) = [unit for unit in graph.units if unit.cache is not None and unit.kind == "pre"]
+    assert output_unit.encoder and output_unit.cache.bytes(workload) == held_bytes([out.encoder_hidden_states[-1]])
+    assert (graph.encoder.shapes.hidden_size, graph.encoder.shapes.num_layers, graph.encoder.sliding_mask) == (32, 2, True)
+    pre = [unit for unit in graph.units if unit.kind == "pre"]
+    vision = [unit.name for unit in pre if unit.vision]
+    assert vision and all(name.startswith(("model.encoder.vision_tower", "model.encoder.multi_modal_projector"))
+                          for name in vision)
+    assert all(unit.encoder for unit in pre if unit.name.startswith("model.encoder.text_model"))
+    # In the order they run: the tower and projector, then the encoder's text blocks.
+    first_text = next(i for i, unit in enumerate(pre) if unit.encoder)
+    assert all(unit.vision for unit in pre[first_text - len(vision) : first_text])
+
+
+def test_a_t5gemma2_plan_generates_from_text_and_image_the_tokens_of_plain_transformers(
+    t5gemma2_model, image_file, tmp_path
+):
+    import torch
+    from transformers import T5Gemma2ForConditionalGeneration
+
+    from planc.plan import load_lock
+    from planc.run import run_plan
+
+    reference = T5Gemma2ForConditionalGeneration.from_pretrained(t5gemma2_model, dtype=torch.float32)
+    eos = reference.generation_config.eos_token_id
+
+    def plain(image):
+        output = reference.generate(**t5gemma2_batch(t5gemma2_model, PROMPTS, image), max_new_tokens=MAX_NEW_TOKENS,
+                                    do_sample=False)
+        return [row[: row.index(eos) + 1] if eos in row else row for row in output[:, 1:].tolist()]
+
+    workload = ", source_tokens: 24, images_per_sequence: 1"
+    lock = compile_to(tmp_path, CPU_SPEC.format(model=t5gemma2_model, workload=workload))
+    assert load_lock(lock).workload.source_tokens == 24
+    outcome = run_plan(lock, prompts=PROMPTS, images=[image_file], max_new_tokens=MAX_NEW_TOKENS, quiet=True)
+    assert outcome.exit_code == 0
+    tokens = [c.token_ids for c in outcome.completions]
+    assert tokens == plain(image_file) and tokens[0] != tokens[1]
+
+    (tmp_path / "text").mkdir()
+    text_only = compile_to(tmp_path / "text", CPU_SPEC.format(model=t5gemma2_model, workload=", source_tokens: 12"))
+    outcome = run_plan(text_only, prompts=PROMPTS, max_new_tokens=MAX_NEW_TOKENS, quiet=True)
+    assert outcome.exit_code == 0
+    assert [c.token_ids for c in outcome.completions] == plain(None) != tokens
+    with pytest.raises(UsageError, match="the plan sized T5Gemma2ForConditionalGeneration's encoder source without "
+                                         "images"):
+        run_plan(text_only, prompts=PROMPTS, images=[image_file], max_new_tokens=2, quiet=True)
+
+
+def test_t5gemma2_images_its_projector_cannot_take_are_bad_input(t5gemma2_model, tmp_path):
+    import json
+
+    from transformers import AutoConfig, PretrainedConfig
+
+    with pytest.raises(SpecError, match="workload.source_tokens 4: the encoder's source holds the prompt's text and "
+                                        "its images' 4 tokens"):
+        compile_to(tmp_path, CPU_SPEC.format(model=t5gemma2_model, workload=", source_tokens: 4, images_per_sequence: 1"))
+    with pytest.raises(SpecError, match="pools the patch grid of its config's 32 x 32 images only"):
+        compile_to(tmp_path, CPU_SPEC.format(model=t5gemma2_model, workload=", source_tokens: 24, images_per_sequence: 1, "
+                                                                            "image_size: 64"))
+    # transformers' default config: a 14 x 14 patch grid (224 / 16) pooled to 16 x 16 tokens, a pool kernel of 0.
+    config = AutoConfig.for_model("t5gemma2").to_dict()
+    config["architectures"] = ["T5Gemma2ForConditionalGeneration"]
+    config.pop("transformers_version", None)
+    (tmp_path / "config.json").write_text(json.dumps(PretrainedConfig._encode_special_floats(config)))
+    spec = ("planc: 1\nmodel: {config: config.json}\nhardware: {gpus: [{type: a100-sxm4-80gb, count: 1}], cpu_memory: 64GiB}\n"
+            "workload: {batch_size: 1, max_seq_len: 64, source_tokens: 512, images_per_sequence: 1}\n")
+    with pytest.raises(SpecError, match="cannot take an image: its projector cannot pool this config's 224 x 224 images"):
+        compile_to(tmp_path, spec)
+    assert not (tmp_path / "plan.lock").exists()
+    compile_to(tmp_path, spec.replace(", images_per_sequence: 1", ""))  # text only, it plans
+
+
+@pytest.mark.parametrize(("batch", "source", "seq"), [(2, 1024, 256), (4, 4096, 4096)])
+def test_a_simulated_t5gemma2_plan_with_an_image_agrees_with_the_ledger(tmp_path, batch, source, seq):
+    """transformers' T5Gemma2 (Gemma 2 2B-sized encoder and decoder, 6 layers each) with a SigLIP tower of
+    896 x 896 images in 14-pixel patches (4096 patches pooled to 256 tokens) on two GPUs: the tower and
+    its projector, the encoder's sliding masks, and the decoder's merged attention over context and source."""
+    import json
+
+    from transformers import AutoConfig, PretrainedConfig
+
+    from planc.compile import compile_spec
+    from planc.plan import write_if_changed
+    from test_simulate import LEDGER_TOLERANCE
+
+    config = AutoConfig.for_model("t5gemma2").to_dict()
+    config["architectures"] = ["T5Gemma2ForConditionalGeneration"]
+    config["encoder"]["vision_config"].update(image_size=896, patch_size=14)
+    for part in (config["encoder"]["text_config"], config["decoder"]):
+        part.update(num_hidden_layers=6, layer_types=part["layer_types"][:6])
+    config.pop("transformers_version", None)
+    (tmp_path / "config.json").write_text(json.dumps(PretrainedConfig._encode_special_floats(config)))
+    (tmp_path / "spec.yaml").write_text(
+        "planc: 1\nmodel: {config: config.json}\nhardware: {gpus: [{type: a100-sxm4-80gb, count: 2}], cpu_memory: 64GiB}\n"
+        f"workload: {{batch_size: {batch}, max_seq_len: {seq}, source_tokens: {source}, images_per_sequence: 1}}\n"
+        "policy: {offload: none}\n"
+    )
+    plan, text = compile_spec(tmp_path / "spec.yaml", tmp_path / "plan.lock")
+    write_if_changed(tmp_path / "plan.lock", text)
+    assert {device for name, device in plan.device_map.items() if name.startswith("model.decoder.layers.")} == {1}
+
+    report, errors = simulate_lock(tmp_path)
+
+    assert all(abs(error) <= LEDGER_TOLERANCE for error in errors.values()), errors
+    assert any(f"vision tower ran over {batch} images of 896 x 896" in note for note in report.notes)

@@ -169,7 +169,7 @@ def _source_tokens(spec: Spec, graph) -> int:
         # Florence2: each image's features take image-token positions of the encoder's source.
         tokens = wl.images_per_sequence * graph.vision.image_tokens(
             Workload(wl.batch_size, wl.max_seq_len, image_size=wl.image_size))
-        if source < tokens:
+        if source <= tokens:
             raise SpecError(
                 f"workload.source_tokens {source}: the encoder's source holds the prompt's text and its images' "
                 f"{tokens} tokens ({wl.images_per_sequence} x {tokens // wl.images_per_sequence}); plan at least "
@@ -721,6 +721,17 @@ def _check_images(spec: Spec, graph) -> None:
     if graph.vision is None:
         raise SpecError(
             f"workload.images_per_sequence is {wl.images_per_sequence} but {graph.architecture} has no vision tower"
+        )
+    if graph.vision.image_refusal:
+        raise SpecError(
+            f"workload.images_per_sequence {wl.images_per_sequence}: {graph.architecture} cannot take an image: "
+            f"{graph.vision.image_refusal}"
+        )
+    if graph.vision.pooled_tokens and wl.image_size not in (None, graph.vision.image_size):
+        side = graph.vision.image_size
+        raise SpecError(
+            f"workload.image_size {wl.image_size}: {graph.architecture}'s projector pools the patch grid of its "
+            f"config's {side} x {side} images only (it reshapes the tower's output to that grid); leave image_size unset"
         )
     graph.vision.patches_per_image(_workload(spec, graph, wl.batch_size, wl.max_seq_len))
 

@@ -104,7 +104,10 @@ def mixer_activation_bytes(
     cache = unit.cache
     attends = cache is None or cache.attention
     mixing = attention.transient_bytes(shapes, cache, workload, dtype, backend) if attends else 0
-    if cache is not None and cache.bytes_per_source_token:
+    if cache is not None and cache.merged_cross:
+        # One attention over the context and the source at once (T5Gemma2).
+        mixing = encoder_decoder.merged_attention_transient_bytes(shapes, cache, workload, dtype, backend)
+    elif cache is not None and cache.bytes_per_source_token:
         # An encoder-decoder's layer cross-attends after its self-attention (they do not overlap).
         mixing = max(mixing, encoder_decoder.cross_attention_transient_bytes(shapes, cache, workload, dtype, backend))
     if cache is not None and cache.indexer_heads:

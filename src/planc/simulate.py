@@ -953,6 +953,8 @@ def _run_vision(model, plan: Plan, input_device: str, tracker) -> str | None:
 
     images = plan.workload.batch_size * plan.workload.images_per_sequence
     vision = getattr(model.config, "vision_config", None)
+    if vision is None and getattr(model.config, "is_encoder_decoder", False):
+        vision = getattr(model.get_encoder().config, "vision_config", None)  # T5Gemma2: the tower is the encoder's
     if not images or vision is None or not hasattr(model, "get_image_features"):
         return None
     side = plan.workload.image_size or getattr(vision, "image_size", None)

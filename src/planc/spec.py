@@ -298,10 +298,11 @@ class Workload(_Strict):
     )
     source_tokens: int | None = added(
         None,
-        f"Encoder-decoder models (T5, BART, Florence2, Pix2Struct, VisionEncoderDecoder): tokens the encoder reads "
-        f"per sequence (at most {MAX_SEQ_LEN}), whose output and cross-attention K/V the decoder keeps for every "
-        "step. A text encoder's: the prompt's tokens (unset: max_seq_len), image tokens included where the "
-        "image's features take image-token positions of the source (Florence2: 577 per 768 x 768 image); Pix2Struct's: the processor's max_patches "
+        f"Encoder-decoder models (T5, BART, Florence2, T5Gemma2, Udop, Pix2Struct, VisionEncoderDecoder): tokens the "
+        f"encoder reads per sequence (at most {MAX_SEQ_LEN}), whose output and cross-attention K/V the decoder keeps "
+        "for every step. A text encoder's: the prompt's tokens (unset: max_seq_len), image tokens included where the "
+        "image's features take image-token positions of the source (Florence2: 577 per 768 x 768 image; T5Gemma2: "
+        "its mm_tokens_per_image, 256) or its patches follow the prompt (Udop: all of one image's); Pix2Struct's: the processor's max_patches "
         "(unset: the vision config's seq_len); an encoder of fixed-size images takes one token per patch (PP-FormulaNet: "
         "the tokens its neck resamples the patches to), which the image decides (leave it unset). max_seq_len then counts the decoder's tokens: its start token plus "
         "the generated ones.",

@@ -233,8 +233,9 @@ def transient_bytes(shapes: Shapes, cache: LayerCache | None, workload: Workload
     if shapes.mla_latent_dim:
         # MLA expands the cached latents into per-head keys and values over the whole context.
         expanded = b * heads * s * (d_qk + d_v) * e
-    elif heads != kv_heads and (materialises_scores(backend) or b > 1 or dynamic):
-        # repeat_kv copies K/V per query head when SDPA cannot use enable_gqa (a mask is present).
+    elif heads != kv_heads and (materialises_scores(backend) or b > 1 or dynamic) and (t > 1 or backend == "eager"):
+        # repeat_kv copies K/V per query head when SDPA cannot use enable_gqa (a mask is present);
+        # for one query token SDPA folds the groups into the query instead (sdpa_attention.pack_gqa).
         expanded = b * heads * s * (d_qk + d_v) * e
     else:
         expanded = 0
@@ -291,8 +292,10 @@ def mask_bytes(units, workload: Workload, backend: str, dtype: str) -> tuple[int
     windows = {(cache.window, cache.kind in ("chunked_attention",)) for cache in attending}
     # Indexed (sparse) attention always builds its mask: the indexer needs it for causality; so
     # does reference sliding attention, whose prefill overlay is a mask function, and dynamic mask
-    # attention, which adds its own onto it.
-    forced = any(
+    # attention, which adds its own onto it; and merged self + cross attention (T5Gemma2), whose
+    # decoder builds every mask (allow_is_causal_skip=False), the source's, and their concatenations.
+    merged = any(cache.merged_cross for cache in attending)
+    forced = merged or any(
         cache.kind in ("indexed_attention", "reference_sliding_attention") or cache.dynamic_mask_keep
         for cache in attending
     )
@@ -303,8 +306,12 @@ def mask_bytes(units, workload: Workload, backend: str, dtype: str) -> tuple[int
         s = full if window is None else min(full, window - 1 + t)
         sliding_cut = window is not None and window <= full
         if eager or b > 1 or chunked or sliding_cut or forced:
-            held.append(b * t * s * element)
+            merged_with_source = b * t * (s + workload.source_tokens) * element if merged else 0
+            held.append(b * t * s * element + merged_with_source)
             building.append(mask_build_bytes(b, t, s, window is not None, chunks, dtype if eager else None))
+    if merged:
+        held.append(b * t * workload.source_tokens * element)  # the source's mask, kept in the mapping
+        building.append(held[-1])
     main = sum(held)
     # Built one after another: the largest build beside all the others' results bounds the peak.
     peak = max((main - result + build for result, build in zip(held, building)), default=0)

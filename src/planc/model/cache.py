@@ -128,6 +128,9 @@ class LayerCache:
     # (EncoderDecoderCache.cross_attention_cache), filled at the first step and fixed afterwards; the
     # encoder's last unit keeps the encoder output, as wide per source token (model/encoder_decoder.py).
     bytes_per_source_token: int = 0
+    # Its attention is merged (T5Gemma2): each step concatenates the self-attention K/V and the
+    # source's into one attention over context + source tokens, under a mask built for both.
+    merged_cross: bool = False
 
     def tokens_held(self, workload: Workload) -> int:
         """Tokens of cache the layer holds at its peak.

@@ -17,13 +17,16 @@ What the ledger charges, and where:
 - the encoder output, alive for the whole generation, on the main GPU (a `LayerCache` of the
   encoder's last unit, d_model bytes-wide per source token);
 - per decoder layer, the cross-attention K/V of the source tokens (`LayerCache.bytes_per_source_token`)
-  and the cross-attention's transients; the decoder's steps are one token each
+  and the cross-attention's transients (T5Gemma2's merged attention: one attention over the context's
+  and the source's K/V concatenated, `LayerCache.merged_cross`); the decoder's steps are one token each
   (`Workload.step_tokens`), its self-attention cache max_seq_len tokens.
 
 `workload.source_tokens` is the source length: the prompt's tokens for a text encoder (T5, BART),
 unset meaning max_seq_len, image tokens included where the model scatters an image's features over
 image-token placeholders before the encoder (Florence2: the processor's image tokens, as many as
-the graph's `vision.image_tokens`; its tower is a vision tower ahead of the encoder); for an encoder of fixed-size images (a ViT) the patches of one image and
+the graph's `vision.image_tokens`; its tower is a vision tower ahead of the encoder; T5Gemma2's encoder
+holds its SigLIP tower and a projector that pools the patch grid to mm_tokens_per_image tokens, placed as
+vision units ahead of the encoder's text blocks); for an encoder of fixed-size images (a ViT) the patches of one image and
 its class token, which the image decides (a value is refused), or, for an encoder that resamples its
 patch grid (PP-FormulaNet's neck and projector), the pooler_output tokens a run on meta tensors gives; for Pix2Struct's patch list, the
 processor's max_patches (unset: the vision config's seq_len). Checked against real caches and
@@ -93,6 +96,9 @@ class Encoder:
     # Bytes per source token that encoder_outputs hold beside last_hidden_state: Udop's attention_mask
     # (BaseModelOutputWithAttentionMask, int64, extended over the patches), kept by generate with it.
     output_mask_bytes: int = 0
+    # Sliding-window layers (T5Gemma2's encoder): their bidirectional mask is built even for one
+    # unpadded sequence (a window is a mask function, which create_bidirectional_mask never skips).
+    sliding_mask: bool = False
 
     def source_tokens(self, requested: int | None, max_seq_len: int) -> int:
         """Tokens the encoder reads per sequence for the spec's `workload.source_tokens` (None: unset)."""
@@ -129,6 +135,9 @@ def encoder_of(model, block_count: int) -> Encoder:
         raise ModelError(f"{type(model).__name__}: get_encoder() returns no submodule to place")
     module = model.get_submodule(path)
     config = getattr(module, "config", None) or model.config
+    if "text_config" in (getattr(config, "sub_configs", None) or {}):
+        # An encoder holding a vision tower (T5Gemma2's): its blocks are its text part's.
+        config = config.text_config
     main_input = getattr(module, "main_input_name", "input_ids")
     get = lambda *names, default=0: config_value(config, *names, default=default)  # noqa: E731
     hidden = get("d_model", "hidden_size", "embed_dim", "width")
@@ -148,8 +157,9 @@ def encoder_of(model, block_count: int) -> Encoder:
     if main_input == "input_ids" and patch_embedding(module) is not None:
         return _layout_encoder(module, path, shapes, hidden, get, feed_forward)
     if main_input == "input_ids":
+        sliding = "sliding_attention" in (get("layer_types", default=None) or ())
         return Encoder(path, TEXT, shapes, hidden, relative_bias=bool(get("relative_attention_num_buckets")),
-                       input_bytes_per_token=8, **feed_forward)  # int64 ids
+                       input_bytes_per_token=8, sliding_mask=sliding, **feed_forward)  # int64 ids
     if main_input == "flattened_patches":
         # Each patch's pixels in the model dtype, after its row and column indices.
         width = get("patch_embed_hidden_size") + 2
@@ -272,6 +282,17 @@ def cross_attention_bytes_per_token(layer_module, dtype: str, fallback: int) -> 
     widths of the K and V projections of the layer's cross-attention (BART's encoder_attn, T5's
     EncDecAttention, BERT's crossattention); `fallback` (the self-attention's KV per token) where
     the layer projects source K/V with its self-attention's projections (T5Gemma2's merged attention)."""
+    widths = _cross_attention_widths(layer_module)
+    return fallback if widths is None else sum(widths) * DTYPE_BYTES[dtype]
+
+
+def merges_cross_attention(layer_module) -> bool:
+    """A decoder layer with no cross-attention module of its own: its self-attention projects the
+    source's K/V too and attends over the context and the source at once (T5Gemma2MergedAttention)."""
+    return _cross_attention_widths(layer_module) is None
+
+
+def _cross_attention_widths(layer_module) -> tuple[int, int] | None:
     import torch
 
     for name, module in layer_module.named_modules():
@@ -289,8 +310,8 @@ def cross_attention_bytes_per_token(layer_module, dtype: str, fallback: int) -> 
                 break
             widths.append(linear.out_features)
         if len(widths) == 2:
-            return sum(widths) * DTYPE_BYTES[dtype]
-    return fallback
+            return widths[0], widths[1]
+    return None
 
 
 def _source_step(workload: Workload) -> Workload:
@@ -319,7 +340,12 @@ def transient_bytes(encoder: Encoder, workload: Workload, dtype: str, backend: s
     hidden = 4 * b * s * h * e
     mixer = attention.transient_bytes(encoder.shapes, None, step, dtype, backend)
     feed_forward = encoder.mlp_intermediates * b * s * encoder.shapes.intermediate_size * e
-    mask = b * s * s * (e if backend == "eager" else 1) if b > 1 or backend == "eager" else 0
+    masks = (b > 1 or backend == "eager") + encoder.sliding_mask
+    mask = masks * b * s * s * (e if backend == "eager" else 1)
+    if encoder.sliding_mask and b == 1 and backend != "eager" and encoder.shapes.num_key_value_heads != encoder.shapes.num_attention_heads:
+        # With a mask SDPA takes no enable_gqa: repeat_kv copies K/V per query head, as for a batch.
+        heads = encoder.shapes.num_attention_heads
+        mixer += b * heads * s * (encoder.shapes.head_dim + encoder.shapes.v_head_dim) * e
     held, in_attention = relative_bias_bytes(encoder, step, dtype, backend)
     # The inputs stay alive until generate returns (its model_kwargs hold them); a text encoder's
     # image (Udop's) only where the workload shows one, and its embedded patches (UdopStack.forward's
@@ -412,3 +438,33 @@ def cross_attention_transient_bytes(shapes: Shapes, cache, workload: Workload, d
         scores = 0
     mask = b * t * s * (e if backend == "eager" else 1) if b > 1 or backend == "eager" else 0
     return copied + projected + queries + scores + mask + b * t * heads * d_v * e
+
+
+def merged_attention_transient_bytes(shapes: Shapes, cache, workload: Workload, dtype: str, backend: str) -> int:
+    """Peak transient bytes of a merged self + cross attention (T5Gemma2MergedAttention) over the largest step.
+
+    At the first step it projects the source's K/V with its own k/v projections and normalises the
+    keys (an RMSNorm computing in fp32) before the cross cache stores them; every step it then concatenates the context's K/V (the self cache's, up to its window) and the
+    source's into one K and one V, new tensors of b x (context + source) tokens, and attends over
+    them: the attention formula at context + source keys, under the merged mask the decoder always
+    builds (SDPA takes no enable_gqa then; for one query token it folds the groups into the query,
+    eager copies K/V per query head). The hook of a
+    layer on another device than the encoder output's copies encoder_hidden_states there.
+    """
+    from dataclasses import replace
+
+    from planc.model import attention
+
+    e = DTYPE_BYTES[dtype]
+    b, s = workload.batch_size, workload.source_tokens
+    kv_heads = shapes.num_key_value_heads
+    context = attention.context_tokens(cache, workload)
+    keys = context + s
+    step = replace(workload, max_seq_len=keys)  # still one token a step: the source is set
+    attend = attention.transient_bytes(shapes, replace(cache, window=None), step, dtype, backend)
+    concatenated = b * (context * cache.bytes_per_token + s * cache.bytes_per_source_token)
+    key_elements = b * s * kv_heads * shapes.head_dim
+    # The source's K and V, and the keys' fp32 copy in the norm (the cache's copies are its bytes).
+    projected = b * s * cache.bytes_per_source_token + key_elements * 4
+    copied = b * s * shapes.hidden_size * e
+    return copied + max(projected, concatenated + attend)

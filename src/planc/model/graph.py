@@ -22,7 +22,8 @@ from planc.model.cache import LayerCache, cache_keyword, layer_caches, refuse_un
 from planc.model.config import Shapes, config_value, checkpoint_dtype, known_model_type, layer_shapes, shapes_of, text_config
 from planc.model.gated_cross import GatedCrossAttention, gated_cross_of, runs_image_cross_attention
 from planc.model.encoder_decoder import (
-    Encoder, cross_attention_bytes_per_token, decoder_shapes, encoder_of, encoder_path, patch_embedding,
+    Encoder, cross_attention_bytes_per_token, decoder_shapes, encoder_of, encoder_path, merges_cross_attention,
+    patch_embedding,
 )
 from planc.model.mlp import sized_activation
 from planc.model.vision import Vision, vision_of
@@ -186,6 +187,27 @@ def _towers(model) -> dict[str, str]:
             continue
         towers[name] = sub[id(own)]
     return towers
+
+
+def _encoder_vision_towers(model, encoder: str) -> dict[str, str]:
+    """Vision towers inside an encoder-decoder's encoder, by their paths in the model."""
+    module = model.get_submodule(encoder)
+    return {f"{encoder}.{name}": key for name, key in _towers(module).items() if key == "vision_config"}
+
+
+def _encoder_text_prefix(model, encoder: str | None, towers: dict[str, str]) -> str | None:
+    """Where an encoder that holds a vision tower keeps its text part (T5Gemma2's encoder.text_model,
+    the parent of its input embeddings); None for an encoder without a tower inside."""
+    if encoder is None or not any(name.startswith(encoder + ".") for name in towers):
+        return None
+    embeddings = model.get_submodule(encoder).get_input_embeddings()
+    path = next((name for name, module in model.named_modules() if module is embeddings), None)
+    if path is None or "." not in path or not path.startswith(encoder + "."):
+        raise ModelError(
+            f"{type(model).__name__}: its encoder holds a vision tower, and planc finds no text part of the encoder "
+            "(the module holding its input embeddings) to tell the tower's and projector's units from the encoder's"
+        )
+    return path.rsplit(".", 1)[0]
 
 
 def _decoder_layers(model, no_split: set[str], towers: dict[str, str]) -> tuple[list[str], bool]:
@@ -494,6 +516,10 @@ def build_model_graph(
         # units ahead of the decoder layers, and its block lists are no decoder layers.
         towers = {name: key for name, key in towers.items() if not name.startswith(encoder + ".")}
         towers[encoder] = "encoder"
+        # A vision tower inside the encoder (T5Gemma2's get_encoder() holds vision_tower, its config
+        # the encoder config's vision_config) is a vision tower all the same: it runs over the images
+        # before the encoder's text blocks, whose source its pooled features join.
+        towers.update(_encoder_vision_towers(model, encoder))
         shapes = decoder_shapes(config, shapes)
     if encoder is None and _encoder_derived(model):
         raise ModelError(
@@ -559,7 +585,8 @@ def build_model_graph(
     if encoder is not None:
         # Each decoder layer also keeps the source's K/V for its cross-attention, fixed after the first step.
         caches = [
-            replace(cache, bytes_per_source_token=cross_attention_bytes_per_token(module, dtype, cache.bytes_per_token))
+            replace(cache, bytes_per_source_token=cross_attention_bytes_per_token(module, dtype, cache.bytes_per_token),
+                    merged_cross=merges_cross_attention(module))
             for cache, module in zip(caches, layer_modules)
         ]
     output_embeddings = model.get_output_embeddings()
@@ -597,6 +624,7 @@ def build_model_graph(
         return resampler is not None and (name == resampler or name.startswith(resampler + "."))
 
     text_prefixes = _text_prefixes(model, decoder_prefix, towers)
+    encoder_text = _encoder_text_prefix(model, encoder, towers)
 
     # Norms outside the layers are taken to run after them, unless there are several or one is named
     # for the embeddings (Bloom's word_embeddings_layernorm, Blenderbot-Small's layernorm_embedding):
@@ -710,25 +738,33 @@ def build_model_graph(
                 name == p or name.startswith(p + ".") for p in text_prefixes
             ) and not any(name == t or name.startswith(t + ".") for t in towers)
             in_encoder = encoder is not None and (name == encoder or name.startswith(encoder + "."))
+            if in_encoder and encoder_text is not None and not name.startswith(encoder_text + "."):
+                # The tower inside the encoder and the projector beside it: vision units.
+                in_encoder, vision = False, True
             pre.append(Unit(name, weight, "pre", row_bytes=row, vision=vision and not in_encoder, encoder=in_encoder,
                             fp32_norm_after=input_norm and module is input_embeddings, **quant))
     if calls is not None:
         # After the layers, in the order they run (Gemma 3n unembeds its altup streams, then norms).
         post.sort(key=lambda unit: len(calls) if call_of(unit.name) is None else call_of(unit.name))
     pre, layers = _state_on_input_device(model, pre, layers)
+    if encoder_text is not None:
+        pre = _vision_before_encoder(pre)
     if gated_cross:
         layers = _interleave(layers, crosses, gated_cross)
     encoder_info = None
     if encoder is not None:
+        encoder_units = {unit.name for unit in pre if unit.encoder}
         blocks = sum(1 for name, module, _ in raw_units
-                     if module is not None and name.startswith(encoder + ".") and type(module).__name__ in no_split)
+                     if module is not None and name in encoder_units and type(module).__name__ in no_split)
         encoder_info = encoder_of(model, blocks)
         encoder_limit, _ = _position_limit(model, [u.name for u in pre if u.encoder], model.get_submodule(encoder).config)
         encoder_info = replace(encoder_info, position_limit=encoder_limit)
         pre = _encoder_output_on_last_unit(pre, encoder_info, dtype)
-    vision = vision_of(config, vision_towers)
+    vision = vision_of(config if encoder_text is None else model.get_submodule(encoder).config, vision_towers)
     if vision is not None and vision.stages:
         vision = replace(vision, extra_tokens=image_tokens_added(model, vision))
+    if vision is not None and encoder_text is not None:
+        vision = pooled_image_tokens(model.get_submodule(encoder), vision)
     units = tuple(pre + layers + post)
     all_records = [r for r in (held(m) for m in model.modules()) if r is not None]
     dense_bytes = sum(u.weight_bytes for u in units) + sum(r.dense_bytes - r.quantized_bytes for r in all_records)
@@ -806,14 +842,49 @@ def _interleave(layers: list[Unit], crosses: dict[str, Unit], gated_cross: Gated
         chain.append(layer)
     return chain
 def places_image_features(model) -> bool:
-    """A text encoder whose image tokens are placeholders in input_ids: the model runs its vision tower
-    and projector before the encoder and scatters their features over the image-token positions
-    (Florence2: get_placeholder_mask, masked_scatter), so the encoder's source is the prompt's ids,
-    the processor's image tokens included, and the tower is a vision tower ahead of it."""
+    """A text encoder whose image tokens are placeholders in input_ids: the vision tower and projector
+    run first and their features are scattered over the image-token positions (masked_scatter), so
+    the encoder's source is the prompt's ids, the processor's image tokens included. The tower sits
+    ahead of the encoder (Florence2: the model's get_placeholder_mask) or inside it (T5Gemma2: the
+    encoder's get_image_placeholder_mask); either way it is a vision tower ahead of the text blocks."""
     encoder = model.get_encoder()
-    tower_outside = not any(name.endswith("vision_tower") or name.endswith("vision_model")
-                            for name, _ in encoder.named_modules())
-    return hasattr(model, "get_placeholder_mask") and hasattr(model, "get_image_features") and tower_outside
+    placeholders = hasattr(model, "get_placeholder_mask") or hasattr(encoder, "get_image_placeholder_mask")
+    return placeholders and hasattr(model, "get_image_features")
+
+
+def _vision_before_encoder(pre: list[Unit]) -> list[Unit]:
+    """The pre units in the order they run where the encoder holds the tower: its tower and projector
+    first (get_image_features), then the encoder's text units over the merged embeddings."""
+    first = next((i for i, unit in enumerate(pre) if unit.encoder), None)
+    if first is None:
+        return pre
+    inside = [unit for unit in pre[first:] if unit.vision]
+    rest = [unit for unit in pre[first:] if not unit.vision]
+    return pre[:first] + inside + rest
+
+
+def pooled_image_tokens(encoder, vision: Vision) -> Vision:
+    """An encoder whose projector pools the tower's patch grid (T5Gemma2: an AvgPool2d down to
+    mm_tokens_per_image): the tokens one image of the config's size becomes, from get_image_features
+    on meta tensors; where that fails (a pool kernel of 0 in a config whose tower and projector do not
+    agree), why no image can run."""
+    import torch
+
+    side = vision.image_size
+    channels = config_value(encoder.config.vision_config, "num_channels", default=3)
+    if not side:
+        return replace(vision, image_refusal="its vision config gives no image_size, which its projector pools")
+    pixels = torch.empty(1, channels, side, side, dtype=encoder.dtype, device="meta")
+    try:
+        with torch.no_grad():
+            out = encoder.get_image_features(pixel_values=pixels, return_dict=True)
+        tokens = int(out.pooler_output.shape[1])
+    except Exception as exc:  # noqa: BLE001 - the reason a real image fails the same way
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        return replace(vision, image_refusal=(
+            f"its projector cannot pool this config's {side} x {side} images ({type(exc).__name__}: {first}); "
+            "give the vision config an image_size and patch_size whose patch grid its mm_tokens_per_image divides"))
+    return replace(vision, pooled_tokens=tokens)
 
 
 def image_tokens_added(model, vision) -> int:
@@ -881,10 +952,9 @@ def _resampled_source(encoder) -> str:
 
 def _refuse_unplanned_encoder(model, encoder: str | None) -> None:
     """Encoder-decoder models whose source planc cannot size yet: an encoder that is no submodule, or
-    one that merges image features into the text encoder's tokens inside the encoder (T5Gemma2),
-    where the source length is the prompt's tokens plus tokens of the image that planc does not
-    count yet. Florence2's placeholders (places_image_features) and Udop's patches appended after
-    the text (encoder_decoder.patch_embedding) are counted."""
+    a text encoder that takes images other than as features scattered over image-token placeholders
+    (Florence2's and T5Gemma2's, places_image_features) or as patches appended after the text (Udop's,
+    encoder_decoder.patch_embedding), which are counted."""
     architecture = type(model).__name__
     if encoder is None:
         raise ModelError(f"{architecture} is an encoder-decoder model whose get_encoder() is no submodule planc can place")
@@ -905,15 +975,11 @@ def _refuse_unplanned_encoder(model, encoder: str | None) -> None:
     if main_input == "input_ids" and image_inputs and not places_image_features(model) and patch_embedding(module) is None:
         # Florence2's image features fill image-token placeholders before the encoder (planned); these
         # merge the image inside the encoder, whose units would then hold a vision tower's peak.
-        inside = any(name.endswith(("vision_tower", "vision_model")) for name, _ in module.named_modules())
-        how = ("its encoder runs the vision tower itself (get_encoder() holds vision_tower) and scatters the "
-               "image's features over the prompt's image tokens, a tower inside the encoder whose peak planc does not "
-               "charge to the encoder yet") if inside else (
-               "its encoder merges the image with the text tokens in a way planc does not count in the source yet")
         raise ModelError(
             f"{architecture} is an encoder-decoder model whose encoder reads the prompt's tokens and the image's "
-            f"({', '.join(sorted(image_inputs))} beside input_ids): {how}; planc plans text encoders, image encoders, "
-            "and text encoders whose image features fill image-token placeholders (Florence2)"
+            f"({', '.join(sorted(image_inputs))} beside input_ids): its encoder merges the image with the text tokens "
+            "in a way planc does not count in the source yet; planc plans text encoders, image encoders, and text "
+            "encoders whose image features fill image-token placeholders (Florence2, T5Gemma2)"
         )
 
 

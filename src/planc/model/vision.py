@@ -46,6 +46,10 @@ class Vision:
     # Tokens the projector adds to the output grid (Florence2's mean-over-positions token), measured
     # by running the model's get_image_features on meta tensors (planc.model.graph).
     extra_tokens: int = 0
+    # A projector that pools the tower's output grid (T5Gemma2's AvgPool2d to mm_tokens_per_image):
+    # the tokens one image becomes, measured the same way; it takes only the config's image size.
+    pooled_tokens: int = 0
+    image_refusal: str = ""  # why no image can run through this config's tower and projector ("" if one can)
 
     def _side(self, workload: Workload) -> int:
         side = workload.image_size or self.image_size
@@ -67,7 +71,10 @@ class Vision:
         return per_side * per_side
 
     def image_tokens(self, workload: Workload) -> int:
-        """Tokens one image becomes in the text model's input: the output grid and the projector's extra tokens."""
+        """Tokens one image becomes in the text model's input: the output grid and the projector's extra
+        tokens, or the pooled grid."""
+        if self.pooled_tokens:
+            return self.pooled_tokens
         return self.patches_per_image(workload) + self.extra_tokens
 
 
@@ -171,6 +178,13 @@ def transient_bytes(
     block = hidden + max(mixer, mlp.transient_bytes(vision.shapes, False, step, dtype))
     if last_state_only:
         return block
+    if vision.pooled_tokens:
+        # get_image_features of a pooling projector (T5Gemma2) asks for no hidden states: the tower's
+        # output, then the projector's contiguous grid copy of it, beside the larger of the block
+        # before and the pooled tokens' norm (fp32) and projection after.
+        pooled = images * vision.pooled_tokens
+        projector = width * vision.shapes.hidden_size + pooled * (2 * vision.shapes.hidden_size * 4 + text_hidden * e)
+        return max(block, width * vision.shapes.hidden_size + projector)
     held = (vision.shapes.num_layers + 1) * width * vision.shapes.hidden_size
     projector = 3 * width * text_hidden
     return block + held + projector

@@ -146,8 +146,11 @@ def encode_with_images(processor, prompts: list[str], images: list, plan: Plan, 
     (the tokens the processor expands each image into count)."""
     if plan.workload.source_tokens:
         # An encoder-decoder's processor places the image's tokens itself (Florence2's prepare_inputs_layout
-        # puts one image token before the text), and the encoder reads the source from position 0.
-        texts = list(prompts)
+        # puts one image token before the text), or expands a start-of-image token per image in the text
+        # (T5Gemma2's Gemma3Processor: its image_token is that boi_token); the encoder reads the source
+        # from position 0.
+        own = getattr(processor, "boi_token", None) is None
+        texts = list(prompts) if own else [with_image_tokens(processor, prompt, len(images)) for prompt in prompts]
         processor.tokenizer.padding_side = "right"
     else:
         texts = [with_image_tokens(processor, prompt, len(images)) for prompt in prompts]
