@@ -848,3 +848,23 @@ def test_a_udop_prompt_without_boxes_is_refused_before_loading_and_boxes_elsewhe
     result = planc_cli("run", "plan.lock", "--prompts", boxed.name, cwd=tmp_path)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "the prompts give words and boxes, and" in result.stderr and "reads text only" in result.stderr
+
+
+def test_session_generate_takes_word_boxes_for_udop_and_refuses_them_elsewhere(udop_lock, seq2seq_models, tmp_path):
+    """The Python API: Session.generate's layouts give Udop the tokens planc run gives; a model without
+    layout biases refuses them, and a malformed box is refused before the processor sees it."""
+    from planc.plan import load_lock
+    from planc.run import open_session
+    from planc.run.generate import WordBoxes
+
+    layouts = [WordBoxes(p["words"], p["boxes"]) for p in UDOP_PROMPTS]
+    with open_session(load_lock(udop_lock), udop_lock.parent) as session:
+        completions = session.generate([p["prompt"] for p in UDOP_PROMPTS], 6, layouts=layouts)
+        assert [c.token_ids for c in completions] == plain_udop_tokens(udop_lock.parent / "udop", None, 6)
+        with pytest.raises(SpecError, match="prompt 2: box 1 \\(\\[0, 0, 1, 2000\\]\\) of word \"due\""):
+            session.generate(["a", "b"], 2, layouts=[layouts[0], WordBoxes(["due"], [[0, 0, 1, 2000]])])
+
+    lock = compile_to(tmp_path, CPU_SPEC.format(model=seq2seq_models["t5"], workload=""))
+    with open_session(load_lock(lock), tmp_path) as session:
+        with pytest.raises(UsageError, match="T5ForConditionalGeneration reads no word boxes"):
+            session.generate(["what is the total"], 2, layouts=layouts[:1])

@@ -128,7 +128,11 @@ def takes_word_boxes(tokenizer) -> bool:
 
 
 def check_word_boxes(layouts: list) -> None:
-    """Every prompt of a layout model comes with its document's words and boxes."""
+    """Every prompt of a layout model comes with its document's words and boxes, well formed (a
+    Session.generate caller builds WordBoxes itself)."""
+    for index, layout in enumerate(layouts):
+        if layout is not None:
+            word_boxes(layout.words, layout.boxes, f"prompt {index + 1}")
     if any(layout is None for layout in layouts):
         missing = next(index for index, layout in enumerate(layouts) if layout is None) + 1
         raise UsageError(
