@@ -644,13 +644,15 @@ def test_a_pp_formulanet_plan_loads_and_generates_from_pixels_the_tokens_of_plai
 # ------------------------------------------------------------------ Udop: a T5 that appends an image's patches
 
 
-def build_tiny_udop(folder: Path, seed: int = 0) -> Path:
+def build_tiny_udop(folder: Path, seed: int = 0, processor: bool = False) -> Path:
     """A tiny random Udop: 32 x 32 images in 8-pixel patches (16 patches appended after the prompt's
-    tokens), T5 blocks with its 1D, horizontal and vertical relative biases; conftest's tokenizer."""
+    tokens), T5 blocks with its 1D, horizontal and vertical relative biases; conftest's tokenizer, or
+    with `processor` a UdopProcessor (a Unigram UdopTokenizer over UDOP_WORDS, LayoutLMv3's image
+    processor without OCR) as a Udop checkpoint ships one."""
     import torch
     from transformers import UdopConfig, UdopForConditionalGeneration
 
-    fast = save_tiny_tokenizer(folder)
+    fast = save_tiny_udop_processor(folder) if processor else save_tiny_tokenizer(folder)
     config = UdopConfig(vocab_size=len(fast), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
                         num_heads=4, image_size=32, patch_size=8, max_2d_position_embeddings=64,
                         pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id,
@@ -659,6 +661,22 @@ def build_tiny_udop(folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     UdopForConditionalGeneration(config).to(torch.float32).save_pretrained(folder)
     return folder
+
+
+UDOP_WORDS = "invoice total due date paid amount what is the question answer".split()
+
+
+def save_tiny_udop_processor(folder: Path):
+    """Save a UdopProcessor into `folder`; returns its tokenizer."""
+    from transformers import LayoutLMv3ImageProcessor, UdopProcessor, UdopTokenizer
+
+    pieces = sorted({character for word in UDOP_WORDS for character in word})
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(piece, -3.0) for piece in pieces] + [("\u2581" + word, -1.0) for word in UDOP_WORDS]
+    tokenizer = UdopTokenizer(vocab=vocab)
+    images = LayoutLMv3ImageProcessor(apply_ocr=False, size={"height": 32, "width": 32})
+    UdopProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+    return tokenizer
 
 
 @pytest.mark.parametrize("with_image", [True, False], ids=["image", "text"])
@@ -712,8 +730,142 @@ def test_a_udop_source_without_room_for_its_patches_and_a_run_without_boxes_are_
                                                                     "image_size: 64"))
     lock = compile_to(tmp_path, CPU_SPEC.format(model=folder, workload=", source_tokens: 24, images_per_sequence: 1"))
 
-    with pytest.raises(UsageError, match="reads a bounding box for every word of the prompt \\(bbox"):
+    # A prompt without its document's words and boxes: boxes made up for it would change what Udop reads.
+    with pytest.raises(UsageError, match="prompt 1 has no words and boxes, and Udop reads a bounding box for every "
+                                         "word beside the question \\(bbox"):
         run_plan(lock, prompts=PROMPTS, images=[image_file], max_new_tokens=2, quiet=True)
+
+
+# A document's OCR words and their boxes (0-1000), and the questions asked about it, as JSONL prompts.
+UDOP_PROMPTS = [
+    {"prompt": "what is the total", "words": ["invoice", "total", "paid"],
+     "boxes": [[40, 30, 300, 80], [40, 500, 260, 560], [600, 500, 900, 560]]},
+    {"prompt": "question", "words": ["due", "date"], "boxes": [[10, 10, 200, 50], [220, 10, 480, 50]]},
+]
+
+
+def plain_udop_tokens(folder: Path, image: Path | None, max_new_tokens: int) -> list[list[int]]:
+    """Greedy generate in float32 from what UdopProcessor makes of UDOP_PROMPTS, as transformers
+    documents it (text: the question, text_pair: the words, boxes); without an image, its tokenizer's."""
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, UdopForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(folder)
+    inputs = dict(text=[p["prompt"] for p in UDOP_PROMPTS], text_pair=[p["words"] for p in UDOP_PROMPTS],
+                  boxes=[p["boxes"] for p in UDOP_PROMPTS], return_tensors="pt", padding=True)
+    if image is None:
+        batch = processor.tokenizer(**inputs)
+        # Udop's encoder casts the boxes to float64 only where it appends an image's patches; its layout biases
+        # cannot average int64 boxes (torch's mean() refuses them), so text alone needs the same cast.
+        batch["bbox"] = batch["bbox"].to(torch.float64)
+    else:
+        with Image.open(image) as picture:
+            batch = processor(images=[picture.convert("RGB")] * len(UDOP_PROMPTS), **inputs)
+    reference = UdopForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+    output = reference.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+    eos = reference.generation_config.eos_token_id
+    rows = output[:, 1:].tolist()
+    return [row[: row.index(eos) + 1] if eos in row else row for row in rows]
+
+
+@pytest.fixture(scope="module")
+def udop_lock(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("udop-run")
+    # Seed 15: greedy tokens other than the pad token from both prompts, with and without the image (most
+    # seeds of so tiny a model repeat token 0).
+    folder = build_tiny_udop(root / "udop", seed=15, processor=True)
+    return compile_to(root, CPU_SPEC.format(model=folder, workload=", source_tokens: 40, images_per_sequence: 1"))
+
+
+@pytest.mark.parametrize("with_image", [False, True], ids=["text", "image"])
+def test_planc_run_gives_udop_the_words_and_boxes_and_the_tokens_of_plain_transformers(
+    udop_lock, image_file, with_image
+):
+    import json
+
+    from test_run import planc_cli
+
+    prompts = udop_lock.parent / "document.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in UDOP_PROMPTS))
+    image = ["--image", str(image_file)] if with_image else []
+    result = planc_cli("-q", "run", udop_lock.name, "--prompts", prompts.name, "--max-new-tokens", "6", "--json",
+                       *image, cwd=udop_lock.parent)
+
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    expected = plain_udop_tokens(udop_lock.parent / "udop", image_file if with_image else None, 6)
+    assert [r["token_ids"] for r in report["results"]] == expected
+    assert [r["prompt"] for r in report["results"]] == [p["prompt"] for p in UDOP_PROMPTS]
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"words": ["total"]}, "1 words and no boxes: \"boxes\" needs one [x0, y0, x1, y1] per word"),
+    ({"words": ["total", "due"], "boxes": [[0, 0, 10, 10]]}, "2 words and 1 boxes"),
+    ({"words": ["total"], "boxes": [[0, 0, 10]]}, "box 1 ([0, 0, 10]) of word \"total\" is not 4 integers"),
+    ({"words": ["total"], "boxes": [[0, 0, 10, 1001]]}, "is not 4 integers x0, y0, x1, y1 in 0..1000"),
+    ({"words": ["total"], "boxes": [[0, 0, 10.5, 20]]}, "is not 4 integers"),
+    ({"boxes": [[0, 0, 10, 20]]}, '"words" must be a non-empty list of strings'),
+])
+def test_malformed_word_boxes_are_refused_in_one_line(udop_lock, entry, message):
+    import json
+
+    from test_run import planc_cli
+
+    prompts = udop_lock.parent / "bad.jsonl"
+    prompts.write_text(json.dumps({"prompt": "what is the total", **entry}) + "\n")
+    result = planc_cli("run", udop_lock.name, "--prompts", prompts.name, cwd=udop_lock.parent)
+
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: bad.jsonl:1: ") and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_udop_prompt_without_boxes_is_refused_before_loading_and_boxes_elsewhere_in_one_line(
+    udop_lock, seq2seq_models, tmp_path
+):
+    import json
+
+    from test_run import planc_cli
+
+    result = planc_cli("run", udop_lock.name, "-p", "what is the total", cwd=udop_lock.parent)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "prompt 1 has no words and boxes, and Udop reads a bounding box for every word" in result.stderr
+
+    # Too long a source is refused before the weights are read, as for any encoder's prompt.
+    long = udop_lock.parent / "long.jsonl"
+    words = UDOP_WORDS * 4
+    long.write_text(json.dumps({"prompt": "what is the total", "words": words, "boxes": [[0, 0, 10, 10]] * len(words)}))
+    result = planc_cli("run", udop_lock.name, "--prompts", long.name, "--max-new-tokens", "2", cwd=udop_lock.parent)
+    assert result.returncode == 2 and "> the plan's source_tokens 40" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+    compile_to(tmp_path, CPU_SPEC.format(model=seq2seq_models["t5"], workload=""))
+    boxed = tmp_path / "boxed.jsonl"
+    boxed.write_text(json.dumps(UDOP_PROMPTS[0]) + "\n")
+    result = planc_cli("run", "plan.lock", "--prompts", boxed.name, cwd=tmp_path)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "the prompts give words and boxes, and" in result.stderr and "reads text only" in result.stderr
+
+
+def test_session_generate_takes_word_boxes_for_udop_and_refuses_them_elsewhere(udop_lock, seq2seq_models, tmp_path):
+    """The Python API: Session.generate's layouts give Udop the tokens planc run gives; a model without
+    layout biases refuses them, and a malformed box is refused before the processor sees it."""
+    from planc.plan import load_lock
+    from planc.run import open_session
+    from planc.run.generate import WordBoxes
+
+    layouts = [WordBoxes(p["words"], p["boxes"]) for p in UDOP_PROMPTS]
+    with open_session(load_lock(udop_lock), udop_lock.parent) as session:
+        completions = session.generate([p["prompt"] for p in UDOP_PROMPTS], 6, layouts=layouts)
+        assert [c.token_ids for c in completions] == plain_udop_tokens(udop_lock.parent / "udop", None, 6)
+        with pytest.raises(SpecError, match="prompt 2: box 1 \\(\\[0, 0, 1, 2000\\]\\) of word \"due\""):
+            session.generate(["a", "b"], 2, layouts=[layouts[0], WordBoxes(["due"], [[0, 0, 1, 2000]])])
+
+    lock = compile_to(tmp_path, CPU_SPEC.format(model=seq2seq_models["t5"], workload=""))
+    with open_session(load_lock(lock), tmp_path) as session:
+        with pytest.raises(UsageError, match="T5ForConditionalGeneration reads no word boxes"):
+            session.generate(["what is the total"], 2, layouts=layouts[:1])
 
 
 # ------------------------------------------------------------------ T5Gemma2: a vision tower inside the encoder

@@ -282,7 +282,7 @@ def fit_command(spec: Path, max_gpus: int, prices: Path | None, as_json: bool) -
 @click.argument("lock", type=click.Path(path_type=Path))
 @click.option("-p", "--prompt", "prompts", multiple=True, help="Prompt text (repeatable).")
 @click.option("--prompts", "prompt_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="File of prompts: one per line, or JSONL with a 'prompt' field.")
+              help="File of prompts: one per line, or JSONL with a 'prompt' field (Udop: and 'words', 'boxes').")
 @click.option("--max-new-tokens", type=click.IntRange(min=1),
               help="Tokens to generate per prompt  [default: 32, or the record's with --expect].")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable results instead of streaming text.")

@@ -44,6 +44,7 @@ class _Request:
     expected: dict | None
     quiet: bool
     images: list = field(default_factory=list)  # PIL images every prompt shows
+    layouts: list | None = None  # per prompt its document's words and boxes (WordBoxes, or None); None if no prompt has
 
 
 def run_plan(
@@ -72,12 +73,14 @@ def run_plan(
     node in a multi-node one.
     """
     from planc.run import record as records
-    from planc.run.generate import check_batch, read_images, read_prompts
+    from planc.run.generate import check_batch, read_images, read_prompt_entries
     from planc.run.report import make_console
 
     lock_path = Path(lock_path)
     plan = load_lock(lock_path)
-    prompt_list = read_prompts(list(prompts), prompt_file)
+    entries = read_prompt_entries(list(prompts), prompt_file)
+    prompt_list = [prompt for prompt, _ in entries]
+    layouts = [layout for _, layout in entries] if any(layout for _, layout in entries) else None
     expected = records.read_record(expect) if expect else None
     if expected is not None:
         prompt_list, max_new_tokens = records.expected_prompts(expected, prompt_list, max_new_tokens)
@@ -86,11 +89,17 @@ def run_plan(
             raise SpecError("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE")
         check_batch(plan, prompt_list)
     pictures = read_images(list(images), plan) if not check_only else []
-    request = _Request(prompt_list, max_new_tokens or DEFAULT_MAX_NEW_TOKENS, as_json, record, expected, quiet, pictures)
+    request = _Request(
+        prompt_list, max_new_tokens or DEFAULT_MAX_NEW_TOKENS, as_json, record, expected, quiet, pictures, layouts
+    )
     console = make_console()
     rank = None
     if plan.distributed and pictures:
         raise UsageError("image prompts run on device_map plans only; this plan is tensor/pipeline parallel")
+    if plan.distributed and layouts:
+        raise UsageError(
+            "prompts with words and boxes run on device_map plans only; this plan is tensor/pipeline parallel"
+        )
     if plan.distributed:
         from planc.run import distributed
 
@@ -106,11 +115,20 @@ def run_plan(
             return RunOutcome(code)
     if check_only:
         return _check_only(plan, lock_path, request, console, trust_remote_code)
-    from planc.run.generate import encode
+    from planc.run.generate import encode, encode_layout, takes_word_boxes
 
     def within_plan(tokenizer) -> None:
         # Image prompts are measured by the processor once the model is loaded (their tokens depend on it).
-        if not request.images:
+        if takes_word_boxes(tokenizer):
+            if not request.images:
+                layouts = request.layouts or [None] * len(request.prompts)
+                encode_layout(tokenizer, None, request.prompts, layouts, None, plan, request.max_new_tokens)
+        elif request.layouts:
+            raise UsageError(
+                f"the prompts give words and boxes, and {type(tokenizer).__name__} reads text only (a layout model's "
+                'tokenizer, such as Udop\'s, takes them): drop "words" and "boxes" from the prompts'
+            )
+        elif not request.images:
             encode(tokenizer, request.prompts, plan, request.max_new_tokens)
 
     leader = rank is None or rank.leader
@@ -169,7 +187,7 @@ def _execute(session: Session, request: _Request, console) -> RunOutcome:
     timings = Timings(check_s=session.check_s, load_s=session.load_s)
     stream = len(request.prompts) == 1 and not request.as_json
     started = time.perf_counter()
-    completions = session.generate(request.prompts, request.max_new_tokens, stream, request.images)
+    completions = session.generate(request.prompts, request.max_new_tokens, stream, request.images, request.layouts)
     timings.generate_s = time.perf_counter() - started
     timings.new_tokens = sum(len(c.token_ids) for c in completions)
     rows = memory_rows(plan, session.measured_peaks(), None if session.rank is None else session.rank.rank)

@@ -22,9 +22,24 @@ class Completion:
     text: str
 
 
+@dataclass(frozen=True)
+class WordBoxes:
+    """A document's words (from OCR) and one box per word, x0, y0, x1, y1 normalized to 0-1000: what
+    Udop's processor reads as text_pair and boxes beside the prompt (the question)."""
+
+    words: list[str]
+    boxes: list[list[int]]
+
+
 def read_prompts(prompts: list[str], prompt_file: Path | None) -> list[str]:
     """--prompt values, then the file's: one prompt per line, or JSONL lines {"prompt": ...}."""
-    result = list(prompts)
+    return [prompt for prompt, _ in read_prompt_entries(prompts, prompt_file)]
+
+
+def read_prompt_entries(prompts: list[str], prompt_file: Path | None) -> list[tuple[str, WordBoxes | None]]:
+    """read_prompts with each prompt's words and boxes: JSONL lines may add {"words": [...], "boxes":
+    [[x0, y0, x1, y1], ...]} (a document's OCR, one box per word, for Udop)."""
+    result: list[tuple[str, WordBoxes | None]] = [(prompt, None) for prompt in prompts]
     if prompt_file is None:
         return result
     lines = read_text(prompt_file, "prompts", SpecError).splitlines()
@@ -34,13 +49,34 @@ def read_prompts(prompts: list[str], prompt_file: Path | None) -> list[str]:
         if not line.strip():
             continue
         if not jsonl:
-            result.append(line)
+            result.append((line, None))
             continue
         entry = parse_json(line, f"{prompt_file}:{number}", SpecError)
         if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
             raise SpecError(f'{prompt_file}:{number}: a JSONL prompt file needs {{"prompt": "..."}} on every line')
-        result.append(entry["prompt"])
+        layout = None
+        if "words" in entry or "boxes" in entry:
+            layout = word_boxes(entry.get("words"), entry.get("boxes"), f"{prompt_file}:{number}")
+        result.append((entry["prompt"], layout))
     return result
+
+
+def word_boxes(words, boxes, where: str) -> WordBoxes:
+    """`words` and their `boxes` as the processor takes them, or SpecError naming what is wrong; boxes
+    are never made up (a word's place on the page is what the layout biases read)."""
+    if not isinstance(words, list) or not words or not all(isinstance(word, str) for word in words):
+        raise SpecError(f'{where}: "words" must be a non-empty list of strings (the document\'s OCR words)')
+    if not isinstance(boxes, list) or len(boxes) != len(words):
+        count = len(boxes) if isinstance(boxes, list) else "no"
+        raise SpecError(f'{where}: {len(words)} words and {count} boxes: "boxes" needs one [x0, y0, x1, y1] per word')
+    for index, box in enumerate(boxes):
+        if not (isinstance(box, list) and len(box) == 4
+                and all(type(value) is int and 0 <= value <= 1000 for value in box)):
+            raise SpecError(
+                f"{where}: box {index + 1} ({json.dumps(box)}) of word {json.dumps(words[index])} is not 4 integers "
+                "x0, y0, x1, y1 in 0..1000 (coordinates normalized to the page's width and height)"
+            )
+    return WordBoxes(list(words), [list(box) for box in boxes])
 
 
 def _is_prompt_object(line: str) -> bool:
@@ -83,6 +119,52 @@ def encode(tokenizer, prompts: list[str], plan: Plan, max_new_tokens: int):
         tokenizer.padding_side = "right"
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     _check_length(batch, plan, max_new_tokens)
+    return batch
+
+
+def takes_word_boxes(tokenizer) -> bool:
+    """A layout tokenizer (Udop's) tokenizes words with one box each (call_boxes) and refuses text alone."""
+    return callable(getattr(tokenizer, "call_boxes", None))
+
+
+def check_word_boxes(layouts: list) -> None:
+    """Every prompt of a layout model comes with its document's words and boxes, well formed (a
+    Session.generate caller builds WordBoxes itself)."""
+    for index, layout in enumerate(layouts):
+        if layout is not None:
+            word_boxes(layout.words, layout.boxes, f"prompt {index + 1}")
+    if any(layout is None for layout in layouts):
+        missing = next(index for index, layout in enumerate(layouts) if layout is None) + 1
+        raise UsageError(
+            f"prompt {missing} has no words and boxes, and Udop reads a bounding box for every word beside the "
+            'question (bbox, from OCR or the caller): give each prompt in a JSONL file {"prompt": QUESTION, '
+            '"words": [...], "boxes": [[x0, y0, x1, y1], ...]} (0-1000)'
+        )
+
+
+def encode_layout(tokenizer, processor, prompts: list[str], layouts: list, image, plan: Plan, max_new_tokens: int,
+                  patches: int = 0):
+    """Udop's source: each prompt (the question) with its document's words and boxes, as UdopProcessor
+    tokenizes them (text, text_pair, boxes); with an image, the processor's pixel_values too, whose
+    `patches` the encoder appends after the tokens. Without an image the processor cannot be called
+    (its image processor needs images), so its tokenizer takes the same arguments directly."""
+    import torch
+
+    check_word_boxes(layouts)
+    tokenizer.padding_side = "right"  # the encoder reads the source from position 0
+    inputs = dict(text=list(prompts), text_pair=[layout.words for layout in layouts],
+                  boxes=[layout.boxes for layout in layouts], return_tensors="pt", padding=True)
+    try:
+        batch = tokenizer(**inputs) if image is None else processor(images=[image] * len(prompts), **inputs)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"the processor refuses the prompt, words and boxes: {exc}") from None
+    if image is None:
+        # With an image UdopStack casts the boxes to float64 itself (combine_image_text_embeddings) before its
+        # layout biases average them; without one it passes the processor's int64 boxes on, whose mean()
+        # torch refuses. The same cast here: the same coordinates, read as they are with an image.
+        batch["bbox"] = batch["bbox"].to(torch.float64)
+    source = batch["input_ids"].shape[1] + (patches if image is not None else 0)
+    _check_source_length({"input_ids": torch.empty(len(prompts), source)}, plan, max_new_tokens)
     return batch
 
 
@@ -265,8 +347,10 @@ def generate(
     inputs = {}
     for name, tensor in batch.items():
         if isinstance(tensor, torch.Tensor):
-            # Pixel values come as float32; the vision tower runs in the plan's dtype.
-            tensor = tensor.to(input_device, dtype=model.dtype if tensor.is_floating_point() else None)
+            # Pixel values come as float32; the vision tower runs in the plan's dtype. Boxes are coordinates
+            # (0-1000), which bfloat16 would round.
+            cast = tensor.is_floating_point() and name != "bbox"
+            tensor = tensor.to(input_device, dtype=model.dtype if cast else None)
         inputs[name] = tensor
     try:
         with torch.inference_mode():

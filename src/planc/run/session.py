@@ -36,31 +36,48 @@ class Session:
     processor: Any = None  # loaded on the first image prompt
 
     def generate(
-        self, prompts: list[str], max_new_tokens: int, stream: bool = False, images: list | None = None
+        self, prompts: list[str], max_new_tokens: int, stream: bool = False, images: list | None = None,
+        layouts: list | None = None,
     ) -> list[Completion]:
         """Greedy (or the plan's) decoding of up to workload.batch_size prompts within max_seq_len; each
-        prompt shows `images` (PIL images, at most the plan's images_per_sequence) when given."""
+        prompt shows `images` (PIL images, at most the plan's images_per_sequence) when given. `layouts`
+        (planc.run.generate.WordBoxes, one per prompt) are a document's words and boxes, which Udop needs."""
         from planc.run.apply import pinned_attention
         from planc.run.generate import (
-            check_batch, encode, encode_source_image, encode_with_images, generate, generation_config, input_device,
+            check_batch, check_word_boxes, encode, encode_layout, encode_source_image, encode_with_images, generate,
+            generation_config, input_device,
         )
 
         from planc.model.graph import places_image_features
 
         check_batch(self.plan, prompts)
         encoder = self.model.get_encoder() if self.plan.workload.source_tokens else None
+        embedding = None
         if encoder is not None:
             from planc.model.encoder_decoder import patch_embedding
 
-            if patch_embedding(encoder) is not None:
-                # Udop's layout biases need a box per token (bbox), which OCR or the caller gives; a
-                # prompt here is text only, and boxes made up for it would change what the model reads.
+            embedding = patch_embedding(encoder)
+        if layouts is not None and any(layouts) and embedding is None:
+            raise UsageError(
+                f"{type(self.model).__name__} reads no word boxes (only Udop's encoder has layout biases over them): "
+                'drop "words" and "boxes" from the prompts'
+            )
+        if embedding is not None:
+            # Udop's layout biases need a box per token (bbox), which OCR or the caller gives: boxes
+            # made up for a prompt would change what the model reads, so a prompt without them is refused.
+            image = images[0] if images else None  # read_images refuses more than one
+            if image is not None and not self.plan.workload.images_per_sequence:
                 raise UsageError(
-                    f"{type(self.model).__name__} reads a bounding box for every word of the prompt (bbox, from OCR "
-                    "or the caller) beside the image, and planc run takes prompts as text only: generate with the "
-                    "plan's placement through planc.load and UdopProcessor(words, boxes)"
+                    f"the plan sized {type(self.model).__name__}'s encoder source without the image's patches "
+                    "(workload.images_per_sequence 0): recompile with images_per_sequence: 1, or run without --image"
                 )
-        if encoder is not None and getattr(encoder, "main_input_name", "input_ids") != "input_ids":
+            layouts = list(layouts or [None] * len(prompts))
+            check_word_boxes(layouts)  # before the processor loads: a checkpoint may ship none
+            processor = self._processor() if image is not None else None
+            batch = encode_layout(
+                self.tokenizer, processor, prompts, layouts, image, self.plan, max_new_tokens, embedding.num_patches
+            )
+        elif encoder is not None and getattr(encoder, "main_input_name", "input_ids") != "input_ids":
             # An image encoder (ViT, Pix2Struct): the image is the source, the decoder starts from its start token.
             if not images:
                 raise UsageError(
