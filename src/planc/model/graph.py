@@ -841,6 +841,8 @@ def _interleave(layers: list[Unit], crosses: dict[str, Unit], gated_cross: Gated
         chain.extend(before.pop(layer.layer_index, []))
         chain.append(layer)
     return chain
+
+
 def places_image_features(model) -> bool:
     """A text encoder whose image tokens are placeholders in input_ids: the vision tower and projector
     run first and their features are scattered over the image-token positions (masked_scatter), so
@@ -973,8 +975,8 @@ def _refuse_unplanned_encoder(model, encoder: str | None) -> None:
                 "cross-attends are then the same tokens)"
             )
     if main_input == "input_ids" and image_inputs and not places_image_features(model) and patch_embedding(module) is None:
-        # Florence2's image features fill image-token placeholders before the encoder (planned); these
-        # merge the image inside the encoder, whose units would then hold a vision tower's peak.
+        # Images as placeholders' features (Florence2, T5Gemma2) or appended patches (Udop) are
+        # counted in the source; any other merge of an image into the text encoder's tokens is not.
         raise ModelError(
             f"{architecture} is an encoder-decoder model whose encoder reads the prompt's tokens and the image's "
             f"({', '.join(sorted(image_inputs))} beside input_ids): its encoder merges the image with the text tokens "
