@@ -220,8 +220,11 @@ def dynamic_mask_bytes(shapes: Shapes, cache: LayerCache, workload: Workload, dt
     return building, held
 
 
-def transient_bytes(shapes: Shapes, cache: LayerCache | None, workload: Workload, dtype: str, backend: str) -> int:
-    """Peak transient bytes inside one attention block over the largest step (projections to output)."""
+def transient_bytes(
+    shapes: Shapes, cache: LayerCache | None, workload: Workload, dtype: str, backend: str, masked: bool = False
+) -> int:
+    """Peak transient bytes inside one attention block over the largest step (projections to output).
+    `masked`: the block is given a mask even for one unpadded sequence (T5Gemma2's sliding encoder layers)."""
     e = DTYPE_BYTES[dtype]
     b, t = workload.batch_size, workload.step_tokens
     s = context_tokens(cache, workload)
@@ -233,7 +236,7 @@ def transient_bytes(shapes: Shapes, cache: LayerCache | None, workload: Workload
     if shapes.mla_latent_dim:
         # MLA expands the cached latents into per-head keys and values over the whole context.
         expanded = b * heads * s * (d_qk + d_v) * e
-    elif heads != kv_heads and (materialises_scores(backend) or b > 1 or dynamic) and (t > 1 or backend == "eager"):
+    elif heads != kv_heads and (materialises_scores(backend) or b > 1 or dynamic or masked) and (t > 1 or backend == "eager"):
         # repeat_kv copies K/V per query head when SDPA cannot use enable_gqa (a mask is present);
         # for one query token SDPA folds the groups into the query instead (sdpa_attention.pack_gqa).
         expanded = b * heads * s * (d_qk + d_v) * e

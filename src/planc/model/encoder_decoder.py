@@ -36,7 +36,7 @@ fake-tensor executions in tests/test_encoder_decoder.py.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from planc.errors import ModelError, SpecError
 from planc.model.config import DTYPE_BYTES, Shapes, config_value
@@ -262,8 +262,6 @@ def _mlp_intermediates(encoder_module) -> int:
 def decoder_shapes(config, shapes: Shapes) -> Shapes:
     """The decoder's numbers where a config names them apart from the encoder's (BART's
     decoder_attention_heads and decoder_ffn_dim; its num_attention_heads maps to the encoder's)."""
-    from dataclasses import replace
-
     from planc.model.config import text_config
 
     text = text_config(config)
@@ -338,14 +336,10 @@ def transient_bytes(encoder: Encoder, workload: Workload, dtype: str, backend: s
     if not s:
         return 0
     hidden = 4 * b * s * h * e
-    mixer = attention.transient_bytes(encoder.shapes, None, step, dtype, backend)
+    mixer = attention.transient_bytes(encoder.shapes, None, step, dtype, backend, masked=encoder.sliding_mask)
     feed_forward = encoder.mlp_intermediates * b * s * encoder.shapes.intermediate_size * e
     masks = (b > 1 or backend == "eager") + encoder.sliding_mask
     mask = masks * b * s * s * (e if backend == "eager" else 1)
-    if encoder.sliding_mask and b == 1 and backend != "eager" and encoder.shapes.num_key_value_heads != encoder.shapes.num_attention_heads:
-        # With a mask SDPA takes no enable_gqa: repeat_kv copies K/V per query head, as for a batch.
-        heads = encoder.shapes.num_attention_heads
-        mixer += b * heads * s * (encoder.shapes.head_dim + encoder.shapes.v_head_dim) * e
     held, in_attention = relative_bias_bytes(encoder, step, dtype, backend)
     # The inputs stay alive until generate returns (its model_kwargs hold them); a text encoder's
     # image (Udop's) only where the workload shows one, and its embedded patches (UdopStack.forward's
@@ -444,15 +438,14 @@ def merged_attention_transient_bytes(shapes: Shapes, cache, workload: Workload, 
     """Peak transient bytes of a merged self + cross attention (T5Gemma2MergedAttention) over the largest step.
 
     At the first step it projects the source's K/V with its own k/v projections and normalises the
-    keys (an RMSNorm computing in fp32) before the cross cache stores them; every step it then concatenates the context's K/V (the self cache's, up to its window) and the
-    source's into one K and one V, new tensors of b x (context + source) tokens, and attends over
-    them: the attention formula at context + source keys, under the merged mask the decoder always
-    builds (SDPA takes no enable_gqa then; for one query token it folds the groups into the query,
-    eager copies K/V per query head). The hook of a
-    layer on another device than the encoder output's copies encoder_hidden_states there.
+    keys (an RMSNorm computing in fp32) before the cross cache stores them; every step it then
+    concatenates the context's K/V (the self cache's, up to its window) and the source's into one K
+    and one V, new tensors of b x (context + source) tokens, and attends over them: the attention
+    formula at context + source keys, under the merged mask the decoder always builds (SDPA takes no
+    enable_gqa then; for one query token it folds the groups into the query, eager copies K/V per
+    query head). The hook of a layer on another device than the encoder output's copies
+    encoder_hidden_states there.
     """
-    from dataclasses import replace
-
     from planc.model import attention
 
     e = DTYPE_BYTES[dtype]

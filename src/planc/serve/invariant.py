@@ -261,14 +261,21 @@ class RowExactLinear(TorchFunctionMode):
         rows = x.shape[0] if x.dim() > 1 else 1
         if rows <= 1:
             return func(*args, **kwargs)
-        single_rows = x.numel() // x.shape[-1] == rows  # else slices of several positions: no GEMV shortcut
+        alone = lambda: torch.cat([F.linear(x[i : i + 1], weight, bias) for i in range(rows)])  # noqa: E731
+        if x.numel() // x.shape[-1] != rows:
+            return alone()  # slices of several positions each: no GEMV shortcut
         key = (tuple(weight.shape), weight.dtype, str(weight.device), bias is not None, rows, x.dtype)
-        verdict = self.verdicts.get(key) if single_rows else False
+        return self._exact_rows(key, alone, lambda: _batched_gemv(x, weight, bias, rows))
+
+    def _exact_rows(self, key: tuple, alone, batched) -> torch.Tensor:
+        """`batched()` where it was checked equal to `alone()` (the rows one by one) for this key, else
+        `alone()`, checking the batched form against it the first time the key is seen."""
+        verdict = self.verdicts.get(key)
         if verdict:
-            return _batched_gemv(x, weight, bias, rows)
-        exact = torch.cat([F.linear(x[i : i + 1], weight, bias) for i in range(rows)])
+            return batched()
+        exact = alone()
         if verdict is None:
-            self.verdicts[key] = torch.equal(_batched_gemv(x, weight, bias, rows), exact)
+            self.verdicts[key] = torch.equal(batched(), exact)
         return exact
 
     def _addmm(self, func, args, kwargs):
@@ -283,13 +290,8 @@ class RowExactLinear(TorchFunctionMode):
         if rows <= 1 or bias.dim() > 1:
             return func(*args, **kwargs)
         key = ("addmm", tuple(weight.shape), weight.dtype, str(weight.device), rows, x.dtype, tuple(bias.shape))
-        verdict = self.verdicts.get(key)
-        if verdict:
-            return _batched_gemv(x, weight.t(), bias, rows)
-        exact = torch.cat([func(bias, x[i : i + 1], weight) for i in range(rows)])
-        if verdict is None:
-            self.verdicts[key] = torch.equal(_batched_gemv(x, weight.t(), bias, rows), exact)
-        return exact
+        return self._exact_rows(key, lambda: torch.cat([func(bias, x[i : i + 1], weight) for i in range(rows)]),
+                                lambda: _batched_gemv(x, weight.t(), bias, rows))
 
     def _grouped_mm(self, func, args, kwargs):
         """MoE experts (transformers' grouped_mm implementation): a row alone is one group of one
